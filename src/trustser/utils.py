@@ -1,0 +1,162 @@
+"""Small shared helpers: atomic file writes, seeding, audio loading and validation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+TARGET_SR = 16000
+
+
+class AudioError(ValueError):
+    """Bad or unusable audio; the message names the file and the problem."""
+
+
+# ------------------------------------------------------------------------------------------
+# Atomic outputs: a reader never sees a half-written file or directory.
+# ------------------------------------------------------------------------------------------
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **kwargs) -> Path:
+    kwargs.setdefault("indent", 2)
+    kwargs.setdefault("sort_keys", False)
+    return atomic_write_text(path, json.dumps(obj, default=_json_default, **kwargs) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary sibling directory; on success it replaces ``path`` in one rename.
+    On an exception (or a kill) the final path is untouched and the temporary one is removed
+    (or left under a dot-name that is never taken for a finished output)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def set_seed(seed: int) -> None:
+    """Seeds python, numpy and torch (CPU and CUDA)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ------------------------------------------------------------------------------------------
+# Audio
+# ------------------------------------------------------------------------------------------
+def to_mono_float(wav: np.ndarray) -> np.ndarray:
+    """(samples,) or (samples, channels)/(channels, samples) -> float32 mono by averaging channels."""
+    wav = np.asarray(wav)
+    if wav.ndim == 2:
+        # the channel axis is the short one
+        axis = 0 if wav.shape[0] < wav.shape[1] else 1
+        wav = wav.mean(axis=axis)
+    elif wav.ndim != 1:
+        raise AudioError(f"audio array has {wav.ndim} dimensions, expected 1 or 2")
+    return wav.astype(np.float32, copy=False)
+
+
+def resample(wav: np.ndarray, orig_sr: int, target_sr: int = TARGET_SR) -> np.ndarray:
+    if orig_sr == target_sr:
+        return wav
+    import torch
+    import torchaudio.functional as AF
+
+    return AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), orig_sr, target_sr).numpy()
+
+
+def load_audio(path: str | os.PathLike, target_sr: int = TARGET_SR) -> np.ndarray:
+    """Any common format (wav/flac/ogg via soundfile, else mp3/mp4/m4a via torchcodec+ffmpeg),
+    down-mixed to mono and resampled to ``target_sr``. Raises AudioError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file")
+    try:
+        import soundfile as sf
+
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=False)
+    except Exception:
+        try:
+            from torchcodec.decoders import AudioDecoder
+
+            samples = AudioDecoder(str(path)).get_all_samples()
+            wav, sr = samples.data.numpy(), int(samples.sample_rate)
+        except Exception as exc:
+            raise AudioError(f"{path}: unreadable audio ({type(exc).__name__}: {exc})") from exc
+    wav = to_mono_float(wav)
+    if wav.size == 0:
+        raise AudioError(f"{path}: no samples")
+    return resample(wav, int(sr), target_sr)
+
+
+def audio_problem(wav: np.ndarray, sr: int, *, min_seconds: float = 0.3, silence_dbfs: float = -60.0) -> str | None:
+    """Why this waveform cannot be analysed, or None. Short reason strings, stable for tests:
+    'empty', 'nan', 'too_short', 'silence', 'clipping'."""
+    wav = np.asarray(wav)
+    if wav.size == 0:
+        return "empty"
+    if not np.all(np.isfinite(wav)):
+        return "nan"
+    if wav.shape[-1] < int(min_seconds * sr):
+        return "too_short"
+    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64))))
+    if rms <= 10 ** (silence_dbfs / 20):
+        return "silence"
+    if np.mean(np.abs(wav) >= 0.999) > 0.01:
+        return "clipping"
+    return None
