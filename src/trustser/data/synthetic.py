@@ -1,0 +1,660 @@
+"""A synthetic emotional speech corpus with known, speaker-relative speech emotion descriptors.
+
+Why it exists: IEMOCAP, MELD and SpeechCraft cannot be downloaded everywhere, yet every claim of the
+method (annotation accuracy, CEM quality, how many labels the controller repairs, SER accuracy per
+system) needs ground truth. ``espeak-ng`` speaks a sentence bank with one voice per speaker; every
+acoustic control is drawn by the generator, so the descriptors are known exactly.
+
+The generative story (all draws come from one seed, so a corpus is reproducible byte for byte):
+
+* speaker = (gender x age group) norm of F0, speaking rate and level + a small individual
+  deviation (smaller than one category's width), plus a timbre (formants, flutter, roughness,
+  breath) characteristic of the group, so a listener can infer the baseline from the voice;
+* utterance = emotion -> speaker-relative offsets of pitch / volume / speed (in "category
+  units": ``|z| <= 0.5`` is normal) + per-utterance noise; the category of the offset is the
+  ground-truth descriptor. Transcripts come from a sentence bank in which a minority of sentences
+  carry emotional words (correlated with, not determining, the emotion);
+* splits mirror the paper: ``reference`` (reliable labels, SpeechCraft's role, clean channel),
+  ``train``/``dev`` (target domain: band-limited channel + a noise floor; their labels are meant
+  to be re-annotated automatically) and ``test`` (held-out speakers, target channel).
+
+Because speaker baselines differ by whole categories between groups, dataset-wide thresholds
+(what SpeechCraft's tool does) mislabel many utterances: the failure the paper targets.
+
+Layout (``datasets`` ``audiofolder`` compatible)::
+
+    OUT/manifest.json              every generator setting, the version, per-split counts
+    OUT/speakers.json              speaker table (group, baselines, voice)
+    OUT/<split>/metadata.csv       file_name + id, text, emotion, speaker, gender, age, pitch, volume, speed, *_z
+    OUT/<split>/wav/<id>.wav       16 kHz mono PCM-16
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..utils import TARGET_SR, atomic_directory, atomic_write_json
+
+GENERATOR_VERSION = "1.0"
+SPLITS: tuple[str, ...] = ("reference", "train", "dev", "test")
+LABEL_COLUMNS: tuple[str, ...] = ("id", "text", "emotion", "speaker", "gender", "age", "pitch", "volume", "speed")
+OFFSET_COLUMNS: tuple[str, ...] = ("pitch_z", "volume_z", "speed_z")
+
+SIZES: dict[str, dict[str, int]] = {
+    "default": {"reference": 2000, "train": 1200, "dev": 300, "test": 600},
+    "small": {"reference": 200, "train": 120, "dev": 30, "test": 60},
+}
+# speakers per (gender x age) group and role; train and dev share the "target" speakers
+SPEAKERS_PER_GROUP: dict[str, dict[str, int]] = {
+    "default": {"reference": 2, "target": 2, "test": 1},
+    "small": {"reference": 1, "target": 1, "test": 1},
+}
+SPLIT_ROLE = {"reference": "reference", "train": "target", "dev": "target", "test": "test"}
+SPLIT_CHANNEL = {"reference": "clean", "train": "target", "dev": "target", "test": "target"}
+
+GENDERS: tuple[str, ...] = ("male", "female")
+AGE_GROUPS: tuple[str, ...] = ("child", "young adult", "middle-aged", "elderly")  # names from SED_VOCAB["age"]
+
+
+@dataclass(frozen=True)
+class GroupNorm:
+    """Baseline of a (gender x age) group and the timbre that makes it recognisable."""
+
+    f0_hz: float  # mean F0 of neutral speech
+    rate_wpm: float  # espeak-ng -s
+    level_dbfs: float  # RMS level of the utterance
+    formant_scale: float  # percent applied to formants 1-5 (vocal-tract length)
+    flutter: int
+    roughness: int
+    breath: int  # breath noise amount on the higher formants (0 = none)
+    voicing: int  # percent; < 100 for breathy voices
+
+
+GROUP_NORMS: dict[tuple[str, str], GroupNorm] = {
+    # adults sit close to the population mean; children and elderly speakers are far from it
+    ("male", "child"): GroupNorm(175.0, 165.0, -33.0, 118.0, 6, 1, 0, 100),
+    ("female", "child"): GroupNorm(245.0, 165.0, -33.5, 122.0, 6, 1, 0, 100),
+    ("male", "young adult"): GroupNorm(115.0, 195.0, -29.5, 100.0, 4, 2, 0, 100),
+    ("female", "young adult"): GroupNorm(205.0, 195.0, -30.0, 112.0, 5, 1, 0, 100),
+    ("male", "middle-aged"): GroupNorm(110.0, 190.0, -30.0, 96.0, 5, 4, 0, 100),
+    ("female", "middle-aged"): GroupNorm(198.0, 188.0, -30.5, 108.0, 6, 3, 0, 100),
+    ("male", "elderly"): GroupNorm(125.0, 155.0, -33.0, 97.0, 18, 5, 20, 85),
+    ("female", "elderly"): GroupNorm(182.0, 155.0, -33.5, 104.0, 18, 4, 20, 85),
+}
+
+# One category unit of each descriptor, as a control offset; categories are z < -0.5 (low/slow),
+# |z| <= 0.5 (normal), z > 0.5 (high/fast).
+UNITS = {"pitch_semitones": 2.5, "volume_db": 3.0, "speed_log_rate": 0.25}
+BOUNDARY = 0.5
+EMOTION_PRIOR: dict[str, float] = {"neutral": 0.3, "happy": 0.25, "angry": 0.2, "sad": 0.25}
+# mean speaker-relative offset (pitch, volume, speed) of each emotion, in category units
+EMOTION_EFFECTS: dict[str, tuple[float, float, float]] = {
+    "neutral": (0.0, 0.0, 0.0),
+    "happy": (0.9, 0.35, 0.3),
+    "angry": (0.35, 1.0, 0.75),
+    "sad": (-0.8, -0.8, -0.9),
+}
+UTTERANCE_NOISE_SD = 0.5  # per-utterance spread around the emotion's mean (category units)
+Z_CLIP = 2.0  # keeps espeak-ng's rate within 80-450 wpm and F0 within Praat's 60-600 Hz
+INDIVIDUAL_SD = 0.25  # a speaker's deviation from the group norm (category units) ...
+INDIVIDUAL_CLIP = 0.45  # ... never a whole category (width 1.0)
+# probability that the transcript carries the utterance's own emotional wording / another emotion's
+TEXT_OWN_EMOTION = 0.35
+TEXT_OTHER_EMOTION = 0.04
+CHANNELS = {
+    "clean": {"bandpass_hz": None, "noise_dbfs": None},
+    "target": {"bandpass_hz": (150.0, 3600.0), "noise_dbfs": -62.0},
+}
+ESPEAK_SAMPLE_RATE = 22050
+ESPEAK_BASE_VOICE = "en-us"
+PITCH_RANGE = (1.22, 1.38)  # intonation top / base of the variant file, drawn per speaker
+
+# ------------------------------------------------------------------------------------------
+# Sentence bank: neutral clauses (most transcripts) and short emotional phrases.
+# ------------------------------------------------------------------------------------------
+NEUTRAL_CLAUSES: tuple[str, ...] = (
+    "the meeting is on Tuesday at noon",
+    "the train leaves from platform four",
+    "I put the keys on the kitchen table",
+    "we need two more chairs for the room",
+    "the shop closes at six in the evening",
+    "she sent the report this morning",
+    "the bus was a little late today",
+    "please turn left at the next corner",
+    "the package arrived at the office",
+    "they painted the fence last weekend",
+    "my brother lives near the station",
+    "the library opens again on Monday",
+    "he wrote the numbers on a card",
+    "the coffee machine is in the hall",
+    "we moved the desk closer to the window",
+    "the weather will change tomorrow",
+    "I read the letter after lunch",
+    "the garden needs water every day",
+    "our flight lands at half past nine",
+    "the teacher collected the papers",
+    "the printer is on the second floor",
+    "she bought bread and some apples",
+    "the car is parked behind the house",
+    "the lecture starts in ten minutes",
+    "I left my jacket at the restaurant",
+    "the river runs past the old mill",
+    "they will call us after the interview",
+    "the museum has a new exhibition",
+    "we walked to the market on Saturday",
+    "the phone was on the chair all night",
+    "the doctor moved the appointment to Friday",
+    "he fixed the bicycle in the garage",
+    "the form has three pages",
+    "the kids played in the park",
+    "the file is saved on the laptop",
+    "my sister found the old photographs",
+    "the rent is due at the end of the month",
+    "the light in the hallway is switched off",
+    "we ordered a pizza for dinner",
+    "the store moved to a bigger building",
+    "the results come out next week",
+    "he carried the boxes up the stairs",
+    "the tickets are in the blue envelope",
+    "the road to the village was closed",
+    "she changed the password yesterday",
+    "the neighbours planted a tree",
+    "the boat was tied to the dock",
+    "I called the bank about the card",
+    "the clock in the kitchen is slow",
+    "we talked about it on the way home",
+)
+NEUTRAL_PREFIXES: tuple[str, ...] = (
+    "well", "so", "okay", "you know", "as I said", "by the way", "right", "anyway", "I think", "apparently",
+)
+EMOTIONAL_PHRASES: dict[str, tuple[str, ...]] = {
+    "happy": (
+        "oh how wonderful", "I am so happy", "this is great news", "I love it", "what a lovely surprise",
+        "that is fantastic", "I am delighted", "hooray", "this is brilliant", "I feel wonderful",
+    ),
+    "angry": (
+        "this is ridiculous", "I am furious", "how dare you", "this is unacceptable", "stop it right now",
+        "I hate this", "that is outrageous", "what a stupid mess", "I am sick of this", "leave me alone",
+    ),
+    "sad": (
+        "I feel so lonely", "I miss her so much", "this is heartbreaking", "I am so sorry", "it hurts so much",
+        "everything feels empty", "I wish it were different", "nobody cares anymore", "I feel hopeless",
+        "such a sad day",
+    ),
+}
+
+
+def sed_category(field: str, z: float) -> str:
+    """Descriptor category of a speaker-relative offset in category units."""
+    low, high = ("slow", "fast") if field == "speed" else ("low", "high")
+    if z < -BOUNDARY:
+        return low
+    if z > BOUNDARY:
+        return high
+    return "normal"
+
+
+def settings(seed: int = 0, size: str = "default") -> dict:
+    """Every setting the output depends on (the cache key, recorded in manifest.json)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic corpus size {size!r}; choose from {sorted(SIZES)}")
+    return {
+        "generator": "trustser.data.synthetic",
+        "version": GENERATOR_VERSION,
+        "espeak_ng": espeak_version(),
+        "espeak_base_voice": ESPEAK_BASE_VOICE,
+        "seed": int(seed),
+        "size": size,
+        "sample_rate": TARGET_SR,
+        "split_sizes": SIZES[size],
+        "speakers_per_group": SPEAKERS_PER_GROUP[size],
+        "split_role": SPLIT_ROLE,
+        "split_channel": SPLIT_CHANNEL,
+        "channels": CHANNELS,
+        "genders": list(GENDERS),
+        "age_groups": list(AGE_GROUPS),
+        "group_norms": {f"{g}/{a}": asdict(n) for (g, a), n in GROUP_NORMS.items()},
+        "units": UNITS,
+        "boundary": BOUNDARY,
+        "emotion_prior": EMOTION_PRIOR,
+        "emotion_effects": {k: list(v) for k, v in EMOTION_EFFECTS.items()},
+        "utterance_noise_sd": UTTERANCE_NOISE_SD,
+        "z_clip": Z_CLIP,
+        "individual_sd": INDIVIDUAL_SD,
+        "individual_clip": INDIVIDUAL_CLIP,
+        "pitch_range": list(PITCH_RANGE),
+        "text_own_emotion": TEXT_OWN_EMOTION,
+        "text_other_emotion": TEXT_OTHER_EMOTION,
+        "sentence_bank_sha256": hashlib.sha256(
+            json.dumps([NEUTRAL_CLAUSES, NEUTRAL_PREFIXES, EMOTIONAL_PHRASES], sort_keys=True).encode()
+        ).hexdigest(),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# espeak-ng
+# ------------------------------------------------------------------------------------------
+def _espeak_binary() -> str:
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise FileNotFoundError(
+            "espeak-ng is not installed (needed to synthesise the corpus): "
+            "`apt-get install espeak-ng` (Debian/Ubuntu) or `brew install espeak-ng` (macOS)"
+        )
+    return exe
+
+
+def _espeak_info() -> tuple[str, Path]:
+    out = subprocess.run([_espeak_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"text-to-speech:\s*(\S+)\s+Data at:\s*(.+)$", out.strip(), re.MULTILINE)
+    if not m:
+        raise RuntimeError(f"cannot parse `espeak-ng --version` output: {out!r}")
+    return m.group(1), Path(m.group(2).strip())
+
+
+def espeak_version() -> str:
+    return _espeak_info()[0]
+
+
+def _make_data_dir(tmp: Path) -> Path:
+    """A private espeak-ng data dir: links to the system one, plus a writable variants folder
+    (espeak-ng only looks variants up by name inside ``<data>/voices/!v``)."""
+    _, system = _espeak_info()
+    data = tmp / "espeak-ng-data"
+    (data / "voices" / "!v").mkdir(parents=True)
+    for entry in system.iterdir():
+        if entry.name != "voices":
+            os.symlink(entry, data / entry.name)
+    for entry in (system / "voices").iterdir():
+        if entry.name != "!v":
+            os.symlink(entry, data / "voices" / entry.name)
+    return data
+
+
+# ------------------------------------------------------------------------------------------
+# The plan: every random draw, made up front in the parent process.
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Speaker:
+    speaker: str
+    gender: str
+    age: str
+    role: str
+    f0_hz: float
+    rate_wpm: float
+    level_dbfs: float
+    deviation: tuple[float, float, float]  # individual (pitch, volume, speed) offset from the group norm
+    pitch_range: float
+    formants: tuple[float, ...]  # percent, formants 0-5
+    flutter: int
+    roughness: int
+    breath: int
+    voicing: int
+
+
+def make_speakers(seed: int, size: str = "default") -> list[Speaker]:
+    rng = np.random.default_rng([seed, 1])
+    speakers: list[Speaker] = []
+    for role in ("reference", "target", "test"):
+        for _ in range(SPEAKERS_PER_GROUP[size][role]):
+            for age in AGE_GROUPS:
+                for gender in GENDERS:
+                    norm = GROUP_NORMS[(gender, age)]
+                    dev = np.clip(rng.normal(0.0, INDIVIDUAL_SD, 3), -INDIVIDUAL_CLIP, INDIVIDUAL_CLIP)
+                    scale = norm.formant_scale * (1.0 + rng.uniform(-0.03, 0.03))
+                    formants = tuple(
+                        round(float(scale * (1.0 + rng.uniform(-0.02, 0.02))), 1) if k else 100.0 for k in range(6)
+                    )
+                    speakers.append(
+                        Speaker(
+                            speaker=f"spk{len(speakers):02d}",
+                            gender=gender,
+                            age=age,
+                            role=role,
+                            f0_hz=round(norm.f0_hz * 2 ** (dev[0] * UNITS["pitch_semitones"] / 12), 2),
+                            rate_wpm=round(norm.rate_wpm * math.exp(dev[2] * UNITS["speed_log_rate"]), 2),
+                            level_dbfs=round(norm.level_dbfs + dev[1] * UNITS["volume_db"], 2),
+                            deviation=tuple(round(float(d), 4) for d in dev),
+                            pitch_range=round(float(rng.uniform(*PITCH_RANGE)), 3),
+                            formants=formants,
+                            flutter=int(max(0, norm.flutter + rng.integers(-2, 3))),
+                            roughness=int(np.clip(norm.roughness + rng.integers(-1, 2), 0, 7)),
+                            breath=int(max(0, norm.breath + (rng.integers(-5, 6) if norm.breath else 0))),
+                            voicing=norm.voicing,
+                        )
+                    )
+    return speakers
+
+
+@dataclass(frozen=True)
+class Utterance:
+    id: str
+    split: str
+    speaker: Speaker
+    text: str
+    emotion: str
+    z: tuple[float, float, float]  # speaker-relative (pitch, volume, speed) offset, category units
+    f0_hz: float
+    rate_wpm: int
+    level_dbfs: float
+    channel: str
+    noise_seed: int
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {f: sed_category(f, v) for f, v in zip(("pitch", "volume", "speed"), self.z)}
+
+
+def _choose_text(rng: np.random.Generator, emotion: str) -> str:
+    others = [e for e in EMOTIONAL_PHRASES if e != emotion]
+    r = rng.random()
+    if emotion in EMOTIONAL_PHRASES and r < TEXT_OWN_EMOTION:
+        source = emotion
+    elif r > 1.0 - TEXT_OTHER_EMOTION * len(others):
+        source = others[int(rng.integers(len(others)))]
+    else:
+        source = None
+    clause = NEUTRAL_CLAUSES[int(rng.integers(len(NEUTRAL_CLAUSES)))]
+    if source is not None:
+        phrases = EMOTIONAL_PHRASES[source]
+        lead = phrases[int(rng.integers(len(phrases)))]
+    elif rng.random() < 0.5:
+        lead = NEUTRAL_PREFIXES[int(rng.integers(len(NEUTRAL_PREFIXES)))]
+    else:
+        return clause[0].upper() + clause[1:] + "."
+    return lead[0].upper() + lead[1:] + ", " + clause + "."
+
+
+def make_plan(seed: int = 0, size: str = "default") -> tuple[list[Speaker], list[Utterance]]:
+    """All speakers and utterances with their controls; deterministic for ``(seed, size)``."""
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic corpus size {size!r}; choose from {sorted(SIZES)}")
+    speakers = make_speakers(seed, size)
+    emotions = list(EMOTION_PRIOR)
+    prior = np.array([EMOTION_PRIOR[e] for e in emotions])
+    utterances: list[Utterance] = []
+    for s_idx, split in enumerate(SPLITS):
+        rng = np.random.default_rng([seed, 2, s_idx])
+        pool = [s for s in speakers if s.role == SPLIT_ROLE[split]]
+        n = SIZES[size][split]
+        # balanced speakers: each speaker gets n / len(pool) utterances (+-1), in shuffled order
+        spk_order = np.resize(np.arange(len(pool)), n)
+        rng.shuffle(spk_order)
+        for i in range(n):
+            spk = pool[int(spk_order[i])]
+            emotion = emotions[int(rng.choice(len(emotions), p=prior))]
+            z = np.clip(np.asarray(EMOTION_EFFECTS[emotion]) + rng.normal(0.0, UTTERANCE_NOISE_SD, 3), -Z_CLIP, Z_CLIP)
+            z = tuple(round(float(v), 4) for v in z)
+            text = _choose_text(rng, emotion)
+            utterances.append(
+                Utterance(
+                    id=f"{split}-{i:05d}",
+                    split=split,
+                    speaker=spk,
+                    text=text,
+                    emotion=emotion,
+                    z=z,
+                    f0_hz=round(spk.f0_hz * 2 ** (z[0] * UNITS["pitch_semitones"] / 12), 2),
+                    rate_wpm=int(round(spk.rate_wpm * math.exp(z[2] * UNITS["speed_log_rate"]))),
+                    level_dbfs=round(spk.level_dbfs + z[1] * UNITS["volume_db"], 3),
+                    channel=SPLIT_CHANNEL[split],
+                    noise_seed=int(rng.integers(2**31)),
+                )
+            )
+    return speakers, utterances
+
+
+# ------------------------------------------------------------------------------------------
+# Rendering one utterance (runs in worker processes)
+# ------------------------------------------------------------------------------------------
+def _variant_text(u: Utterance) -> str:
+    s = u.speaker
+    # espeak-ng's mean F0 sits ~40% into the [base, top] intonation range
+    base = u.f0_hz / (1.0 + 0.4 * (s.pitch_range - 1.0))
+    lines = [
+        "language variant",
+        f"name {u.id}",
+        f"gender {s.gender if s.gender in ('male', 'female') else 'none'}",
+        f"pitch {int(round(base))} {int(round(base * s.pitch_range))}",
+        f"flutter {s.flutter}",
+        f"roughness {s.roughness}",
+        f"voicing {s.voicing}",
+    ]
+    lines += [f"formant {k} {s.formants[k]:.0f} 100 100" for k in range(6)]
+    if s.breath:
+        lines.append("breath 0 0 0 0 " + " ".join([str(s.breath)] * 4))
+    return "\n".join(lines) + "\n"
+
+
+def _bandpass(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    from scipy.signal import butter, sosfiltfilt
+
+    sos = butter(4, [lo, hi], btype="bandpass", fs=TARGET_SR, output="sos")
+    return sosfiltfilt(sos, x)
+
+
+def render_utterance(u: Utterance, data_dir: Path, work_dir: Path) -> np.ndarray:
+    """The utterance's 16 kHz float waveform (deterministic)."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    variant = data_dir / "voices" / "!v" / u.id
+    variant.write_text(_variant_text(u))
+    wav_path = work_dir / f"{u.id}.raw.wav"
+    cmd = [_ESPEAK or _espeak_binary(), "--path", str(data_dir), "-v", f"{ESPEAK_BASE_VOICE}+{u.id}",
+           "-s", str(u.rate_wpm), "-a", "100", "-w", str(wav_path), u.text]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not wav_path.exists():
+        raise RuntimeError(f"espeak-ng failed for {u.id} ({' '.join(cmd)}): {proc.stderr.strip()}")
+    x, sr = sf.read(str(wav_path), dtype="float64")
+    wav_path.unlink()
+    variant.unlink()
+    if sr != ESPEAK_SAMPLE_RATE:
+        raise RuntimeError(f"espeak-ng produced {sr} Hz audio, expected {ESPEAK_SAMPLE_RATE}")
+    g = math.gcd(TARGET_SR, sr)
+    x = resample_poly(x, TARGET_SR // g, sr // g)
+    # loudness is set digitally: the RMS level is exactly the control (espeak -a interacts with pitch)
+    rms = float(np.sqrt(np.mean(x**2)))
+    if rms <= 0:
+        raise RuntimeError(f"espeak-ng produced silence for {u.id}: {u.text!r}")
+    x = x * (10 ** (u.level_dbfs / 20) / rms)
+    channel = CHANNELS[u.channel]
+    if channel["bandpass_hz"] is not None:
+        x = _bandpass(x, *channel["bandpass_hz"])
+        x = x * (10 ** (u.level_dbfs / 20) / float(np.sqrt(np.mean(x**2))))
+    if channel["noise_dbfs"] is not None:
+        x = x + np.random.default_rng(u.noise_seed).normal(0.0, 10 ** (channel["noise_dbfs"] / 20), x.shape)
+    peak = float(np.max(np.abs(x)))
+    if peak >= 1.0:
+        raise RuntimeError(f"{u.id}: level {u.level_dbfs} dBFS clips (peak {peak:.2f}); lower the group norms")
+    return x.astype(np.float32)
+
+
+_ESPEAK: str | None = None
+
+
+def _render_job(job: tuple[Utterance, str, str, str]) -> tuple[str, float]:
+    import soundfile as sf
+
+    u, data_dir, work_dir, out_path = job
+    x = render_utterance(u, Path(data_dir), Path(work_dir))
+    sf.write(out_path, x, TARGET_SR, subtype="PCM_16", format="WAV")
+    return u.id, len(x) / TARGET_SR
+
+
+# ------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------
+def _fmt(v: float) -> str:
+    return f"{v:.4f}"
+
+
+def _write_metadata(path: Path, rows: list[Utterance]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["file_name", *LABEL_COLUMNS, *OFFSET_COLUMNS])
+    for u in rows:
+        lab = u.labels
+        w.writerow([f"wav/{u.id}.wav", u.id, u.text, u.emotion, u.speaker.speaker, u.speaker.gender, u.speaker.age,
+                    lab["pitch"], lab["volume"], lab["speed"], *(_fmt(v) for v in u.z)])
+    path.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def _is_current(out: Path, expected: dict) -> bool:
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        found = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    if found.get("settings") != expected:
+        return False
+    for split, info in found.get("splits", {}).items():
+        meta = out / split / "metadata.csv"
+        if not meta.is_file() or hashlib.sha256(meta.read_bytes()).hexdigest() != info.get("metadata_sha256"):
+            return False
+    return set(found.get("splits", {})) == set(SPLITS)
+
+
+def synthesize_corpus(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    size: str = "default",
+    num_proc: int | None = None,
+    *,
+    progress: bool | None = None,
+) -> Path:
+    """Generates the corpus into ``out_dir`` (atomically) and returns its path.
+
+    A second call with the same settings is a no-op (the manifest is compared); different settings
+    regenerate it. ``num_proc`` worker processes (default: all cores) render the utterances; the
+    output does not depend on it."""
+    global _ESPEAK
+    out = Path(out_dir)
+    expected = json.loads(json.dumps(settings(seed, size)))
+    if _is_current(out, expected):
+        return out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
+        raise FileExistsError(f"{out} exists and is not a trustser synthetic corpus (no manifest.json); "
+                              "choose another directory or remove it")
+    _ESPEAK = _espeak_binary()
+    speakers, utterances = make_plan(seed, size)
+    if num_proc is None:
+        num_proc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    num_proc = max(1, int(num_proc))
+    with atomic_directory(out) as tmp, tempfile.TemporaryDirectory(prefix="trustser-espeak-") as scratch:
+        data_dir = _make_data_dir(Path(scratch))
+        work_dir = Path(scratch) / "work"
+        work_dir.mkdir()
+        for split in SPLITS:
+            (tmp / split / "wav").mkdir(parents=True)
+        jobs = [(u, str(data_dir), str(work_dir), str(tmp / u.split / "wav" / f"{u.id}.wav")) for u in utterances]
+        durations: dict[str, float] = {}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="synthesising", unit="utt", disable=(not progress) if progress is not None else None)
+        if num_proc == 1:
+            results: Iterable = map(_render_job, jobs)
+            pool = None
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = ctx.Pool(num_proc)
+            results = pool.imap_unordered(_render_job, jobs, chunksize=8)
+        try:
+            for uid, dur in results:
+                durations[uid] = dur
+                bar.update()
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        split_info = {}
+        for split in SPLITS:
+            rows = [u for u in utterances if u.split == split]
+            _write_metadata(tmp / split / "metadata.csv", rows)
+            durs = [durations[u.id] for u in rows]
+            split_info[split] = {
+                "utterances": len(rows),
+                "speakers": sorted({u.speaker.speaker for u in rows}),
+                "channel": SPLIT_CHANNEL[split],
+                "hours": round(sum(durs) / 3600, 4),
+                "duration_s": {"min": round(min(durs), 3), "mean": round(float(np.mean(durs)), 3), "max": round(max(durs), 3)},
+                "emotions": {e: sum(u.emotion == e for u in rows) for e in EMOTION_PRIOR},
+                "metadata_sha256": hashlib.sha256((tmp / split / "metadata.csv").read_bytes()).hexdigest(),
+            }
+        atomic_write_json(tmp / "speakers.json", [asdict(s) for s in speakers])
+        from .. import __version__
+
+        atomic_write_json(tmp / "manifest.json", {"settings": expected, "trustser_version": __version__, "splits": split_info})
+    return out
+
+
+def _read_metadata(path: Path) -> dict[str, list]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    cols: dict[str, list] = {c: [] for c in ("id", "audio", *LABEL_COLUMNS[1:], *OFFSET_COLUMNS)}
+    for r in rows:
+        cols["id"].append(r["id"])
+        cols["audio"].append(str(path.parent / r["file_name"]))
+        for c in LABEL_COLUMNS[1:]:
+            cols[c].append(r[c])
+        for c in OFFSET_COLUMNS:
+            cols[c].append(float(r[c]))
+    return cols
+
+
+def load_synthetic(
+    root: str | os.PathLike,
+    splits: Sequence[str] | None = None,
+    *,
+    generate: bool = False,
+    seed: int = 0,
+    size: str = "default",
+    num_proc: int | None = None,
+):
+    """The synthetic corpus as a ``datasets.DatasetDict`` (``audio`` cast to ``Audio(16000)``, labels
+    as strings, ``*_z`` the exact speaker-relative offsets). ``generate=True`` synthesises it first
+    when absent or out of date."""
+    import datasets
+
+    root = Path(root)
+    if generate:
+        synthesize_corpus(root, seed=seed, size=size, num_proc=num_proc)
+    if not (root / "manifest.json").is_file():
+        what = "does not exist" if not root.exists() else "is not a synthetic corpus (no manifest.json)"
+        raise FileNotFoundError(f"synthetic corpus {root} {what}; generate it with `trustser synth {root}` "
+                                f"(or load_corpus('synthetic', root, generate=True))")
+    wanted = list(SPLITS if splits is None else ([splits] if isinstance(splits, str) else splits))
+    unknown = [s for s in wanted if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown synthetic split(s) {unknown}; available: {list(SPLITS)}")
+    string = datasets.Value("string")
+    features = datasets.Features(
+        {"id": string, "audio": datasets.Audio(sampling_rate=TARGET_SR),
+         **{c: string for c in LABEL_COLUMNS[1:]}, **{c: datasets.Value("float32") for c in OFFSET_COLUMNS}}
+    )
+    out = {}
+    for split in wanted:
+        meta = root / split / "metadata.csv"
+        if not meta.is_file():
+            raise FileNotFoundError(f"{meta}: missing split {split!r} of the synthetic corpus; regenerate with `trustser synth {root}`")
+        out[split] = datasets.Dataset.from_dict(_read_metadata(meta), features=features)
+    return datasets.DatasetDict(out)

@@ -1,0 +1,58 @@
+"""Configuration of the SED Controller (paper section 3.1): plain declarative data."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+MODIFY_STRATEGIES = ("adjacent", "uniform")
+POOLINGS = ("last", "mean")
+
+
+@strict
+class SedControllerConfig(PreTrainedConfig):
+    r"""
+    Args:
+        sampling_rate (`int`, defaults to 16000): waveform rate the log-mel front end expects.
+        n_mels (`int`, defaults to 64): mel bands of the log-mel spectrogram the LSTM reads.
+        n_fft (`int`, defaults to 400) / hop_length (`int`, defaults to 160): STFT (25 ms / 10 ms).
+        frame_stride (`int`, defaults to 1): average-pool this many mel frames into one LSTM step
+            (1 = the paper's frame rate; larger values trade resolution for speed).
+        hidden_size (`int`, defaults to 128): LSTM hidden size (paper: 128).
+        embedding_size (`int`, defaults to 32): size of each annotated SED token embedding (paper: 32).
+        pooling (`str`, defaults to `"last"`): utterance summary, the LSTM's last valid hidden
+            state (`"last"`) or the masked mean of its outputs (`"mean"`).
+        modify_strategy (`str`, defaults to `"adjacent"`): what "modify" does to a label:
+            `"adjacent"` replaces it by a neighbouring value in the field's ordered vocabulary,
+            uniformly among the neighbours (one at the ends; for gender this is the other value);
+            `"uniform"` by any other value of the field, uniformly.
+        initial_retain_bias (`float`, defaults to 2.0): initial logit margin of "retain" over
+            "modify" (P(modify) = sigmoid(-2) ~ 0.12 at start) so that an untrained controller
+            mostly keeps the annotations instead of corrupting half of them.
+    """
+
+    model_type = "sed_controller"
+
+    sampling_rate: int = 16000
+    n_mels: int = 64
+    n_fft: int = 400
+    hop_length: int = 160
+    frame_stride: int = 1
+    hidden_size: int = 128
+    embedding_size: int = 32
+    pooling: str = "last"
+    modify_strategy: str = "adjacent"
+    initial_retain_bias: float = 2.0
+    initializer_range: float = 0.02
+
+    def validate_architecture(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.modify_strategy not in MODIFY_STRATEGIES:
+            raise ValueError(f"modify_strategy must be one of {MODIFY_STRATEGIES}, got {self.modify_strategy!r}")
+        for name in ("n_mels", "n_fft", "hop_length", "frame_stride", "hidden_size", "embedding_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+__all__ = ["SedControllerConfig"]

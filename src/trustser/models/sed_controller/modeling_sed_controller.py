@@ -1,0 +1,302 @@
+"""SED Controller (paper section 3.1): decides, per annotated descriptor, retain or modify.
+
+A one-layer LSTM reads the utterance's log-mel spectrogram; its summary vector is concatenated
+with embeddings of the five annotated SED tokens and a Linear layer gives, per field, logits of
+(retain, modify). Everything the RL loop needs around it is one small function here:
+``sample_policies`` (actions, log-probabilities and rectified labels from a torch.Generator),
+``modify_labels`` (what "modify" means), ``group_normalize`` (GRPO advantages) and
+``clipped_policy_loss`` (PPO/GRPO clipped surrogate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from ...descriptors import SED_FIELDS, SED_VOCAB, normalize_sed_value
+from .configuration_sed_controller import SedControllerConfig
+
+RETAIN, MODIFY = 0, 1
+FIELD_SIZES: tuple[int, ...] = tuple(len(SED_VOCAB[f]) for f in SED_FIELDS)
+FIELD_OFFSETS: tuple[int, ...] = tuple(sum(FIELD_SIZES[:i]) for i in range(len(FIELD_SIZES)))
+
+
+# --------------------------------------------------------------------------------------------
+# Labels <-> ids
+# --------------------------------------------------------------------------------------------
+def sed_to_ids(seds: Sequence[Mapping[str, str]]) -> torch.Tensor:
+    """(B, 5) value indices (within each field's vocabulary, SED_FIELDS order).
+    Raises ValueError naming the row and field for a missing/unknown descriptor."""
+    out = []
+    for i, sed in enumerate(seds):
+        row = []
+        for f in SED_FIELDS:
+            v = normalize_sed_value(f, sed.get(f))
+            if v is None:
+                raise ValueError(f"row {i}: invalid or missing {f!r} descriptor {sed.get(f)!r} (allowed: {SED_VOCAB[f]})")
+            row.append(SED_VOCAB[f].index(v))
+        out.append(row)
+    return torch.tensor(out, dtype=torch.long).reshape(len(out), len(SED_FIELDS))
+
+
+def ids_to_sed(ids: torch.Tensor) -> list[dict[str, str]]:
+    """Inverse of ``sed_to_ids`` for a (N, 5) tensor."""
+    return [{f: SED_VOCAB[f][int(v)] for f, v in zip(SED_FIELDS, row)} for row in ids.tolist()]
+
+
+# --------------------------------------------------------------------------------------------
+# Policy pieces
+# --------------------------------------------------------------------------------------------
+def modify_labels(
+    sed_ids: torch.Tensor,
+    modify: torch.Tensor,
+    strategy: str = "adjacent",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Applies "modify" where ``modify`` is true; ``sed_ids``/``modify`` are (..., 5).
+
+    ``adjacent``: the neighbouring value in the field's ordered vocabulary (low<normal<high,
+    slow<normal<fast, child<...<elderly), uniformly among the neighbours: the end values have one
+    neighbour, so high->normal, normal->low|high; gender's two values are each other's neighbour.
+    ``uniform``: any other value of the field, uniformly. The choice of replacement is not part of
+    the controller's action (which is only retain/modify): it is environment randomness, drawn
+    from ``generator`` so it is reproducible."""
+    sizes = torch.tensor(FIELD_SIZES, device=sed_ids.device)
+    sizes = sizes.expand_as(sed_ids)
+    u = torch.rand(sed_ids.shape, generator=generator, device=generator.device if generator is not None else sed_ids.device)
+    u = u.to(sed_ids.device)
+    if strategy == "adjacent":
+        up = torch.where(u < 0.5, sed_ids - 1, sed_ids + 1)
+        new = torch.where(sed_ids == 0, sed_ids + 1, torch.where(sed_ids == sizes - 1, sed_ids - 1, up))
+    elif strategy == "uniform":
+        offset = 1 + torch.minimum(torch.floor(u * (sizes - 1)).long(), sizes - 2)
+        new = (sed_ids + offset) % sizes
+    else:
+        raise ValueError(f"unknown modify strategy {strategy!r}; choose 'adjacent' or 'uniform'")
+    return torch.where(modify.bool(), new, sed_ids)
+
+
+@dataclass
+class PolicySample:
+    """K sampled rectification policies per utterance."""
+
+    actions: torch.Tensor  # (B, K, 5) long, 0 retain / 1 modify
+    log_probs: torch.Tensor  # (B, K, 5) log-probability of each field's action (sampling policy)
+    rectified_ids: torch.Tensor  # (B, K, 5) value ids after the actions
+
+    @property
+    def policy_log_probs(self) -> torch.Tensor:
+        """(B, K) log-probability of each whole policy (fields independent)."""
+        return self.log_probs.sum(-1)
+
+
+def sample_policies(
+    logits: torch.Tensor,
+    sed_ids: torch.Tensor,
+    num_policies: int,
+    *,
+    generator: torch.Generator | None = None,
+    strategy: str = "adjacent",
+    force_retain: bool = False,
+) -> PolicySample:
+    """Draws ``num_policies`` policies per utterance from (B, 5, 2) logits; reproducible from
+    ``generator``. ``force_retain`` returns the always-retain policy (controller warm-up)."""
+    if num_policies < 1:
+        raise ValueError(f"num_policies must be >= 1, got {num_policies}")
+    logits = logits.detach().float()
+    b, nf, _ = logits.shape
+    logp = torch.log_softmax(logits, dim=-1)  # (B, 5, 2)
+    if force_retain:
+        actions = torch.zeros(b, num_policies, nf, dtype=torch.long, device=logits.device)
+    else:
+        p_modify = logp[..., MODIFY].exp().unsqueeze(1).expand(b, num_policies, nf)
+        dev = generator.device if generator is not None else logits.device
+        u = torch.rand((b, num_policies, nf), generator=generator, device=dev).to(logits.device)
+        actions = (u < p_modify).long()
+    log_probs = torch.gather(logp.unsqueeze(1).expand(b, num_policies, nf, 2), -1, actions.unsqueeze(-1)).squeeze(-1)
+    ids = sed_ids.unsqueeze(1).expand(b, num_policies, nf)
+    rectified = modify_labels(ids, actions, strategy, generator)
+    return PolicySample(actions=actions, log_probs=log_probs, rectified_ids=rectified)
+
+
+def action_log_probs(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """(B, K, 5) log-probabilities of ``actions`` (B, K, 5) under (B, 5, 2) ``logits`` (differentiable)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    b, k, nf = actions.shape
+    return torch.gather(logp.unsqueeze(1).expand(b, k, nf, 2), -1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 5) entropy of each field's retain/modify distribution."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def group_normalize(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages: (r - mean) / (std + eps) within each row (one utterance's K policies).
+    NaN rewards (e.g. an empty emotion span) are ignored and get advantage 0; a group with a
+    single valid reward has no spread and gets 0 too."""
+    from trl.trainer.utils import nanstd
+
+    rewards = rewards.float()
+    mean = torch.nanmean(rewards, dim=-1, keepdim=True)
+    std = nanstd(rewards, dim=-1, keepdim=True)
+    adv = (rewards - mean) / (std + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def clipped_policy_loss(
+    new_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_epsilon: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO/GRPO clipped surrogate, to minimise. Log-probs are (B, K, 5): each field's decision is
+    one "token" of the policy and gets its own clipped ratio (as GRPO clips per token); the
+    advantage (B, K) is shared by the policy's five decisions. Returns (loss, clip fraction)."""
+    ratio = torch.exp(new_log_probs - old_log_probs.detach())
+    adv = advantages.detach().unsqueeze(-1).to(ratio.dtype)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon) * adv
+    loss = -torch.minimum(unclipped, clipped).mean()
+    clip_frac = ((ratio - 1.0).abs() > clip_epsilon).float().mean()
+    return loss, clip_frac.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SedControllerOutput(ModelOutput):
+    """logits: (B, 5, 2) retain/modify logits per SED field (SED_FIELDS order); summary: (B, H)."""
+
+    logits: torch.Tensor | None = None
+    summary: torch.Tensor | None = None
+
+
+class SedControllerPreTrainedModel(PreTrainedModel):
+    config: SedControllerConfig
+    config_class = SedControllerConfig
+    base_model_prefix = "controller"
+    main_input_name = "input_features"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = False
+    _no_split_modules = []
+
+    def _init_weights(self, module):
+        if getattr(module, "_is_retain_modify_head", False):
+            # start near "always retain" (see SedControllerConfig.initial_retain_bias)
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            bias = torch.zeros(len(SED_FIELDS), 2)
+            bias[:, RETAIN] = self.config.initial_retain_bias
+            init.copy_(module.bias, bias.flatten())
+        else:
+            super()._init_weights(module)
+
+
+class SedController(SedControllerPreTrainedModel):
+    """LSTM over log-mel -> summary; concat annotated SED embeddings -> Linear -> per-field
+    softmax over (retain, modify). Kept small and fp32: it is trained by its own optimizer."""
+
+    def __init__(self, config: SedControllerConfig):
+        super().__init__(config)
+        self.lstm = nn.LSTM(config.n_mels, config.hidden_size, num_layers=1, batch_first=True)
+        self.sed_embedding = nn.Embedding(sum(FIELD_SIZES), config.embedding_size)
+        self.head = nn.Linear(config.hidden_size + len(SED_FIELDS) * config.embedding_size, len(SED_FIELDS) * 2)
+        self.head._is_retain_modify_head = True
+        self._mel_cache: dict = {}
+        self.post_init()
+
+    # ---- front end ---------------------------------------------------------------------------
+    def _mel(self, device: torch.device):
+        """torchaudio MelSpectrogram, kept out of the state dict (it is fixed by the config)."""
+        key = str(device)
+        if key not in self._mel_cache:
+            import torchaudio
+
+            c = self.config
+            self._mel_cache[key] = torchaudio.transforms.MelSpectrogram(
+                sample_rate=c.sampling_rate, n_fft=c.n_fft, hop_length=c.hop_length, n_mels=c.n_mels
+            ).to(device)
+        return self._mel_cache[key]
+
+    @torch.no_grad()
+    def log_mel(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S) padded waveforms -> (B, T, n_mels) log-mel and (B, T) frame mask."""
+        waveforms = waveforms.float()
+        if lengths is None:
+            lengths = torch.full((waveforms.shape[0],), waveforms.shape[1], device=waveforms.device)
+        mel = self._mel(waveforms.device)(waveforms)  # (B, n_mels, T)
+        feats = torch.log(mel + 1e-6).transpose(1, 2)
+        # valid frames: windows lying inside the signal (so padding never changes them)
+        inside = (lengths.to(feats.device) - self.config.n_fft // 2).clamp(min=0)
+        frames = torch.div(inside, self.config.hop_length, rounding_mode="floor") + 1
+        mask = torch.arange(feats.shape[1], device=feats.device)[None, :] < frames.clamp(max=feats.shape[1])[:, None]
+        return feats, mask.long()
+
+    def summarize(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, n_mels) -> (B, hidden) utterance summary (padding ignored)."""
+        x = input_features.float()
+        b, t, _ = x.shape
+        mask = torch.ones(b, t, dtype=torch.long, device=x.device) if feature_attention_mask is None else feature_attention_mask.long()
+        s = self.config.frame_stride
+        if s > 1:
+            pad = (-t) % s
+            x = nn.functional.pad(x, (0, 0, 0, pad))
+            m = nn.functional.pad(mask, (0, pad)).float()
+            x = (x * m[..., None]).reshape(b, -1, s, x.shape[-1]).sum(2) / m.reshape(b, -1, s).sum(2).clamp(min=1)[..., None]
+            mask = (m.reshape(b, -1, s).sum(2) > 0).long()
+        lengths = mask.sum(1).clamp(min=1)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, (h_n, _) = self.lstm(packed)
+        if self.config.pooling == "last":
+            return h_n[-1]
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        m = mask[:, : out.shape[1]].float()[..., None]
+        return (out * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def forward(
+        self,
+        sed_ids: torch.Tensor,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SedControllerOutput:
+        """``sed_ids`` (B, 5): annotated value ids (``sed_to_ids``). Audio as log-mel
+        ``input_features`` (B, T, n_mels) or raw ``input_values`` (B, S) at ``config.sampling_rate``."""
+        if input_features is None:
+            if input_values is None:
+                raise ValueError("SedController needs input_features (log-mel) or input_values (waveform)")
+            lengths = attention_mask.sum(1) if attention_mask is not None else None
+            input_features, feature_attention_mask = self.log_mel(input_values, lengths)
+        summary = self.summarize(input_features, feature_attention_mask)
+        offsets = torch.tensor(FIELD_OFFSETS, device=sed_ids.device)
+        emb = self.sed_embedding(sed_ids.long() + offsets).flatten(1)  # (B, 5*E)
+        logits = self.head(torch.cat([summary, emb], dim=-1)).view(-1, len(SED_FIELDS), 2)
+        return SedControllerOutput(logits=logits, summary=summary)
+
+
+__all__ = [
+    "SedController",
+    "SedControllerPreTrainedModel",
+    "SedControllerOutput",
+    "PolicySample",
+    "sample_policies",
+    "modify_labels",
+    "action_log_probs",
+    "bernoulli_entropy",
+    "group_normalize",
+    "clipped_policy_loss",
+    "sed_to_ids",
+    "ids_to_sed",
+    "RETAIN",
+    "MODIFY",
+]

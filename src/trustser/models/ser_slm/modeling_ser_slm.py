@@ -1,0 +1,320 @@
+"""SER-SLM: speech encoder -> two VIB branches (SED, semantic) -> projector -> causal LM.
+
+Layout as in transformers' Voxtral / Qwen2-Audio: ``self.model`` (backbone holding ``audio_tower``,
+the VIB branches, ``projector`` and ``language_model``) + ``self.lm_head``, ``base_model_prefix =
+"model"`` (what TRL's fused LM head and PEFT expect). Relative imports only (trust_remote_code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_ser_slm import SerSlmConfig, conv_output_length
+
+ENERGY_FLOOR_DB = -100.0
+
+
+@dataclass
+class SerSlmCausalLMOutput(CausalLMOutputWithPast):
+    """``loss`` = ``lm_loss`` + beta * ``kl_loss``; both parts are returned on their own for logging."""
+
+    lm_loss: torch.FloatTensor | None = None
+    kl_loss: torch.FloatTensor | None = None
+    audio_embeds: torch.FloatTensor | None = None
+
+
+class SerSlmVIBBranch(nn.Module):
+    """Variational information bottleneck over a learnable softmax-weighted sum of encoder layers:
+    mu/log-variance per frame, reparameterised sample while training, the mean in eval."""
+
+    def __init__(self, num_layers: int, in_dim: int, extra_dim: int, hidden: int, latent: int):
+        super().__init__()
+        self.layer_weights = nn.Parameter(torch.zeros(num_layers))
+        self.mlp = nn.Sequential(nn.Linear(in_dim + extra_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
+        self.mu = nn.Linear(hidden, latent)
+        self.logvar = nn.Linear(hidden, latent)
+
+    def forward(self, layers: torch.Tensor, extra: torch.Tensor | None = None):
+        # layers: (num_layers, B, T, D); each layer normalised so the weights compare like with like
+        layers = F.layer_norm(layers, layers.shape[-1:])
+        w = torch.softmax(self.layer_weights, dim=0).to(layers.dtype)
+        x = torch.einsum("l,lbtd->btd", w, layers)
+        if extra is not None:
+            x = torch.cat([x, extra.to(x.dtype)], dim=-1)
+        h = self.mlp(x)
+        mu, logvar = self.mu(h), self.logvar(h).clamp(-20.0, 10.0)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)  # (B, T), >= 0
+        return z, kl
+
+
+class SerSlmProjector(nn.Module):
+    """Stacks ``frame_downsample`` consecutive latent frames and maps them to the LM's width."""
+
+    def __init__(self, config: SerSlmConfig):
+        super().__init__()
+        in_dim = (config.sed_vib_dim + config.semantic_vib_dim) * config.frame_downsample
+        hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(in_dim, hidden)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class SerSlmPreTrainedModel(PreTrainedModel):
+    config: SerSlmConfig
+    config_class = SerSlmConfig
+    base_model_prefix = "model"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SerSlmVIBBranch):
+            init.zeros_(module.layer_weights)
+            # start with little noise: the sample is close to mu until the KL term says otherwise
+            init.constant_(module.logvar.bias, -6.0)
+
+
+def _audio_encoder_from_config(audio_config):
+    encoder = AutoModel.from_config(audio_config)
+    # encoder-decoder speech models (Whisper): keep the encoder only
+    if getattr(encoder.config, "is_encoder_decoder", False) and hasattr(encoder, "get_encoder"):
+        encoder = encoder.get_encoder()
+    return encoder
+
+
+class SerSlmModel(SerSlmPreTrainedModel):
+    def __init__(self, config: SerSlmConfig):
+        super().__init__(config)
+        self.audio_tower = _audio_encoder_from_config(config.audio_config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        a = config.audio_config
+        num_layers = int(getattr(a, "num_hidden_layers", None) or getattr(a, "encoder_layers")) + 1
+        width = int(getattr(a, "hidden_size", None) or getattr(a, "d_model"))
+        extra = config.energy_features if config.sed_energy_stream else 0
+        self.sed_vib = SerSlmVIBBranch(num_layers, width, extra, config.vib_hidden_size, config.sed_vib_dim)
+        self.semantic_vib = SerSlmVIBBranch(num_layers, width, 0, config.vib_hidden_size, config.semantic_vib_dim)
+        self.projector = SerSlmProjector(config)
+        if config.freeze_audio_tower:
+            self.audio_tower.requires_grad_(False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # ---------------------------------------------------------------------------------------
+    def _encoder_frame_mask(self, feature_attention_mask, batch: int, frames: int, device):
+        if feature_attention_mask is None:
+            return torch.ones(batch, frames, dtype=torch.bool, device=device)
+        lengths = feature_attention_mask.long().sum(-1).tolist()
+        valid = [min(frames, conv_output_length(n, self.config.audio_conv_layers)) for n in lengths]
+        ar = torch.arange(frames, device=device)
+        return ar[None, :] < torch.tensor(valid, device=device)[:, None]
+
+    def _energy_features(self, energy: torch.Tensor, frame_mask: torch.Tensor, frames: int):
+        """(B, E) frame log-energy in dB at 10 ms -> (B, T, 2): frame level and utterance mean, scaled."""
+        e = energy.to(torch.float32)
+        valid_e = e > ENERGY_FLOOR_DB + 1.0
+        e = F.interpolate(e[:, None, :], size=frames, mode="linear", align_corners=False)[:, 0]
+        e_norm = (e.clamp(min=-80.0) + 40.0) / 20.0
+        cnt = valid_e.sum(-1).clamp(min=1)
+        utt = ((energy.to(torch.float32).clamp(min=-80.0) * valid_e).sum(-1) / cnt + 40.0) / 20.0
+        feats = torch.stack([e_norm, utt[:, None].expand_as(e_norm)], dim=-1)
+        return feats * frame_mask[..., None]
+
+    def get_audio_features(self, input_features, feature_attention_mask=None, energy=None):
+        """Runs the encoder once. Returns ``(audio_embeds (B, N, H), audio_mask (B, N) bool, kl)``:
+        pass ``audio_embeds`` (possibly ``repeat_interleave``-d) to ``forward`` to reuse them."""
+        cfg = self.config
+        tower_kwargs = {"output_hidden_states": True, "return_dict": True}
+        if feature_attention_mask is not None and getattr(cfg.audio_config, "feat_extract_norm", None) == "layer":
+            tower_kwargs["attention_mask"] = feature_attention_mask
+        param = next(self.audio_tower.parameters())
+        input_features = input_features.to(device=param.device, dtype=param.dtype)
+        if cfg.freeze_audio_tower:
+            with torch.no_grad():
+                out = self.audio_tower(input_features, **tower_kwargs)
+        else:
+            out = self.audio_tower(input_features, **tower_kwargs)
+        layers = torch.stack(out.hidden_states, dim=0)  # (L+1, B, T, D)
+        _, batch, frames, _ = layers.shape
+        frame_mask = self._encoder_frame_mask(feature_attention_mask, batch, frames, layers.device)
+        extra = None
+        if cfg.sed_energy_stream:
+            if energy is None:
+                raise ValueError("this SER-SLM uses the energy stream (sed_energy_stream=True): pass energy= from the processor")
+            extra = self._energy_features(energy.to(layers.device), frame_mask, frames)
+        z_sed, kl_sed = self.sed_vib(layers, extra)
+        z_sem, kl_sem = self.semantic_vib(layers)
+        fm = frame_mask.to(kl_sed.dtype)
+        kl = ((kl_sed + kl_sem) * fm).sum() / fm.sum().clamp(min=1.0)
+        z = torch.cat([z_sed, z_sem], dim=-1) * frame_mask[..., None]
+        k = cfg.frame_downsample
+        pad = (-frames) % k
+        if pad:
+            z = F.pad(z, (0, 0, 0, pad))
+            frame_mask = F.pad(frame_mask, (0, pad))
+        z = z.reshape(batch, (frames + pad) // k, k * z.shape[-1])
+        audio_mask = frame_mask.reshape(batch, -1, k).any(-1)
+        audio_embeds = self.projector(z)
+        return audio_embeds, audio_mask, kl
+
+    def merge_audio(self, input_ids, inputs_embeds, audio_embeds):
+        """Row i's n_i placeholder tokens receive row i's first n_i audio embeddings."""
+        is_audio = input_ids == self.config.audio_token_id
+        if not bool(is_audio.any()):
+            return inputs_embeds
+        if audio_embeds.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"audio_embeds batch {audio_embeds.shape[0]} != input_ids batch {input_ids.shape[0]} "
+                "(repeat_interleave the audio embeddings to match)"
+            )
+        rank = is_audio.long().cumsum(-1) - 1
+        rows, cols = is_audio.nonzero(as_tuple=True)
+        idx = rank[rows, cols]
+        if int(idx.max()) >= audio_embeds.shape[1]:
+            raise ValueError(
+                f"{int(idx.max()) + 1} audio placeholder tokens in a row but only {audio_embeds.shape[1]} audio "
+                "embeddings: the processor and the model disagree on the encoder's frame arithmetic"
+            )
+        inputs_embeds = inputs_embeds.clone()
+        inputs_embeds[rows, cols] = audio_embeds[rows, idx].to(inputs_embeds.dtype)
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        input_features=None,
+        feature_attention_mask=None,
+        energy=None,
+        audio_embeds=None,
+        position_ids=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        kl = None
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if input_ids is not None and (audio_embeds is not None or input_features is not None):
+            if audio_embeds is None:
+                audio_embeds, _, kl = self.get_audio_features(input_features, feature_attention_mask, energy)
+            inputs_embeds = self.merge_audio(input_ids, inputs_embeds, audio_embeds)
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        outputs["kl_loss"] = kl
+        outputs["audio_embeds"] = audio_embeds
+        return outputs
+
+
+class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
+    _keys_to_ignore_on_load_unexpected = None
+
+    def __init__(self, config: SerSlmConfig):
+        super().__init__(config)
+        self.model = SerSlmModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_audio_features(self, input_features, feature_attention_mask=None, energy=None):
+        return self.model.get_audio_features(input_features, feature_attention_mask, energy)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        input_features=None,
+        feature_attention_mask=None,
+        energy=None,
+        audio_embeds=None,
+        labels=None,
+        position_ids=None,
+        inputs_embeds=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SerSlmCausalLMOutput:
+        """Loss = LM cross-entropy on ``labels`` (-100 = ignored) + ``vib_beta`` x KL (when the
+        encoder ran in this call; with precomputed ``audio_embeds`` the KL belongs to the caller)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            input_features=input_features,
+            feature_attention_mask=feature_attention_mask,
+            energy=energy,
+            audio_embeds=audio_embeds,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **{k: v for k, v in kwargs.items() if k != "num_items_in_batch"},
+        )
+        hidden = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_indices, :])
+        kl = outputs.get("kl_loss")
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+            loss = lm_loss + self.config.vib_beta * kl if kl is not None else lm_loss
+        return SerSlmCausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            kl_loss=kl,
+            logits=logits,
+            cache=outputs.get("cache"),
+            hidden_states=outputs.get("hidden_states"),
+            attentions=outputs.get("attentions"),
+            audio_embeds=outputs.get("audio_embeds"),
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            # audio lives in the KV cache after the prefill
+            for key in ("input_features", "feature_attention_mask", "energy", "audio_embeds"):
+                model_inputs.pop(key, None)
+        return model_inputs
+
+
+__all__ = ["SerSlmPreTrainedModel", "SerSlmModel", "SerSlmForConditionalGeneration", "SerSlmCausalLMOutput"]

@@ -1,0 +1,373 @@
+"""One system of the paper, end to end, as cached stages:
+
+    corpus -> annotate -> pretrain (SER-SLM) -> cem -> select -> posttrain (SFT or RL-rectified)
+    -> evaluate -> results.json, report.md, plots
+
+Each stage is cached under ``<output_dir>/cache`` by a hash of its settings and of the stages it
+reads (``trustser.stages``), so a rerun or another system reuses what it shares: Sys. 4 after
+Sys. 10 re-runs only its own post-training and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .descriptors import EMOTION_LABELS, SED_FIELDS
+from .recipe_config import RecipeConfig
+from .stages import Stage, StageRunner
+from .systems import SystemSpec, get_system
+from .utils import atomic_write_json, atomic_write_text, set_seed
+
+logger = logging.getLogger("trustser.recipe")
+
+TARGET_SPLITS = ("train", "dev", "test")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _emotion_labels(corpus: str, dataset=None) -> tuple[str, ...]:
+    if corpus in EMOTION_LABELS:
+        return EMOTION_LABELS[corpus]
+    labels = sorted(set(dataset["emotion"])) if dataset is not None else []
+    return tuple(labels)
+
+
+def _load_model(path: Path):
+    from .models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
+
+    model = SerSlmForConditionalGeneration.from_pretrained(path)
+    processor = SerSlmProcessor.from_pretrained(path)
+    return model, processor
+
+
+def _training_args(cfg: RecipeConfig, output_dir: Path, *, max_steps: int, epochs: float, lr: float, cls=None, **extra):
+    from .trainers.sft import SerSlmSFTConfig
+
+    cls = cls or SerSlmSFTConfig
+    return cls(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type="cosine",
+        logging_steps=10,
+        save_strategy="no",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        **extra,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------------
+def stage_corpus(runner: StageRunner, cfg: RecipeConfig) -> tuple[str | None, Stage | None]:
+    """The synthetic corpus when a root is not given (the embedded default)."""
+    if cfg.target_corpus != "synthetic" and cfg.pretrain_corpus != "synthetic":
+        return None, None
+    if cfg.target_root and cfg.pretrain_root:
+        return None, None
+    from .data.synthetic import synthesize_corpus
+
+    settings = {"seed": cfg.seed, "size": cfg.synth_size}
+    stage = runner.run("corpus", settings, lambda out: synthesize_corpus(out / "corpus", seed=cfg.seed, size=cfg.synth_size))
+    return str(stage.path / "corpus"), stage
+
+
+def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, upstream: list[Stage]) -> Stage:
+    """Automatic SED labels (``<field>_auto``) on the target corpus' splits."""
+
+    def run(out: Path):
+        from .annotation import annotate, annotation_report
+        from .data import load_corpus
+
+        corpus = load_corpus(cfg.target_corpus, target_root, **cfg.target_options)
+        splits = {s: corpus[s] for s in TARGET_SPLITS if s in corpus}
+        reference = corpus["reference"] if "reference" in corpus else None
+        import datasets
+
+        annotated = annotate(datasets.DatasetDict(splits), method=cfg.annotation_method, reference=reference, seed=cfg.seed)
+        annotated.save_to_disk(str(out / "data"))
+        atomic_write_json(out / "annotation_report.json", {s: annotation_report(annotated[s]) for s in annotated})
+
+    settings = {"corpus": cfg.target_corpus, "root": target_root, "options": cfg.target_options, "method": cfg.annotation_method, "seed": cfg.seed}
+    return runner.run("annotate", settings, run, upstream)
+
+
+def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pretrain_root: str, upstream: list[Stage]) -> Stage:
+    """SER-SLM pre-training on the reliable corpus (SpeechCraft's role)."""
+
+    def run(out: Path):
+        from .data import load_corpus
+        from .models.ser_slm import build_paper_ser_slm, build_tiny_ser_slm
+        from .trainers.sft import SerSlmSFTTrainer
+
+        set_seed(cfg.seed)
+        corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
+        train = corpus[cfg.pretrain_split]
+        labels = _emotion_labels(cfg.pretrain_corpus, train)
+        if cfg.preset == "tiny":
+            texts = list(train["text"])
+            if cfg.target_corpus == cfg.pretrain_corpus and "train" in corpus:
+                texts += list(corpus["train"]["text"])
+            model, processor = build_tiny_ser_slm(texts, emotion_labels=labels, seed=cfg.seed)
+        elif cfg.preset == "paper":
+            model, processor = build_paper_ser_slm()
+        else:
+            raise ValueError(f"unknown preset {cfg.preset!r}: 'tiny' or 'paper'")
+        args = _training_args(
+            cfg, out / "trainer", max_steps=cfg.pretrain_max_steps, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_learning_rate,
+            sed_source="truth", with_sed=spec.with_sed,
+        )
+        trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+        trainer.train()
+        if trainer.accelerator.is_main_process:
+            trainer.save_model(str(out / "model"))
+            processor.save_pretrained(str(out / "model"))
+            atomic_write_json(out / "log_history.json", trainer.state.log_history)
+
+    settings = {
+        "corpus": cfg.pretrain_corpus, "root": cfg.pretrain_root or "synthetic", "split": cfg.pretrain_split, "preset": cfg.preset,
+        "with_sed": spec.with_sed, "epochs": cfg.pretrain_epochs, "max_steps": cfg.pretrain_max_steps,
+        "lr": cfg.pretrain_learning_rate, "batch": cfg.per_device_batch_size, "warmup": cfg.warmup_ratio, "seed": cfg.seed,
+    }
+    return runner.run("pretrain", settings, run, upstream, all_processes=True)
+
+
+def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretrain: Stage) -> Stage:
+    """CEM trained on the pre-trained SLM's own descriptor predictions on the reliable corpus."""
+
+    def run(out: Path):
+        from .data import load_corpus
+        from .trainers.cem import prepare_cem_data, train_cem
+
+        set_seed(cfg.seed)
+        slm, processor = _load_model(pretrain.path / "model")
+        corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
+        ref = corpus[cfg.pretrain_split]
+        data = prepare_cem_data(slm, processor, ref, pooling=cfg.cem_pooling, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+        train_cem(
+            data["features"], data["labels"], output_dir=out / "cem", feature_pooling=cfg.cem_pooling,
+            slm_hidden_size=slm.config.text_config.hidden_size, learning_rate=cfg.cem_learning_rate,
+            seed=cfg.seed, training_args={"max_steps": cfg.cem_max_steps},
+        )
+
+    settings = {"pooling": cfg.cem_pooling, "steps": cfg.cem_max_steps, "lr": cfg.cem_learning_rate, "seed": cfg.seed}
+    return runner.run("cem", settings, run, [pretrain])
+
+
+def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated: Stage, pretrain: Stage, cem: Stage) -> Stage:
+    """Scores the annotated target captions with the CEM and keeps the top share."""
+
+    def run(out: Path):
+        import datasets
+
+        from .models.cem import ConfidenceEstimationModel
+        from .selection import select_by_confidence
+
+        slm, processor = _load_model(pretrain.path / "model")
+        cem_model = ConfidenceEstimationModel.from_pretrained(cem.path / "cem")
+        train = datasets.load_from_disk(str(annotated.path / "data"))[cfg.train_split]
+        select_by_confidence(
+            train, ratio=ratio, cem=cem_model, slm=slm, processor=processor, sed_source="auto",
+            batch_size=cfg.eval_batch_size, output_dir=out / "data",
+        )
+
+    return runner.run("select", {"ratio": ratio, "split": cfg.train_split}, run, [annotated, pretrain, cem])
+
+
+def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, data: Stage, data_subdir: str, pretrain: Stage) -> Stage:
+    """Domain post-training on the (selected) annotated target data: plain SFT, or SFT with the
+    RL SED controller rectifying the descriptor labels on the fly."""
+    k = cfg.num_policies or spec.num_policies
+
+    def run(out: Path):
+        import datasets
+
+        from .trainers.sft import SerSlmSFTTrainer
+
+        set_seed(cfg.seed)
+        model, processor = _load_model(pretrain.path / "model")
+        loaded = datasets.load_from_disk(str(data.path / data_subdir))
+        train = loaded[cfg.train_split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if "annotation_error" in train.column_names:
+            train = train.filter(lambda e: not e, input_columns="annotation_error")
+        common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source="auto", with_sed=spec.with_sed)
+        if spec.rectify:
+            from .trainers.rectify import SEDRectifyTrainer
+            from .trainers.rectify_config import SEDRectifyConfig
+
+            args = _training_args(cfg, out / "trainer", cls=SEDRectifyConfig, num_policies=k,
+                                  controller_learning_rate=cfg.controller_learning_rate, **common)
+            trainer = SEDRectifyTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+        else:
+            args = _training_args(cfg, out / "trainer", **common)
+            trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+        trainer.train()
+        if trainer.accelerator.is_main_process:
+            trainer.save_model(str(out / "model"))
+            processor.save_pretrained(str(out / "model"))
+            if spec.rectify:
+                trainer.controller.save_pretrained(str(out / "controller"))
+            atomic_write_json(out / "log_history.json", trainer.state.log_history)
+
+    settings = {
+        "rectify": spec.rectify, "K": k if spec.rectify else None, "with_sed": spec.with_sed, "steps": cfg.posttrain_max_steps,
+        "lr": cfg.posttrain_learning_rate, "controller_lr": cfg.controller_learning_rate if spec.rectify else None,
+        "batch": cfg.per_device_batch_size, "seed": cfg.seed, "split": cfg.train_split,
+    }
+    return runner.run("posttrain", settings, run, [data, pretrain], all_processes=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation and report
+# ----------------------------------------------------------------------------------------------
+def evaluate_system(cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target_root: str, annotated: Stage, out_dir: Path) -> dict[str, Any]:
+    import datasets
+
+    from .evaluation import evaluate_ser, plot_confusion_matrix, plot_tsne
+
+    model, processor = _load_model(model_dir)
+    test = datasets.load_from_disk(str(annotated.path / "data"))[cfg.test_split]
+    if cfg.max_eval_samples:
+        test = test.select(range(min(cfg.max_eval_samples, len(test))))
+    labels = _emotion_labels(cfg.target_corpus, test)
+    has_truth = all(any(test[f]) for f in SED_FIELDS)
+    metrics = evaluate_ser(model, processor, test, emotion_labels=labels, with_sed=spec.with_sed,
+                           sed_source="truth" if has_truth else "auto", batch_size=cfg.eval_batch_size)
+    plot_confusion_matrix(metrics["confusion_matrix"], labels, out_dir / "confusion_matrix.png", title=f"{spec.name} on {cfg.target_corpus} {cfg.test_split}")
+    plot_tsne(model, processor, test, out_dir / "tsne.png", max_samples=cfg.tsne_samples, seed=cfg.seed,
+              with_sed=spec.with_sed, title=f"{spec.name}: last hidden states ({cfg.target_corpus} {cfg.test_split})")
+    return metrics
+
+
+def write_report(results: dict, path: Path) -> None:
+    spec = results["system"]
+    lines = [f"# trustser {spec['name']} — {results['target_corpus']}", ""]
+    lines.append(f"Settings: SED in caption {spec['with_sed']}, domain SFT {spec['domain_sft']}, selection {spec['selection_ratio'] or '100%'}, "
+                 f"RL rectification {spec['rectify']}{' (K=%d)' % results['settings'].get('num_policies_used', spec['num_policies']) if spec['rectify'] else ''}; seed {results['settings']['seed']}.")
+    lines.append("")
+    for corpus, m in results["test"].items():
+        lines += [f"## Test: {corpus} ({m['n']} utterances)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| WA (accuracy) | {m['wa']:.4f} |", f"| UA (balanced accuracy) | {m['ua']:.4f} |", f"| weighted F1 | {m['weighted_f1']:.4f} |",
+                  f"| unparseable captions | {m['unparseable_rate']:.4f} |"]
+        lines += [f"| SED accuracy: {f} | {m['sed_accuracy'].get(f, float('nan')):.4f} |" for f in SED_FIELDS]
+        lines.append("")
+        if spec.get("paper_iemocap") is not None:
+            lines.append(f"The paper reports {spec['paper_iemocap']}% (IEMOCAP) and {spec['paper_meld']}% (MELD) for this system.")
+            lines.append("")
+    if results.get("cem"):
+        lines += ["## Confidence estimation", "", "```json", json.dumps(results["cem"], indent=1)[:3000], "```", ""]
+    if results.get("selection"):
+        lines += ["## Selection", "", "```json", json.dumps(results["selection"], indent=1)[:3000], "```", ""]
+    if results.get("rectification"):
+        lines += ["## Rectification (last logged values)", "", "```json", json.dumps(results["rectification"], indent=1)[:3000], "```", ""]
+    lines += ["## Stages", "", "| stage | key | reused | seconds |", "|---|---|---|---|"]
+    lines += [f"| {s['name']} | {s['key']} | {s['reused']} | {s.get('seconds', '')} |" for s in results["stages"]]
+    lines += ["", "Plots: `confusion_matrix.png`, `tsne.png` (last hidden states coloured by emotion, the paper's Figure 2).", ""]
+    atomic_write_text(path, "\n".join(lines))
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _rectification_summary(log_history: list[dict] | None) -> dict | None:
+    if not log_history:
+        return None
+    keys = [k for k in log_history[-2].keys()] if len(log_history) > 1 else []
+    last = {}
+    for entry in log_history:
+        for k, v in entry.items():
+            if any(t in k for t in ("rectif", "reward", "controller", "correct")):
+                last.setdefault(k, []).append(v)
+    return {k: {"first": v[0], "last": v[-1]} for k, v in last.items()} or None
+
+
+def run_system(cfg: RecipeConfig) -> dict[str, Any]:
+    """Runs (or reuses) every stage of ``cfg.system`` and writes its results; returns results.json's content."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    spec = get_system(cfg.system)
+    started = time.time()
+    out_root = Path(cfg.output_dir)
+    runner = StageRunner(out_root / "cache", state)
+    set_seed(cfg.seed)
+
+    synth_root, corpus_stage = stage_corpus(runner, cfg)
+    upstream = [corpus_stage] if corpus_stage else []
+    target_root = cfg.target_root or synth_root
+    pretrain_root = cfg.pretrain_root or synth_root
+    annotated = stage_annotate(runner, cfg, target_root, upstream)
+    pretrain = stage_pretrain(runner, cfg, spec, pretrain_root, upstream)
+
+    ratio = cfg.selection_ratio if cfg.selection_ratio is not None else spec.selection_ratio
+    cem = selected = None
+    model_dir = pretrain.path / "model"
+    if spec.domain_sft:
+        data_stage, subdir = annotated, "data"
+        if ratio is not None and ratio < 1.0:
+            cem = stage_cem(runner, cfg, pretrain_root, pretrain)
+            selected = stage_select(runner, cfg, ratio, annotated, pretrain, cem)
+            data_stage, subdir = selected, "data"
+        post = stage_posttrain(runner, cfg, spec, data_stage, subdir, pretrain)
+        model_dir = post.path / "model"
+    else:
+        post = None
+
+    results: dict[str, Any] = {}
+    if state.is_main_process:
+        run_dir = out_root / f"{spec.name}-seed{cfg.seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = evaluate_system(cfg, spec, model_dir, target_root, annotated, run_dir)
+        from dataclasses import asdict
+
+        results = {
+            "system": spec.to_dict(),
+            "target_corpus": cfg.target_corpus,
+            "test": {cfg.target_corpus: metrics},
+            "annotation": _read_json(annotated.path / "annotation_report.json"),
+            "cem": _read_json(cem.path / "cem" / "cem_metrics.json") if cem else None,
+            "selection": _read_json(selected.path / "data" / "selection_stats.json") if selected else None,
+            "rectification": _rectification_summary(_read_json(post.path / "log_history.json")) if post and spec.rectify else None,
+            "settings": {**asdict(cfg), "num_policies_used": cfg.num_policies or spec.num_policies},
+            "seed": cfg.seed,
+            "stages": [{"name": s.name, "key": s.key, "reused": s.reused, "path": str(s.path), "seconds": s.record().get("seconds")} for s in runner.stages],
+            "wall_seconds": round(time.time() - started, 1),
+        }
+        atomic_write_json(run_dir / "results.json", results)
+        write_report(results, run_dir / "report.md")
+        logger.info("results written to %s", run_dir)
+        print(f"[trustser] {spec.name}: WA {metrics['wa']:.4f}  UA {metrics['ua']:.4f}  wF1 {metrics['weighted_f1']:.4f}  -> {run_dir}/results.json")
+    state.wait_for_everyone()
+    return results
+
+
+def main(system: str | None = None, argv: list[str] | None = None) -> dict:
+    """Entry point of ``recipes/sysN.py``: parses ``--config FILE`` and overrides with TrlParser."""
+    from trl import TrlParser
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = TrlParser((RecipeConfig,))
+    (cfg,) = parser.parse_args_and_config(args=argv)
+    if system is not None and not _system_given(argv):
+        cfg.system = system
+    return run_system(cfg)
+
+
+def _system_given(argv: list[str] | None) -> bool:
+    import sys
+
+    args = argv if argv is not None else sys.argv[1:]
+    return any(a == "--system" or a.startswith("--system=") for a in args)

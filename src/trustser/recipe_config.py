@@ -1,0 +1,48 @@
+"""Settings of a system run (one recipe), parsed by ``trl.TrlParser`` from a YAML file
+(``--config``) and the command line. The defaults are the embedded default: the synthetic corpus
+and the tiny preset, sized to finish on 2 CPU cores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RecipeConfig:
+    system: str = field(default="sys10", metadata={"help": "Which system of the paper's Table 1 (sys1..sys13) or Table 3 (v1..v5)."})
+    output_dir: str = field(default="outputs", metadata={"help": "Root of all outputs: cached stages under <output_dir>/cache, this system's results under <output_dir>/<system>-seed<seed>."})
+    seed: int = field(default=0, metadata={"help": "Seed of every stage (corpus synthesis, training, sampling)."})
+    # ---- data
+    pretrain_corpus: str = field(default="synthetic", metadata={"help": "Corpus for SER-SLM pre-training and CEM training (reliable labels): 'synthetic' or 'speechcraft'."})
+    pretrain_root: str | None = field(default=None, metadata={"help": "Root of the pre-training corpus; None with 'synthetic' synthesises it under the cache."})
+    pretrain_split: str = field(default="reference", metadata={"help": "Split of the pre-training corpus used for pre-training and CEM training."})
+    target_corpus: str = field(default="synthetic", metadata={"help": "Target emotion corpus for domain post-training and testing: 'synthetic', 'iemocap', 'meld' or 'audiofolder'."})
+    target_root: str | None = field(default=None, metadata={"help": "Root of the target corpus; None with 'synthetic' uses the synthesised corpus."})
+    target_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra load_corpus options for the target corpus (e.g. {'protocol': 'session5'})."})
+    train_split: str = field(default="train", metadata={"help": "Target split used for post-training."})
+    test_split: str = field(default="test", metadata={"help": "Target split used for evaluation."})
+    synth_size: str = field(default="default", metadata={"help": "Size of the synthetic corpus: 'small' or 'default'."})
+    annotation_method: str = field(default="unified", metadata={"help": "Automatic SED annotation of the target corpus: 'speechcraft', 'unified' or 'speaker_adaptive'."})
+    # ---- model
+    preset: str = field(default="tiny", metadata={"help": "SER-SLM preset: 'tiny' (random init, CPU) or 'paper' (HuBERT-large + Llama-3.1-8B-Instruct with LoRA)."})
+    # ---- pre-training
+    pretrain_epochs: float = field(default=2.0, metadata={"help": "SER-SLM pre-training epochs (the paper: 2)."})
+    pretrain_max_steps: int = field(default=-1, metadata={"help": "If > 0, overrides pretrain_epochs."})
+    pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for pre-training (tiny preset default)."})
+    per_device_batch_size: int = field(default=16, metadata={"help": "Per-device batch size of SER-SLM training."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Warm-up ratio of the SLM's learning-rate schedule."})
+    # ---- CEM and selection
+    cem_max_steps: int = field(default=400, metadata={"help": "CEM training steps."})
+    cem_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the CEM."})
+    cem_pooling: str = field(default="sed_tokens", metadata={"help": "CEM input pooling: 'sed_tokens' or 'mean'."})
+    selection_ratio: float | None = field(default=None, metadata={"help": "Override the system's kept share (0-1]."})
+    # ---- post-training
+    posttrain_max_steps: int = field(default=300, metadata={"help": "Domain post-training steps (the paper: 20k)."})
+    posttrain_learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate for post-training."})
+    num_policies: int | None = field(default=None, metadata={"help": "Override the system's K (policies per utterance)."})
+    controller_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the SED controller."})
+    # ---- evaluation
+    eval_batch_size: int = field(default=32, metadata={"help": "Batch size of caption generation at evaluation."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many test utterances."})
+    tsne_samples: int = field(default=600, metadata={"help": "Utterances in the t-SNE plot of last hidden states."})

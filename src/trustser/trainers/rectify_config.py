@@ -1,0 +1,87 @@
+"""Configuration of SED rectification training (paper section 3.2): SerSlmSFTConfig plus the
+controller's settings, as TRL does for its trainers (every field documented in ``metadata``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .sft import SerSlmSFTConfig
+
+REWARD_TIMINGS = ("after_update", "reuse_forward")
+
+
+@dataclass
+class SEDRectifyConfig(SerSlmSFTConfig):
+    """Alternating SER-SLM / SED Controller training with K sampled rectification policies."""
+
+    sed_source: str = field(
+        default="auto",
+        metadata={"help": "descriptors the controller rectifies: 'auto' (<field>_auto annotation columns) or 'truth'."},
+    )
+    num_policies: int = field(
+        default=6, metadata={"help": "K: rectification policies sampled per utterance and step (paper's best: 6)."}
+    )
+    reward_timing: str = field(
+        default="after_update",
+        metadata={
+            "help": "'after_update' (the paper): each policy's emotion cross-entropy is computed with the SER-SLM "
+            "after its optimizer step (one extra no-grad forward); 'reuse_forward': taken from the logits of the "
+            "loss forward, before the update (no extra forward)."
+        },
+    )
+    controller_name_or_path: str | None = field(
+        default=None, metadata={"help": "saved SedController to start from; default: a new one built from the fields below."}
+    )
+    controller_hidden_size: int = field(default=128, metadata={"help": "LSTM hidden size of a new controller (paper: 128)."})
+    controller_embedding_size: int = field(
+        default=32, metadata={"help": "SED token embedding size of a new controller (paper: 32)."}
+    )
+    controller_n_mels: int = field(default=64, metadata={"help": "mel bands the controller's LSTM reads."})
+    controller_frame_stride: int = field(
+        default=1, metadata={"help": "mel frames averaged into one LSTM step (1 = every 10 ms frame)."}
+    )
+    controller_modify_strategy: str = field(
+        default="adjacent",
+        metadata={"help": "'adjacent' (neighbouring ordinal value; the other gender) or 'uniform' (any other value)."},
+    )
+    controller_initial_retain_bias: float = field(
+        default=2.0, metadata={"help": "initial retain-over-modify logit margin of a new controller (P(modify)~0.12)."}
+    )
+    controller_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the controller."})
+    controller_clip_epsilon: float = field(
+        default=0.2, metadata={"help": "clip range of the new/old probability ratio (PPO/GRPO surrogate)."}
+    )
+    controller_updates_per_step: int = field(
+        default=1,
+        metadata={"help": "controller optimisation epochs per SLM optimizer step on the same policies (ratio != 1 from the 2nd)."},
+    )
+    controller_entropy_coef: float = field(
+        default=0.0, metadata={"help": "weight of the entropy bonus on the retain/modify distributions."}
+    )
+    controller_max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "gradient-norm clip of the controller update (None: no clipping)."}
+    )
+    controller_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "optimizer steps during which the controller always retains and is not updated (K=1 captions)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_policies < 1:
+            raise ValueError(f"num_policies must be >= 1, got {self.num_policies}")
+        if self.reward_timing not in REWARD_TIMINGS:
+            raise ValueError(f"reward_timing must be one of {REWARD_TIMINGS}, got {self.reward_timing!r}")
+        if self.controller_modify_strategy not in ("adjacent", "uniform"):
+            raise ValueError(f"controller_modify_strategy must be 'adjacent' or 'uniform', got {self.controller_modify_strategy!r}")
+        if self.controller_updates_per_step < 1:
+            raise ValueError(f"controller_updates_per_step must be >= 1, got {self.controller_updates_per_step}")
+        if not 0 < self.controller_clip_epsilon < 1:
+            raise ValueError(f"controller_clip_epsilon must be in (0, 1), got {self.controller_clip_epsilon}")
+        if self.controller_warmup_steps < 0:
+            raise ValueError(f"controller_warmup_steps must be >= 0, got {self.controller_warmup_steps}")
+        if not self.with_sed:
+            raise ValueError("SED rectification needs captions with descriptors (with_sed=True)")
+
+
+__all__ = ["SEDRectifyConfig", "REWARD_TIMINGS"]

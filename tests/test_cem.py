@@ -1,0 +1,337 @@
+"""CEM: architecture, forward pass by hand, loss, save/load, metrics, balanced sampling, training,
+and feature extraction from a tiny SER-SLM."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trustser.descriptors import SED_FIELDS
+from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+from trustser.trainers.cem import (
+    balanced_sample,
+    binary_auc,
+    calibration_bins,
+    cem_metrics,
+    correctness_labels,
+    expected_calibration_error,
+    normalized_cross_entropy,
+    predict_cem,
+    reliability_diagram,
+    train_cem,
+)
+
+
+def _cem(d=7, h=6, **kw):
+    torch.manual_seed(0)
+    return ConfidenceEstimationModel(CemConfig(input_size=d, hidden_size=h, **kw))
+
+
+# ---------------------------------------------------------------------------------- architecture
+def test_architecture_by_introspection():
+    m = _cem(d=7, h=6)
+    blocks = [m.layer1, m.layer2, m.layer3]
+    for i, b in enumerate(blocks):
+        kinds = [type(c) for c in b.children()]
+        assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout], kinds
+        assert b.linear.in_features == (7 if i == 0 else 6) and b.linear.out_features == 6
+        assert b.dropout.p == pytest.approx(0.1)
+    assert isinstance(m.head, nn.Linear) and (m.head.in_features, m.head.out_features) == (6, 5)
+    assert m.config.field_names == list(SED_FIELDS)
+    # exactly three hidden layers and one head carry parameters
+    assert sorted(n.split(".")[0] for n, _ in m.named_parameters()) == sorted(
+        ["layer1"] * 4 + ["layer2"] * 4 + ["layer3"] * 4 + ["head"] * 2
+    )
+
+
+def _manual_forward(m, x):
+    def block(b, v):
+        z = v @ b.linear.weight.T + b.linear.bias
+        z = (z - b.norm.running_mean) / torch.sqrt(b.norm.running_var + b.norm.eps) * b.norm.weight + b.norm.bias
+        return torch.clamp(z, min=0)
+
+    h1 = block(m.layer1, x)
+    h2 = block(m.layer2, h1) + h1
+    h3 = block(m.layer3, h2)
+    logits = h3 @ m.head.weight.T + m.head.bias
+    p = 1 / (1 + torch.exp(-logits))
+    return logits, p, p.mean(-1)
+
+
+def test_forward_matches_hand_computation_with_skip():
+    m = _cem(d=7, h=6)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        for b in (m.layer1, m.layer2, m.layer3):
+            b.norm.running_mean.copy_(torch.randn(6, generator=g))
+            b.norm.running_var.copy_(torch.rand(6, generator=g) + 0.5)
+    m.eval()
+    x = torch.randn(4, 7, generator=g)
+    out = m(x)
+    logits, p, conf = _manual_forward(m, x)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.field_confidence, p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.confidence, conf, rtol=1e-5, atol=1e-6)
+    assert out.field_confidence.shape == (4, 5) and out.confidence.shape == (4,)
+    # the skip is really there: without it the result differs
+    with torch.no_grad():
+        h1 = m.layer1(x)
+        no_skip = m.head(m.layer3(m.layer2(h1)))
+    assert not torch.allclose(no_skip, out.logits)
+
+
+def test_loss_is_bce_and_ignores_negative_labels():
+    m = _cem()
+    m.eval()
+    x = torch.randn(3, 7)
+    y = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.float)
+    out = m(x, labels=y)
+    p = out.field_confidence
+    manual = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(out.loss, manual, rtol=1e-5, atol=1e-6)
+    y2 = y.clone()
+    y2[0, :] = -100
+    out2 = m(x, labels=y2)
+    manual2 = -(y[1:] * torch.log(p[1:]) + (1 - y[1:]) * torch.log(1 - p[1:])).mean()
+    torch.testing.assert_close(out2.loss, manual2, rtol=1e-5, atol=1e-6)
+    assert m(x).loss is None
+
+
+def test_bad_input_and_config_errors():
+    m = _cem(d=7)
+    with pytest.raises(ValueError, match=r"\(batch, 7\)"):
+        m(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="expected 15"):
+        CemConfig(input_size=10, slm_hidden_size=3, feature_pooling="sed_tokens")
+    with pytest.raises(ValueError, match="feature_pooling"):
+        CemConfig(feature_pooling="max")
+    CemConfig(input_size=3, slm_hidden_size=3, feature_pooling="mean")  # consistent: fine
+
+
+def test_save_load_round_trip(tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    m = _cem(d=7, h=6, feature_pooling="mean")
+    m.train()
+    m(torch.randn(16, 7))  # move the BatchNorm running statistics away from their init
+    m.eval()
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "trustser_cem" and cfg["feature_pooling"] == "mean"
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "trustser_cem"
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, ConfidenceEstimationModel)
+    loaded.eval()
+    x = torch.randn(5, 7)
+    torch.testing.assert_close(loaded(x).field_confidence, m(x).field_confidence, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.layer2.norm.running_var, m.layer2.norm.running_var, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------- metrics
+def test_auc_on_hand_made_numbers():
+    # pairs (pos, neg): (0.35>0.1) (0.35<0.4) (0.8>0.1) (0.8>0.4) -> 3/4
+    assert binary_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert binary_auc([0.9, 0.2], [1, 0]) == 1.0
+    assert math.isnan(binary_auc([0.2, 0.3], [1, 1]))  # one class only
+
+
+def test_nce_on_hand_made_numbers():
+    s = np.array([0.9, 0.8, 0.3, 0.6])
+    y = np.array([1, 1, 0, 1])
+    pc = 0.75
+    h = -(pc * math.log(pc) + 0.25 * math.log(0.25))
+    hcp = -(math.log(0.9) + math.log(0.8) + math.log(0.7) + math.log(0.6)) / 4
+    assert normalized_cross_entropy(s, y) == pytest.approx((h - hcp) / h)
+    # the constant prior scores exactly 0; perfect confidences score ~1
+    assert normalized_cross_entropy(np.full(4, 0.75), y) == pytest.approx(0.0, abs=1e-12)
+    assert normalized_cross_entropy(y.astype(float), y) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ece_on_hand_made_numbers():
+    # bin (0.1,0.2]: scores 0.15, 0.15 with labels 0,1 -> acc 0.5, conf 0.15 -> gap 0.35 (weight 2/5)
+    # bin (0.8,0.9]: 0.85 x3 with labels 1,1,1 -> gap 0.15 (weight 3/5)
+    s = [0.15, 0.15, 0.85, 0.85, 0.85]
+    y = [0, 1, 1, 1, 1]
+    assert expected_calibration_error(s, y, n_bins=10) == pytest.approx(0.4 * 0.35 + 0.6 * 0.15)
+    b = calibration_bins(s, y, n_bins=10)
+    assert b["count"].tolist() == [0, 2, 0, 0, 0, 0, 0, 0, 3, 0]
+    assert expected_calibration_error([1.0, 0.0], [1, 0]) == pytest.approx(0.0)
+
+
+def test_cem_metrics_structure_and_utterance_level():
+    scores = np.array([[0.9] * 5, [0.8] * 5, [0.2] * 5, [0.3] * 5])
+    labels = np.array([[1] * 5, [1] * 5, [0, 1, 1, 1, 1], [1, 1, 0, 1, 1]])
+    m = cem_metrics(scores, labels)
+    assert set(SED_FIELDS) <= set(m) and m["n"] == 4
+    assert m["utterance"]["auc"] == 1.0 and m["utterance"]["all_correct_rate"] == 0.5
+    assert m["pitch"]["auc"] == pytest.approx(1.0) and m["pitch"]["accuracy"] == 0.75
+    assert math.isnan(m["gender"]["auc"])  # always right: undefined
+    with pytest.raises(ValueError):
+        cem_metrics(scores[:, :4], labels[:, :4])
+
+
+def test_reliability_diagram_png(tmp_path):
+    rng = np.random.default_rng(0)
+    s = rng.random((50, 5))
+    y = (rng.random((50, 5)) < s).astype(float)
+    path = reliability_diagram(s, y, tmp_path / "rel.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["rel.png"]  # no temporary files left
+
+
+# ---------------------------------------------------------------------------------- labels and balancing
+def test_correctness_labels():
+    pred = [{"pitch": "low", "volume": "High", "speed": None, "gender": "male", "age": "middle aged"}]
+    ref = [{"pitch": "low", "volume": "high", "speed": "slow", "gender": "female", "age": "middle-aged"}]
+    assert correctness_labels(pred, ref).tolist() == [[1, 1, 0, 0, 1]]
+    with pytest.raises(ValueError):
+        correctness_labels(pred, ref * 2)
+
+
+def _labels(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, 5)) < 0.8).astype(np.float32)
+
+
+def test_balanced_sample_per_utterance():
+    y = _labels()
+    good = np.all(y == 1, axis=1)
+    idx, yb = balanced_sample(y, mode="utterance", seed=3)
+    n = min(good.sum(), (~good).sum())
+    assert len(idx) == 2 * n and len(np.unique(idx)) == len(idx)
+    assert np.all(y[idx] == yb)
+    assert np.all(yb == 1, axis=1).sum() == n
+    idx2, _ = balanced_sample(y, mode="utterance", seed=3)
+    assert np.array_equal(idx, idx2)  # reproducible from the seed
+    idx3, _ = balanced_sample(y, mode="utterance", num_pairs=10, seed=3)
+    assert len(idx3) == 20
+    with pytest.raises(ValueError, match="cannot balance"):
+        balanced_sample(np.ones((10, 5)), mode="utterance")
+
+
+def test_balanced_sample_per_field():
+    y = _labels()
+    idx, yb = balanced_sample(y, mode="field", seed=1)
+    for j in range(5):
+        n = min((y[:, j] == 1).sum(), (y[:, j] == 0).sum())
+        assert (yb[:, j] == 1).sum() == n and (yb[:, j] == 0).sum() == n
+    chosen = yb >= 0
+    assert np.all(yb[chosen] == y[idx][chosen]) and chosen.any(axis=1).all()
+    with pytest.raises(ValueError, match="unknown balance"):
+        balanced_sample(y, mode="nope")
+
+
+# ---------------------------------------------------------------------------------- training
+def test_train_cem_learns_and_saves(tmp_path):
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    n, d = 1200, 12
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    w = rng.normal(size=(d, 5))
+    y = ((x @ w + 1.0 + 0.3 * rng.normal(size=(n, 5))) > 0).astype(np.float32)
+    model, report = train_cem(
+        x[:1000], y[:1000], eval_features=x[1000:], eval_labels=y[1000:], output_dir=tmp_path,
+        hidden_size=32, balance="field", num_train_epochs=15, batch_size=32, learning_rate=3e-3,
+    )
+    assert report["eval"]["mean_field_auc"] > 0.85
+    assert (tmp_path / "model.safetensors").is_file()
+    assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "cem_metrics.json").read_text())
+    assert saved["eval"]["mean_field_auc"] == pytest.approx(report["eval"]["mean_field_auc"])
+    loaded = ConfidenceEstimationModel.from_pretrained(tmp_path)
+    np.testing.assert_allclose(predict_cem(loaded, x[1000:]), predict_cem(model, x[1000:]), atol=1e-6)
+    # NaN feature rows give NaN scores, not errors
+    xx = x[1000:1003].copy()
+    xx[1] = np.nan
+    p = predict_cem(model, xx)
+    assert np.isnan(p[1]).all() and np.isfinite(p[[0, 2]]).all()
+
+
+# ---------------------------------------------------------------------------------- features from a tiny SLM
+@pytest.fixture(scope="module")
+def tiny_slm():
+    from trustser.models.ser_slm import build_tiny_ser_slm
+
+    texts = [f"the parcel number {i} arrived today" for i in range(6)]
+    slm, proc = build_tiny_ser_slm(texts, lm_hidden=32, encoder_dim=32, vocab_size=500, max_audio_seconds=3, seed=0)
+    return slm.eval(), proc
+
+
+@pytest.fixture(scope="module")
+def tiny_ds():
+    import datasets
+
+    rng = np.random.default_rng(0)
+    n = 5
+    return datasets.Dataset.from_dict({
+        "id": [f"u{i}" for i in range(n)],
+        "audio": [{"array": (0.1 * rng.normal(size=12000 + 1500 * i)).astype(np.float32), "sampling_rate": 16000} for i in range(n)],
+        "text": [f"the parcel number {i} arrived today" for i in range(n)],
+        "emotion": ["happy", "sad", "neutral", "angry", "happy"],
+        "pitch": ["low", "high", "normal", "low", "high"], "volume": ["high"] * n, "speed": ["fast"] * n,
+        "gender": ["male", "female", "male", "female", "male"], "age": ["young adult"] * n,
+        "pitch_auto": ["low", "", "high", "low", "normal"], "volume_auto": ["high"] * n, "speed_auto": ["slow"] * n,
+        "gender_auto": ["male"] * n, "age_auto": ["elderly"] * n,
+    }).cast_column("audio", datasets.Audio(sampling_rate=16000))
+
+
+def test_feature_extraction_shapes_and_positions(tiny_slm, tiny_ds):
+    from trustser.descriptors import build_caption, sed_from_row
+    from trustser.trainers.cem import extract_cem_features
+
+    slm, proc = tiny_slm
+    h = slm.config.text_config.hidden_size
+    f_sed = extract_cem_features(slm, proc, tiny_ds, sed_source="auto", pooling="sed_tokens", batch_size=2)
+    f_mean = extract_cem_features(slm, proc, tiny_ds, sed_source="auto", pooling="mean", batch_size=3)
+    assert f_sed.shape == (5, 5 * h) and f_mean.shape == (5, h)
+    # row 1 has a failed annotation (pitch_auto == ""): NaN row, the others finite
+    assert np.isnan(f_sed[1]).all() and np.isnan(f_mean[1]).all()
+    assert np.isfinite(np.delete(f_sed, 1, axis=0)).all()
+    # batch size does not change features
+    f1 = extract_cem_features(slm, proc, tiny_ds, sed_source="truth", batch_size=1)
+    f5 = extract_cem_features(slm, proc, tiny_ds, sed_source="truth", batch_size=5)
+    np.testing.assert_allclose(f1, f5, atol=1e-5)
+    # the gathered states are the last-layer states at the descriptor value tokens
+    row = tiny_ds[0]
+    cap = build_caption(row["text"], row["emotion"], sed_from_row(row, ""))
+    enc = proc(audio=[row["audio"]["array"]], captions=[cap])
+    idx = enc["sed_token_index"][0]
+    words = [proc.tokenizer.decode([int(enc["input_ids"][0, i])]).strip() for i in idx]
+    assert words == [row[f].split()[0] for f in SED_FIELDS]
+    with torch.no_grad():
+        out = slm(**{k: v for k, v in enc.items() if k not in ("labels", "sed_token_index", "emotion_token_mask")},
+                  output_hidden_states=True)
+    expected = out.hidden_states[-1][0, idx].reshape(-1).numpy()
+    np.testing.assert_allclose(f1[0], expected, atol=1e-5)
+    caption_mask = enc["labels"][0] != -100
+    f_mean_truth = extract_cem_features(slm, proc, tiny_ds.select([0]), sed_source="truth", pooling="mean")
+    np.testing.assert_allclose(f_mean_truth[0], out.hidden_states[-1][0, caption_mask].mean(0).numpy(), atol=1e-5)
+    # predicted descriptors: one dict per row, None = unparseable -> NaN
+    pred = [{f: tiny_ds[i][f] for f in SED_FIELDS} for i in range(5)]
+    pred[3]["age"] = None
+    f_pred = extract_cem_features(slm, proc, tiny_ds, sed_source="predicted", sed=pred)
+    np.testing.assert_allclose(np.delete(f_pred, 3, 0), np.delete(f1, 3, 0), atol=1e-5)
+    assert np.isnan(f_pred[3]).all()
+    with pytest.raises(ValueError, match="sed="):
+        extract_cem_features(slm, proc, tiny_ds, sed_source="predicted")
+    with pytest.raises(ValueError, match="annotate"):
+        extract_cem_features(slm, proc, tiny_ds.remove_columns("age_auto"), sed_source="auto")
+
+
+def test_prepare_cem_data_with_untrained_slm(tiny_slm, tiny_ds):
+    from trustser.trainers.cem import prepare_cem_data
+
+    slm, proc = tiny_slm
+    data = prepare_cem_data(slm, proc, tiny_ds, batch_size=5, max_new_tokens=12)
+    assert data["features"].shape == (5, 5 * slm.config.text_config.hidden_size)
+    assert data["labels"].shape == (5, 5) and len(data["captions"]) == 5
+    # an untrained SLM produces gibberish: every descriptor unparseable -> wrong, features NaN
+    assert data["unparseable"] == 5 and (data["labels"] == 0).all() and np.isnan(data["features"]).all()
