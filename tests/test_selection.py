@@ -157,3 +157,27 @@ def test_select_with_models_and_cli(models, annotated, tmp_path):
     assert main(["select", "--cem", str(root / "cem"), "--slm", str(root / "slm"), "--data", str(tmp_path / "nope"),
                  "--ratio", "0.5", "--out", str(tmp_path / "out3")]) == 1
     assert not (tmp_path / "out3").exists()
+
+
+@pytest.mark.slow
+def test_select_under_accelerate_launch_two_processes(models, annotated, tmp_path):
+    """Two CPU processes each score a shard; the gathered scores equal the single-process ones, in order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    slm, proc, cem, root = models
+    annotated.save_to_disk(str(tmp_path / "data"))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "trustser.cli", "select", "--cem", str(root / "cem"), "--slm", str(root / "slm"),
+           "--data", str(tmp_path / "data"), "--ratio", "1.0", "--out", str(tmp_path / "out"), "--batch-size", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = datasets.load_from_disk(str(tmp_path / "out"))
+    expected = score_confidence(cem, slm, proc, annotated)
+    keep = np.isfinite(expected)
+    assert out["id"] == [f"u{i}" for i in np.flatnonzero(keep)]
+    np.testing.assert_allclose(out["confidence"], expected[keep], atol=1e-5)

@@ -49,6 +49,10 @@ _EXPORTS: dict[str, str] = {
     "SedController": "trustser.models.sed_controller",
     "SEDRectifyConfig": "trustser.trainers.rectify_config",
     "SEDRectifyTrainer": "trustser.trainers.rectify",
+    # explained predictions and release
+    "ExplainableSerPipeline": "trustser.explain",
+    "explain_files": "trustser.explain",
+    "push_to_hub": "trustser.hub",
 }
 
 __all__ = sorted(_EXPORTS) + ["register_auto_classes", "__version__"]
@@ -64,6 +68,10 @@ def register_auto_classes() -> None:
         from .models import register_auto_classes as _register
 
         _register()
+        # the `explainable-ser` transformers pipeline task
+        from .explain import register_pipeline
+
+        register_pipeline()
 
 
 def __getattr__(name: str) -> Any:

@@ -34,7 +34,7 @@ _EMB = "_trustser_embedding"
 _TRAIT_COLS = ("_trustser_gender", "_trustser_age")
 
 __all__ = [
-    "annotate", "annotation_report", "fit_reference_classifiers", "AUTO_COLUMNS", "FEATURE_COLUMNS", "ERROR_COLUMN",
+    "annotate", "rebin", "annotation_report", "fit_reference_classifiers", "AUTO_COLUMNS", "FEATURE_COLUMNS", "ERROR_COLUMN",
     "UnifiedThresholds", "AdaptiveConfig", "OfflineClassifier", "HubAudioClassifier", "METHODS",
 ]
 
@@ -104,7 +104,7 @@ def _feature_batch(batch, *, audio_column: str, text_column: str | None, embed: 
                 elif counts[i] == 0:
                     err = "no_transcript"
                 if embed and not err:
-                    emb = acoustic_embedding(wav, TARGET_SR, f0).tolist()
+                    emb = acoustic_embedding(wav, TARGET_SR, f0, feats["rms_db"], feats["phonemes_per_second"]).tolist()
             else:
                 feats["duration"] = wav.shape[-1] / TARGET_SR
         except AudioError as exc:
@@ -378,6 +378,55 @@ def annotate(
         if n_err:
             logger.warning("split %s: %d of %d utterances not annotated (%s)", name, n_err, len(ds), annotation_report(res)["errors"])
         out[name] = res
+    return datasets.DatasetDict(out) if is_dict else out["_"]
+
+
+def rebin(
+    annotated,
+    method: str,
+    *,
+    reference_split: str = "reference",
+    calibrate: bool = False,
+    speaker_scope: str = "corpus",
+    unified_thresholds: UnifiedThresholds | None = None,
+    adaptive_config: AdaptiveConfig | None = None,
+    speaker_column: str = "speaker",
+):
+    """Re-derives ``pitch_auto``/``volume_auto``/``speed_auto`` of an already annotated Dataset or
+    DatasetDict with another binning, from its stored features (no audio is decoded again);
+    gender/age labels and errors are kept. Same population rules as ``annotate``."""
+    import datasets
+
+    if method not in METHODS:
+        raise ValueError(f"unknown annotation method {method!r}; choose one of {METHODS}")
+    is_dict = isinstance(annotated, datasets.DatasetDict)
+    splits = dict(annotated) if is_dict else {"_": annotated}
+    need = [*FEATURE_COLUMNS, ERROR_COLUMN, "gender_auto", "age_auto"]
+    for name, ds in splits.items():
+        missing = [c for c in need if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"split {name!r} is not annotated (missing {missing}); run annotate() first")
+    tables = {n: ds.select_columns(need).rename_columns({"gender_auto": "_trustser_gender", "age_auto": "_trustser_age"}) for n, ds in splits.items()}
+    if calibrate:
+        if not is_dict or reference_split not in splits:
+            raise ValueError(f"calibrate=True needs the annotated {reference_split!r} split in the DatasetDict")
+        cal_u, cal_a = _calibrate(method, splits[reference_split], splits[reference_split], speaker_column)
+        unified_thresholds = cal_u or unified_thresholds
+        adaptive_config = cal_a or adaptive_config
+    speakers = {n: ([str(x) for x in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds)) for n, ds in splits.items()}
+    names = list(splits)
+    kw = dict(unified_thresholds=unified_thresholds, adaptive_config=adaptive_config)
+    if method == "speaker_adaptive" and speaker_scope == "corpus":
+        words = dict(zip(names, _bin_tables([tables[n] for n in names], [speakers[n] for n in names], method, **kw)))
+    else:
+        words = {n: _bin_tables([tables[n]], [speakers[n]], method, **kw)[0] for n in names}
+    out = {}
+    for name, ds in splits.items():
+        cols = [f"{f}_auto" for f in ("pitch", "volume", "speed")]
+        res = ds.remove_columns(cols)
+        for f in ("pitch", "volume", "speed"):
+            res = res.add_column(f"{f}_auto", words[name][f])
+        out[name] = res.select_columns(ds.column_names)  # original column order
     return datasets.DatasetDict(out) if is_dict else out["_"]
 
 

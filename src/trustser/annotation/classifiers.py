@@ -29,7 +29,21 @@ from .binning import age_bucket
 
 DEFAULT_GENDER_MODEL = "alefiury/wav2vec2-large-xlsr-53-gender-recognition-librispeech"
 DEFAULT_AGE_MODEL = "audeering/wav2vec2-large-robust-24-ft-age-gender"
-EMBEDDING_VERSION = "mfcc20-meanstd+logf0-v1"
+EMBEDDING_VERSION = "mfcc20-meanstd+prosody6-v1"
+# Embedding column groups each offline classifier reads by default (features.EMBEDDING_GROUPS).
+# MFCC means are left out: they encode the recording channel, which differs between a reference
+# corpus and a target corpus; on the synthetic corpus (clean reference, band-limited target)
+# including them cost 15-30 points of age accuracy (docs/annotation.md).
+DEFAULT_FEATURE_GROUPS: dict[str, tuple[str, ...]] = {"gender": ("mfcc_std", "prosody"), "age": ("prosody",)}
+
+
+def group_columns(groups: Sequence[str]) -> list[int]:
+    from .features import EMBEDDING_GROUPS
+
+    unknown = [g for g in groups if g not in EMBEDDING_GROUPS]
+    if unknown:
+        raise ValueError(f"unknown embedding groups {unknown}; known: {list(EMBEDDING_GROUPS)}")
+    return [i for g in groups for i in range(*EMBEDDING_GROUPS[g])]
 
 _LABEL_ALIASES = {
     "gender": {"m": "male", "man": "male", "f": "female", "woman": "female"},
@@ -58,12 +72,15 @@ class OfflineClassifier:
     scale: np.ndarray
     coef: np.ndarray  # (n_classes, dim), or (1, dim) for two classes (sklearn's binary layout)
     intercept: np.ndarray
+    columns: list[int] | None = None  # embedding columns read (None = all)
     metadata: dict = field(default_factory=dict)
 
     needs_embedding = True
 
     @classmethod
-    def fit(cls, embeddings: np.ndarray, labels: Sequence[str], field: str, *, C: float = 1.0, seed: int = 0) -> "OfflineClassifier":
+    def fit(cls, embeddings: np.ndarray, labels: Sequence[str], field: str, *, groups: Sequence[str] | None = None, C: float = 0.1, seed: int = 0) -> "OfflineClassifier":
+        """``groups``: embedding column groups to use (default DEFAULT_FEATURE_GROUPS[field];
+        ``()`` = every column). Fails with ValueError on fewer than 2 labelled rows/classes."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
@@ -75,6 +92,10 @@ class OfflineClassifier:
         if keep.sum() < 2:
             raise ValueError(f"OfflineClassifier({field}): fewer than 2 labelled reference utterances")
         X, y = X[keep], [v for v, k in zip(y, keep) if k]
+        groups = DEFAULT_FEATURE_GROUPS[field] if groups is None else tuple(groups)
+        columns = group_columns(groups) if groups else None
+        if columns is not None:
+            X = X[:, columns]
         classes = sorted(set(y))
         if len(classes) < 2:
             raise ValueError(f"OfflineClassifier({field}): the reference labels hold one class only ({classes})")
@@ -88,11 +109,15 @@ class OfflineClassifier:
             scale=scaler.scale_.copy(),
             coef=lr.coef_.copy(),
             intercept=lr.intercept_.copy(),
-            metadata={"n_train": int(len(y)), "train_accuracy": train_acc, "C": C, "seed": seed, "embedding": EMBEDDING_VERSION},
+            columns=columns,
+            metadata={"n_train": int(len(y)), "train_accuracy": train_acc, "C": C, "seed": seed, "groups": list(groups), "embedding": EMBEDDING_VERSION},
         )
 
     def decision(self, embeddings: np.ndarray) -> np.ndarray:
-        X = (np.asarray(embeddings, dtype=np.float64) - self.mean) / self.scale
+        X = np.asarray(embeddings, dtype=np.float64)
+        if self.columns is not None:
+            X = X[:, self.columns]
+        X = (X - self.mean) / self.scale
         scores = X @ self.coef.T + self.intercept
         if self.coef.shape[0] == 1:  # binary: sklearn stores the positive class (classes[1]) only
             scores = np.concatenate([np.zeros_like(scores), scores], axis=1)
@@ -105,8 +130,9 @@ class OfflineClassifier:
 
     def predict(self, embeddings: np.ndarray) -> list[str]:
         X = np.asarray(embeddings, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != self.mean.shape[0]:
-            raise ValueError(f"OfflineClassifier({self.field}): embeddings of shape {X.shape}, expected (n, {self.mean.shape[0]})")
+        dim = (max(self.columns) + 1) if self.columns is not None else self.mean.shape[0]
+        if X.ndim != 2 or X.shape[1] < dim or (self.columns is None and X.shape[1] != dim):
+            raise ValueError(f"OfflineClassifier({self.field}): embeddings of shape {X.shape}, expected (n, {dim})")
         idx = self.decision(X).argmax(axis=1)
         return [self.classes[i] for i in idx]
 
@@ -119,6 +145,7 @@ class OfflineClassifier:
             "scale": self.scale.tolist(),
             "coef": self.coef.tolist(),
             "intercept": self.intercept.tolist(),
+            "columns": self.columns,
             "metadata": self.metadata,
         }
 
@@ -145,6 +172,7 @@ class OfflineClassifier:
             scale=np.asarray(d["scale"], dtype=np.float64),
             coef=np.asarray(d["coef"], dtype=np.float64),
             intercept=np.asarray(d["intercept"], dtype=np.float64),
+            columns=d.get("columns"),
             metadata=d.get("metadata", {}),
         )
 

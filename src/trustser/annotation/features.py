@@ -180,30 +180,39 @@ def extract_features(waveform: np.ndarray, sr: int, text: str, *, n_phonemes: in
 # ------------------------------------------------------------------------------------------
 N_MELS = 40
 N_MFCC = 20
-EMBEDDING_DIM = 2 * N_MFCC + 4
+# Named column groups of the embedding; classifiers pick groups (classifiers.DEFAULT_FEATURE_GROUPS).
+EMBEDDING_GROUPS: dict[str, tuple[int, int]] = {"mfcc_mean": (0, N_MFCC), "mfcc_std": (N_MFCC, 2 * N_MFCC), "prosody": (2 * N_MFCC, 2 * N_MFCC + 6)}
+EMBEDDING_DIM = 2 * N_MFCC + 6
 
 
 @functools.lru_cache(maxsize=4)
 def _mel_filters(sr: int, n_fft: int) -> np.ndarray:
     import torchaudio.functional as AF
 
-    return AF.melscale_fbanks(n_fft // 2 + 1, 40.0, sr / 2, N_MELS, sr, norm="slaney", mel_scale="slaney").numpy()
+    return AF.melscale_fbanks(n_fft // 2 + 1, 40.0, sr / 2, N_MELS, sr, norm="slaney", mel_scale="slaney").numpy().astype(np.float32)
 
 
-def acoustic_embedding(wav: np.ndarray, sr: int, f0: np.ndarray | None = None) -> np.ndarray:
-    """MFCC means and standard deviations over active frames plus log-F0 statistics and the
-    voiced fraction: a fixed-length vector that separates speaker gender and age groups."""
-    from scipy.fft import dct
+@functools.lru_cache(maxsize=4)
+def _window(n: int) -> np.ndarray:
+    return np.hanning(n).astype(np.float32)
+
+
+def acoustic_embedding(wav: np.ndarray, sr: int, f0: np.ndarray | None = None, rms_db: float = float("nan"), phonemes_per_second: float = float("nan")) -> np.ndarray:
+    """A fixed-length vector for the offline gender/age classifiers: MFCC means and standard
+    deviations over active frames (``mfcc_mean``, ``mfcc_std``) and ``prosody`` = log-F0 mean,
+    median and std, voiced fraction, level (dBFS) and log phoneme rate. MFCC means carry the
+    recording channel as much as the voice, so the default classifiers leave them out."""
+    from scipy.fft import dct, rfft
 
     wav = np.asarray(wav, dtype=np.float32)
     if f0 is None:
         f0 = pitch_track(wav, sr)
-    n_fft = 512 if sr <= 16000 else 1024
+    n_fft = 1 << int(np.ceil(np.log2(FRAME_SECONDS * sr)))
     hop = int(HOP_SECONDS * sr)
     if wav.size < n_fft:
         wav = np.pad(wav, (0, n_fft - wav.size))
-    frames = np.lib.stride_tricks.sliding_window_view(wav, n_fft)[::hop] * np.hanning(n_fft).astype(np.float32)
-    spec = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    frames = np.lib.stride_tricks.sliding_window_view(wav, n_fft)[::hop] * _window(n_fft)
+    spec = np.abs(rfft(frames, axis=1)) ** 2
     logmel = np.log(spec @ _mel_filters(sr, n_fft) + 1e-10)
     energy = logmel.max(axis=1)
     keep = energy > energy.max() - ACTIVITY_RANGE_DB * np.log(10) / 10
@@ -214,7 +223,9 @@ def acoustic_embedding(wav: np.ndarray, sr: int, f0: np.ndarray | None = None) -
         f0_stats = [float(np.mean(lf0)), float(np.median(lf0)), float(np.std(lf0)), f0.size / n_frames]
     else:
         f0_stats = [0.0, 0.0, 0.0, 0.0]
-    return np.concatenate([mfcc.mean(axis=0), mfcc.std(axis=0), np.asarray(f0_stats)]).astype(np.float32)
+    rate = float(np.log(phonemes_per_second)) if np.isfinite(phonemes_per_second) and phonemes_per_second > 0 else 0.0
+    level = float(rms_db) if np.isfinite(rms_db) else 0.0
+    return np.concatenate([mfcc.mean(axis=0), mfcc.std(axis=0), np.asarray(f0_stats + [level, rate])]).astype(np.float32)
 
 
 def to_float(values: Iterable) -> np.ndarray:

@@ -175,7 +175,7 @@ def _jsonable(obj):
     return str(obj)
 
 
-def _rows_from_records(records: list, make: Callable, stats_key: str = "") -> Iterable[dict]:
+def _rows_from_records(records: list, make: Callable) -> Iterable[dict]:
     for rec in records:
         row = make(rec)
         if row is not None:

@@ -104,16 +104,16 @@ EMOTION_PRIOR: dict[str, float] = {"neutral": 0.3, "happy": 0.25, "angry": 0.2, 
 # mean speaker-relative offset (pitch, volume, speed) of each emotion, in category units
 EMOTION_EFFECTS: dict[str, tuple[float, float, float]] = {
     "neutral": (0.0, 0.0, 0.0),
-    "happy": (0.9, 0.35, 0.3),
-    "angry": (0.35, 1.0, 0.75),
-    "sad": (-0.8, -0.8, -0.9),
+    "happy": (0.8, 0.3, 0.25),
+    "angry": (0.3, 0.9, 0.6),
+    "sad": (-0.7, -0.7, -0.8),
 }
-UTTERANCE_NOISE_SD = 0.5  # per-utterance spread around the emotion's mean (category units)
+UTTERANCE_NOISE_SD = 0.6  # per-utterance spread around the emotion's mean (category units)
 Z_CLIP = 2.0  # keeps espeak-ng's rate within 80-450 wpm and F0 within Praat's 60-600 Hz
 INDIVIDUAL_SD = 0.25  # a speaker's deviation from the group norm (category units) ...
 INDIVIDUAL_CLIP = 0.45  # ... never a whole category (width 1.0)
 # probability that the transcript carries the utterance's own emotional wording / another emotion's
-TEXT_OWN_EMOTION = 0.35
+TEXT_OWN_EMOTION = 0.45
 TEXT_OTHER_EMOTION = 0.04
 CHANNELS = {
     "clean": {"bandpass_hz": None, "noise_dbfs": None},
@@ -400,6 +400,9 @@ def make_plan(seed: int = 0, size: str = "default") -> tuple[list[Speaker], list
             z = np.clip(np.asarray(EMOTION_EFFECTS[emotion]) + rng.normal(0.0, UTTERANCE_NOISE_SD, 3), -Z_CLIP, Z_CLIP)
             z = tuple(round(float(v), 4) for v in z)
             text = _choose_text(rng, emotion)
+            rate = spk.rate_wpm * math.exp(z[2] * UNITS["speed_log_rate"])
+            if not 80 <= rate <= 450:  # espeak-ng's range: outside it the control would not be the truth
+                raise ValueError(f"speaking rate {rate:.0f} wpm outside espeak-ng's 80-450; check GROUP_NORMS/UNITS")
             utterances.append(
                 Utterance(
                     id=f"{split}-{i:05d}",
@@ -409,7 +412,7 @@ def make_plan(seed: int = 0, size: str = "default") -> tuple[list[Speaker], list
                     emotion=emotion,
                     z=z,
                     f0_hz=round(spk.f0_hz * 2 ** (z[0] * UNITS["pitch_semitones"] / 12), 2),
-                    rate_wpm=int(round(spk.rate_wpm * math.exp(z[2] * UNITS["speed_log_rate"]))),
+                    rate_wpm=int(round(rate)),
                     level_dbfs=round(spk.level_dbfs + z[1] * UNITS["volume_db"], 3),
                     channel=SPLIT_CHANNEL[split],
                     noise_seed=int(rng.integers(2**31)),

@@ -381,15 +381,10 @@ def predict_cem(cem, features, batch_size: int = 1024) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 # Features from the SER-SLM
 # ------------------------------------------------------------------------------------------
-def _audio_arrays(batch_audio) -> list[np.ndarray]:
-    out = []
-    for a in batch_audio:
-        if isinstance(a, Mapping) or hasattr(a, "__getitem__"):
-            arr = a["array"]
-        else:  # pragma: no cover - already an array
-            arr = a
-        out.append(np.asarray(arr, dtype=np.float32).reshape(-1))
-    return out
+def _audio_arrays(rows: Sequence[Mapping]) -> list[np.ndarray]:
+    from .sft import decode_audio
+
+    return [decode_audio(r["audio"], r.get("id", "?")) for r in rows]
 
 
 def _slm_device(slm):
@@ -427,6 +422,8 @@ def extract_cem_features(
     NaN row, so callers keep row alignment and can flag them.
     """
     from ..models.cem import CEM_POOLINGS
+    from ..utils import AudioError
+    from .sft import decode_audio
 
     if sed_source not in SED_SOURCES:
         raise ValueError(f"sed_source must be one of {SED_SOURCES}, got {sed_source!r}")
@@ -457,16 +454,21 @@ def extract_cem_features(
             seds = [dict(sed[i]) for i in pos]
         else:
             seds = [sed_from_row(r, "_auto" if sed_source == "auto" else "") for r in rows]
-        captions, keep = [], []
+        captions, keep, audio = [], [], []
         for j, (row, s) in enumerate(zip(rows, seds)):
             try:
-                captions.append(build_caption(row["text"], row["emotion"], s))
-                keep.append(j)
+                caption = build_caption(row["text"], row["emotion"], s)
+                wav = decode_audio(row["audio"], row.get("id", "?"))
+            except AudioError as exc:  # a corpus run continues: NaN row, logged
+                logger.warning("CEM features: %s", exc)
+                continue
             except ValueError:
-                continue  # invalid/missing descriptor: NaN row
+                continue  # invalid/missing descriptor (failed annotation, unparseable prediction): NaN row
+            captions.append(caption)
+            audio.append(wav)
+            keep.append(j)
         if not keep:
             continue
-        audio = _audio_arrays([rows[j]["audio"] for j in keep])
         enc = processor(audio=audio, captions=captions)
         model_inputs = {k: v.to(device) for k, v in enc.items() if k not in ("labels", "sed_token_index", "emotion_token_mask")}
         res = slm(**model_inputs, output_hidden_states=True, logits_to_keep=1, return_dict=True)
@@ -503,7 +505,7 @@ def generate_sed_predictions(slm, processor, dataset, *, batch_size: int = 16, m
     for start in range(0, len(order), batch_size):
         pos = order[start:start + batch_size]
         rows = _rows(dataset[pos])
-        enc = processor(audio=_audio_arrays([r["audio"] for r in rows]))
+        enc = processor(audio=_audio_arrays(rows))
         enc = {k: v.to(device) for k, v in enc.items()}
         gen = slm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)

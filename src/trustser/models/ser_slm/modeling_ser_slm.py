@@ -57,11 +57,11 @@ class SerSlmVIBBranch(nn.Module):
 
 
 class SerSlmProjector(nn.Module):
-    """Stacks ``frame_downsample`` consecutive latent frames and maps them to the LM's width."""
+    """Maps the concatenated VIB samples (one per ``frame_downsample`` encoder frames) to the LM's width."""
 
     def __init__(self, config: SerSlmConfig):
         super().__init__()
-        in_dim = (config.sed_vib_dim + config.semantic_vib_dim) * config.frame_downsample
+        in_dim = config.sed_vib_dim + config.semantic_vib_dim
         hidden = config.text_config.hidden_size
         self.linear_1 = nn.Linear(in_dim, hidden)
         self.act = ACT2FN[config.projector_hidden_act]
@@ -162,18 +162,25 @@ class SerSlmModel(SerSlmPreTrainedModel):
             if energy is None:
                 raise ValueError("this SER-SLM uses the energy stream (sed_energy_stream=True): pass energy= from the processor")
             extra = self._energy_features(energy.to(layers.device), frame_mask, frames)
-        z_sed, kl_sed = self.sed_vib(layers, extra)
-        z_sem, kl_sem = self.semantic_vib(layers)
-        fm = frame_mask.to(kl_sed.dtype)
-        kl = ((kl_sed + kl_sem) * fm).sum() / fm.sum().clamp(min=1.0)
-        z = torch.cat([z_sed, z_sem], dim=-1) * frame_mask[..., None]
+        # pool k consecutive frames first: the VIB MLPs then run at the (k times lower) token rate
         k = cfg.frame_downsample
         pad = (-frames) % k
         if pad:
-            z = F.pad(z, (0, 0, 0, pad))
+            layers = F.pad(layers, (0, 0, 0, pad))
             frame_mask = F.pad(frame_mask, (0, pad))
-        z = z.reshape(batch, (frames + pad) // k, k * z.shape[-1])
-        audio_mask = frame_mask.reshape(batch, -1, k).any(-1)
+            extra = F.pad(extra, (0, 0, 0, pad)) if extra is not None else None
+        n_tok = (frames + pad) // k
+        fm = frame_mask.reshape(batch, n_tok, k).to(layers.dtype)
+        cnt = fm.sum(-1, keepdim=True).clamp(min=1.0)
+        layers = (layers.reshape(layers.shape[0], batch, n_tok, k, -1) * fm[None, ..., None]).sum(-2) / cnt[None]
+        if extra is not None:
+            extra = (extra.reshape(batch, n_tok, k, -1) * fm[..., None]).sum(-2) / cnt
+        audio_mask = fm.sum(-1) > 0
+        z_sed, kl_sed = self.sed_vib(layers, extra)
+        z_sem, kl_sem = self.semantic_vib(layers)
+        am = audio_mask.to(kl_sed.dtype)
+        kl = ((kl_sed + kl_sem) * am).sum() / am.sum().clamp(min=1.0)
+        z = torch.cat([z_sed, z_sem], dim=-1) * audio_mask[..., None]
         audio_embeds = self.projector(z)
         return audio_embeds, audio_mask, kl
 

@@ -5,6 +5,7 @@ tokenizer that learns on 2 CPU cores. Any other encoder/LLM pair via ``build_ser
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 from typing import Iterable, Sequence
 
 import torch
@@ -26,12 +27,12 @@ LLM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|
 NEW_MODULES = ["sed_vib", "semantic_vib", "projector"]
 
 
-def _feature_extractor_for(audio_config, max_audio_seconds: float):
+def _feature_extractor_for(audio_config, max_audio_seconds: int, hop_length: int = 160):
     from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
     if getattr(audio_config, "num_mel_bins", None) is not None:
         return WhisperFeatureExtractor(
-            feature_size=audio_config.num_mel_bins, sampling_rate=16000, hop_length=160,
+            feature_size=audio_config.num_mel_bins, sampling_rate=16000, hop_length=hop_length,
             chunk_length=int(max_audio_seconds), n_fft=400, return_attention_mask=True,
         )
     return Wav2Vec2FeatureExtractor(
@@ -86,29 +87,33 @@ def build_tiny_ser_slm(
     texts: Iterable[str],
     *,
     emotion_labels: Sequence[str] = (),
-    max_audio_seconds: float = 8.0,
+    max_audio_seconds: int = 7,
+    mel_hop_ms: int = 20,
     encoder_dim: int = 128,
     encoder_layers: int = 2,
     num_mel_bins: int = 80,
     lm: str = "qwen2",
-    lm_hidden: int = 192,
+    lm_hidden: int = 128,
     lm_layers: int = 2,
-    vocab_size: int = 2000,
+    vocab_size: int = 1000,
     sed_energy_stream: bool = True,
-    frame_downsample: int = 4,
+    frame_downsample: int = 2,
     vib_beta: float = 1e-3,
     freeze_audio_tower: bool = False,
     seed: int = 0,
 ):
     """Random-init SER-SLM for CPU: a tiny Whisper-style log-mel encoder, a tiny Qwen2/Llama LM and a
-    tokenizer trained on ``texts``. The encoder trains (random init); the paper's freezes."""
+    tokenizer trained on ``texts``. The encoder trains (random init); the paper's freezes.
+    Log-mel at ``mel_hop_ms`` (20 ms: half Whisper's frame rate, half the encoder cost), the
+    encoder's stride 2 then gives 25 frames/s and ``frame_downsample=2`` 12.5 audio tokens/s."""
     from transformers import AutoConfig
 
     torch.manual_seed(seed)
     tok = train_caption_tokenizer(texts, vocab_size=vocab_size, emotion_labels=emotion_labels)
+    fe = _feature_extractor_for(SimpleNamespace(num_mel_bins=num_mel_bins), max_audio_seconds, hop_length=16 * mel_hop_ms)
     audio_config = AutoConfig.for_model(
         "voxtral_encoder", hidden_size=encoder_dim, intermediate_size=encoder_dim * 4, num_hidden_layers=encoder_layers,
-        num_attention_heads=4, num_mel_bins=num_mel_bins, max_source_positions=int(max_audio_seconds * 50),
+        num_attention_heads=4, num_mel_bins=num_mel_bins, max_source_positions=fe.nb_max_frames // 2,
     )
     heads = max(2, lm_hidden // 64)
     text_config = AutoConfig.for_model(
@@ -125,7 +130,7 @@ def build_tiny_ser_slm(
     model = SerSlmForConditionalGeneration(config)
     _set_generation_defaults(model, tok)
     processor = SerSlmProcessor(
-        _feature_extractor_for(audio_config, max_audio_seconds), tok, audio_token=AUDIO_TOKEN,
+        fe, tok, audio_token=AUDIO_TOKEN,
         audio_conv_layers=config.audio_conv_layers, frame_downsample=frame_downsample,
     )
     return model, processor
@@ -145,7 +150,6 @@ def build_ser_slm(
     audio_model: str,
     text_model: str,
     *,
-    max_audio_seconds: float = 30.0,
     dtype: torch.dtype | None = None,
     sed_vib_dim: int = 64,
     semantic_vib_dim: int = 128,

@@ -1,0 +1,28 @@
+"""``trustser push OUTPUT_DIR REPO_ID``: release a trained system on the Hugging Face Hub (or,
+with ``--export-dir``, write the repository's content locally without pushing)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", help="a trustser output directory (or its <system>-seed<seed> folder)")
+    parser.add_argument("repo_id", help="Hub repository, e.g. user/trustser-sys10-iemocap")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN / `hf auth login`)")
+    parser.add_argument("--license", default=None, help="license id for the cards (default: apache-2.0; llama3.1 for the paper preset)")
+    parser.add_argument("--export-dir", default=None, help="write the repository folder here instead of pushing")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from .hub import export_release, push_to_hub
+
+    if args.export_dir:
+        path = export_release(args.output_dir, args.export_dir, args.repo_id, license=args.license)
+        print(f"trustser push: repository content written to {path}")
+        return 0
+    out = push_to_hub(args.output_dir, args.repo_id, private=args.private, token=args.token, license=args.license)
+    print(json.dumps(out, indent=2))
+    return 0

@@ -1,0 +1,471 @@
+"""SEDRectifyTrainer: on-the-fly RL rectification of annotated descriptors (paper section 3.2).
+
+One optimizer step t of the SER-SLM, alternating with the SED Controller:
+  1. controller frozen: K rectification policies per utterance -> K rectified captions;
+  2. SLM update on the mean over the K of the caption LM loss (+ beta x VIB KL, once per utterance);
+  3. reward of each policy = -(emotion-token cross-entropy of the SLM), every other label masked,
+     group-normalised over the K (GRPO); with ``reward_timing="after_update"`` (the paper) it is
+     computed right after the SLM's optimizer step, with ``"reuse_forward"`` from the loss forward;
+  4. controller update with the clipped new/old ratio objective (+ optional entropy bonus).
+
+Speed: the speech encoder runs once per utterance (its embeddings are ``repeat_interleave``-d K
+times), the K*B rectified captions go through the LLM as one batch, logits are computed only from
+the first caption position on, and with ``reuse_forward`` the reward comes from the loss logits.
+
+Distributed: the controller is a plain fp32 module with its own Adam (never ``accelerator.prepare``-d,
+which DeepSpeed/FSDP refuse for a second model); its gradients are averaged over processes with
+``accelerator.reduce``. Checkpoints carry the controller (safetensors), its optimizer (tensors in
+safetensors + JSON) and each process' policy-sampling generator state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..descriptors import SED_FIELDS, SED_VOCAB, normalize_sed_value
+from ..models.sed_controller import (
+    SedController,
+    SedControllerConfig,
+    action_log_probs,
+    bernoulli_entropy,
+    clipped_policy_loss,
+    group_normalize,
+    ids_to_sed,
+    sample_policies,
+    sed_to_ids,
+)
+from ..utils import TARGET_SR, atomic_directory, atomic_write_json
+from .rectify_config import SEDRectifyConfig
+from .sft import SED_SOURCES, SerSlmDataCollator, SerSlmSFTTrainer, decode_audio
+
+CONTROLLER_DIR = "controller"
+CONTROLLER_OPTIMIZER = "controller_optimizer"
+
+
+# ------------------------------------------------------------------------------------------------
+# Collator
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SEDRectifyCollator(SerSlmDataCollator):
+    """SerSlmDataCollator output (annotated captions: prompt, audio features, label count) plus
+    what the controller and the caption rebuild need: ``rectify_waveforms``/``_lengths`` (raw
+    16 kHz audio for the controller's log-mel), ``rectify_sed_ids`` (B x 5 annotated value ids),
+    ``rectify_truth_ids`` (B x 5 ground truth, -1 where the corpus has none), ``rectify_text`` and
+    ``rectify_emotion`` (lists of strings)."""
+
+    sed_source: str = "auto"
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, Any]:
+        audio = [decode_audio(f[self.audio_column], f.get("id", "?")) for f in features]
+        batch = dict(self.processor(audio=audio, captions=self.captions(features), sampling_rate=TARGET_SR, with_sed=True))
+        suffix = SED_SOURCES[self.sed_source]
+        batch["rectify_sed_ids"] = sed_to_ids([{f: row.get(f + suffix) for f in SED_FIELDS} for row in features])
+        truth = torch.full((len(features), len(SED_FIELDS)), -1, dtype=torch.long)
+        for i, row in enumerate(features):
+            for j, f in enumerate(SED_FIELDS):
+                v = normalize_sed_value(f, row.get(f))
+                if v is not None:
+                    truth[i, j] = SED_VOCAB[f].index(v)
+        batch["rectify_truth_ids"] = truth
+        lengths = torch.tensor([a.size for a in audio], dtype=torch.long)
+        wav = torch.zeros(len(audio), int(lengths.max()), dtype=torch.float32)
+        for i, a in enumerate(audio):
+            wav[i, : a.size] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        batch["rectify_waveforms"] = wav
+        batch["rectify_waveform_lengths"] = lengths
+        batch["rectify_text"] = [row["text"] for row in features]
+        batch["rectify_emotion"] = [row["emotion"] for row in features]
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Rectified caption batch
+# ------------------------------------------------------------------------------------------------
+def rectified_caption_inputs(processor, input_ids, labels, captions: Sequence[str], repeats: int) -> dict[str, torch.Tensor]:
+    """Token inputs for ``captions`` (row ``b*repeats + j`` is utterance b's j-th policy), reusing
+    each utterance's prompt (audio placeholders + instruction) from the collated ``input_ids``/
+    ``labels`` instead of re-running the processor's feature extraction K times. Same layout as
+    SerSlmProcessor: prompt + caption + EOS, labels on caption and EOS, right padding, and
+    ``emotion_token_mask`` on the emotion word's tokens."""
+    tok = processor.tokenizer
+    has_label = labels != -100
+    if not bool(has_label.any(1).all()):
+        raise ValueError("a collated row has no caption labels; cannot rebuild its rectified captions")
+    starts = has_label.long().argmax(1).tolist()
+    ids_cpu = input_ids.detach().cpu()
+    enc = tok(list(captions), add_special_tokens=False, return_offsets_mapping=True)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    rows, label_rows, emo_rows = [], [], []
+    for i, cap in enumerate(captions):
+        b = i // repeats
+        prompt = ids_cpu[b, : starts[b]].tolist()
+        cap_ids = list(enc["input_ids"][i]) + eos
+        spans = processor.caption_spans(cap, with_sed=True)
+        emo = []
+        if "emotion" in spans:
+            s, e = spans["emotion"]
+            emo = [len(prompt) + j for j, (ts, te) in enumerate(enc["offset_mapping"][i]) if te > s and ts < e and te > ts]
+        rows.append(prompt + cap_ids)
+        label_rows.append([-100] * len(prompt) + cap_ids)
+        emo_rows.append(emo)
+    length = max(len(r) for r in rows)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    n = len(rows)
+    out_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    out_mask = torch.zeros((n, length), dtype=torch.long)
+    out_labels = torch.full((n, length), -100, dtype=torch.long)
+    out_emo = torch.zeros((n, length), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out_ids[i, : len(r)] = torch.tensor(r)
+        out_mask[i, : len(r)] = 1
+        out_labels[i, : len(r)] = torch.tensor(label_rows[i])
+        out_emo[i, emo_rows[i]] = True
+    dev = input_ids.device
+    return {
+        "input_ids": out_ids.to(dev),
+        "attention_mask": out_mask.to(dev),
+        "labels": out_labels.to(dev),
+        "emotion_token_mask": out_emo.to(dev),
+        "first_label": torch.tensor(min(starts)),
+    }
+
+
+def caption_token_nll(model, inputs: Mapping[str, torch.Tensor], audio_embeds: torch.Tensor):
+    """Per-token NLL (N, T') of the caption tokens, logits only from the first caption position on
+    (the audio prefix needs no LM head). Returns (nll, valid mask, emotion mask), aligned."""
+    ids = inputs["input_ids"]
+    length = ids.shape[1]
+    first = int(inputs["first_label"])
+    keep = length - first + 1  # logits at positions first-1 .. L-1
+    out = model(
+        input_ids=ids,
+        attention_mask=inputs["attention_mask"],
+        audio_embeds=audio_embeds,
+        use_cache=False,
+        logits_to_keep=keep,
+    )
+    logits = out.logits[:, :-1]
+    target = inputs["labels"][:, length - keep + 1 :]
+    nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
+    nll = nll.view(target.shape)
+    return nll, target != -100, inputs["emotion_token_mask"][:, length - keep + 1 :], out
+
+
+def emotion_cross_entropy(nll: torch.Tensor, emotion_mask: torch.Tensor) -> torch.Tensor:
+    """(N,) mean NLL over each row's emotion tokens (all other label tokens masked); NaN if none."""
+    m = emotion_mask.to(nll.dtype)
+    count = m.sum(1)
+    return torch.where(count > 0, (nll * m).sum(1) / count.clamp(min=1), torch.full_like(count, float("nan")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer / generator state without pickle
+# ------------------------------------------------------------------------------------------------
+def save_optimizer_state(optimizer: torch.optim.Optimizer, path_stem: str | os.PathLike) -> None:
+    """``<stem>.safetensors`` (every tensor of the state) + ``<stem>.json`` (param groups and
+    non-tensor state): a torch optimizer's state_dict without pickle."""
+    sd = optimizer.state_dict()
+    tensors, meta_state = {}, {}
+    for idx, st in sd["state"].items():
+        meta_state[str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+                meta_state[str(idx)][k] = {"tensor": True}
+            else:
+                meta_state[str(idx)][k] = {"value": v}
+    stem = str(path_stem)
+    tmp = f"{stem}.safetensors.tmp"
+    save_file(tensors, tmp)
+    os.replace(tmp, f"{stem}.safetensors")
+    atomic_write_json(f"{stem}.json", {"state": meta_state, "param_groups": sd["param_groups"]})
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path_stem: str | os.PathLike) -> None:
+    stem = str(path_stem)
+    for suffix in (".safetensors", ".json"):
+        if not os.path.exists(stem + suffix):
+            raise FileNotFoundError(f"{stem + suffix}: controller optimizer state missing from the checkpoint")
+    tensors = load_file(f"{stem}.safetensors")
+    with open(f"{stem}.json", encoding="utf-8") as fh:
+        meta = json.load(fh)
+    state = {}
+    for idx, entries in meta["state"].items():
+        state[int(idx)] = {
+            k: (tensors[f"state.{idx}.{k}"] if e.get("tensor") else e["value"]) for k, e in entries.items()
+        }
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class _StepEndFlush(TrainerCallback):
+    """Runs the controller's reward + update phase right after each SLM optimizer step."""
+
+    def __init__(self, trainer: "SEDRectifyTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.controller_step()
+        return control
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------
+class SEDRectifyTrainer(SerSlmSFTTrainer):
+    """SerSlmSFTTrainer whose captions are rectified on the fly by an RL-trained SED Controller.
+
+    ``controller``: a SedController (default: loaded from ``args.controller_name_or_path`` or
+    built from the ``controller_*`` fields). Logged (``self._metrics``): ``rectify/modify_rate_<field>``,
+    ``rectify/label_accuracy`` (+ per field) and ``rectify/annotation_accuracy`` when the rows have
+    ground truth, ``reward/mean``, ``reward/std``, ``controller/loss``, ``controller/entropy``,
+    ``controller/clip_fraction``."""
+
+    def __init__(self, model, args: SEDRectifyConfig | None = None, data_collator=None, processing_class=None, controller: SedController | None = None, **kwargs):
+        if args is None:
+            args = SEDRectifyConfig(output_dir="sed_rectify")
+        if not isinstance(args, SEDRectifyConfig):
+            raise TypeError(f"SEDRectifyTrainer needs a SEDRectifyConfig, got {type(args).__name__}")
+        if processing_class is None:
+            raise ValueError("SEDRectifyTrainer needs processing_class=SerSlmProcessor")
+        if data_collator is None:
+            data_collator = SEDRectifyCollator(processing_class, sed_source=args.sed_source)
+        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        if controller is None:
+            if args.controller_name_or_path:
+                controller = SedController.from_pretrained(args.controller_name_or_path)
+            else:
+                torch.manual_seed(args.seed)
+                controller = SedController(
+                    SedControllerConfig(
+                        hidden_size=args.controller_hidden_size,
+                        embedding_size=args.controller_embedding_size,
+                        n_mels=args.controller_n_mels,
+                        frame_stride=args.controller_frame_stride,
+                        modify_strategy=args.controller_modify_strategy,
+                        initial_retain_bias=args.controller_initial_retain_bias,
+                    )
+                )
+        self.controller = controller.to(device=self.accelerator.device, dtype=torch.float32)
+        self.controller.train()
+        self.controller_optimizer = torch.optim.Adam(self.controller.parameters(), lr=args.controller_learning_rate)
+        gen_device = self.accelerator.device if self.accelerator.device.type == "cuda" else "cpu"
+        self.policy_generator = torch.Generator(device=gen_device)
+        self.policy_generator.manual_seed(int(args.seed) * 1000003 + self.accelerator.process_index)
+        self._pending: list[dict[str, Any]] = []
+        self.add_callback(_StepEndFlush(self))
+
+    # ---------------------------------------------------------------------------- helpers
+    def _warming_up(self) -> bool:
+        return self.state.global_step < self.args.controller_warmup_steps
+
+    def _log_mean(self, key: str, value: torch.Tensor, mode: str = "train") -> None:
+        value = value.detach().float().reshape(1).to(self.accelerator.device)
+        self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).nanmean().item())
+
+    def _sample(self, inputs: Mapping[str, Any], k: int, force_retain: bool):
+        """Controller frozen: log-mel once, logits, K policies and their captions."""
+        with torch.no_grad():
+            feats, fmask = self.controller.log_mel(inputs["rectify_waveforms"], inputs["rectify_waveform_lengths"])
+            logits = self.controller(inputs["rectify_sed_ids"], input_features=feats, feature_attention_mask=fmask).logits
+        sample = sample_policies(
+            logits, inputs["rectify_sed_ids"], k, generator=self.policy_generator,
+            strategy=self.controller.config.modify_strategy, force_retain=force_retain,
+        )
+        seds = ids_to_sed(sample.rectified_ids.reshape(-1, len(SED_FIELDS)))
+        rows = [
+            {"text": inputs["rectify_text"][i // k], "emotion": inputs["rectify_emotion"][i // k], **sed}
+            for i, sed in enumerate(seds)
+        ]
+        captions = self.processing_class.build_captions(rows, with_sed=True)
+        return sample, captions, feats, fmask
+
+    def _audio(self, model, inputs):
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped.get_audio_features(
+            inputs["input_features"], inputs.get("feature_attention_mask"), inputs.get("energy")
+        )
+
+    # ---------------------------------------------------------------------------- SLM step
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.model.training or "rectify_sed_ids" not in inputs:
+            # evaluation: the plain caption loss on the collated (annotated) captions
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        args = self.args
+        warm = self._warming_up()
+        k = 1 if warm else args.num_policies  # always-retain policies are identical: one is enough
+        sample, captions, feats, fmask = self._sample(inputs, k, force_retain=warm)
+        rect = rectified_caption_inputs(self.processing_class, inputs["input_ids"], inputs["labels"], captions, k)
+
+        audio_embeds, _, kl = self._audio(model, inputs)
+        nll, valid, emo_mask, outputs = caption_token_nll(model, rect, audio_embeds.repeat_interleave(k, dim=0))
+        n_tokens = valid.sum()
+        denom = num_items_in_batch * k if num_items_in_batch is not None else n_tokens
+        lm_loss = nll.sum() / torch.as_tensor(denom, device=nll.device).clamp(min=1)  # mean over the K policies
+        loss = lm_loss
+        if kl is not None:
+            steps = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps) if num_items_in_batch is not None else 1
+            loss = lm_loss + self._unwrapped_config().vib_beta * kl / steps
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+
+        with torch.no_grad():
+            b = inputs["input_ids"].shape[0]
+            emo_ce = emotion_cross_entropy(nll.detach(), emo_mask)
+            if not warm:
+                record = {
+                    "feats": feats, "fmask": fmask, "sed_ids": inputs["rectify_sed_ids"],
+                    "actions": sample.actions, "old_log_probs": sample.log_probs, "rewards": None,
+                }
+                if args.reward_timing == "reuse_forward":
+                    record["rewards"] = -emo_ce.view(b, k)
+                else:  # recomputed after the optimizer step: keep what the forward needs
+                    record["slm_inputs"] = {
+                        key: inputs[key] for key in ("input_features", "feature_attention_mask", "energy") if inputs.get(key) is not None
+                    }
+                    record["rect"] = rect
+                self._pending.append(record)
+            self._log_metrics(inputs, sample, nll, valid, emo_ce, kl)
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_metrics(self, inputs, sample, nll, valid, emo_ce, kl):
+        self._log_mean("lm_loss", nll.sum() / valid.sum().clamp(min=1))
+        if kl is not None:
+            self._log_mean("kl_loss", kl)
+        self._log_mean("emotion_ce", torch.nanmean(emo_ce))
+        rates = sample.actions.float().mean(dim=(0, 1))
+        for j, f in enumerate(SED_FIELDS):
+            self._log_mean(f"rectify/modify_rate_{f}", rates[j])
+        truth = inputs["rectify_truth_ids"]
+        known = truth >= 0
+        if bool(known.any()):
+            k = sample.rectified_ids.shape[1]
+            hit = (sample.rectified_ids == truth[:, None, :]) & known[:, None, :]
+            self._log_mean("rectify/label_accuracy", hit.sum() / (known.sum() * k))
+            ann = (inputs["rectify_sed_ids"] == truth) & known
+            self._log_mean("rectify/annotation_accuracy", ann.sum() / known.sum())
+            for j, f in enumerate(SED_FIELDS):
+                if bool(known[:, j].any()):
+                    self._log_mean(f"rectify/label_accuracy_{f}", hit[..., j].sum() / (known[:, j].sum() * k))
+        self._total_train_tokens += int(self.accelerator.gather_for_metrics(valid.sum().reshape(1)).sum().item())
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    # ---------------------------------------------------------------------------- controller step
+    @torch.no_grad()
+    def _rewards_after_update(self, record) -> torch.Tensor:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            audio_embeds, _, _ = self._audio(model, record["slm_inputs"])
+            k = record["actions"].shape[1]
+            nll, _, emo_mask, _ = caption_token_nll(model, record["rect"], audio_embeds.repeat_interleave(k, dim=0))
+            return -emotion_cross_entropy(nll, emo_mask).view(-1, k)
+        finally:
+            model.train(was_training)
+
+    def controller_step(self) -> None:
+        """Rewards of the pending policies (after the SLM update, or reused), group
+        normalisation, and ``controller_updates_per_step`` clipped-objective updates."""
+        records, self._pending = self._pending, []
+        if not records:
+            return
+        args = self.args
+        for r in records:
+            if r["rewards"] is None:
+                r["rewards"] = self._rewards_after_update(r)
+            r["advantages"] = group_normalize(r["rewards"])
+        rewards = torch.cat([r["rewards"].flatten() for r in records])
+        self._log_mean("reward/mean", torch.nanmean(rewards))
+        # spread the controller can learn from: the within-group (K policies) standard deviation
+        from trl.trainer.utils import nanstd
+
+        self._log_mean("reward/std", torch.cat([nanstd(r["rewards"], dim=-1) for r in records]).nanmean())
+        params = [p for p in self.controller.parameters() if p.requires_grad]
+        losses, entropies, clips = [], [], []
+        for _ in range(args.controller_updates_per_step):
+            self.controller_optimizer.zero_grad(set_to_none=False)
+            with torch.enable_grad():
+                for r in records:
+                    logits = self.controller(r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"]).logits
+                    new = action_log_probs(logits, r["actions"])
+                    pg, clip = clipped_policy_loss(new, r["old_log_probs"], r["advantages"], args.controller_clip_epsilon)
+                    ent = bernoulli_entropy(logits).mean()
+                    loss = (pg - args.controller_entropy_coef * ent) / len(records)
+                    loss.backward()
+                    losses.append(pg.detach())
+                    entropies.append(ent.detach())
+                    clips.append(clip)
+            if self.accelerator.num_processes > 1:
+                for p in params:
+                    p.grad = self.accelerator.reduce(p.grad.contiguous(), reduction="mean")
+            if args.controller_max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, args.controller_max_grad_norm)
+            self.controller_optimizer.step()
+        self._log_mean("controller/loss", torch.stack(losses).mean())
+        self._log_mean("controller/entropy", torch.stack(entropies).mean())
+        self._log_mean("controller/clip_fraction", torch.stack(clips).mean())
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial):
+        self.controller_step()  # nothing pending survives into a checkpoint
+        super()._save_checkpoint(model, trial)
+        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.save_controller(output_dir)
+
+    def save_controller(self, output_dir: str | os.PathLike) -> None:
+        """Controller weights (``controller/``, safetensors), its Adam state and this process'
+        policy-sampling generator state."""
+        os.makedirs(output_dir, exist_ok=True)
+        if self.args.should_save:
+            with atomic_directory(os.path.join(output_dir, CONTROLLER_DIR)) as tmp:
+                self.controller.save_pretrained(tmp)
+            save_optimizer_state(self.controller_optimizer, os.path.join(output_dir, CONTROLLER_OPTIMIZER))
+        rank = self.accelerator.process_index
+        path = os.path.join(output_dir, f"controller_rng_{rank}.safetensors")
+        save_file({"policy_generator": self.policy_generator.get_state()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def load_controller(self, checkpoint: str | os.PathLike) -> None:
+        weights = os.path.join(checkpoint, CONTROLLER_DIR, "model.safetensors")
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"{weights}: the checkpoint has no SED Controller (not a SEDRectifyTrainer checkpoint?)")
+        state = load_file(weights, device=str(self.accelerator.device))
+        self.controller.load_state_dict(state)
+        load_optimizer_state(self.controller_optimizer, os.path.join(checkpoint, CONTROLLER_OPTIMIZER))
+        rng = os.path.join(checkpoint, f"controller_rng_{self.accelerator.process_index}.safetensors")
+        if os.path.exists(rng):
+            self.policy_generator.set_state(load_file(rng)["policy_generator"])
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.load_controller(checkpoint)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """The SER-SLM as usual, plus the final controller in ``<output_dir>/controller``."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if not _internal_call and self.args.should_save:
+            out = output_dir or self.args.output_dir
+            with atomic_directory(os.path.join(out, CONTROLLER_DIR)) as tmp:
+                self.controller.save_pretrained(tmp)
+
+
+__all__ = [
+    "SEDRectifyTrainer",
+    "SEDRectifyCollator",
+    "rectified_caption_inputs",
+    "caption_token_nll",
+    "emotion_cross_entropy",
+    "save_optimizer_state",
+    "load_optimizer_state",
+]

@@ -1,0 +1,17 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory):
+    """Path to a small synthetic corpus (seed 0), generated once per test session (~5-10 s)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    from trustser.data.synthetic import synthesize_corpus
+
+    return synthesize_corpus(tmp_path_factory.mktemp("synthetic") / "small", seed=0, size="small", num_proc=2)

@@ -1,0 +1,299 @@
+"""The synthetic SED-grounded corpus: determinism, cache, layout, ground truth, loaders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+from trustser.data import synthetic as S  # noqa: E402
+from trustser.descriptors import EMOTION_LABELS, SED_VOCAB  # noqa: E402
+
+
+def _rows(root: Path, split: str) -> list[dict]:
+    with (root / split / "metadata.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------
+# generation: determinism, cache, atomicity
+# ------------------------------------------------------------------------------------------
+def test_two_generations_are_byte_identical(synthetic_small, tmp_path):
+    again = S.synthesize_corpus(tmp_path / "again", seed=0, size="small", num_proc=2)
+    a, b = _tree(synthetic_small), _tree(again)
+    assert sorted(a) == sorted(b)
+    assert len([k for k in a if k.endswith(".wav")]) == sum(S.SIZES["small"].values())
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_output_does_not_depend_on_num_proc(synthetic_small, tmp_path):
+    _, utts = S.make_plan(0, "small")
+    S._ESPEAK = None
+    with __import__("tempfile").TemporaryDirectory() as scratch:
+        data = S._make_data_dir(Path(scratch))
+        work = Path(scratch)
+        for u in [utts[0], utts[-1]]:  # one clean-channel and one target-channel utterance
+            out = tmp_path / f"{u.id}.wav"
+            S._render_job((u, str(data), str(work), str(out)))
+            assert out.read_bytes() == (synthetic_small / u.split / "wav" / f"{u.id}.wav").read_bytes()
+
+
+def test_other_seed_gives_other_plan():
+    _, a = S.make_plan(0, "small")
+    _, b = S.make_plan(1, "small")
+    _, a2 = S.make_plan(0, "small")
+    assert [(u.text, u.emotion, u.z) for u in a] == [(u.text, u.emotion, u.z) for u in a2]
+    assert [(u.text, u.emotion, u.z) for u in a] != [(u.text, u.emotion, u.z) for u in b]
+
+
+def test_second_call_is_a_noop(synthetic_small):
+    before = {p: p.stat().st_mtime_ns for p in synthetic_small.rglob("*")}
+    t0 = time.time()
+    assert S.synthesize_corpus(synthetic_small, seed=0, size="small") == synthetic_small
+    assert time.time() - t0 < 2.0
+    assert {p: p.stat().st_mtime_ns for p in synthetic_small.rglob("*")} == before
+
+
+def test_manifest_records_settings_and_detects_tampering(synthetic_small, tmp_path):
+    manifest = json.loads((synthetic_small / "manifest.json").read_text())
+    st = manifest["settings"]
+    assert st["version"] == S.GENERATOR_VERSION and st["seed"] == 0 and st["size"] == "small"
+    assert st["espeak_ng"] == S.espeak_version()
+    assert st == json.loads(json.dumps(S.settings(0, "small")))
+    assert S._is_current(synthetic_small, st)
+    assert not S._is_current(synthetic_small, json.loads(json.dumps(S.settings(1, "small"))))
+    # a corpus whose metadata no longer matches its manifest is not taken for finished
+    copy = tmp_path / "copy"
+    for split in S.SPLITS:
+        (copy / split).mkdir(parents=True)
+        shutil.copy(synthetic_small / split / "metadata.csv", copy / split / "metadata.csv")
+    shutil.copy(synthetic_small / "manifest.json", copy / "manifest.json")
+    assert S._is_current(copy, st)
+    with (copy / "dev" / "metadata.csv").open("a") as fh:
+        fh.write("x\n")
+    assert not S._is_current(copy, st)
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a trustser synthetic corpus"):
+        S.synthesize_corpus(tmp_path / "mine", size="small")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupted_generation_leaves_nothing_finished(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = S.render_utterance
+
+    def failing(u, data_dir, work_dir):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(u, data_dir, work_dir)
+
+    monkeypatch.setattr(S, "render_utterance", failing)
+    with pytest.raises(KeyboardInterrupt):
+        S.synthesize_corpus(tmp_path / "corpus", size="small", num_proc=1)
+    assert not (tmp_path / "corpus").exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_unknown_size_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown synthetic corpus size"):
+        S.synthesize_corpus(tmp_path / "x", size="huge")
+
+
+# ------------------------------------------------------------------------------------------
+# content: schema, vocabulary, speakers, ground truth
+# ------------------------------------------------------------------------------------------
+def test_layout_columns_and_vocab(synthetic_small):
+    ids = set()
+    for split in S.SPLITS:
+        rows = _rows(synthetic_small, split)
+        assert len(rows) == S.SIZES["small"][split]
+        assert list(rows[0]) == ["file_name", *S.LABEL_COLUMNS, *S.OFFSET_COLUMNS]
+        for r in rows:
+            assert (synthetic_small / split / r["file_name"]).is_file()
+            assert r["emotion"] in EMOTION_LABELS["synthetic"]
+            for f in ("pitch", "volume", "speed", "gender", "age"):
+                assert r[f] in SED_VOCAB[f], (f, r[f])
+            for f in ("pitch", "volume", "speed"):  # the label is the category of the recorded offset
+                assert r[f] == S.sed_category(f, float(r[f + "_z"]))
+            assert r["text"] and r["id"] not in ids
+            ids.add(r["id"])
+
+
+def test_speakers_groups_and_split_roles(synthetic_small):
+    spk = {s: {r["speaker"] for r in _rows(synthetic_small, s)} for s in S.SPLITS}
+    assert not spk["test"] & (spk["reference"] | spk["train"] | spk["dev"])
+    assert not spk["reference"] & (spk["train"] | spk["dev"])
+    assert spk["dev"] <= spk["train"]
+    assert len(set().union(*spk.values())) >= 8
+    for split in S.SPLITS:
+        rows = _rows(synthetic_small, split)
+        assert {r["gender"] for r in rows} == {"male", "female"}
+        assert len({r["age"] for r in rows}) >= 3
+        # a speaker always has the same gender and age
+        assert len({(r["speaker"], r["gender"], r["age"]) for r in rows}) == len({r["speaker"] for r in rows})
+
+
+def test_default_size_plan_has_enough_speakers():
+    speakers, utts = S.make_plan(0, "default")
+    assert len(speakers) >= 24
+    assert Counter(u.split for u in utts) == Counter(S.SIZES["default"])
+    # distinct voices: no two speakers share a variant definition
+    voices = {(s.f0_hz, s.rate_wpm, s.level_dbfs, s.formants) for s in speakers}
+    assert len(voices) == len(speakers)
+    # individual deviation from the group norm stays below one category's width
+    assert max(abs(d) for s in speakers for d in s.deviation) <= S.INDIVIDUAL_CLIP < 1.0
+
+
+def test_emotions_shape_descriptors_and_words_probabilistically():
+    _, utts = S.make_plan(0, "default")
+    by = {e: [u for u in utts if u.emotion == e] for e in S.EMOTION_PRIOR}
+    mean_z = {e: np.mean([u.z for u in us], axis=0) for e, us in by.items()}
+    assert mean_z["angry"][1] > mean_z["neutral"][1] + 0.5 and mean_z["angry"][2] > 0.3
+    assert (mean_z["sad"] < -0.4).all()
+    assert mean_z["happy"][0] > 0.5
+    # probabilistic: every emotion shows every pitch category
+    for e, us in by.items():
+        assert {u.labels["pitch"] for u in us} == {"low", "normal", "high"}, e
+    emotional = {p for ps in S.EMOTIONAL_PHRASES.values() for p in ps}
+    worded = [any(u.text.lower().startswith(p.lower()) for p in emotional) for u in utts]
+    assert 0.2 < np.mean(worded) < 0.5  # a minority carries emotional words
+
+
+def test_espeak_variant_keeps_pitch_away_from_zero():
+    _, utts = S.make_plan(0, "default")
+    f0 = np.array([u.f0_hz for u in utts])
+    assert f0.min() > 70 and f0.max() < 450
+    rates = np.array([u.rate_wpm for u in utts])
+    assert rates.min() >= 80 and rates.max() <= 450
+
+
+# ------------------------------------------------------------------------------------------
+# the audio follows the controls
+# ------------------------------------------------------------------------------------------
+def _audio(root: Path, split: str, row: dict) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    return sf.read(str(root / split / row["file_name"]), dtype="float32")
+
+
+def test_audio_is_16k_mono_unclipped_and_emotion_moves_energy(synthetic_small):
+    rows = _rows(synthetic_small, "reference")
+    rms = {"angry": [], "sad": []}
+    durations = []
+    for r in rows:
+        x, sr = _audio(synthetic_small, "reference", r)
+        assert sr == 16000 and x.ndim == 1 and np.abs(x).max() < 0.999
+        durations.append(len(x) / sr)
+        if r["emotion"] in rms:
+            rms[r["emotion"]].append(20 * np.log10(np.sqrt(np.mean(x**2))))
+    assert np.mean(rms["angry"]) > np.mean(rms["sad"]) + 2.0
+    assert 1.5 < np.median(durations) < 3.5
+
+
+def test_measured_f0_follows_the_pitch_label_within_speakers(synthetic_small):
+    import parselmouth
+
+    rows = _rows(synthetic_small, "train")
+    diffs = []
+    for spk in sorted({r["speaker"] for r in rows}):
+        f0 = {"low": [], "high": []}
+        for r in rows:
+            if r["speaker"] == spk and r["pitch"] in f0:
+                x, sr = _audio(synthetic_small, "train", r)
+                p = parselmouth.Sound(x.astype(np.float64), sr).to_pitch_ac(pitch_floor=60, pitch_ceiling=600)
+                v = p.selected_array["frequency"]
+                f0[r["pitch"]].append(np.mean(v[v > 0]))
+        if f0["low"] and f0["high"]:
+            diffs.append(12 * np.log2(np.mean(f0["high"]) / np.mean(f0["low"])))
+    assert len(diffs) >= 4 and min(diffs) > 2.0  # semitones
+
+
+def test_target_channel_is_band_limited(synthetic_small):
+    def hf_share(split):
+        out = []
+        for r in _rows(synthetic_small, split)[:15]:
+            x, sr = _audio(synthetic_small, split, r)
+            spec = np.abs(np.fft.rfft(x)) ** 2
+            freqs = np.fft.rfftfreq(len(x), 1 / sr)
+            out.append(spec[freqs > 5000].sum() / spec.sum())
+        return np.median(out)
+
+    assert hf_share("test") < 0.1 * hf_share("reference")
+
+
+# ------------------------------------------------------------------------------------------
+# loaders
+# ------------------------------------------------------------------------------------------
+def test_load_synthetic(synthetic_small):
+    import datasets
+
+    dd = S.load_synthetic(synthetic_small)
+    assert list(dd) == list(S.SPLITS)
+    assert isinstance(dd["train"].features["audio"], datasets.Audio)
+    assert dd["train"].features["audio"].sampling_rate == 16000
+    for c in ("id", "text", "emotion", "speaker", "gender", "age", "pitch", "volume", "speed"):
+        assert dd["dev"].features[c].dtype == "string"
+    rows = _rows(synthetic_small, "dev")
+    assert dd["dev"]["id"] == [r["id"] for r in rows]
+    assert dd["dev"]["pitch"] == [r["pitch"] for r in rows]
+    ex = dd["dev"][0]
+    assert ex["audio"]["sampling_rate"] == 16000
+    assert np.asarray(ex["audio"]["array"]).ndim == 1 and len(ex["audio"]["array"]) > 16000
+    only = S.load_synthetic(synthetic_small, splits=["test"])
+    assert list(only) == ["test"]
+    with pytest.raises(ValueError, match="unknown synthetic split"):
+        S.load_synthetic(synthetic_small, splits=["validation"])
+
+
+def test_loads_with_audiofolder(synthetic_small, tmp_path):
+    import datasets
+
+    # the whole corpus: audiofolder maps train/dev/test to train/validation/test ...
+    dd = datasets.load_dataset("audiofolder", data_dir=str(synthetic_small), cache_dir=str(tmp_path / "hf"))
+    assert {k: len(v) for k, v in dd.items()} == {
+        "train": S.SIZES["small"]["train"], "validation": S.SIZES["small"]["dev"], "test": S.SIZES["small"]["test"]}
+    # ... and one split directory at a time (the reference split included)
+    ref = datasets.load_dataset("audiofolder", data_dir=str(synthetic_small / "reference"), cache_dir=str(tmp_path / "hf"))
+    (ds,) = ref.values()
+    assert len(ds) == S.SIZES["small"]["reference"]
+    cols = {"audio", "id", "emotion", "pitch", "volume", "speed", "gender", "age", "speaker", "text"}
+    assert cols <= set(ds.column_names) and cols <= set(dd["test"].column_names)
+    ex = ds[0]
+    assert ex["audio"]["sampling_rate"] == 16000
+    assert ex["id"] == _rows(synthetic_small, "reference")[0]["id"]
+    assert ex["emotion"] in EMOTION_LABELS["synthetic"]
+
+
+def test_missing_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="trustser synth") as info:
+        S.load_synthetic(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        S.load_synthetic(tmp_path / "empty")
+
+
+def test_cli_synth_on_an_up_to_date_corpus(synthetic_small, capsys):
+    from trustser.cli import main
+
+    assert main(["synth", str(synthetic_small), "--seed", "0", "--size", "small", "--num-proc", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "200 utterances" in out and str(synthetic_small) in out
