@@ -38,9 +38,12 @@ def parse_args(argv=None):
     p.add_argument("--size", default="default", choices=("small", "default"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotation", default="speechcraft", help="annotation method for the target split")
-    p.add_argument("--pretrain-steps", type=int, default=250)
+    p.add_argument("--pretrain-steps", type=int, default=150)
+    p.add_argument("--lm-hidden", type=int, default=128, help="tiny SER-SLM LLM width")
+    p.add_argument("--encoder-dim", type=int, default=64, help="tiny SER-SLM encoder width")
+    p.add_argument("--ref-rows", type=int, default=1000, help="reference rows the CEM data is built from")
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--cem-epochs", type=float, default=30)
     p.add_argument("--cem-lr", type=float, default=1e-3)
     p.add_argument("--balance", default="utterance", choices=("utterance", "field", "none"))
@@ -80,11 +83,12 @@ def pretrain_slm(args, work: Path, reference, target):
     from trustser.trainers.sft import SerSlmSFTConfig, SerSlmSFTTrainer
     from trustser.utils import atomic_directory
 
-    slm_dir = work / f"slm_{args.pretrain_steps}"
+    slm_dir = work / f"slm_{args.pretrain_steps}_{args.lm_hidden}_{args.encoder_dim}"
     if not (slm_dir / "config.json").exists():
         t = time.time()
         texts = list(reference["text"]) + list(target["text"])
-        slm, proc = build_tiny_ser_slm(texts, emotion_labels=EMOTION_LABELS["synthetic"], max_audio_seconds=7.0, seed=args.seed)
+        slm, proc = build_tiny_ser_slm(texts, emotion_labels=EMOTION_LABELS["synthetic"], max_audio_seconds=7.0,
+                                       lm_hidden=args.lm_hidden, encoder_dim=args.encoder_dim, seed=args.seed)
         cfg = SerSlmSFTConfig(
             output_dir=str(work / "slm_trainer"), max_steps=args.pretrain_steps, per_device_train_batch_size=args.batch_size,
             learning_rate=args.pretrain_lr, warmup_steps=max(1, args.pretrain_steps // 20), lr_scheduler_type="cosine",
@@ -105,10 +109,10 @@ def cem_training_data(args, work: Path, slm, proc, reference):
     from trustser.descriptors import SED_FIELDS
     from trustser.trainers.cem import correctness_labels, extract_cem_features, generate_sed_predictions
 
-    path = work / f"cem_data_{args.pretrain_steps}.npz"
+    path = work / f"cem_data_{args.pretrain_steps}_{args.lm_hidden}_{args.encoder_dim}_{args.ref_rows}.npz"
     if not path.exists():
         t = time.time()
-        captions, predicted = generate_sed_predictions(slm, proc, reference, batch_size=32)
+        captions, predicted = generate_sed_predictions(slm, proc, reference, batch_size=32, max_new_tokens=72)
         ref = reference.select_columns(list(SED_FIELDS))[:]
         labels = correctness_labels(predicted, [{f: ref[f][i] for f in SED_FIELDS} for i in range(len(reference))])
         log(f"generated {len(captions)} captions on reference ({time.time() - t:.0f}s); e.g. {captions[0]!r}")
@@ -150,6 +154,7 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     reference, target = corpus_and_annotation(args, work)
     slm, proc = pretrain_slm(args, work, reference, target)
+    reference = reference.shuffle(seed=args.seed).select(range(min(args.ref_rows, len(reference))))
     labels, unparseable, ref_feats = cem_training_data(args, work, slm, proc, reference)
     ref_acc = {f: float(labels[:, j].mean()) for j, f in enumerate(SED_FIELDS)}
     log(f"SLM on reference: per-field accuracy {ref_acc}, all-correct {np.all(labels == 1, 1).mean():.3f}, "
@@ -177,7 +182,7 @@ def main(argv=None):
             output_dir=out_dir, feature_pooling=pooling, slm_hidden_size=h, balance=args.balance,
             num_train_epochs=args.cem_epochs, learning_rate=args.cem_lr, batch_size=64, seed=args.seed,
         )
-        feats_path = work / f"target_features_{pooling}_{args.pretrain_steps}.npy"
+        feats_path = work / f"target_features_{pooling}_{args.pretrain_steps}_{args.lm_hidden}_{args.encoder_dim}.npy"
         if not feats_path.exists():
             np.save(feats_path, extract_cem_features(slm, proc, target, sed_source="auto", pooling=pooling, batch_size=32))
         fs = predict_cem(cem, np.load(feats_path))

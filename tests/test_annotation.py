@@ -160,6 +160,13 @@ def test_speaker_adaptive_fallback_for_rare_speakers():
     assert z[:5].mean() == pytest.approx(0.0, abs=1e-9)
 
 
+def test_speaker_vote_majority_per_speaker():
+    words = ["male", "female", "male", "", "female", "female", "male"]
+    spk = ["a", "a", "a", "a", "b", "b", ""]
+    assert B.speaker_vote(words, spk) == ["male", "male", "male", "", "female", "female", "male"]
+    assert B.speaker_vote(["elderly", "child"], ["c", "c"]) == ["elderly", "elderly"]  # tie: first seen
+
+
 def test_calibrated_thresholds_reproduce_reference_proportions():
     rng = np.random.default_rng(0)
     x = rng.normal(size=300)
@@ -308,6 +315,20 @@ def test_hub_age_gender_regression_head(tmp_path):
     reloaded = _age_gender_classes().from_pretrained(path)
     assert reloaded.age.out_proj.bias.item() == pytest.approx(0.30)
 
+    # the same directory as annotate()'s backends (audio decoded again for the Hub pass)
+    import datasets
+
+    from trustser.annotation import annotate
+
+    ds = datasets.Dataset.from_dict({
+        "audio": [{"bytes": _wav_bytes(pulse_train(f)), "path": f"{f}.wav"} for f in (120.0, 200.0, 260.0)] + [{"bytes": b"x", "path": "bad.wav"}],
+        "text": ["one two"] * 4,
+    }).cast_column("audio", datasets.Audio(sampling_rate=SR))
+    out = annotate(ds, method="speechcraft", gender_backend=str(path), age_backend=str(path), batch_size=2)
+    assert out["gender_auto"] == ["female"] * 3 + [""]
+    assert out["age_auto"] == ["young adult"] * 3 + [""]
+    assert out["pitch_auto"][:3] == ["low", "normal", "high"]  # female percentiles p10/p60 over 3 clips
+
 
 # ------------------------------------------------------------------------------------------
 # annotate() on the synthetic corpus
@@ -361,6 +382,9 @@ def test_rebin_speaker_adaptive_beats_unified(annotated):
     ada = rebin(annotated, "speaker_adaptive", calibrate=True)
     assert ada.column_names == annotated.column_names
     assert ada["reference"]["gender_auto"] == annotated["reference"]["gender_auto"]
+    voted = rebin(annotated, "speaker_adaptive", calibrate=True, speaker_traits=True)["reference"]
+    for spk in set(voted["speaker"]):
+        assert len({g for g, s in zip(voted["gender_auto"], voted["speaker"]) if s == spk}) == 1
     for f in ("pitch", "volume"):
         assert acc(ada["reference"], f) > acc(uni["reference"], f) + 0.1, f
 

@@ -28,6 +28,15 @@ def _espeak(path, text, voice="en"):
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("clips")
@@ -248,3 +257,15 @@ def test_resolve_trustser_output_dir(model_dir, tmp_path):
         assert got["cem_slm"] is None  # the CEM's SLM is the evaluated model itself
         assert got["emotion_labels"] == LABELS
     assert resolve_model_dir(model_dir)["model"] == str(model_dir)
+
+
+def test_cem_slm_gives_the_features(model_dir, batched, clips):
+    """A separate SLM for the CEM features (here the same weights) gives the same confidences."""
+    from transformers import pipeline
+
+    p2 = pipeline("explainable-ser", model=str(model_dir), device=-1, cem_slm=str(model_dir))
+    assert p2.cem_slm is not None
+    for a, b in zip(batched, p2(clips, batch_size=4)):
+        if a["confidence"]:
+            for f in SED_FIELDS:
+                assert b["confidence"][f] == pytest.approx(a["confidence"][f], abs=1e-4)

@@ -186,6 +186,7 @@ def _controller_state(trainer):
     return sd, opt
 
 
+@pytest.mark.slow
 def test_training_updates_controller_and_resume_is_exact(tiny, rows, tmp_path):
     full = _trainer(tiny, rows, tmp_path / "a", max_steps=3, save_strategy="steps", save_steps=2)
     before = {k: v.clone() for k, v in full.controller.state_dict().items()}
@@ -237,3 +238,23 @@ def test_warmup_retains_and_freezes(tiny, rows, tmp_path):
     logs = [h for h in t.state.log_history if "rectify/modify_rate_pitch" in h]
     assert logs and all(h[f"rectify/modify_rate_{f}"] == 0 for h in logs for f in SED_FIELDS)
     assert not any("reward/mean" in h for h in t.state.log_history)
+
+
+@pytest.mark.slow
+def test_lora_and_gradient_accumulation(tiny, rows, tmp_path):
+    """LoRA (peft) on the LLM and gradient accumulation: the controller still updates once per
+    optimizer step and the encoder embeddings reach the LLM through the PEFT wrapper."""
+    import datasets
+
+    from trustser.models.ser_slm import lora_config_for_llm
+
+    t = SEDRectifyTrainer(
+        copy.deepcopy(tiny[0]), args=_config(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2),
+        train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny[1], peft_config=lora_config_for_llm(r=4, alpha=8),
+    )
+    assert hasattr(t.model, "peft_config")
+    lora_before = {n: p.detach().clone() for n, p in t.model.named_parameters() if "lora_B" in n}
+    t.train()
+    assert int(t.controller_optimizer.state_dict()["state"][0]["step"]) == 2
+    assert any(not torch.equal(lora_before[n], p) for n, p in t.model.named_parameters() if n in lora_before)
+    assert [h for h in t.state.log_history if "controller/loss" in h]

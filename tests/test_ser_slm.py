@@ -267,3 +267,27 @@ def test_paper_preset_path_with_tiny_local_models(tmp_path):
     out.loss.backward()
     assert all(p.grad is None for p in base.model.audio_tower.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n or "sed_vib" in n)
+
+
+def test_f0_stream_option(tmp_path):
+    from transformers import AutoModel, AutoProcessor
+
+    model, processor = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, sed_f0_stream=True, seed=0)
+    model.eval()
+    rows = make_rows(3)
+    b = processor(audio=[r["audio"]["array"] for r in rows], captions=processor.build_captions(rows))
+    f0 = b["f0"]
+    assert f0.shape == b["energy"].shape
+    medians = [float(x[x > 0].median()) for x in f0]
+    assert medians == pytest.approx([110.0, 180.0, 280.0], rel=0.02)  # the fixture's pitch ladder
+    mi = _model_inputs(b)
+    with pytest.raises(ValueError, match="f0"):
+        model(**{k: v for k, v in mi.items() if k != "f0"})
+    with torch.no_grad():
+        ref = model(**mi).logits
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    p2 = AutoProcessor.from_pretrained(tmp_path)
+    assert p2.f0_stream
+    with torch.no_grad():
+        assert torch.equal(AutoModel.from_pretrained(tmp_path)(**_model_inputs(p2(audio=[r["audio"]["array"] for r in rows], captions=processor.build_captions(rows)))).logits, ref)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,7 +42,7 @@ def test_two_generations_are_byte_identical(synthetic_small, tmp_path):
 def test_output_does_not_depend_on_num_proc(synthetic_small, tmp_path):
     _, utts = S.make_plan(0, "small")
     S._ESPEAK = None
-    with __import__("tempfile").TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch:
         data = S._make_data_dir(Path(scratch))
         work = Path(scratch)
         for u in [utts[0], utts[-1]]:  # one clean-channel and one target-channel utterance
@@ -77,10 +77,13 @@ def test_manifest_records_settings_and_detects_tampering(synthetic_small, tmp_pa
     assert not S._is_current(synthetic_small, json.loads(json.dumps(S.settings(1, "small"))))
     # a corpus whose metadata no longer matches its manifest is not taken for finished
     copy = tmp_path / "copy"
-    for split in S.SPLITS:
-        (copy / split).mkdir(parents=True)
-        shutil.copy(synthetic_small / split / "metadata.csv", copy / split / "metadata.csv")
-    shutil.copy(synthetic_small / "manifest.json", copy / "manifest.json")
+    shutil.copytree(synthetic_small, copy)
+    assert S._is_current(copy, st)
+    wav = copy / "test" / "wav" / "test-00003.wav"
+    data = wav.read_bytes()
+    wav.unlink()
+    assert not S._is_current(copy, st)  # a lost audio file forces regeneration
+    wav.write_bytes(data)
     assert S._is_current(copy, st)
     with (copy / "dev" / "metadata.csv").open("a") as fh:
         fh.write("x\n")
@@ -149,6 +152,19 @@ def test_speakers_groups_and_split_roles(synthetic_small):
         assert len({r["age"] for r in rows}) >= 3
         # a speaker always has the same gender and age
         assert len({(r["speaker"], r["gender"], r["age"]) for r in rows}) == len({r["speaker"] for r in rows})
+
+
+def test_speaker_table_matches_metadata(synthetic_small):
+    table = {s["speaker"]: s for s in json.loads((synthetic_small / "speakers.json").read_text())}
+    for split in S.SPLITS:
+        for r in _rows(synthetic_small, split):
+            s = table[r["speaker"]]
+            assert (s["gender"], s["age"]) == (r["gender"], r["age"])
+            assert s["role"] == S.SPLIT_ROLE[split]
+            norm = S.GROUP_NORMS[(s["gender"], s["age"])]
+            # baseline = group norm + less than one category of individual deviation
+            assert abs(12 * np.log2(s["f0_hz"] / norm.f0_hz)) < S.UNITS["pitch_semitones"] * S.INDIVIDUAL_CLIP + 0.01
+            assert abs(s["level_dbfs"] - norm.level_dbfs) < S.UNITS["volume_db"] * S.INDIVIDUAL_CLIP + 0.01
 
 
 def test_default_size_plan_has_enough_speakers():
@@ -297,3 +313,12 @@ def test_cli_synth_on_an_up_to_date_corpus(synthetic_small, capsys):
     assert main(["synth", str(synthetic_small), "--seed", "0", "--size", "small", "--num-proc", "1"]) == 0
     out = capsys.readouterr().out
     assert "reference" in out and "200 utterances" in out and str(synthetic_small) in out
+
+
+def test_cli_synth_refuses_a_foreign_directory(tmp_path, capsys):
+    from trustser.cli import main
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(["synth", str(tmp_path), "--size", "small"]) == 1
+    assert "not a trustser synthetic corpus" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

@@ -439,6 +439,7 @@ def explain_files(
     max_new_tokens: int | None = None,
     progress: bool | None = None,
     device=None,
+    use_cem_slm: bool = True,
 ) -> list[dict]:
     """Explained predictions for audio files and/or directories, one dict per file, in order:
     ``file``, ``caption``, ``emotion``, ``probabilities`` ({label: p}), ``transcription``,
@@ -447,10 +448,12 @@ def explain_files(
     and ``error`` (None, or why the file could not be explained when ``errors="record"``).
 
     ``model`` is a model folder, Hub id, trustser output directory or a ready
-    ``ExplainableSerPipeline``. A tqdm bar shows progress (default: on for more than one batch)."""
+    ``ExplainableSerPipeline``. A tqdm bar shows progress (default: on for more than one batch).
+    ``use_cem_slm=False`` skips loading an output directory's pre-trained SLM for the CEM features
+    (halves memory; the explaining model's states are used instead)."""
     paths = expand_audio_paths([files] if isinstance(files, (str, os.PathLike)) else files)
     pipe = model if isinstance(model, ExplainableSerPipeline) else load_explainer(
-        model, cem=cem, emotion_labels=emotion_labels, device=device)
+        model, cem=cem, emotion_labels=emotion_labels, device=device, use_cem_slm=use_cem_slm)
     kwargs = {"errors": errors, "long_audio": long_audio}
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
@@ -467,10 +470,10 @@ def explain_files(
 def format_table(results: Sequence[dict]) -> str:
     """A fixed-width text table: file, emotion (probability), trust, the five descriptors (with
     their confidence when a CEM is used), or the error."""
-    rows = [["file", "emotion", "p", "trust", *SED_FIELDS]]
+    rows = [["file", "emotion", "p", "trust", *SED_FIELDS, "note"]]
     for r in results:
         if r.get("error"):
-            rows.append([r["file"], "ERROR", "", "", r["error"], "", "", "", ""])
+            rows.append([r["file"], "ERROR", "", "", "", "", "", "", "", r["error"]])
             continue
         emo = r.get("emotion") or "?"
         p = r.get("probabilities") or {}
@@ -479,7 +482,9 @@ def format_table(results: Sequence[dict]) -> str:
         for f in SED_FIELDS:
             v = (r.get("descriptors") or {}).get(f) or "?"
             cells.append(f"{v} ({conf[f]:.2f})" if f in conf else v)
-        rows.append([r["file"], emo, f"{p[emo]:.2f}" if emo in p else "", f"{r['trust']:.2f}" if r.get("trust") is not None else "", *cells])
+        note = f"unparsed: {', '.join(r['unparsed'])}" if r.get("unparsed") else ""
+        rows.append([r["file"], emo, f"{p[emo]:.2f}" if emo in p else "", f"{r['trust']:.2f}" if r.get("trust") is not None else "",
+                     *cells, note])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 

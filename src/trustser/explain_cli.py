@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: GPU if available)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-cem-slm", action="store_true",
+                        help="with an output directory: compute CEM features with the explaining model instead of "
+                             "loading the pre-trained SLM the CEM was trained on (half the memory)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -33,7 +36,7 @@ def run_cli(args: argparse.Namespace) -> int:
     results = explain_files(
         args.model, args.inputs, cem=args.cem, batch_size=args.batch_size, emotion_labels=labels, errors="record",
         long_audio=args.long_audio, max_new_tokens=args.max_new_tokens, device=args.device,
-        progress=False if args.no_progress else None,
+        progress=False if args.no_progress else None, use_cem_slm=not args.no_cem_slm,
     )
     failed = [r for r in results if r["error"]]
     for r in failed:

@@ -65,7 +65,11 @@ def run_artifacts(output_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def emotion_labels_of(results: Mapping) -> list[str]:
-    """The run's emotion label set: the evaluation's confusion-matrix labels, else the corpus' set."""
+    """The run's emotion label set: as its settings name it (fine-tuning), else the evaluation's
+    confusion-matrix labels, else the corpus' set."""
+    named = (results.get("settings") or {}).get("emotion_labels")
+    if named:
+        return list(named)
     for metrics in (results.get("test") or {}).values():
         labels = (metrics.get("confusion_matrix") or {}).get("labels")
         if labels:

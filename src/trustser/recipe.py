@@ -155,7 +155,7 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
         slm, processor = _load_model(pretrain.path / "model")
         corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
         ref = corpus[cfg.pretrain_split]
-        data = prepare_cem_data(slm, processor, ref, pooling=cfg.cem_pooling, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+        data = prepare_cem_data(slm, processor, ref, pooling=cfg.cem_pooling, batch_size=cfg.eval_batch_size)
         train_cem(
             data["features"], data["labels"], output_dir=out / "cem", feature_pooling=cfg.cem_pooling,
             slm_hidden_size=slm.config.text_config.hidden_size, learning_rate=cfg.cem_learning_rate,
@@ -235,7 +235,8 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
 def evaluate_system(cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target_root: str, annotated: Stage, out_dir: Path) -> dict[str, Any]:
     import datasets
 
-    from .evaluation import evaluate_ser, plot_confusion_matrix, plot_tsne
+    from .evaluation import evaluate_ser
+    from .plots import plot_confusion_matrix, plot_tsne
 
     model, processor = _load_model(model_dir)
     test = datasets.load_from_disk(str(annotated.path / "data"))[cfg.test_split]
@@ -245,7 +246,8 @@ def evaluate_system(cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target
     has_truth = all(any(test[f]) for f in SED_FIELDS)
     metrics = evaluate_ser(model, processor, test, emotion_labels=labels, with_sed=spec.with_sed,
                            sed_source="truth" if has_truth else "auto", batch_size=cfg.eval_batch_size)
-    plot_confusion_matrix(metrics["confusion_matrix"], labels, out_dir / "confusion_matrix.png", title=f"{spec.name} on {cfg.target_corpus} {cfg.test_split}")
+    cm = metrics["confusion_matrix"]
+    plot_confusion_matrix(cm["matrix"], cm["labels"], out_dir / "confusion_matrix.png", title=f"{spec.name} on {cfg.target_corpus} {cfg.test_split}")
     plot_tsne(model, processor, test, out_dir / "tsne.png", max_samples=cfg.tsne_samples, seed=cfg.seed,
               with_sed=spec.with_sed, title=f"{spec.name}: last hidden states ({cfg.target_corpus} {cfg.test_split})")
     return metrics

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..descriptors import SED_FIELDS
 from ..utils import TARGET_SR, AudioError, audio_problem, resample, to_mono_float
-from .binning import METHODS, AdaptiveConfig, UnifiedThresholds, bin_features
+from .binning import METHODS, AdaptiveConfig, UnifiedThresholds, bin_features, speaker_vote
 from .classifiers import DEFAULT_AGE_MODEL, DEFAULT_GENDER_MODEL, HubAudioClassifier, OfflineClassifier, resolve_backend
 from .features import SIGNAL_FEATURES, acoustic_embedding, count_phonemes, signal_features
 
@@ -206,9 +206,11 @@ def _process_split(ds, backends, *, num_proc, batch_size, voice, audio_column, t
     return datasets.Dataset.from_dict(cols)
 
 
-def _distributed_pass1(ds, backends, extracted=None, **kw):
-    """Under ``accelerate launch``: each process handles a contiguous shard, writes it to a
-    directory the main process chose, and every process reads all shards back in order."""
+def _sharded(ds, fn):
+    """``fn(ds)`` (a small Dataset without audio), computed shard-wise under ``accelerate launch``:
+    each process handles a contiguous shard and writes it under a directory the main process chose
+    (``tempfile``; on several nodes point TMPDIR at a shared disk), and every process reads all
+    shards back in order, so all ranks hold the same merged table."""
     import datasets
 
     state = None
@@ -219,32 +221,43 @@ def _distributed_pass1(ds, backends, extracted=None, **kw):
     except Exception:  # pragma: no cover - accelerate always present in this package
         pass
     if state is None or state.num_processes == 1:
-        return _process_split(ds, backends, extracted=extracted, **kw)
+        return fn(ds)
     from accelerate.utils import broadcast_object_list
 
     path = [tempfile.mkdtemp(prefix="trustser-annotate-") if state.is_main_process else None]
     broadcast_object_list(path)
     shard = ds.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
-    _process_split(shard, backends, **kw).save_to_disk(os.path.join(path[0], f"shard-{state.process_index:05d}"))
+    fn(shard).save_to_disk(os.path.join(path[0], f"shard-{state.process_index:05d}"))
     state.wait_for_everyone()
     parts = [datasets.load_from_disk(os.path.join(path[0], f"shard-{r:05d}")) for r in range(state.num_processes)]
     merged = datasets.concatenate_datasets(parts)
-    merged = datasets.Dataset.from_dict(merged.to_dict())  # in memory: the shard files can go
+    merged = datasets.Dataset.from_dict(merged.to_dict(), features=merged.features)  # in memory: the files can go
     state.wait_for_everyone()
     if state.is_main_process:
         shutil.rmtree(path[0], ignore_errors=True)
     return merged
 
 
-def _bin_tables(tables: list, speakers: list, method, *, unified_thresholds, adaptive_config) -> list[dict[str, list[str]]]:
+def _distributed_pass1(ds, backends, extracted=None, **kw):
+    if extracted is not None:  # features already computed (and gathered) for this split
+        return _process_split(ds, backends, extracted=extracted, **kw)
+    return _sharded(ds, lambda shard: _process_split(shard, backends, **kw))
+
+
+def _bin_tables(tables: list, speakers: list, method, *, unified_thresholds, adaptive_config, vote: bool = False) -> list[dict[str, list[str]]]:
     """Bins the valid rows of the given tables as one population (one table = per-split binning;
-    several = speaker statistics pooled over splits) and scatters the words back per table."""
+    several = speaker statistics pooled over splits) and scatters the words back per table.
+    ``vote``: gender/age become each speaker's majority prediction first."""
     cat = lambda key: np.concatenate([np.asarray(t[key], dtype=object) for t in tables]) if tables else np.zeros(0)
     errors = cat(ERROR_COLUMN)
     valid = np.asarray([not e for e in errors], dtype=bool)
     feats = {k: np.concatenate([np.asarray(t[k], dtype=np.float64) for t in tables]) for k in FEATURE_COLUMNS}
-    genders = cat("_trustser_gender")
     spk = np.concatenate([np.asarray(s, dtype=object) for s in speakers])
+    traits = {}
+    for f in ("gender", "age"):
+        col = np.where(valid, cat(f"_trustser_{f}"), "").astype(object)
+        traits[f] = np.asarray(speaker_vote(col.tolist(), spk.tolist()), dtype=object) if vote else col
+    genders = traits["gender"]
     words = {f: np.full(len(errors), "", dtype=object) for f in SED_FIELDS}
     idx = np.flatnonzero(valid)
     if idx.size:
@@ -255,8 +268,7 @@ def _bin_tables(tables: list, speakers: list, method, *, unified_thresholds, ada
         for f, vals in binned.items():
             words[f][idx] = vals
     for f in ("gender", "age"):
-        col = cat(f"_trustser_{f}")
-        words[f][idx] = col[idx]
+        words[f][idx] = traits[f][idx]
     out, start = [], 0
     for t in tables:
         n = len(t)
@@ -295,6 +307,7 @@ def annotate(
     reference_split: str = "reference",
     calibrate: bool = False,
     speaker_scope: str = "corpus",
+    speaker_traits: bool = False,
     unified_thresholds: UnifiedThresholds | None = None,
     adaptive_config: AdaptiveConfig | None = None,
     audio_column: str = "audio",
@@ -313,7 +326,10 @@ def annotate(
     speaker's utterances over all splits (``speaker_scope="corpus"``; speaker ids are corpus-wide)
     or within each split (``"split"``); ``unified`` uses fixed numbers. With ``calibrate=True`` the
     unified thresholds / speaker-adaptive z cut points are set at the reference split's label
-    proportions (``binning.fit_unified_thresholds`` / ``fit_adaptive_config``).
+    proportions (``binning.fit_unified_thresholds`` / ``fit_adaptive_config``). With
+    ``speaker_traits=True`` gender and age become each speaker's majority prediction (within the
+    population being binned: the corpus for speaker_adaptive/corpus scope, else the split) before
+    binning; SpeechCraft labels each clip alone.
 
     Gender/age backends: ``"auto"`` fits the offline classifier on ``reference`` (or the
     DatasetDict's ``reference_split``) when one with gender/age labels is available, else uses
@@ -341,8 +357,8 @@ def annotate(
         raise ValueError("calibrate=True needs a labelled reference split (reference= or a DatasetDict with one)")
     ref_clfs, ref_ext = None, None
     if (needs_ref or calibrate) and reference is not None:
-        ref_ext = _extract(reference, embed=True, num_proc=num_proc, batch_size=batch_size, voice=voice,
-                           audio_column=audio_column, text_column=text_column)
+        ref_ext = _sharded(reference, lambda shard: _extract(shard, embed=True, num_proc=num_proc, batch_size=batch_size, voice=voice,
+                                                             audio_column=audio_column, text_column=text_column))
         if needs_ref and all(c in reference.column_names and any(reference[c]) for c in ("gender", "age")):
             ref_clfs = fit_reference_classifiers(reference, seed=seed, extracted=ref_ext)
             logger.info("offline classifiers fitted on %d reference utterances", len(reference))
@@ -358,7 +374,7 @@ def annotate(
         tables[name] = _distributed_pass1(ds, backends, reuse, num_proc=num_proc, batch_size=batch_size, voice=voice, audio_column=audio_column, text_column=text_column)
         speakers[name] = [str(s) for s in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds)
     names = list(splits)
-    kw = dict(unified_thresholds=unified_thresholds, adaptive_config=adaptive_config)
+    kw = dict(unified_thresholds=unified_thresholds, adaptive_config=adaptive_config, vote=speaker_traits)
     if method == "speaker_adaptive" and speaker_scope == "corpus":
         words = dict(zip(names, _bin_tables([tables[n] for n in names], [speakers[n] for n in names], method, **kw)))
     else:
@@ -388,13 +404,15 @@ def rebin(
     reference_split: str = "reference",
     calibrate: bool = False,
     speaker_scope: str = "corpus",
+    speaker_traits: bool = False,
     unified_thresholds: UnifiedThresholds | None = None,
     adaptive_config: AdaptiveConfig | None = None,
     speaker_column: str = "speaker",
 ):
     """Re-derives ``pitch_auto``/``volume_auto``/``speed_auto`` of an already annotated Dataset or
     DatasetDict with another binning, from its stored features (no audio is decoded again);
-    gender/age labels and errors are kept. Same population rules as ``annotate``."""
+    gender/age labels (unless ``speaker_traits`` votes them per speaker) and errors are kept.
+    Same population rules as ``annotate``."""
     import datasets
 
     if method not in METHODS:
@@ -415,16 +433,16 @@ def rebin(
         adaptive_config = cal_a or adaptive_config
     speakers = {n: ([str(x) for x in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds)) for n, ds in splits.items()}
     names = list(splits)
-    kw = dict(unified_thresholds=unified_thresholds, adaptive_config=adaptive_config)
+    kw = dict(unified_thresholds=unified_thresholds, adaptive_config=adaptive_config, vote=speaker_traits)
     if method == "speaker_adaptive" and speaker_scope == "corpus":
         words = dict(zip(names, _bin_tables([tables[n] for n in names], [speakers[n] for n in names], method, **kw)))
     else:
         words = {n: _bin_tables([tables[n]], [speakers[n]], method, **kw)[0] for n in names}
     out = {}
     for name, ds in splits.items():
-        cols = [f"{f}_auto" for f in ("pitch", "volume", "speed")]
-        res = ds.remove_columns(cols)
-        for f in ("pitch", "volume", "speed"):
+        fields = SED_FIELDS if speaker_traits else ("pitch", "volume", "speed")
+        res = ds.remove_columns([f"{f}_auto" for f in fields])
+        for f in fields:
             res = res.add_column(f"{f}_auto", words[name][f])
         out[name] = res.select_columns(ds.column_names)  # original column order
     return datasets.DatasetDict(out) if is_dict else out["_"]

@@ -191,6 +191,18 @@ def speaker_adaptive(
     return out
 
 
+def speaker_vote(words: Sequence[str], speakers: Sequence[str]) -> list[str]:
+    """Each speaker's most frequent non-empty word for all their non-empty rows (gender and age do
+    not change within a speaker); ties go to the word seen first; rows of speaker "" are kept."""
+    from collections import Counter
+
+    votes: dict[str, Counter] = {}
+    for w, s in zip(words, speakers):
+        if w and s:
+            votes.setdefault(s, Counter())[w] += 1
+    return [votes[s].most_common(1)[0][0] if (w and s) else w for w, s in zip(words, speakers)]
+
+
 # ------------------------------------------------------------------------------------------
 # Calibration on a labelled reference split
 # ------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-split", default="reference", help="labelled split the offline classifiers/calibration use")
     p.add_argument("--calibrate", action="store_true", help="set unified/speaker-adaptive cut points at the reference label proportions")
     p.add_argument("--speaker-scope", choices=("corpus", "split"), default="corpus", help="speaker statistics over all splits or per split")
+    p.add_argument("--speaker-traits", action="store_true", help="gender/age = each speaker's majority prediction")
     p.add_argument("--gender-backend", default="auto", help="auto | reference | Hub model id / local dir | classifier .json")
     p.add_argument("--age-backend", default="auto", help="auto | reference | Hub model id / local dir | classifier .json")
     p.add_argument("--num-proc", type=int, default=None, help="datasets.map worker processes")
@@ -55,6 +56,7 @@ def run_cli(args: argparse.Namespace) -> int:
         reference_split=args.reference_split,
         calibrate=args.calibrate,
         speaker_scope=args.speaker_scope,
+        speaker_traits=args.speaker_traits,
         seed=args.seed,
     )
     from accelerate import PartialState
@@ -64,7 +66,7 @@ def run_cli(args: argparse.Namespace) -> int:
         reports = {s: annotation_report(ds) for s, ds in result.items()}
         summary = {
             "corpus": args.corpus, "root": str(args.root), "method": args.method, "calibrate": args.calibrate,
-            "speaker_scope": args.speaker_scope, "gender_backend": args.gender_backend, "age_backend": args.age_backend,
+            "speaker_scope": args.speaker_scope, "speaker_traits": args.speaker_traits, "gender_backend": args.gender_backend, "age_backend": args.age_backend,
             "seed": args.seed, "splits": reports,
         }
         with atomic_directory(args.out) as tmp:

@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import threading
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -226,7 +226,3 @@ def acoustic_embedding(wav: np.ndarray, sr: int, f0: np.ndarray | None = None, r
     rate = float(np.log(phonemes_per_second)) if np.isfinite(phonemes_per_second) and phonemes_per_second > 0 else 0.0
     level = float(rms_db) if np.isfinite(rms_db) else 0.0
     return np.concatenate([mfcc.mean(axis=0), mfcc.std(axis=0), np.asarray(f0_stats + [level, rate])]).astype(np.float32)
-
-
-def to_float(values: Iterable) -> np.ndarray:
-    return np.asarray([np.nan if v is None else float(v) for v in values], dtype=np.float64)

@@ -531,6 +531,9 @@ def _is_current(out: Path, expected: dict) -> bool:
         meta = out / split / "metadata.csv"
         if not meta.is_file() or hashlib.sha256(meta.read_bytes()).hexdigest() != info.get("metadata_sha256"):
             return False
+        with meta.open(newline="", encoding="utf-8") as fh:
+            if not all((meta.parent / r["file_name"]).is_file() for r in csv.DictReader(fh)):
+                return False
     return set(found.get("splits", {})) == set(SPLITS)
 
 

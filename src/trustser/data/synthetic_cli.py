@@ -15,9 +15,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    import sys
+
     from .synthetic import synthesize_corpus
 
-    out = synthesize_corpus(args.out_dir, seed=args.seed, size=args.size, num_proc=args.num_proc)
+    try:
+        out = synthesize_corpus(args.out_dir, seed=args.seed, size=args.size, num_proc=args.num_proc)
+    except FileExistsError as exc:  # a user's directory is never overwritten
+        print(f"trustser synth: error: {exc}", file=sys.stderr)
+        return 1
     manifest = json.loads((out / "manifest.json").read_text())
     for split, info in manifest["splits"].items():
         print(f"{split:10s} {info['utterances']:5d} utterances  {len(info['speakers']):3d} speakers  "

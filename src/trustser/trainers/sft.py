@@ -18,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 from ..utils import TARGET_SR, AudioError, load_audio, resample, to_mono_float
 
 SED_SOURCES = {"truth": "", "auto": "_auto"}
-MODEL_INPUTS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy", "f0", "labels")
 
 
 def decode_audio(value: Any, row_id: str = "?") -> np.ndarray:
@@ -80,6 +80,11 @@ class SerSlmSFTConfig(SFTConfig):
 
     sed_source: str = field(default="truth", metadata={"help": "descriptors in the caption: 'truth' (plain columns) or 'auto' (<field>_auto)."})
     with_sed: bool = field(default=True, metadata={"help": "caption with descriptors (False: the plain caption of Sys. 1/2)."})
+    kl_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "ramp the KL weight linearly from 0 to the model's vib_beta over these steps, so the "
+                  "bottleneck does not collapse to the prior before the LM has learned to use the audio."},
+    )
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on only where CUDA supports it."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "off by default (tiny models, CPU)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the collator needs the raw columns."})
@@ -129,6 +134,9 @@ class SerSlmSFTTrainer(SFTTrainer):
         lm_loss = nll.sum() / torch.as_tensor(denom, device=nll.device).clamp(min=1)
         kl = outputs.kl_loss
         beta = self._unwrapped_config().vib_beta
+        warm = getattr(self.args, "kl_warmup_steps", 0)
+        if warm and mode == "train":
+            beta = beta * min(1.0, self.state.global_step / warm)
         loss = lm_loss
         if kl is not None:
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1

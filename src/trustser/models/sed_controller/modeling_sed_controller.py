@@ -253,12 +253,12 @@ class SedController(SedControllerPreTrainedModel):
             x = (x * m[..., None]).reshape(b, -1, s, x.shape[-1]).sum(2) / m.reshape(b, -1, s).sum(2).clamp(min=1)[..., None]
             mask = (m.reshape(b, -1, s).sum(2) > 0).long()
         lengths = mask.sum(1).clamp(min=1)
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, (h_n, _) = self.lstm(packed)
+        # padding is at the end and the LSTM is causal: outputs at valid frames ignore it, so the
+        # padded batch runs on the fast (cuDNN / oneDNN) path without packing
+        out, _ = self.lstm(x)
         if self.config.pooling == "last":
-            return h_n[-1]
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        m = mask[:, : out.shape[1]].float()[..., None]
+            return out[torch.arange(b, device=out.device), lengths - 1]
+        m = mask.float()[..., None]
         return (out * m).sum(1) / m.sum(1).clamp(min=1)
 
     def forward(

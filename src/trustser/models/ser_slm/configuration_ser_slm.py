@@ -48,6 +48,8 @@ class SerSlmConfig(PreTrainedConfig):
     vib_beta: weight of the KL term in the loss (loss = lm_loss + vib_beta * kl_loss).
     sed_energy_stream: feed the SED branch a frame log-energy stream from the raw waveform (keeps
         loudness observable when the encoder's features are level-normalised).
+    sed_f0_stream: also feed it a Praat F0 track (log F0, voicing, utterance mean log F0); the
+        processor then needs ``f0_stream=True`` (praat-parselmouth).
     frame_downsample: consecutive encoder frames stacked into one audio token.
     audio_conv_layers: encoder front-end convolutions (inferred from ``audio_config`` when None).
     freeze_audio_tower: keep the encoder frozen (the paper's recipe).
@@ -68,7 +70,7 @@ class SerSlmConfig(PreTrainedConfig):
     vib_hidden_size: int = 256
     vib_beta: float = 1e-3
     sed_energy_stream: bool = True
-    energy_features: int = 2
+    sed_f0_stream: bool = False
     frame_downsample: int = 4
     projector_hidden_act: str = "gelu"
     audio_conv_layers: list | None = None
@@ -85,6 +87,10 @@ class SerSlmConfig(PreTrainedConfig):
         if self.vib_beta < 0:
             raise ValueError(f"vib_beta must be >= 0, got {self.vib_beta}")
         self.hidden_size = self.text_config.hidden_size
+
+    @property
+    def prosody_features(self) -> int:
+        return (2 if self.sed_energy_stream else 0) + (3 if self.sed_f0_stream else 0)
         self.vocab_size = self.text_config.vocab_size
 
 

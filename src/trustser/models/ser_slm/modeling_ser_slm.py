@@ -106,7 +106,7 @@ class SerSlmModel(SerSlmPreTrainedModel):
         a = config.audio_config
         num_layers = int(getattr(a, "num_hidden_layers", None) or getattr(a, "encoder_layers")) + 1
         width = int(getattr(a, "hidden_size", None) or getattr(a, "d_model"))
-        extra = config.energy_features if config.sed_energy_stream else 0
+        extra = config.prosody_features
         self.sed_vib = SerSlmVIBBranch(num_layers, width, extra, config.vib_hidden_size, config.sed_vib_dim)
         self.semantic_vib = SerSlmVIBBranch(num_layers, width, 0, config.vib_hidden_size, config.semantic_vib_dim)
         self.projector = SerSlmProjector(config)
@@ -129,18 +129,35 @@ class SerSlmModel(SerSlmPreTrainedModel):
         ar = torch.arange(frames, device=device)
         return ar[None, :] < torch.tensor(valid, device=device)[:, None]
 
-    def _energy_features(self, energy: torch.Tensor, frame_mask: torch.Tensor, frames: int):
-        """(B, E) frame log-energy in dB at 10 ms -> (B, T, 2): frame level and utterance mean, scaled."""
-        e = energy.to(torch.float32)
-        valid_e = e > ENERGY_FLOOR_DB + 1.0
-        e = F.interpolate(e[:, None, :], size=frames, mode="linear", align_corners=False)[:, 0]
-        e_norm = (e.clamp(min=-80.0) + 40.0) / 20.0
-        cnt = valid_e.sum(-1).clamp(min=1)
-        utt = ((energy.to(torch.float32).clamp(min=-80.0) * valid_e).sum(-1) / cnt + 40.0) / 20.0
-        feats = torch.stack([e_norm, utt[:, None].expand_as(e_norm)], dim=-1)
-        return feats * frame_mask[..., None]
+    @staticmethod
+    def _track_features(track: torch.Tensor, valid: torch.Tensor, frames: int):
+        """(B, E) 10 ms track -> (B, T) resampled to the encoder frames and (B,) mean over valid frames."""
+        x = F.interpolate(track[:, None, :], size=frames, mode="linear", align_corners=False)[:, 0]
+        mean = (track * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        return x, mean
 
-    def get_audio_features(self, input_features, feature_attention_mask=None, energy=None):
+    def _prosody_features(self, energy, f0, frame_mask: torch.Tensor, frames: int):
+        """Raw-waveform streams -> (B, T, prosody_features), scaled to about unit range:
+        frame and utterance-mean log-energy; log2 F0 re 150 Hz, voicing, utterance-mean log2 F0."""
+        feats = []
+        if self.config.sed_energy_stream:
+            if energy is None:
+                raise ValueError("this SER-SLM uses the energy stream (sed_energy_stream=True): pass energy= from the processor")
+            e = energy.to(torch.float32)
+            x, mean = self._track_features((e.clamp(min=-80.0) + 40.0) / 20.0, (e > ENERGY_FLOOR_DB + 1.0).float(), frames)
+            feats += [x, mean[:, None].expand_as(x)]
+        if self.config.sed_f0_stream:
+            if f0 is None:
+                raise ValueError("this SER-SLM uses the F0 stream (sed_f0_stream=True): pass f0= from the processor")
+            f = f0.to(torch.float32)
+            voiced = (f > 0).float()
+            logf = torch.log2(f.clamp(min=1.0) / 150.0) * voiced
+            x, mean = self._track_features(logf, voiced, frames)
+            v, _ = self._track_features(voiced, voiced, frames)
+            feats += [x, v, mean[:, None].expand_as(x)]
+        return torch.stack(feats, dim=-1) * frame_mask[..., None]
+
+    def get_audio_features(self, input_features, feature_attention_mask=None, energy=None, f0=None):
         """Runs the encoder once. Returns ``(audio_embeds (B, N, H), audio_mask (B, N) bool, kl)``:
         pass ``audio_embeds`` (possibly ``repeat_interleave``-d) to ``forward`` to reuse them."""
         cfg = self.config
@@ -158,10 +175,11 @@ class SerSlmModel(SerSlmPreTrainedModel):
         _, batch, frames, _ = layers.shape
         frame_mask = self._encoder_frame_mask(feature_attention_mask, batch, frames, layers.device)
         extra = None
-        if cfg.sed_energy_stream:
-            if energy is None:
-                raise ValueError("this SER-SLM uses the energy stream (sed_energy_stream=True): pass energy= from the processor")
-            extra = self._energy_features(energy.to(layers.device), frame_mask, frames)
+        if cfg.prosody_features:
+            extra = self._prosody_features(
+                energy.to(layers.device) if energy is not None else None,
+                f0.to(layers.device) if f0 is not None else None, frame_mask, frames,
+            )
         # pool k consecutive frames first: the VIB MLPs then run at the (k times lower) token rate
         k = cfg.frame_downsample
         pad = (-frames) % k
@@ -217,6 +235,7 @@ class SerSlmModel(SerSlmPreTrainedModel):
         position_ids=None,
         inputs_embeds=None,
         use_cache=None,
+        f0=None,
         **kwargs,
     ):
         kl = None
@@ -224,7 +243,7 @@ class SerSlmModel(SerSlmPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if input_ids is not None and (audio_embeds is not None or input_features is not None):
             if audio_embeds is None:
-                audio_embeds, _, kl = self.get_audio_features(input_features, feature_attention_mask, energy)
+                audio_embeds, _, kl = self.get_audio_features(input_features, feature_attention_mask, energy, f0)
             inputs_embeds = self.merge_audio(input_ids, inputs_embeds, audio_embeds)
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -259,7 +278,7 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_audio_features(self, input_features, feature_attention_mask=None, energy=None):
+    def get_audio_features(self, input_features, feature_attention_mask=None, energy=None, f0=None):
         return self.model.get_audio_features(input_features, feature_attention_mask, energy)
 
     def forward(
@@ -275,6 +294,7 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
         inputs_embeds=None,
         use_cache=None,
         logits_to_keep: int | torch.Tensor = 0,
+        f0=None,
         **kwargs,
     ) -> SerSlmCausalLMOutput:
         """Loss = LM cross-entropy on ``labels`` (-100 = ignored) + ``vib_beta`` x KL (when the
@@ -285,6 +305,7 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
             input_features=input_features,
             feature_attention_mask=feature_attention_mask,
             energy=energy,
+            f0=f0,
             audio_embeds=audio_embeds,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
@@ -319,7 +340,7 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
             # audio lives in the KV cache after the prefill
-            for key in ("input_features", "feature_attention_mask", "energy", "audio_embeds"):
+            for key in ("input_features", "feature_attention_mask", "energy", "f0", "audio_embeds"):
                 model_inputs.pop(key, None)
         return model_inputs
 

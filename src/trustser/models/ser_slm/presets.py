@@ -97,6 +97,7 @@ def build_tiny_ser_slm(
     lm_layers: int = 2,
     vocab_size: int = 1000,
     sed_energy_stream: bool = True,
+    sed_f0_stream: bool = False,
     frame_downsample: int = 2,
     vib_beta: float = 1e-3,
     freeze_audio_tower: bool = False,
@@ -124,14 +125,15 @@ def build_tiny_ser_slm(
     config = SerSlmConfig(
         audio_config=audio_config, text_config=text_config, audio_token_id=tok.convert_tokens_to_ids(AUDIO_TOKEN),
         audio_token=AUDIO_TOKEN, sed_vib_dim=32, semantic_vib_dim=64, vib_hidden_size=256, vib_beta=vib_beta,
-        sed_energy_stream=sed_energy_stream, frame_downsample=frame_downsample, freeze_audio_tower=freeze_audio_tower,
+        sed_energy_stream=sed_energy_stream, sed_f0_stream=sed_f0_stream, frame_downsample=frame_downsample,
+        freeze_audio_tower=freeze_audio_tower,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = SerSlmForConditionalGeneration(config)
     _set_generation_defaults(model, tok)
     processor = SerSlmProcessor(
         fe, tok, audio_token=AUDIO_TOKEN,
-        audio_conv_layers=config.audio_conv_layers, frame_downsample=frame_downsample,
+        audio_conv_layers=config.audio_conv_layers, frame_downsample=frame_downsample, f0_stream=sed_f0_stream,
     )
     return model, processor
 
@@ -156,6 +158,7 @@ def build_ser_slm(
     vib_hidden_size: int = 256,
     vib_beta: float = 1e-3,
     sed_energy_stream: bool = True,
+    sed_f0_stream: bool = False,
     frame_downsample: int = 4,
     freeze_audio_tower: bool = True,
     **from_pretrained_kwargs,
@@ -171,8 +174,8 @@ def build_ser_slm(
     config = SerSlmConfig(
         audio_config=audio_config, text_config=text_config, audio_token_id=audio_token_id, audio_token=AUDIO_TOKEN,
         sed_vib_dim=sed_vib_dim, semantic_vib_dim=semantic_vib_dim, vib_hidden_size=vib_hidden_size,
-        vib_beta=vib_beta, sed_energy_stream=sed_energy_stream, frame_downsample=frame_downsample,
-        freeze_audio_tower=freeze_audio_tower,
+        vib_beta=vib_beta, sed_energy_stream=sed_energy_stream, sed_f0_stream=sed_f0_stream,
+        frame_downsample=frame_downsample, freeze_audio_tower=freeze_audio_tower,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     with torch.device("meta"):
@@ -204,7 +207,7 @@ def build_ser_slm(
         fe.return_attention_mask = True
     processor = SerSlmProcessor(
         fe, tok, audio_token=AUDIO_TOKEN, audio_conv_layers=infer_audio_conv_layers(audio_config),
-        frame_downsample=frame_downsample,
+        frame_downsample=frame_downsample, f0_stream=sed_f0_stream,
     )
     return model, processor
 

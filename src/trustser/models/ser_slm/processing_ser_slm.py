@@ -51,11 +51,28 @@ def frame_log_energy(wav: np.ndarray, num_frames: int, frame: int = 400, hop: in
     return out
 
 
+def praat_f0(wav: np.ndarray, sr: int, num_frames: int, hop: int = 160) -> np.ndarray:
+    """Praat autocorrelation F0 (Hz, 0 = unvoiced) on the 10 ms grid of ``frame_log_energy``."""
+    import parselmouth  # optional: only for models with the F0 stream
+
+    out = np.zeros(num_frames, dtype=np.float32)
+    if wav.size < int(0.05 * sr):
+        return out
+    pitch = parselmouth.Sound(wav.astype(np.float64), sampling_frequency=sr).to_pitch_ac(
+        time_step=hop / sr, pitch_floor=60.0, pitch_ceiling=600.0
+    )
+    idx = np.round(pitch.xs() * sr / hop).astype(int)
+    ok = (idx >= 0) & (idx < num_frames)
+    out[idx[ok]] = np.nan_to_num(pitch.selected_array["frequency"][ok]).astype(np.float32)
+    return out
+
+
 class SerSlmProcessor(ProcessorMixin):
     r"""Feature extractor (any: Whisper log-mel, wav2vec2/HuBERT raw waveform) + tokenizer.
 
     ``processor(audio=[...], captions=None | [...])`` returns the model inputs: ``input_ids``,
-    ``attention_mask``, ``input_features``, ``feature_attention_mask``, ``energy`` and, with captions,
+    ``attention_mask``, ``input_features``, ``feature_attention_mask``, ``energy`` (+ ``f0`` with
+    ``f0_stream``) and, with captions,
     ``labels``, ``sed_token_index`` (B x 5) and ``emotion_token_mask`` (B x L)."""
 
     def __init__(
@@ -69,6 +86,7 @@ class SerSlmProcessor(ProcessorMixin):
         sed_template: str = DEFAULT_SED_TEMPLATE,
         plain_template: str = DEFAULT_PLAIN_TEMPLATE,
         sed_vocab: dict | None = None,
+        f0_stream: bool = False,
         chat_template=None,
     ):
         self.audio_token = audio_token
@@ -78,6 +96,7 @@ class SerSlmProcessor(ProcessorMixin):
         self.sed_template = sed_template
         self.plain_template = plain_template
         self.sed_vocab = {k: list(v) for k, v in (sed_vocab or DEFAULT_SED_VOCAB).items()}
+        self.f0_stream = bool(f0_stream)
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
         if self.audio_token not in self.tokenizer.get_vocab():
             raise ValueError(f"tokenizer has no audio placeholder token {self.audio_token!r}")
@@ -162,7 +181,10 @@ class SerSlmProcessor(ProcessorMixin):
         n_energy = -(-padded_samples // hop)
         energy = np.stack([frame_log_energy(a[:padded_samples], n_energy, frame=int(2.5 * hop), hop=hop) for a in audio])
         n_tokens = [max(1, self.num_audio_tokens(int(x))) for x in feature_mask.sum(-1)]
-        return input_features, feature_mask, torch.from_numpy(energy), n_tokens
+        f0 = None
+        if self.f0_stream:
+            f0 = torch.from_numpy(np.stack([praat_f0(a[:padded_samples], fe.sampling_rate, n_energy, hop) for a in audio]))
+        return input_features, feature_mask, torch.from_numpy(energy), f0, n_tokens
 
     # -------------------------------------------------------------------------------- call
     def __call__(
@@ -185,7 +207,7 @@ class SerSlmProcessor(ProcessorMixin):
             captions = [captions] if isinstance(captions, str) else list(captions)
             if len(captions) != len(audio):
                 raise ValueError(f"{len(audio)} audio items but {len(captions)} captions")
-        input_features, feature_mask, energy, n_tokens = self._audio_inputs(audio, sampling_rate)
+        input_features, feature_mask, energy, f0, n_tokens = self._audio_inputs(audio, sampling_rate)
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         instr = tok(" " + self.instruction if self.instruction else "", add_special_tokens=False)["input_ids"]
@@ -233,6 +255,8 @@ class SerSlmProcessor(ProcessorMixin):
             "feature_attention_mask": feature_mask,
             "energy": energy,
         }
+        if f0 is not None:
+            data["f0"] = f0
         if captions is not None:
             data["labels"] = labels
             data["sed_token_index"] = torch.tensor(
@@ -249,7 +273,9 @@ class SerSlmProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self):
-        return ["input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy"]
+        return ["input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy"] + (
+            ["f0"] if self.f0_stream else []
+        )
 
 
-__all__ = ["SerSlmProcessor", "frame_log_energy"]
+__all__ = ["SerSlmProcessor", "frame_log_energy", "praat_f0"]

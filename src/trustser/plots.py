@@ -1,0 +1,95 @@
+"""Report figures: the confusion matrix and the t-SNE of last hidden states (the paper's Figure 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _save(fig, path: str | Path) -> Path:
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, title: str = "") -> Path:
+    """Row-normalised confusion matrix (rows: reference, columns: prediction) with counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix, dtype=float)
+    cols = list(labels)
+    norm = m / np.clip(m.sum(1, keepdims=True), 1, None)
+    fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2, 1.1 * len(labels) + 1.5))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{int(m[i, j])}\n{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(cols)), cols, rotation=30)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    ax.set_title(title)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+@torch.no_grad()
+def prompt_hidden_states(model, processor, dataset, *, batch_size: int = 32) -> np.ndarray:
+    """Mean over the prompt (audio + instruction) positions of the SLM's last-layer hidden states:
+    what the LM knows about the utterance before it writes the caption (no label leakage)."""
+    from .trainers.sft import decode_audio
+
+    model.eval()
+    device = next(model.parameters()).device
+    feats = []
+    for s in range(0, len(dataset), batch_size):
+        batch = dataset[s : s + batch_size]
+        audio = [decode_audio(a) for a in batch["audio"]]
+        inputs = {k: v.to(device) for k, v in processor(audio=audio, padding_side="right").items()}
+        out = model(**inputs, output_hidden_states=True, use_cache=False)
+        h = out.hidden_states[-1].float()
+        m = inputs["attention_mask"].unsqueeze(-1).float()
+        feats.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).cpu().numpy())
+    return np.concatenate(feats) if feats else np.zeros((0, 0), dtype=np.float32)
+
+
+def plot_tsne(model, processor, dataset, path: str | Path, *, max_samples: int = 600, seed: int = 0, title: str = "", **_) -> Path:
+    """t-SNE (scikit-learn) of last hidden states, coloured by reference emotion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    if len(dataset) > max_samples:
+        dataset = dataset.shuffle(seed=seed).select(range(max_samples))
+    x = prompt_hidden_states(model, processor, dataset)
+    emotions = list(dataset["emotion"])
+    perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
+    emb = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label in sorted(set(emotions)):
+        idx = [i for i, e in enumerate(emotions) if e == label]
+        ax.scatter(emb[idx, 0], emb[idx, 1], s=8, label=label, alpha=0.7)
+    ax.legend(markerscale=2, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
