@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--size", default="default", choices=("small", "default"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotation", default="speechcraft", help="annotation method for the target split")
+    p.add_argument("--slm", default=None, help="use this pre-trained SER-SLM (save_pretrained dir with its processor) "
+                   "instead of pre-training one, e.g. benchmarks/pretrain_tiny.py --save's output-dir/model")
     p.add_argument("--pretrain-steps", type=int, default=150)
     p.add_argument("--lm-hidden", type=int, default=128, help="tiny SER-SLM LLM width")
     p.add_argument("--encoder-dim", type=int, default=64, help="tiny SER-SLM encoder width")
@@ -83,7 +85,9 @@ def pretrain_slm(args, work: Path, reference, target):
     from trustser.trainers.sft import SerSlmSFTConfig, SerSlmSFTTrainer
     from trustser.utils import atomic_directory
 
-    slm_dir = work / f"slm_{args.pretrain_steps}_{args.lm_hidden}_{args.encoder_dim}"
+    slm_dir = Path(args.slm) if args.slm else work / f"slm_{args.pretrain_steps}_{args.lm_hidden}_{args.encoder_dim}"
+    if args.slm and not (slm_dir / "config.json").exists():
+        raise FileNotFoundError(f"--slm {slm_dir}: no config.json (expected a save_pretrained SER-SLM directory)")
     if not (slm_dir / "config.json").exists():
         t = time.time()
         texts = list(reference["text"]) + list(target["text"])
@@ -105,11 +109,19 @@ def pretrain_slm(args, work: Path, reference, target):
     return slm, proc
 
 
+def _tag(args) -> str:
+    if args.slm:
+        import hashlib
+
+        return "ext" + hashlib.sha256(str(Path(args.slm).resolve()).encode()).hexdigest()[:8]
+    return f"{args.pretrain_steps}_{args.lm_hidden}_{args.encoder_dim}"
+
+
 def cem_training_data(args, work: Path, slm, proc, reference):
     from trustser.descriptors import SED_FIELDS
     from trustser.trainers.cem import correctness_labels, extract_cem_features, generate_sed_predictions
 
-    path = work / f"cem_data_{args.pretrain_steps}_{args.lm_hidden}_{args.encoder_dim}_{args.ref_rows}.npz"
+    path = work / f"cem_data_{_tag(args)}_{args.ref_rows}.npz"
     if not path.exists():
         t = time.time()
         captions, predicted = generate_sed_predictions(slm, proc, reference, batch_size=32, max_new_tokens=72)
@@ -182,7 +194,7 @@ def main(argv=None):
             output_dir=out_dir, feature_pooling=pooling, slm_hidden_size=h, balance=args.balance,
             num_train_epochs=args.cem_epochs, learning_rate=args.cem_lr, batch_size=64, seed=args.seed,
         )
-        feats_path = work / f"target_features_{pooling}_{args.pretrain_steps}_{args.lm_hidden}_{args.encoder_dim}.npy"
+        feats_path = work / f"target_features_{pooling}_{_tag(args)}.npy"
         if not feats_path.exists():
             np.save(feats_path, extract_cem_features(slm, proc, target, sed_source="auto", pooling=pooling, batch_size=32))
         fs = predict_cem(cem, np.load(feats_path))

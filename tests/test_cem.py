@@ -242,7 +242,7 @@ def test_train_cem_learns_and_saves(tmp_path):
         hidden_size=32, balance="field", num_train_epochs=15, batch_size=32, learning_rate=3e-3,
     )
     assert report["eval"]["mean_field_auc"] > 0.85
-    assert (tmp_path / "model.safetensors").is_file()
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "trainer").exists()
     assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "cem_metrics.json").read_text())
     assert saved["eval"]["mean_field_auc"] == pytest.approx(report["eval"]["mean_field_auc"])

@@ -186,7 +186,6 @@ def _controller_state(trainer):
     return sd, opt
 
 
-@pytest.mark.slow
 def test_training_updates_controller_and_resume_is_exact(tiny, rows, tmp_path):
     full = _trainer(tiny, rows, tmp_path / "a", max_steps=3, save_strategy="steps", save_steps=2)
     before = {k: v.clone() for k, v in full.controller.state_dict().items()}
@@ -240,7 +239,6 @@ def test_warmup_retains_and_freezes(tiny, rows, tmp_path):
     assert not any("reward/mean" in h for h in t.state.log_history)
 
 
-@pytest.mark.slow
 def test_lora_and_gradient_accumulation(tiny, rows, tmp_path):
     """LoRA (peft) on the LLM and gradient accumulation: the controller still updates once per
     optimizer step and the encoder embeddings reach the LLM through the PEFT wrapper."""
@@ -258,3 +256,20 @@ def test_lora_and_gradient_accumulation(tiny, rows, tmp_path):
     assert int(t.controller_optimizer.state_dict()["state"][0]["step"]) == 2
     assert any(not torch.equal(lora_before[n], p) for n, p in t.model.named_parameters() if n in lora_before)
     assert [h for h in t.state.log_history if "controller/loss" in h]
+
+
+def test_after_update_reward_equals_full_forward(tiny, rows, tmp_path):
+    """The after-update reward (LM head only from the emotion word on) equals -emotion CE of a full forward."""
+    t = _trainer(tiny, rows, tmp_path, num_policies=3)
+    batch = t._prepare_inputs(t.data_collator(rows[:3]))
+    t.model.train()
+    t.compute_loss(t.model, batch)
+    rec = t._pending[-1]
+    got = t._rewards_after_update(rec)
+    assert t.model.training  # mode restored
+    t.model.eval()
+    with torch.no_grad():
+        emb, _, _ = t.model.get_audio_features(batch["input_features"], batch["feature_attention_mask"], batch["energy"])
+        full = dict(rec["rect"], first_label=torch.tensor(1))
+        nll, _, emo, _ = caption_token_nll(t.model, full, emb.repeat_interleave(3, 0))
+    assert torch.allclose(got, -emotion_cross_entropy(nll, emo).view(3, 3), atol=1e-5)

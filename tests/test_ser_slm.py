@@ -291,3 +291,48 @@ def test_f0_stream_option(tmp_path):
     assert p2.f0_stream
     with torch.no_grad():
         assert torch.equal(AutoModel.from_pretrained(tmp_path)(**_model_inputs(p2(audio=[r["audio"]["array"] for r in rows], captions=processor.build_captions(rows)))).logits, ref)
+
+
+def test_any_pair_with_tied_llm_embeddings_saves_and_loads(tmp_path):
+    """build_ser_slm with a tied-embedding LLM (Qwen2-style) and a wav2vec2 encoder keeps the tie across save/load."""
+    from transformers import AutoModel, Qwen2Config, Qwen2ForCausalLM, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from trustser.models.ser_slm import build_ser_slm
+    from trustser.models.ser_slm.presets import train_caption_tokenizer
+
+    enc = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    Wav2Vec2Model(enc).save_pretrained(tmp_path / "enc")
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(tmp_path / "enc")
+    tok = train_caption_tokenizer(TEXTS, vocab_size=500)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    model, processor = build_ser_slm(str(tmp_path / "enc"), str(tmp_path / "lm"), dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(tmp_path / "slm")
+    processor.save_pretrained(tmp_path / "slm")
+    loaded = AutoModel.from_pretrained(tmp_path / "slm").eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.language_model.embed_tokens.weight.data_ptr()
+    b = _model_inputs(processor(audio=[tone(1.0, 150.0, 0.2)]))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**b).logits, loaded(**b).logits)
+
+
+def test_energy_features_ignore_the_noise_floor(tiny):
+    """Digital silence vs a -62 dBFS noise floor around the same speech: same level features."""
+    model, processor = tiny
+    speech = tone(1.0, 150.0, 0.1)
+    pad = np.zeros(8000, np.float32)
+    clean = np.concatenate([pad, speech, pad])
+    noisy = clean + (10 ** (-62 / 20) * np.random.default_rng(0).standard_normal(clean.size)).astype(np.float32)
+    loud = 2 * clean
+    e = processor(audio=[clean, noisy, loud])["energy"]
+    frames = 175
+    mask = torch.ones(3, frames, dtype=torch.bool)
+    feats = model.model._prosody_features(e, None, mask, frames)
+    level = feats[:, 0, 1]  # utterance level (constant over frames)
+    assert abs(float(level[1] - level[0])) < 0.02  # noise floor: < 0.4 dB
+    assert float(level[2] - level[0]) == pytest.approx(6.02 / 20, abs=0.02)  # +6 dB is seen

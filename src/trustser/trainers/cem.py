@@ -340,6 +340,10 @@ def train_cem(
         compute_metrics=_trainer_metrics(config.field_names),
     )
     train_out = trainer.train()
+    try:  # the Trainer's scratch directory stays empty (save_strategy="no")
+        (output_dir / "trainer").rmdir()
+    except OSError:
+        pass
     model.eval()
     report: dict[str, Any] = {
         "train_rows": int(len(features)),

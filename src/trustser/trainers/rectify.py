@@ -368,7 +368,11 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         try:
             audio_embeds, _, _ = self._audio(model, record["slm_inputs"])
             k = record["actions"].shape[1]
-            nll, _, emo_mask, _ = caption_token_nll(model, record["rect"], audio_embeds.repeat_interleave(k, dim=0))
+            rect = dict(record["rect"])
+            emo = rect["emotion_token_mask"]
+            if bool(emo.any(1).all()):  # the LM head is needed only from the emotion word on
+                rect["first_label"] = torch.tensor(int(emo.long().argmax(1).min()))
+            nll, _, emo_mask, _ = caption_token_nll(model, rect, audio_embeds.repeat_interleave(k, dim=0))
             return -emotion_cross_entropy(nll, emo_mask).view(-1, k)
         finally:
             model.train(was_training)

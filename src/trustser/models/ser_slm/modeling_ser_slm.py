@@ -138,13 +138,19 @@ class SerSlmModel(SerSlmPreTrainedModel):
 
     def _prosody_features(self, energy, f0, frame_mask: torch.Tensor, frames: int):
         """Raw-waveform streams -> (B, T, prosody_features), scaled to about unit range:
-        frame and utterance-mean log-energy; log2 F0 re 150 Hz, voicing, utterance-mean log2 F0."""
+        frame log-energy and active-speech level; log2 F0 re 150 Hz, voicing, utterance-mean log2 F0."""
         feats = []
         if self.config.sed_energy_stream:
             if energy is None:
                 raise ValueError("this SER-SLM uses the energy stream (sed_energy_stream=True): pass energy= from the processor")
+            # levels relative to the loudest frame decide what counts as speech, so a channel's noise
+            # floor (or digital silence) does not move the features: frames are floored at peak - 40 dB
+            # and the utterance level is the mean over active frames (within 25 dB of the peak)
             e = energy.to(torch.float32)
-            x, mean = self._track_features((e.clamp(min=-80.0) + 40.0) / 20.0, (e > ENERGY_FLOOR_DB + 1.0).float(), frames)
+            peak = e.max(-1, keepdim=True).values
+            floored = torch.maximum(e, peak - 40.0)
+            active = (e > peak - 25.0).float()
+            x, mean = self._track_features((floored + 40.0) / 20.0, active, frames)
             feats += [x, mean[:, None].expand_as(x)]
         if self.config.sed_f0_stream:
             if f0 is None:
@@ -258,7 +264,8 @@ class SerSlmModel(SerSlmPreTrainedModel):
 
 
 class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
-    _keys_to_ignore_on_load_unexpected = None
+    # applied only when config.tie_word_embeddings (set from the LLM's config by the presets)
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: SerSlmConfig):
         super().__init__(config)

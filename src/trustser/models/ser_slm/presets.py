@@ -176,6 +176,7 @@ def build_ser_slm(
         sed_vib_dim=sed_vib_dim, semantic_vib_dim=semantic_vib_dim, vib_hidden_size=vib_hidden_size,
         vib_beta=vib_beta, sed_energy_stream=sed_energy_stream, sed_f0_stream=sed_f0_stream,
         frame_downsample=frame_downsample, freeze_audio_tower=freeze_audio_tower,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     with torch.device("meta"):
