@@ -59,6 +59,7 @@ def build(args):
     with torch.device(DEVICE):
         model = SerSlmForConditionalGeneration(config)
     torch.set_default_dtype(torch.float32)
+    model.to(DEVICE)  # a few parameters (HuBERT's masked_spec_embed) ignore the device context
     model.model.audio_tower.requires_grad_(False)
     model = get_peft_model(model, lora_config_for_llm())
     build_s = time.time() - t0

@@ -43,8 +43,13 @@ class SerSlmVIBBranch(nn.Module):
         self.logvar = nn.Linear(hidden, latent)
 
     def forward(self, layers: torch.Tensor, extra: torch.Tensor | None = None):
-        # layers: (num_layers, B, T, D); each layer normalised so the weights compare like with like
-        layers = F.layer_norm(layers, layers.shape[-1:])
+        # layers: (>= num_layers, B, T, D): the last num_layers are the transformer layers' outputs
+        # (encoders differ on whether hidden_states also holds the embedding output: HuBERT-large's
+        # stable-layer-norm variant does not); each layer normalised so the weights compare like with like
+        n = self.layer_weights.numel()
+        if layers.shape[0] < n:
+            raise ValueError(f"the audio encoder returned {layers.shape[0]} hidden states, the VIB branch weighs {n}")
+        layers = F.layer_norm(layers[-n:], layers.shape[-1:])
         w = torch.softmax(self.layer_weights, dim=0).to(layers.dtype)
         x = torch.einsum("l,lbtd->btd", w, layers)
         if extra is not None:
@@ -101,10 +106,14 @@ def _audio_encoder_from_config(audio_config):
 class SerSlmModel(SerSlmPreTrainedModel):
     def __init__(self, config: SerSlmConfig):
         super().__init__(config)
+        # layerdrop (HuBERT/wav2vec2 default 0.1) skips encoder layers at random in training, which
+        # would leave the VIB branches' layer-weighted sum with a varying set of layers
+        if getattr(config.audio_config, "layerdrop", 0.0):
+            config.audio_config.layerdrop = 0.0
         self.audio_tower = _audio_encoder_from_config(config.audio_config)
         self.language_model = AutoModel.from_config(config.text_config)
         a = config.audio_config
-        num_layers = int(getattr(a, "num_hidden_layers", None) or getattr(a, "encoder_layers")) + 1
+        num_layers = int(getattr(a, "num_hidden_layers", None) or getattr(a, "encoder_layers"))
         width = int(getattr(a, "hidden_size", None) or getattr(a, "d_model"))
         extra = config.prosody_features
         self.sed_vib = SerSlmVIBBranch(num_layers, width, extra, config.vib_hidden_size, config.sed_vib_dim)
@@ -163,21 +172,48 @@ class SerSlmModel(SerSlmPreTrainedModel):
             feats += [x, v, mean[:, None].expand_as(x)]
         return torch.stack(feats, dim=-1) * frame_mask[..., None]
 
+    def _encoder_layers(self) -> nn.ModuleList:
+        """The audio encoder's stack of transformer layers (the ModuleList of num_hidden_layers blocks)."""
+        cached = getattr(self, "_encoder_layer_list", None)
+        if cached is not None:
+            return cached
+        n = self.sed_vib.layer_weights.numel()
+        candidates = [
+            (name.rsplit(".", 1)[-1] not in ("layers", "layer", "blocks", "h"), name.count("."), module)
+            for name, module in self.audio_tower.named_modules()
+            if isinstance(module, nn.ModuleList) and len(module) == n
+        ]
+        if candidates:  # prefer a list named like a transformer stack (not e.g. conv_layers), then the shallowest
+            module = min(candidates, key=lambda c: c[:2])[2]
+            object.__setattr__(self, "_encoder_layer_list", module)
+            return module
+        raise ValueError(f"cannot find the {n} transformer layers of the audio encoder {type(self.audio_tower).__name__}")
+
     def get_audio_features(self, input_features, feature_attention_mask=None, energy=None, f0=None):
         """Runs the encoder once. Returns ``(audio_embeds (B, N, H), audio_mask (B, N) bool, kl)``:
         pass ``audio_embeds`` (possibly ``repeat_interleave``-d) to ``forward`` to reuse them."""
         cfg = self.config
-        tower_kwargs = {"output_hidden_states": True, "return_dict": True}
+        tower_kwargs = {"return_dict": True}
         if feature_attention_mask is not None and getattr(cfg.audio_config, "feat_extract_norm", None) == "layer":
             tower_kwargs["attention_mask"] = feature_attention_mask
         param = next(self.audio_tower.parameters())
         input_features = input_features.to(device=param.device, dtype=param.dtype)
-        if cfg.freeze_audio_tower:
-            with torch.no_grad():
-                out = self.audio_tower(input_features, **tower_kwargs)
-        else:
-            out = self.audio_tower(input_features, **tower_kwargs)
-        layers = torch.stack(out.hidden_states, dim=0)  # (L+1, B, T, D)
+        # the layers' outputs are taken with forward hooks rather than output_hidden_states, whose
+        # content varies between encoders and transformers versions (seen: HuBERT-large's
+        # stable-layer-norm encoder returning a varying number of states)
+        captured: list[torch.Tensor] = []
+        hook = lambda _m, _i, out: captured.append(out[0] if isinstance(out, (tuple, list)) else out)  # noqa: E731
+        handles = [layer.register_forward_hook(hook) for layer in self._encoder_layers()]
+        try:
+            if cfg.freeze_audio_tower:
+                with torch.no_grad():
+                    self.audio_tower(input_features, **tower_kwargs)
+            else:
+                self.audio_tower(input_features, **tower_kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        layers = torch.stack(captured, dim=0)  # (L, B, T, D)
         _, batch, frames, _ = layers.shape
         frame_mask = self._encoder_frame_mask(feature_attention_mask, batch, frames, layers.device)
         extra = None
@@ -286,7 +322,7 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def get_audio_features(self, input_features, feature_attention_mask=None, energy=None, f0=None):
-        return self.model.get_audio_features(input_features, feature_attention_mask, energy)
+        return self.model.get_audio_features(input_features, feature_attention_mask, energy, f0)
 
     def forward(
         self,

@@ -99,7 +99,7 @@ def build_tiny_ser_slm(
     sed_energy_stream: bool = True,
     sed_f0_stream: bool = False,
     frame_downsample: int = 2,
-    vib_beta: float = 1e-3,
+    vib_beta: float = 1e-4,
     freeze_audio_tower: bool = False,
     seed: int = 0,
 ):
@@ -182,6 +182,8 @@ def build_ser_slm(
     with torch.device("meta"):
         model = SerSlmForConditionalGeneration(config)
     encoder = AutoModel.from_pretrained(audio_model, dtype=dtype, **from_pretrained_kwargs)
+    if getattr(encoder.config, "layerdrop", 0.0):  # see SerSlmModel: a fixed set of layers is weighed
+        encoder.config.layerdrop = 0.0
     if getattr(encoder.config, "is_encoder_decoder", False) and hasattr(encoder, "get_encoder"):
         encoder = encoder.get_encoder()
     lm = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype, **from_pretrained_kwargs)
