@@ -333,5 +333,21 @@ def test_prepare_cem_data_with_untrained_slm(tiny_slm, tiny_ds):
     data = prepare_cem_data(slm, proc, tiny_ds, batch_size=5, max_new_tokens=12)
     assert data["features"].shape == (5, 5 * slm.config.text_config.hidden_size)
     assert data["labels"].shape == (5, 5) and len(data["captions"]) == 5
-    # an untrained SLM produces gibberish: every descriptor unparseable -> wrong, features NaN
-    assert data["unparseable"] == 5 and (data["labels"] == 0).all() and np.isnan(data["features"]).all()
+    # an untrained SLM produces gibberish: every descriptor unparseable -> wrong (label 0); the
+    # utterance is still scored, teacher-forced with a placeholder value, so its features are finite
+    assert data["unparseable"] == 5 and (data["labels"] == 0).all() and np.isfinite(data["features"]).all()
+
+
+def test_prepare_cem_data_perturbed_labels_match_claims(tiny_slm, tiny_ds):
+    from trustser.descriptors import SED_FIELDS
+    from trustser.trainers.cem import prepare_cem_data_perturbed
+
+    slm, proc = tiny_slm
+    data = prepare_cem_data_perturbed(slm, proc, tiny_ds, corrupt_prob=0.5, batch_size=5, seed=3)
+    assert data["features"].shape == (5, 5 * slm.config.text_config.hidden_size) and np.isfinite(data["features"]).all()
+    for i, claimed in enumerate(data["claimed"]):
+        for j, f in enumerate(SED_FIELDS):
+            assert data["labels"][i, j] == float(claimed[f] == tiny_ds[f][i])
+    assert 0 < data["labels"].mean() < 1
+    again = prepare_cem_data_perturbed(slm, proc, tiny_ds, corrupt_prob=0.5, batch_size=5, seed=3)
+    assert again["claimed"] == data["claimed"]  # reproducible from the seed

@@ -234,7 +234,7 @@ class ExplainableSerPipeline(Pipeline):
         device = self.device
         prompts = proc(audio=audio, padding_side="left").to(device)
         audio_embeds, _, _ = model.get_audio_features(
-            prompts["input_features"], prompts["feature_attention_mask"], prompts.get("energy")
+            prompts["input_features"], prompts["feature_attention_mask"], prompts.get("energy"), prompts.get("f0")
         )
         max_new = max_new_tokens or getattr(model.generation_config, "max_new_tokens", None) or 96
         gen = model.generate(

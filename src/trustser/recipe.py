@@ -79,8 +79,8 @@ def stage_corpus(runner: StageRunner, cfg: RecipeConfig) -> tuple[str | None, St
         return None, None
     from .data.synthetic import synthesize_corpus
 
-    settings = {"seed": cfg.seed, "size": cfg.synth_size}
-    stage = runner.run("corpus", settings, lambda out: synthesize_corpus(out / "corpus", seed=cfg.seed, size=cfg.synth_size))
+    settings = {"seed": cfg.corpus_seed, "size": cfg.synth_size}
+    stage = runner.run("corpus", settings, lambda out: synthesize_corpus(out / "corpus", seed=cfg.corpus_seed, size=cfg.synth_size))
     return str(stage.path / "corpus"), stage
 
 
@@ -91,17 +91,24 @@ def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, ups
         from .annotation import annotate, annotation_report
         from .data import load_corpus
 
-        corpus = load_corpus(cfg.target_corpus, target_root, **cfg.target_options)
+        state = runner.state
+        with state.main_process_first():  # one process builds the datasets cache, the others read it
+            corpus = load_corpus(cfg.target_corpus, target_root, **cfg.target_options)
         splits = {s: corpus[s] for s in TARGET_SPLITS if s in corpus}
         reference = corpus["reference"] if "reference" in corpus else None
         import datasets
 
-        annotated = annotate(datasets.DatasetDict(splits), method=cfg.annotation_method, reference=reference, seed=cfg.seed)
-        annotated.save_to_disk(str(out / "data"))
-        atomic_write_json(out / "annotation_report.json", {s: annotation_report(annotated[s]) for s in annotated})
+        import os
 
-    settings = {"corpus": cfg.target_corpus, "root": target_root, "options": cfg.target_options, "method": cfg.annotation_method, "seed": cfg.seed}
-    return runner.run("annotate", settings, run, upstream)
+        annotated = annotate(datasets.DatasetDict(splits), method=cfg.annotation_method, reference=reference, seed=cfg.corpus_seed,
+                             num_proc=cfg.annotation_num_proc or max(1, (os.cpu_count() or 1) // state.num_processes))
+        if state.is_main_process:
+            annotated.save_to_disk(str(out / "data"))
+            atomic_write_json(out / "annotation_report.json", {s: annotation_report(annotated[s]) for s in annotated})
+
+    settings = {"corpus": cfg.target_corpus, "root": target_root, "options": cfg.target_options, "method": cfg.annotation_method, "seed": cfg.corpus_seed}
+    # every process annotates its shard (trustser.annotation gathers them)
+    return runner.run("annotate", settings, run, upstream, all_processes=True)
 
 
 def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pretrain_root: str, upstream: list[Stage]) -> Stage:
@@ -113,21 +120,22 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
         from .trainers.sft import SerSlmSFTTrainer
 
         set_seed(cfg.seed)
-        corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
+        with runner.state.main_process_first():
+            corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
         train = corpus[cfg.pretrain_split]
         labels = _emotion_labels(cfg.pretrain_corpus, train)
         if cfg.preset == "tiny":
             texts = list(train["text"])
             if cfg.target_corpus == cfg.pretrain_corpus and "train" in corpus:
                 texts += list(corpus["train"]["text"])
-            model, processor = build_tiny_ser_slm(texts, emotion_labels=labels, seed=cfg.seed)
+            model, processor = build_tiny_ser_slm(texts, emotion_labels=labels, seed=cfg.seed, sed_f0_stream=cfg.f0_stream)
         elif cfg.preset == "paper":
             model, processor = build_paper_ser_slm()
         else:
             raise ValueError(f"unknown preset {cfg.preset!r}: 'tiny' or 'paper'")
         args = _training_args(
             cfg, out / "trainer", max_steps=cfg.pretrain_max_steps, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_learning_rate,
-            sed_source="truth", with_sed=spec.with_sed,
+            sed_source="truth", with_sed=spec.with_sed, kl_warmup_steps=cfg.kl_warmup_steps,
         )
         trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
         trainer.train()
@@ -140,6 +148,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
         "corpus": cfg.pretrain_corpus, "root": cfg.pretrain_root or "synthetic", "split": cfg.pretrain_split, "preset": cfg.preset,
         "with_sed": spec.with_sed, "epochs": cfg.pretrain_epochs, "max_steps": cfg.pretrain_max_steps,
         "lr": cfg.pretrain_learning_rate, "batch": cfg.per_device_batch_size, "warmup": cfg.warmup_ratio, "seed": cfg.seed,
+        "kl_warmup": cfg.kl_warmup_steps, "f0": cfg.f0_stream,
     }
     return runner.run("pretrain", settings, run, upstream, all_processes=True)
 
@@ -149,20 +158,33 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
 
     def run(out: Path):
         from .data import load_corpus
-        from .trainers.cem import prepare_cem_data, train_cem
+        from .trainers.cem import prepare_cem_data, prepare_cem_data_perturbed, train_cem
 
         set_seed(cfg.seed)
         slm, processor = _load_model(pretrain.path / "model")
         corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
         ref = corpus[cfg.pretrain_split]
-        data = prepare_cem_data(slm, processor, ref, pooling=cfg.cem_pooling, batch_size=cfg.eval_batch_size)
+        if cfg.cem_max_samples and len(ref) > cfg.cem_max_samples:
+            ref = ref.shuffle(seed=cfg.seed).select(range(cfg.cem_max_samples))
+        if cfg.cem_training_captions == "perturbed":
+            data = prepare_cem_data_perturbed(slm, processor, ref, corrupt_prob=cfg.cem_corrupt_prob, pooling=cfg.cem_pooling,
+                                              batch_size=cfg.eval_batch_size, seed=cfg.seed)
+        elif cfg.cem_training_captions == "predicted":
+            data = prepare_cem_data(slm, processor, ref, pooling=cfg.cem_pooling, batch_size=cfg.eval_batch_size)
+        else:
+            raise ValueError(f"cem_training_captions must be 'perturbed' or 'predicted', got {cfg.cem_training_captions!r}")
+        # a held-out fifth of the reference utterances measures the CEM (AUC, NCE, ECE, reliability)
+        n_eval = max(1, len(ref) // 5)
+        feats, labels = data["features"], data["labels"]
         train_cem(
-            data["features"], data["labels"], output_dir=out / "cem", feature_pooling=cfg.cem_pooling,
+            feats[n_eval:], labels[n_eval:], eval_features=feats[:n_eval], eval_labels=labels[:n_eval],
+            output_dir=out / "cem", feature_pooling=cfg.cem_pooling,
             slm_hidden_size=slm.config.text_config.hidden_size, learning_rate=cfg.cem_learning_rate,
             seed=cfg.seed, training_args={"max_steps": cfg.cem_max_steps},
         )
 
-    settings = {"pooling": cfg.cem_pooling, "steps": cfg.cem_max_steps, "lr": cfg.cem_learning_rate, "seed": cfg.seed}
+    settings = {"pooling": cfg.cem_pooling, "steps": cfg.cem_max_steps, "lr": cfg.cem_learning_rate, "seed": cfg.seed, "samples": cfg.cem_max_samples, "eval_share": 0.2,
+                "captions": cfg.cem_training_captions, "corrupt": cfg.cem_corrupt_prob if cfg.cem_training_captions == "perturbed" else None}
     return runner.run("cem", settings, run, [pretrain])
 
 
@@ -173,17 +195,18 @@ def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated
         import datasets
 
         from .models.cem import ConfidenceEstimationModel
-        from .selection import select_by_confidence
+        from .selection import score_confidence, select_by_confidence
 
         slm, processor = _load_model(pretrain.path / "model")
         cem_model = ConfidenceEstimationModel.from_pretrained(cem.path / "cem")
         train = datasets.load_from_disk(str(annotated.path / "data"))[cfg.train_split]
-        select_by_confidence(
-            train, ratio=ratio, cem=cem_model, slm=slm, processor=processor, sed_source="auto",
-            batch_size=cfg.eval_batch_size, output_dir=out / "data",
-        )
+        # scoring is sharded over the processes and gathered; the selection is written once
+        scores, field_scores = score_confidence(cem_model, slm, processor, train, sed_source="auto",
+                                                batch_size=cfg.eval_batch_size, return_field_scores=True)
+        if runner.state.is_main_process:
+            select_by_confidence(train, scores, field_scores=field_scores, ratio=ratio, output_dir=out / "data")
 
-    return runner.run("select", {"ratio": ratio, "split": cfg.train_split}, run, [annotated, pretrain, cem])
+    return runner.run("select", {"ratio": ratio, "split": cfg.train_split}, run, [annotated, pretrain, cem], all_processes=True)
 
 
 def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, data: Stage, data_subdir: str, pretrain: Stage) -> Stage:

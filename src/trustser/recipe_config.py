@@ -12,7 +12,8 @@ from typing import Any
 class RecipeConfig:
     system: str = field(default="sys10", metadata={"help": "Which system of the paper's Table 1 (sys1..sys13) or Table 3 (v1..v5)."})
     output_dir: str = field(default="outputs", metadata={"help": "Root of all outputs: cached stages under <output_dir>/cache, this system's results under <output_dir>/<system>-seed<seed>."})
-    seed: int = field(default=0, metadata={"help": "Seed of every stage (corpus synthesis, training, sampling)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the training stages (initialisation, data order, policy sampling)."})
+    corpus_seed: int = field(default=0, metadata={"help": "Seed of the synthetic corpus (fixed across training seeds, so that seeds compare on the same data)."})
     # ---- data
     pretrain_corpus: str = field(default="synthetic", metadata={"help": "Corpus for SER-SLM pre-training and CEM training (reliable labels): 'synthetic' or 'speechcraft'."})
     pretrain_root: str | None = field(default=None, metadata={"help": "Root of the pre-training corpus; None with 'synthetic' synthesises it under the cache."})
@@ -27,19 +28,25 @@ class RecipeConfig:
     # ---- model
     preset: str = field(default="tiny", metadata={"help": "SER-SLM preset: 'tiny' (random init, CPU) or 'paper' (HuBERT-large + Llama-3.1-8B-Instruct with LoRA)."})
     # ---- pre-training
-    pretrain_epochs: float = field(default=2.0, metadata={"help": "SER-SLM pre-training epochs (the paper: 2)."})
-    pretrain_max_steps: int = field(default=-1, metadata={"help": "If > 0, overrides pretrain_epochs."})
-    pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for pre-training (tiny preset default)."})
-    per_device_batch_size: int = field(default=16, metadata={"help": "Per-device batch size of SER-SLM training."})
+    pretrain_epochs: float = field(default=2.0, metadata={"help": "SER-SLM pre-training epochs (the paper: 2); used when pretrain_max_steps <= 0."})
+    pretrain_max_steps: int = field(default=1200, metadata={"help": "If > 0, overrides pretrain_epochs (embedded default: 1200 steps, ~5 epochs of the synthetic reference split)."})
+    pretrain_learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate for pre-training (tiny preset default)."})
+    per_device_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of SER-SLM training."})
+    kl_warmup_steps: int = field(default=100, metadata={"help": "Steps over which the VIB KL weight ramps up from 0 (keeps the bottleneck from collapsing before the LM reads the audio)."})
+    f0_stream: bool = field(default=True, metadata={"help": "Tiny preset: feed the SED branch a Praat F0 stream besides the energy stream."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Warm-up ratio of the SLM's learning-rate schedule."})
     # ---- CEM and selection
     cem_max_steps: int = field(default=400, metadata={"help": "CEM training steps."})
+    cem_max_samples: int | None = field(default=1500, metadata={"help": "Reference utterances the pre-trained SLM captions for CEM training data (None: all)."})
     cem_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the CEM."})
+    cem_training_captions: str = field(default="perturbed", metadata={"help": "CEM training captions: 'perturbed' (reliable captions with descriptors replaced at random, matched to scoring annotated captions; our default) or 'predicted' (the SLM's own predictions, as the paper)."})
+    cem_corrupt_prob: float = field(default=0.3, metadata={"help": "With 'perturbed': probability that each descriptor is replaced."})
     cem_pooling: str = field(default="sed_tokens", metadata={"help": "CEM input pooling: 'sed_tokens' or 'mean'."})
     selection_ratio: float | None = field(default=None, metadata={"help": "Override the system's kept share (0-1]."})
     # ---- post-training
-    posttrain_max_steps: int = field(default=300, metadata={"help": "Domain post-training steps (the paper: 20k)."})
+    posttrain_max_steps: int = field(default=200, metadata={"help": "Domain post-training steps (the paper: 20k)."})
     posttrain_learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate for post-training."})
+    annotation_num_proc: int | None = field(default=None, metadata={"help": "Processes for annotation feature extraction (None: all cores)."})
     num_policies: int | None = field(default=None, metadata={"help": "Override the system's K (policies per utterance)."})
     controller_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the SED controller."})
     # ---- evaluation

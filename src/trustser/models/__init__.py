@@ -6,6 +6,14 @@ import importlib
 _MODEL_FOLDERS = ("ser_slm", "cem", "sed_controller")
 
 
+def register_config_and_model(config_cls, model_cls) -> None:
+    """AutoConfig + AutoModel registration of one model folder (idempotent)."""
+    from transformers import AutoConfig, AutoModel
+
+    AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    AutoModel.register(config_cls, model_cls, exist_ok=True)
+
+
 def register_auto_classes() -> None:
     for name in _MODEL_FOLDERS:
         full = f"{__name__}.{name}"

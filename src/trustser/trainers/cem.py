@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..descriptors import SED_FIELDS, build_caption, normalize_sed_value, parse_caption, sed_from_row
+from ..descriptors import SED_FIELDS, SED_VOCAB, build_caption, normalize_sed_value, parse_caption, sed_from_row
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,15 @@ def train_cem(
         logger.warning("train_cem: dropping %d rows with non-finite features", int((~finite).sum()))
         features, labels = features[finite], labels[finite]
     set_seed(seed)
-    idx, y_bal = balanced_sample(labels, mode=balance, num_pairs=num_pairs, seed=seed)
+    try:
+        idx, y_bal = balanced_sample(labels, mode=balance, num_pairs=num_pairs, seed=seed)
+    except ValueError as exc:  # e.g. an SLM that gets no utterance entirely right yet
+        fallback = "field" if balance == "utterance" else "none"
+        logger.warning("train_cem: %s; falling back to balance=%r", exc, fallback)
+        try:
+            idx, y_bal = balanced_sample(labels, mode=fallback, num_pairs=num_pairs, seed=seed)
+        except ValueError:
+            idx, y_bal = balanced_sample(labels, mode="none", seed=seed)
     x_bal = features[idx]
     if len(x_bal) < 2:
         raise ValueError(f"train_cem: only {len(x_bal)} training rows after balancing")
@@ -535,8 +543,11 @@ def prepare_cem_data(slm, processor, dataset, *, pooling: str = DEFAULT_POOLING,
     cols = dataset.select_columns(list(SED_FIELDS))[:]
     reference = [{f: cols[f][i] for f in SED_FIELDS} for i in range(len(dataset))]
     labels = correctness_labels(predicted, reference)
+    # a descriptor the SLM did not produce counts as wrong (label 0); to still score the utterance,
+    # the caption is teacher-forced with the field's first vocabulary value in its place
+    filled = [{f: (p.get(f) or SED_VOCAB[f][0]) for f in SED_FIELDS} for p in predicted]
     features = extract_cem_features(slm, processor, dataset, sed_source="predicted", pooling=pooling,
-                                    batch_size=batch_size, sed=predicted)
+                                    batch_size=batch_size, sed=filled)
     return {
         "features": features,
         "labels": labels,
@@ -544,3 +555,30 @@ def prepare_cem_data(slm, processor, dataset, *, pooling: str = DEFAULT_POOLING,
         "predicted": predicted,
         "unparseable": int(sum(any(v is None for v in p.values()) for p in predicted)),
     }
+
+
+def prepare_cem_data_perturbed(slm, processor, dataset, *, corrupt_prob: float = 0.3, pooling: str = DEFAULT_POOLING,
+                               batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
+    """CEM training data matched to how selection uses the CEM (our option; the paper's is
+    :func:`prepare_cem_data`): each reliable caption's descriptors are replaced, field by field with
+    probability ``corrupt_prob``, by another value of the field (uniformly), and the CEM learns
+    whether each *claimed* descriptor is right from the SLM's states teacher-forced with it. At
+    selection the CEM reads annotated captions (claims made by the annotator, not by the SLM), so
+    training on claims the SLM did not make avoids the shift between the two."""
+    rng = np.random.default_rng(seed)
+    cols = dataset.select_columns(list(SED_FIELDS))[:]
+    claimed, labels = [], np.ones((len(dataset), len(SED_FIELDS)), dtype=np.float32)
+    for i in range(len(dataset)):
+        row = {}
+        for j, f in enumerate(SED_FIELDS):
+            true = cols[f][i]
+            if rng.random() < corrupt_prob:
+                others = [v for v in SED_VOCAB[f] if v != true]
+                row[f] = others[int(rng.integers(len(others)))]
+                labels[i, j] = 0.0
+            else:
+                row[f] = true
+        claimed.append(row)
+    features = extract_cem_features(slm, processor, dataset, sed_source="predicted", pooling=pooling,
+                                    batch_size=batch_size, sed=claimed)
+    return {"features": features, "labels": labels, "claimed": claimed}

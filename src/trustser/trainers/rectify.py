@@ -292,7 +292,7 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
     def _audio(self, model, inputs):
         unwrapped = self.accelerator.unwrap_model(model)
         return unwrapped.get_audio_features(
-            inputs["input_features"], inputs.get("feature_attention_mask"), inputs.get("energy")
+            inputs["input_features"], inputs.get("feature_attention_mask"), inputs.get("energy"), inputs.get("f0")
         )
 
     # ---------------------------------------------------------------------------- SLM step
@@ -330,7 +330,7 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                     record["rewards"] = -emo_ce.view(b, k)
                 else:  # recomputed after the optimizer step: keep what the forward needs
                     record["slm_inputs"] = {
-                        key: inputs[key] for key in ("input_features", "feature_attention_mask", "energy") if inputs.get(key) is not None
+                        key: inputs[key] for key in ("input_features", "feature_attention_mask", "energy", "f0") if inputs.get(key) is not None
                     }
                     record["rect"] = rect
                 self._pending.append(record)

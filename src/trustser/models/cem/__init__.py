@@ -6,16 +6,9 @@ from .modeling_cem import CemOutput, ConfidenceEstimationModel
 
 def register() -> None:
     """Adds the CEM to transformers' AutoConfig / AutoModel (idempotent)."""
-    from transformers import AutoConfig, AutoModel
+    from .. import register_config_and_model
 
-    try:
-        AutoConfig.register(CemConfig.model_type, CemConfig)
-    except ValueError:  # already registered
-        pass
-    try:
-        AutoModel.register(CemConfig, ConfidenceEstimationModel)
-    except ValueError:
-        pass
+    register_config_and_model(CemConfig, ConfidenceEstimationModel)
 
 
 __all__ = ["CemConfig", "ConfidenceEstimationModel", "CemOutput", "CEM_POOLINGS", "register"]

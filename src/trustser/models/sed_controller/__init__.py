@@ -17,37 +17,14 @@ from .modeling_sed_controller import (
     sample_policies,
     sed_to_ids,
 )
+from .modeling_sed_controller import __all__ as _modeling_all
 
 
 def register() -> None:
     """Adds the controller to AutoConfig/AutoModel (idempotent)."""
-    from transformers import AutoConfig, AutoModel
+    from .. import register_config_and_model
 
-    try:
-        AutoConfig.register(SedControllerConfig.model_type, SedControllerConfig)
-    except ValueError:  # already registered
-        pass
-    try:
-        AutoModel.register(SedControllerConfig, SedController)
-    except ValueError:
-        pass
+    register_config_and_model(SedControllerConfig, SedController)
 
 
-__all__ = [
-    "SedControllerConfig",
-    "SedController",
-    "SedControllerOutput",
-    "SedControllerPreTrainedModel",
-    "PolicySample",
-    "sample_policies",
-    "modify_labels",
-    "action_log_probs",
-    "bernoulli_entropy",
-    "group_normalize",
-    "clipped_policy_loss",
-    "sed_to_ids",
-    "ids_to_sed",
-    "RETAIN",
-    "MODIFY",
-    "register",
-]
+__all__ = ["SedControllerConfig", *_modeling_all, "register"]

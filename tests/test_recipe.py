@@ -1,0 +1,77 @@
+"""End to end: the recipe runner on the small synthetic corpus (the same code path as
+`accelerate launch recipes/sys10.py`, with few steps)."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from trustser.descriptors import SED_FIELDS
+from trustser.recipe import run_system
+from trustser.recipe_config import RecipeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _quick(tmp_path, corpus, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"), target_root=str(corpus), pretrain_root=str(corpus), synth_size="small",
+        pretrain_max_steps=12, cem_max_steps=10, cem_max_samples=48, posttrain_max_steps=3, per_device_batch_size=4,
+        max_eval_samples=12, tsne_samples=24, eval_batch_size=12, annotation_num_proc=1,
+    )
+    base.update(kw)
+    return RecipeConfig(**base)
+
+
+def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
+    cfg = _quick(tmp_path, synthetic_small, system="sys9", num_policies=2)
+    res = run_system(cfg)
+    run_dir = tmp_path / "out" / "sys9-seed0"
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["system"]["name"] == "sys9" and saved["system"]["rectify"] is True
+    m = saved["test"]["synthetic"]
+    assert m["n"] == 12
+    for key in ("wa", "ua", "weighted_f1", "unparseable_rate"):
+        assert 0.0 <= m[key] <= 1.0
+    assert set(m["sed_accuracy"]) <= set(SED_FIELDS)
+    assert saved["settings"]["num_policies_used"] == 2 and saved["seed"] == 0
+    assert saved["annotation"]["train"]["rows"] == 120
+    names = [s["name"] for s in saved["stages"]]
+    assert names == ["annotate", "pretrain", "posttrain"]
+    assert res["test"]["synthetic"]["wa"] == m["wa"]
+    for png in ("confusion_matrix.png", "tsne.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    report = (run_dir / "report.md").read_text()
+    assert "# trustser sys9" in report and "UA (balanced accuracy)" in report
+    post = Path(next(s["path"] for s in saved["stages"] if s["name"] == "posttrain"))
+    assert (post / "controller" / "model.safetensors").exists() or any((post / "controller").glob("*.safetensors"))
+    # Sys. 4 shares the annotation and the pre-trained SLM: only its own post-training runs
+    res4 = run_system(replace(cfg, system="sys4"))
+    reused = {s["name"]: s["reused"] for s in res4["stages"]}
+    assert reused == {"annotate": True, "pretrain": True, "posttrain": False}
+    assert res4["system"]["rectify"] is False
+
+
+@pytest.mark.slow
+def test_sys10_two_cpu_processes(tmp_path, synthetic_small):
+    """`accelerate launch` with two CPU processes runs the whole Sys. 10 (CEM, selection, RL)."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu.yaml"),
+        str(REPO / "recipes/sys10.py"), "--output_dir", str(out), "--target_root", str(synthetic_small),
+        "--pretrain_root", str(synthetic_small), "--pretrain_max_steps", "16", "--cem_max_steps", "10",
+        "--cem_max_samples", "48", "--posttrain_max_steps", "3", "--per_device_batch_size", "4",
+        "--max_eval_samples", "12", "--tsne_samples", "24", "--num_policies", "2", "--annotation_num_proc", "1",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = json.loads((out / "sys10-seed0" / "results.json").read_text())
+    assert [s["name"] for s in saved["stages"]] == ["annotate", "pretrain", "cem", "select", "posttrain"]
+    sel = saved["selection"]
+    assert sel is not None and sel["n_selected"] == 108  # 90% of the 120 train utterances
+    assert saved["cem"] is not None
