@@ -57,7 +57,7 @@ def main(argv=None):
     header = (
         f"| Sys | SED | domain SFT | kept | RL rectification | WA % | UA % | wF1 % | "
         + " | ".join(f"{f} acc %" for f in SED_FIELDS)
-        + " | paper IEMOCAP | paper MELD |\n|" + "---|" * (11 + len(SED_FIELDS))
+        + " | paper IEMOCAP | paper MELD |\n|" + "---|" * (10 + len(SED_FIELDS))
     )
     table = f"{header}\n" + "\n".join(rows) + f"\n\n{own.seeds} seeds (0..{own.seeds - 1}), mean ± std; corpus {base.target_corpus} ({base.test_split}).\n"
     print(table)

@@ -43,7 +43,7 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
     names = [s["name"] for s in saved["stages"]]
     assert names == ["annotate", "pretrain", "posttrain"]
     assert res["test"]["synthetic"]["wa"] == m["wa"]
-    for png in ("confusion_matrix.png", "tsne.png"):
+    for png in ("confusion_matrix.png", "tsne.png", "rectification.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     report = (run_dir / "report.md").read_text()
     assert "# trustser sys9" in report and "UA (balanced accuracy)" in report

@@ -93,3 +93,35 @@ def plot_tsne(model, processor, dataset, path: str | Path, *, max_samples: int =
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+def plot_rectification(log_history: Sequence[dict], path: str | Path, *, title: str = "") -> Path | None:
+    """Rectification over post-training from the trainer's log history: accuracy of the rectified
+    descriptor labels vs the annotation's on the same batches (when the data has ground truth),
+    and the controller's modify rate per field."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [h for h in log_history if "rectify/label_accuracy" in h or "rectify/modify_rate_pitch" in h]
+    if not rows:
+        return None
+    steps = [h.get("step", i) for i, h in enumerate(rows)]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("rectify/label_accuracy", "rectified labels"), ("rectify/annotation_accuracy", "annotated labels")):
+        ys = [h.get(key) for h in rows]
+        if any(y is not None for y in ys):
+            a1.plot(steps, ys, marker="o", ms=3, label=label)
+    a1.set_xlabel("step")
+    a1.set_ylabel("descriptor accuracy vs ground truth")
+    a1.legend(fontsize=8)
+    for f in ("pitch", "volume", "speed", "gender", "age"):
+        a2.plot(steps, [h.get(f"rectify/modify_rate_{f}") for h in rows], label=f)
+    a2.set_xlabel("step")
+    a2.set_ylabel("modify rate")
+    a2.legend(fontsize=8)
+    fig.suptitle(title)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

@@ -286,7 +286,7 @@ def write_report(results: dict, path: Path) -> None:
         lines += [f"## Test: {corpus} ({m['n']} utterances)", "", "| metric | value |", "|---|---|"]
         lines += [f"| WA (accuracy) | {m['wa']:.4f} |", f"| UA (balanced accuracy) | {m['ua']:.4f} |", f"| weighted F1 | {m['weighted_f1']:.4f} |",
                   f"| unparseable captions | {m['unparseable_rate']:.4f} |"]
-        lines += [f"| SED accuracy: {f} | {m['sed_accuracy'].get(f, float('nan')):.4f} |" for f in SED_FIELDS]
+        lines += [f"| SED accuracy: {f} | {m.get('sed_accuracy', {}).get(f, float('nan')):.4f} |" for f in SED_FIELDS]
         lines.append("")
         if spec.get("paper_iemocap") is not None:
             lines.append(f"The paper reports {spec['paper_iemocap']}% (IEMOCAP) and {spec['paper_meld']}% (MELD) for this system.")
@@ -299,7 +299,8 @@ def write_report(results: dict, path: Path) -> None:
         lines += ["## Rectification (last logged values)", "", "```json", json.dumps(results["rectification"], indent=1)[:3000], "```", ""]
     lines += ["## Stages", "", "| stage | key | reused | seconds |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['key']} | {s['reused']} | {s.get('seconds', '')} |" for s in results["stages"]]
-    lines += ["", "Plots: `confusion_matrix.png`, `tsne.png` (last hidden states coloured by emotion, the paper's Figure 2).", ""]
+    lines += ["", "Plots: `confusion_matrix.png`, `tsne.png` (last hidden states coloured by emotion, the paper's Figure 2)"
+              + (", `rectification.png` (rectified vs annotated label accuracy, modify rates)." if spec["rectify"] else "."), ""]
     atomic_write_text(path, "\n".join(lines))
 
 
@@ -371,6 +372,11 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
             "stages": [{"name": s.name, "key": s.key, "reused": s.reused, "path": str(s.path), "seconds": s.record().get("seconds")} for s in runner.stages],
             "wall_seconds": round(time.time() - started, 1),
         }
+        if post is not None and spec.rectify:
+            from .plots import plot_rectification
+
+            plot_rectification(_read_json(post.path / "log_history.json") or [], run_dir / "rectification.png",
+                               title=f"{spec.name}: on-the-fly SED rectification")
         atomic_write_json(run_dir / "results.json", results)
         write_report(results, run_dir / "report.md")
         logger.info("results written to %s", run_dir)

@@ -277,6 +277,14 @@ def _bin_tables(tables: list, speakers: list, method, *, unified_thresholds, ada
     return out
 
 
+def _bin_splits(tables: dict, speakers: dict, names: list, method, *, speaker_scope: str, **kw) -> dict[str, dict[str, list[str]]]:
+    """Words per split: speaker statistics pooled over all splits (``speaker_scope="corpus"``,
+    speaker_adaptive only) or each split binned as its own population."""
+    if method == "speaker_adaptive" and speaker_scope == "corpus":
+        return dict(zip(names, _bin_tables([tables[n] for n in names], [speakers[n] for n in names], method, **kw)))
+    return {n: _bin_tables([tables[n]], [speakers[n]], method, **kw)[0] for n in names}
+
+
 def _calibrate(method, ref_table, reference, speaker_column):
     from .binning import fit_adaptive_config, fit_unified_thresholds
 
@@ -374,11 +382,8 @@ def annotate(
         tables[name] = _distributed_pass1(ds, backends, reuse, num_proc=num_proc, batch_size=batch_size, voice=voice, audio_column=audio_column, text_column=text_column)
         speakers[name] = [str(s) for s in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds)
     names = list(splits)
-    kw = dict(unified_thresholds=unified_thresholds, adaptive_config=adaptive_config, vote=speaker_traits)
-    if method == "speaker_adaptive" and speaker_scope == "corpus":
-        words = dict(zip(names, _bin_tables([tables[n] for n in names], [speakers[n] for n in names], method, **kw)))
-    else:
-        words = {n: _bin_tables([tables[n]], [speakers[n]], method, **kw)[0] for n in names}
+    words = _bin_splits(tables, speakers, names, method, speaker_scope=speaker_scope, unified_thresholds=unified_thresholds,
+                        adaptive_config=adaptive_config, vote=speaker_traits)
 
     out = {}
     for name, ds in splits.items():
@@ -433,11 +438,8 @@ def rebin(
         adaptive_config = cal_a or adaptive_config
     speakers = {n: ([str(x) for x in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds)) for n, ds in splits.items()}
     names = list(splits)
-    kw = dict(unified_thresholds=unified_thresholds, adaptive_config=adaptive_config, vote=speaker_traits)
-    if method == "speaker_adaptive" and speaker_scope == "corpus":
-        words = dict(zip(names, _bin_tables([tables[n] for n in names], [speakers[n] for n in names], method, **kw)))
-    else:
-        words = {n: _bin_tables([tables[n]], [speakers[n]], method, **kw)[0] for n in names}
+    words = _bin_splits(tables, speakers, names, method, speaker_scope=speaker_scope, unified_thresholds=unified_thresholds,
+                        adaptive_config=adaptive_config, vote=speaker_traits)
     out = {}
     for name, ds in splits.items():
         fields = SED_FIELDS if speaker_traits else ("pitch", "volume", "speed")
