@@ -92,3 +92,25 @@ def test_systems_table_matches_paper():
     assert [get_system(f"v{i}").num_policies for i in range(1, 6)] == [2, 4, 6, 8, 10]
     with pytest.raises(KeyError, match="unknown system"):
         get_system(14)
+
+
+def test_wrong_model_directory_is_a_clear_error(tmp_path):
+    """Issue 9: a model directory of the wrong type names the directory and the problem."""
+    import torch
+
+    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.models.ser_slm import SerSlmForConditionalGeneration
+
+    torch.manual_seed(0)
+    cem_dir = tmp_path / "cem"
+    ConfidenceEstimationModel(CemConfig(input_size=8)).save_pretrained(cem_dir)
+    with pytest.raises(ValueError, match=r"cem.*holds a 'trustser_cem' checkpoint, not a SerSlmForConditionalGeneration"):
+        SerSlmForConditionalGeneration.from_pretrained(cem_dir)
+    with pytest.raises(ValueError, match="not a SedController"):
+        SedController.from_pretrained(cem_dir)
+    ctrl_dir = tmp_path / "controller"
+    SedController(SedControllerConfig()).save_pretrained(ctrl_dir)
+    with pytest.raises(ValueError, match="not a ConfidenceEstimationModel"):
+        ConfidenceEstimationModel.from_pretrained(ctrl_dir)
+    assert isinstance(ConfidenceEstimationModel.from_pretrained(cem_dir), ConfidenceEstimationModel)

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..loading import CheckedFromPretrainedMixin
 from .configuration_cem import CemConfig
 
 
@@ -39,7 +40,7 @@ class CemHiddenLayer(nn.Module):
         return self.dropout(self.act(self.norm(self.linear(x))))
 
 
-class CemPreTrainedModel(PreTrainedModel):
+class CemPreTrainedModel(CheckedFromPretrainedMixin, PreTrainedModel):
     config_class = CemConfig
     config: CemConfig
     base_model_prefix = "cem"

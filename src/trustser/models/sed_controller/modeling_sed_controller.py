@@ -20,6 +20,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ...descriptors import SED_FIELDS, SED_VOCAB, normalize_sed_value
+from ..loading import CheckedFromPretrainedMixin
 from .configuration_sed_controller import SedControllerConfig
 
 RETAIN, MODIFY = 0, 1
@@ -180,7 +181,7 @@ class SedControllerOutput(ModelOutput):
     summary: torch.Tensor | None = None
 
 
-class SedControllerPreTrainedModel(PreTrainedModel):
+class SedControllerPreTrainedModel(CheckedFromPretrainedMixin, PreTrainedModel):
     config: SedControllerConfig
     config_class = SedControllerConfig
     base_model_prefix = "controller"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -93,6 +93,22 @@ class SerSlmPreTrainedModel(PreTrainedModel):
             init.zeros_(module.layer_weights)
             # start with little noise: the sample is close to mu until the KL term says otherwise
             init.constant_(module.logvar.bias, -6.0)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # a checkpoint of another type is an error naming the directory, not a random-initialised
+        # model (kept inline, not imported from trustser: this file also ships as remote code)
+        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            try:
+                found = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **{
+                    k: kwargs[k] for k in ("subfolder", "revision", "token", "cache_dir", "local_files_only") if k in kwargs
+                })[0].get("model_type")
+            except (OSError, ValueError):
+                found = None
+            if found is not None and found != cls.config_class.model_type:
+                raise ValueError(f"{pretrained_model_name_or_path}: holds a {found!r} checkpoint, not a {cls.__name__} "
+                                 f"(model_type {cls.config_class.model_type!r}); point to the right directory")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 def _audio_encoder_from_config(audio_config):
