@@ -162,7 +162,6 @@ def _plot(curve, ann_acc, result, path):
     import numpy as np
 
     from trustser.descriptors import SED_FIELDS
-    from trustser.utils import atomic_write_text  # noqa: F401  (atomic save below)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]

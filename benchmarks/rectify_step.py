@@ -31,7 +31,6 @@ from transformers import TrainerCallback
 
 from trustser.descriptors import EMOTION_LABELS, SED_FIELDS, SED_VOCAB
 from trustser.models.ser_slm import build_tiny_ser_slm
-from trustser.models.sed_controller import ids_to_sed
 from trustser.trainers.rectify import SEDRectifyTrainer, emotion_cross_entropy
 from trustser.trainers.rectify_config import SEDRectifyConfig
 from trustser.trainers.sft import SerSlmSFTConfig, SerSlmSFTTrainer

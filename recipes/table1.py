@@ -55,7 +55,7 @@ def main(argv=None):
     if not rows:
         return 0
     header = (
-        f"| Sys | SED | domain SFT | kept | RL rectification | WA % | UA % | wF1 % | "
+        "| Sys | SED | domain SFT | kept | RL rectification | WA % | UA % | wF1 % | "
         + " | ".join(f"{f} acc %" for f in SED_FIELDS)
         + " | paper IEMOCAP | paper MELD |\n|" + "---|" * (10 + len(SED_FIELDS))
     )

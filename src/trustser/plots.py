@@ -68,7 +68,7 @@ def prompt_hidden_states(model, processor, dataset, *, batch_size: int = 32) -> 
     return np.concatenate(feats) if feats else np.zeros((0, 0), dtype=np.float32)
 
 
-def plot_tsne(model, processor, dataset, path: str | Path, *, max_samples: int = 600, seed: int = 0, title: str = "", **_) -> Path:
+def plot_tsne(model, processor, dataset, path: str | Path, *, max_samples: int = 600, seed: int = 0, title: str = "") -> Path:
     """t-SNE (scikit-learn) of last hidden states, coloured by reference emotion."""
     import matplotlib
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -272,7 +271,7 @@ def evaluate_system(cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target
     cm = metrics["confusion_matrix"]
     plot_confusion_matrix(cm["matrix"], cm["labels"], out_dir / "confusion_matrix.png", title=f"{spec.name} on {cfg.target_corpus} {cfg.test_split}")
     plot_tsne(model, processor, test, out_dir / "tsne.png", max_samples=cfg.tsne_samples, seed=cfg.seed,
-              with_sed=spec.with_sed, title=f"{spec.name}: last hidden states ({cfg.target_corpus} {cfg.test_split})")
+              title=f"{spec.name}: last hidden states ({cfg.target_corpus} {cfg.test_split})")
     return metrics
 
 
@@ -311,7 +310,6 @@ def _read_json(path: Path):
 def _rectification_summary(log_history: list[dict] | None) -> dict | None:
     if not log_history:
         return None
-    keys = [k for k in log_history[-2].keys()] if len(log_history) > 1 else []
     last = {}
     for entry in log_history:
         for k, v in entry.items():

@@ -173,6 +173,15 @@ def speaker_zscores(values, speakers: Sequence[str], groups: Sequence[str] | Non
     return z
 
 
+def _speaker_z(values, log: bool, speakers, genders, min_utterances) -> np.ndarray:
+    """Per-speaker z-scores of one feature (of its logarithm for ratio-scale features)."""
+    v = _arr(values)
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = np.where(v > 0, np.log(v), np.nan)
+    return speaker_zscores(v, speakers, genders, min_utterances)
+
+
 def speaker_adaptive(
     features: Mapping[str, Sequence],
     speakers: Sequence[str],
@@ -182,11 +191,7 @@ def speaker_adaptive(
     cfg = config or AdaptiveConfig()
     out = {}
     for name, feat in FEATURE_FOR_FIELD.items():
-        v = _arr(features[feat])
-        if name in cfg.log_fields:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                v = np.where(v > 0, np.log(v), np.nan)
-        z = speaker_zscores(v, speakers, genders, cfg.min_utterances)
+        z = _speaker_z(features[feat], name in cfg.log_fields, speakers, genders, cfg.min_utterances)
         out[name] = cut(z, *cfg.z_thresholds[name], WORDS_FOR_FIELD[name])
     return out
 
@@ -238,11 +243,7 @@ def fit_adaptive_config(
     cfg = base or AdaptiveConfig()
     z_thr = {}
     for name, feat in FEATURE_FOR_FIELD.items():
-        v = _arr(features[feat])
-        if name in cfg.log_fields:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                v = np.where(v > 0, np.log(v), np.nan)
-        z = speaker_zscores(v, speakers, genders, cfg.min_utterances)
+        z = _speaker_z(features[feat], name in cfg.log_fields, speakers, genders, cfg.min_utterances)
         z_thr[name] = prior_edges(z, labels[name], WORDS_FOR_FIELD[name])
     return AdaptiveConfig(z_thresholds=z_thr, min_utterances=cfg.min_utterances, log_fields=cfg.log_fields)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..descriptors import map_emotion
 from .schema import CorpusStats, build_dataset_dict, file_manifest, make_row, require_dir, seeded_fraction
 
 SESSIONS = (1, 2, 3, 4, 5)
@@ -99,15 +98,8 @@ def load_iemocap(
         for eval_file in sorted(p for p in eval_dir.iterdir() if p.is_file() and p.suffix == ".txt" and not p.name.startswith(".")):
             read_files.append(eval_file)
             for utt, code, lineno in parse_emo_evaluation(eval_file, stats):
-                stats.labelled += 1
-                try:
-                    emotion = map_emotion("iemocap", code)
-                except KeyError:
-                    stats.unknown_labels[code] += 1
-                    stats.bad_line(eval_file, lineno, f"unknown IEMOCAP label {code!r}")
-                    continue
+                emotion = stats.map_label("iemocap", code, eval_file, lineno)
                 if emotion is None:
-                    stats.dropped_labels[code.lower()] += 1
                     continue
                 if utt in seen:
                     stats.bad_line(eval_file, lineno, f"duplicate utterance {utt}")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..descriptors import map_emotion
 from ..utils import TARGET_SR
 from .schema import CorpusStats, build_dataset_dict, file_manifest, make_row, require_dir, wav_bytes
 
@@ -150,15 +149,8 @@ def load_meld(
                 stats.bad_line(csv_path, lineno, f"Dialogue_ID/Utterance_ID not integers: {row.get('Dialogue_ID')!r}/{row.get('Utterance_ID')!r}")
                 continue
             raw_label = (row["Emotion"] or "").strip()
-            stats.labelled += 1
-            try:
-                emotion = map_emotion("meld", raw_label)
-            except KeyError:
-                stats.unknown_labels[raw_label] += 1
-                stats.bad_line(csv_path, lineno, f"unknown MELD emotion {raw_label!r}")
-                continue
+            emotion = stats.map_label("meld", raw_label, csv_path, lineno)
             if emotion is None:
-                stats.dropped_labels[raw_label.lower()] += 1
                 continue
             uid = f"{split}_dia{dia}_utt{utt}"
             if uid in seen:

@@ -95,6 +95,22 @@ class CorpusStats:
     notes: list = field(default_factory=list)
     splits: dict = field(default_factory=dict)
 
+    def map_label(self, corpus: str, raw: str, path: str | os.PathLike, lineno: int) -> str | None:
+        """Canonical emotion of a labelled line; None (counted and reported) for labels the
+        protocol drops or the corpus does not define."""
+        from ..descriptors import map_emotion
+
+        self.labelled += 1
+        try:
+            emotion = map_emotion(corpus, raw)
+        except KeyError:
+            self.unknown_labels[raw] += 1
+            self.bad_line(path, lineno, f"unknown {corpus.upper()} emotion label {raw!r}")
+            return None
+        if emotion is None:
+            self.dropped_labels[raw.lower()] += 1
+        return emotion
+
     def bad_line(self, path: str | os.PathLike, lineno: int, reason: str) -> None:
         msg = f"{path}:{lineno}: {reason}"
         self.unparseable.append(msg)
