@@ -3,6 +3,7 @@ accuracy (how trustworthy the explanation is) and the rate of captions that coul
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -10,12 +11,9 @@ import torch
 
 from .descriptors import SED_FIELDS, parse_caption
 
+logger = logging.getLogger(__name__)
+
 UNPARSED = "<unparsed>"
-
-
-def _rows(dataset, start: int, stop: int):
-    batch = dataset[start:stop]
-    return [{k: batch[k][i] for k in batch} for i in range(stop - start)]
 
 
 @torch.no_grad()
@@ -28,31 +26,52 @@ def generate_captions(
     max_new_tokens: int | None = None,
     audio_column: str = "audio",
     progress: bool = False,
-) -> list[str]:
-    """Greedy, batched caption generation (left-padded prompts) for every row of ``dataset``."""
-    from .trainers.sft import decode_audio
+    errors: str = "raise",
+    return_errors: bool = False,
+):
+    """Greedy, batched caption generation (left-padded prompts) for every row of ``dataset``.
 
+    A row whose audio cannot be used (unreadable or empty file, NaN samples, invalid sampling
+    rate) raises AudioError naming the row and file (``errors="raise"``), or, with
+    ``errors="skip"``, gets the caption None and the run continues. ``return_errors``: also return
+    ``{row index: message}`` of the skipped rows."""
+    from .trainers.sft import read_rows
+    from .utils import AudioError
+
+    if errors not in ("raise", "skip"):
+        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
     model.eval()
     device = next(model.parameters()).device
     max_new_tokens = max_new_tokens or getattr(model.generation_config, "max_new_tokens", None) or 96
     tok = processor.tokenizer
-    out: list[str] = []
+    out: list[str | None] = []
+    failed: dict[int, str] = {}
     starts = range(0, len(dataset), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="generate", unit="batch")
     for s in starts:
-        rows = _rows(dataset, s, min(len(dataset), s + batch_size))
-        audio = [decode_audio(r[audio_column], r.get("id", "?")) for r in rows]
-        inputs = processor(audio=audio, padding_side="left")
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        gen = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )
-        out.extend(s.strip() for s in tok.batch_decode(gen[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-    return out
+        idx = list(range(s, min(len(dataset), s + batch_size)))
+        _, audio, errs = read_rows(dataset, idx, audio_column)
+        for i, e in zip(idx, errs):
+            if e is not None:
+                if errors == "raise":
+                    raise AudioError(e)
+                logger.warning("skipped: %s", e)
+                failed[i] = e
+        good = [a for a in audio if a is not None]
+        texts = iter([])
+        if good:
+            inputs = processor(audio=good, padding_side="left")
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            gen = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            )
+            texts = iter(tok.batch_decode(gen[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        out.extend(None if a is None else next(texts).strip() for a in audio)
+    return (out, failed) if return_errors else out
 
 
 def ser_metrics(y_true: Sequence[str], y_pred: Sequence[str], emotion_labels: Sequence[str]) -> dict[str, Any]:
@@ -87,20 +106,35 @@ def evaluate_ser(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Generates (or takes) captions for ``dataset`` and scores them. SED accuracy is measured
-    against the ``<field>`` (``sed_source="truth"``) or ``<field>_auto`` columns, where present."""
+    against the ``<field>`` (``sed_source="truth"``) or ``<field>_auto`` columns, where present.
+
+    Rows whose audio cannot be used (unreadable/empty file, NaN samples, ...) are skipped, not
+    fatal: they are left out of every metric and listed in ``skipped`` (``[{"id", "error"}]``,
+    ``n_skipped``); ``n`` counts the evaluated rows. No usable row at all is a ValueError."""
     if sed_source not in ("truth", "auto"):
         raise ValueError(f"sed_source must be 'truth' or 'auto', got {sed_source!r}")
+    y_true_all = list(dataset["emotion"])
+    ids = list(dataset["id"]) if "id" in dataset.column_names else list(range(len(dataset)))
+    unknown = sorted(set(y_true_all) - set(emotion_labels))
+    if unknown:
+        rows = [str(i) for i, e in zip(ids, y_true_all) if e in unknown][:5]
+        raise ValueError(f"reference emotions {unknown} (rows {', '.join(rows)}{', ...' if len(rows) == 5 else ''}) "
+                         f"are not in emotion_labels {list(emotion_labels)}")
+    failed: dict[int, str] = {}
     if captions is None:
-        captions = generate_captions(
-            model, processor, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress
+        captions, failed = generate_captions(
+            model, processor, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+            errors="skip", return_errors=True,
         )
     if len(captions) != len(dataset):
         raise ValueError(f"{len(captions)} captions for {len(dataset)} rows")
+    keep = [i for i in range(len(dataset)) if i not in failed]
+    if not keep:
+        raise ValueError(f"no usable utterances to evaluate: all {len(dataset)} rows failed "
+                         f"(first: {next(iter(failed.values()), '?')})")
+    captions = [captions[i] for i in keep]
     parsed = [parse_caption(c, with_sed=with_sed, emotion_labels=emotion_labels) for c in captions]
-    y_true = list(dataset["emotion"])
-    unknown = sorted(set(y_true) - set(emotion_labels))
-    if unknown:
-        raise ValueError(f"reference emotions {unknown} are not in emotion_labels {list(emotion_labels)}")
+    y_true = [y_true_all[i] for i in keep]
     y_pred = [p.get("emotion", UNPARSED) for p in parsed]
     result: dict[str, Any] = {"n": len(captions)}
     result.update(ser_metrics(y_true, y_pred, emotion_labels))
@@ -113,16 +147,20 @@ def evaluate_ser(
         for f in SED_FIELDS:
             if f + suffix not in cols:
                 continue
-            ref = list(dataset[f + suffix])
+            ref_all = list(dataset[f + suffix])
+            ref = [ref_all[i] for i in keep]
             pairs = [(p.get(f), r) for p, r in zip(parsed, ref) if r]
             if pairs:
                 sed_acc[f] = float(np.mean([a == b for a, b in pairs]))
         result["sed_accuracy"] = sed_acc
         result["sed_source"] = sed_source
+    if failed:
+        result["n_skipped"] = len(failed)
+        result["skipped"] = [{"id": ids[i], "error": e} for i, e in sorted(failed.items())]
     if return_predictions:
         result["predictions"] = [
-            {"id": i, "caption": c, "emotion": p.get("emotion"), **{f: p.get(f) for f in SED_FIELDS}}
-            for i, c, p in zip(dataset["id"] if "id" in dataset.column_names else range(len(captions)), captions, parsed)
+            {"id": ids[i], "caption": c, "emotion": p.get("emotion"), **{f: p.get(f) for f in SED_FIELDS}}
+            for i, c, p in zip(keep, captions, parsed)
         ]
     return result
 

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="saved SER-SLM (model + processor)")
     p.add_argument("corpus_root", help="corpus directory")
     p.add_argument("--corpus", default="synthetic", help="corpus loader name (trustser.data.load_corpus)")
+    p.add_argument("--corpus-options", type=_json_dict, default={}, metavar="JSON",
+                   help='load_corpus options as a JSON object, e.g. \'{"text_column": "text", "label_map": {"joy": "happy"}}\'')
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="metrics JSON path (default: print only)")
     p.add_argument("--sed-source", choices=["truth", "auto"], default="truth", help="reference descriptors for SED accuracy")
@@ -41,10 +54,13 @@ def run_cli(args) -> int:
         labels = list(EMOTION_LABELS[args.corpus])
     else:
         raise ValueError(f"no default emotion label set for corpus {args.corpus!r}: pass --emotion-labels")
+    from .models.loading import require_model_type
+
+    require_model_type(model_dir, "ser_slm", "SER-SLM")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    corpus = load_corpus(args.corpus, args.corpus_root)
+    corpus = load_corpus(args.corpus, args.corpus_root, **args.corpus_options)
     if args.split not in corpus:
         raise KeyError(f"split {args.split!r} not in corpus (available: {list(corpus)})")
     ds = corpus[args.split]
@@ -59,6 +75,10 @@ def run_cli(args) -> int:
     if args.out:
         atomic_write_json(args.out, metrics)
     summary = {k: metrics[k] for k in ("n", "wa", "ua", "weighted_f1", "unparseable_rate")}
+    for s in metrics.get("skipped", []):
+        print(f"trustser evaluate: skipped {s['error']}", file=sys.stderr)
+    if metrics.get("n_skipped"):
+        summary["n_skipped"] = metrics["n_skipped"]
     summary["sed_accuracy"] = metrics.get("sed_accuracy")
     print(json.dumps(summary, indent=2))
     return 0

@@ -403,7 +403,10 @@ def load_explainer(model, *, cem=None, cem_slm=None, emotion_labels=None, device
     (see :func:`resolve_model_dir`); explicit arguments win over what the directory says."""
     from transformers import pipeline
 
+    from .models.loading import require_model_type
+
     found = resolve_model_dir(model)
+    require_model_type(found["model"], "ser_slm", "SER-SLM")
     cem = cem or found["cem"]
     cem_slm = cem_slm or (found["cem_slm"] if use_cem_slm and cem is not None else None)
     labels = emotion_labels or found["emotion_labels"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -49,23 +50,33 @@ def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, ti
 
 
 @torch.no_grad()
-def prompt_hidden_states(model, processor, dataset, *, batch_size: int = 32) -> np.ndarray:
+def prompt_hidden_states(model, processor, dataset, *, batch_size: int = 32, return_rows: bool = False):
     """Mean over the prompt (audio + instruction) positions of the SLM's last-layer hidden states:
-    what the LM knows about the utterance before it writes the caption (no label leakage)."""
-    from .trainers.sft import decode_audio
+    what the LM knows about the utterance before it writes the caption (no label leakage).
+    Rows whose audio cannot be used are skipped (logged); ``return_rows``: also the indices of
+    the rows the features belong to."""
+    from .trainers.sft import read_rows
 
     model.eval()
     device = next(model.parameters()).device
-    feats = []
+    feats, usable = [], []
     for s in range(0, len(dataset), batch_size):
-        batch = dataset[s : s + batch_size]
-        audio = [decode_audio(a) for a in batch["audio"]]
+        idx = list(range(s, min(len(dataset), s + batch_size)))
+        _, audio, errors = read_rows(dataset, idx)
+        for e in errors:
+            if e:
+                logging.getLogger(__name__).warning("hidden states: skipped %s", e)
+        usable += [i for i, e in zip(idx, errors) if e is None]
+        audio = [a for a in audio if a is not None]
+        if not audio:
+            continue
         inputs = {k: v.to(device) for k, v in processor(audio=audio, padding_side="right").items()}
         out = model(**inputs, output_hidden_states=True, use_cache=False)
         h = out.hidden_states[-1].float()
         m = inputs["attention_mask"].unsqueeze(-1).float()
         feats.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).cpu().numpy())
-    return np.concatenate(feats) if feats else np.zeros((0, 0), dtype=np.float32)
+    x = np.concatenate(feats) if feats else np.zeros((0, 0), dtype=np.float32)
+    return (x, usable) if return_rows else x
 
 
 def plot_tsne(model, processor, dataset, path: str | Path, *, max_samples: int = 600, seed: int = 0, title: str = "") -> Path:
@@ -78,8 +89,8 @@ def plot_tsne(model, processor, dataset, path: str | Path, *, max_samples: int =
 
     if len(dataset) > max_samples:
         dataset = dataset.shuffle(seed=seed).select(range(max_samples))
-    x = prompt_hidden_states(model, processor, dataset)
-    emotions = list(dataset["emotion"])
+    x, usable = prompt_hidden_states(model, processor, dataset, return_rows=True)
+    emotions = [list(dataset["emotion"])[i] for i in usable]  # unreadable audio is left out (evaluate_ser lists it)
     perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
     emb = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
     fig, ax = plt.subplots(figsize=(6, 5))

@@ -180,8 +180,9 @@ def _traits(ds, extracted, backends: dict, *, audio_column, batch_size) -> dict[
     for f, backend in backends.items():
         words = [""] * len(errors)
         if getattr(backend, "needs_embedding", False):
-            X = np.asarray([extracted[_EMB][i] for i in valid], dtype=np.float64).reshape(len(valid), -1)
-            preds = backend.predict(X) if valid else []
+            preds = []
+            if valid:  # a split may have no usable utterance at all: every row keeps its error
+                preds = backend.predict(np.asarray([extracted[_EMB][i] for i in valid], dtype=np.float64).reshape(len(valid), -1))
         else:
             raw, _ = _undecoded(ds, audio_column)
             preds = []
@@ -397,7 +398,8 @@ def annotate(
         res = res.add_column(ERROR_COLUMN, table[ERROR_COLUMN])
         n_err = sum(1 for e in table[ERROR_COLUMN] if e)
         if n_err:
-            logger.warning("split %s: %d of %d utterances not annotated (%s)", name, n_err, len(ds), annotation_report(res)["errors"])
+            logger.warning("split %s: %d of %d utterances not annotated (%s)%s", name, n_err, len(ds), annotation_report(res)["errors"],
+                           ": no usable utterance" if n_err == len(ds) else "")
         out[name] = res
     return datasets.DatasetDict(out) if is_dict else out["_"]
 

@@ -12,9 +12,21 @@ import sys
 from .binning import METHODS
 
 
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("corpus", help="corpus name for trustser.data.load_corpus (e.g. synthetic, iemocap, meld)")
     p.add_argument("root", help="corpus root directory")
+    p.add_argument("--corpus-options", type=_json_dict, default={}, metavar="JSON",
+                   help='load_corpus options as a JSON object, e.g. \'{"text_column": "text", "label_map": {"joy": "happy"}}\'')
     p.add_argument("--out", required=True, help="output directory (DatasetDict save_to_disk layout)")
     p.add_argument("--method", choices=METHODS, default="speechcraft", help="binning method (default: speechcraft)")
     p.add_argument("--split", action="append", default=None, help="split(s) to annotate (repeatable; default: all)")
@@ -37,7 +49,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from . import annotate, annotation_report
 
     set_seed(args.seed)
-    corpus = load_corpus(args.corpus, args.root)
+    corpus = load_corpus(args.corpus, args.root, **args.corpus_options)
     if not isinstance(corpus, datasets.DatasetDict):
         corpus = datasets.DatasetDict({"train": corpus})
     wanted = args.split or list(corpus)
@@ -62,10 +74,13 @@ def run_cli(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     state = PartialState()
+    reports = {s: annotation_report(ds) for s, ds in result.items()}
+    if sum(r["rows"] for r in reports.values()) == sum(r["n_errors"] for r in reports.values()):
+        reasons = {s: r["errors"] for s, r in reports.items()}
+        raise ValueError(f"{args.root}: no usable utterances in corpus {args.corpus!r} (every row failed: {reasons}); nothing written")
     if state.is_main_process:
-        reports = {s: annotation_report(ds) for s, ds in result.items()}
         summary = {
-            "corpus": args.corpus, "root": str(args.root), "method": args.method, "calibrate": args.calibrate,
+            "corpus": args.corpus, "root": str(args.root), "options": args.corpus_options, "method": args.method, "calibrate": args.calibrate,
             "speaker_scope": args.speaker_scope, "speaker_traits": args.speaker_traits, "gender_backend": args.gender_backend, "age_backend": args.age_backend,
             "seed": args.seed, "splits": reports,
         }

@@ -31,3 +31,15 @@ class CheckedFromPretrainedMixin:
                     f"(model_type {wanted!r}); point to the right directory"
                 )
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def require_model_type(path, wanted: str, what: str) -> None:
+    """A local checkpoint directory whose config names another ``model_type`` is a ValueError
+    naming the directory (before any Auto class or pipeline turns it into a long, unclear one)."""
+    from pathlib import Path
+
+    if not Path(str(path)).is_dir():
+        return
+    found = checkpoint_model_type(str(path))
+    if found is not None and found != wanted:
+        raise ValueError(f"{path}: holds a {found!r} checkpoint, not a {what} (model_type {wanted!r}); point to the right directory")

@@ -434,8 +434,7 @@ def extract_cem_features(
     NaN row, so callers keep row alignment and can flag them.
     """
     from ..models.cem import CEM_POOLINGS
-    from ..utils import AudioError
-    from .sft import decode_audio
+    from .sft import read_rows
 
     if sed_source not in SED_SOURCES:
         raise ValueError(f"sed_source must be one of {SED_SOURCES}, got {sed_source!r}")
@@ -461,21 +460,21 @@ def extract_cem_features(
         steps = tqdm(steps, desc=f"CEM features ({sed_source})")
     for start in steps:
         pos = order[start:start + batch_size]
-        rows = _rows(dataset[pos])
+        rows, wavs, errors = read_rows(dataset, pos)  # one unreadable file only flags its own row
         if sed_source == "predicted":
             seds = [dict(sed[i]) for i in pos]
         else:
             seds = [sed_from_row(r, "_auto" if sed_source == "auto" else "") for r in rows]
         captions, keep, audio = [], [], []
         for j, (row, s) in enumerate(zip(rows, seds)):
+            if errors[j] is not None:  # a corpus run continues: NaN row, logged
+                logger.warning("CEM features: %s", errors[j])
+                continue
             try:
                 caption = build_caption(row["text"], row["emotion"], s)
-                wav = decode_audio(row["audio"], row.get("id", "?"))
-            except AudioError as exc:  # a corpus run continues: NaN row, logged
-                logger.warning("CEM features: %s", exc)
-                continue
             except ValueError:
                 continue  # invalid/missing descriptor (failed annotation, unparseable prediction): NaN row
+            wav = wavs[j]
             captions.append(caption)
             audio.append(wav)
             keep.append(j)

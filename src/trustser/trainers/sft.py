@@ -8,6 +8,9 @@ descriptors, or the no-descriptor caption (``with_sed=False``), and masks the lo
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -17,32 +20,139 @@ from trl import SFTConfig, SFTTrainer
 
 from ..utils import TARGET_SR, AudioError, load_audio, resample, to_mono_float
 
+logger = logging.getLogger(__name__)
+
 SED_SOURCES = {"truth": "", "auto": "_auto"}
+CHECKPOINT_COMPLETE = "trustser_checkpoint.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MODEL_INPUTS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy", "f0", "labels")
 
 
-def decode_audio(value: Any, row_id: str = "?") -> np.ndarray:
-    """A dataset ``audio`` cell (torchcodec AudioDecoder, ``{"array", "sampling_rate"}`` dict, or a
-    path) -> float32 mono at 16 kHz. Raises AudioError naming the row."""
+def _decode_bytes(data: bytes) -> tuple[np.ndarray, int]:
+    """Encoded audio bytes (wav/flac/ogg via soundfile, else torchcodec+ffmpeg) -> (samples, rate)."""
+    import io
+
+    if len(data) == 0:
+        raise AudioError("empty audio data (0 bytes)")
     try:
-        if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
-            return load_audio(value)
-        if hasattr(value, "get_all_samples"):  # datasets 5 / torchcodec decoder
+        import soundfile as sf
+
+        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        return wav, int(sr)
+    except Exception:
+        from torchcodec.decoders import AudioDecoder
+
+        s = AudioDecoder(data).get_all_samples()
+        return s.data.numpy(), int(s.sample_rate)
+
+
+def _sampling_rate(sr) -> int:
+    try:
+        ok = sr is not None and not isinstance(sr, bool) and float(sr) == int(sr) and int(sr) > 0
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise AudioError(f"invalid sampling rate {sr!r} (expected a positive number of Hz)")
+    return int(sr)
+
+
+def decode_audio(value: Any, row_id: str = "?") -> np.ndarray:
+    """A dataset ``audio`` cell (torchcodec AudioDecoder, ``{"array", "sampling_rate"}`` dict,
+    undecoded ``{"bytes", "path"}`` dict, or a path) -> float32 mono at 16 kHz. Raises AudioError
+    naming the row (and the file where known): unreadable or empty audio, a missing or invalid
+    sampling rate, more than 2 dimensions, non-finite (NaN/inf) samples."""
+    where = f"row {row_id!r}"
+    path = str(value["path"]) if isinstance(value, Mapping) and value.get("path") else None
+    try:
+        if isinstance(value, str) or hasattr(value, "__fspath__"):
+            wav, sr = load_audio(value), TARGET_SR
+        elif hasattr(value, "get_all_samples"):  # datasets 5 / torchcodec decoder
             s = value.get_all_samples()
             wav, sr = s.data.numpy(), int(s.sample_rate)
             wav = wav.mean(axis=0) if wav.ndim == 2 else wav
         elif isinstance(value, Mapping):
-            if value.get("array") is None and value.get("path"):
-                return load_audio(value["path"])
-            wav, sr = value["array"], int(value["sampling_rate"])
+            if value.get("array") is not None:
+                wav, sr = value["array"], value.get("sampling_rate")
+            elif value.get("bytes") is not None:
+                wav, sr = _decode_bytes(value["bytes"])
+            elif value.get("path"):
+                wav, sr = load_audio(value["path"]), TARGET_SR
+            else:
+                raise AudioError("no audio (the cell has neither 'array', 'bytes' nor 'path')")
         else:
             raise AudioError(f"unsupported audio value of type {type(value).__name__}")
+        sr = _sampling_rate(sr)
         wav = to_mono_float(np.asarray(wav))
         if wav.size == 0:
             raise AudioError("no samples")
-        return resample(wav, sr, TARGET_SR)
-    except AudioError as exc:
-        raise AudioError(f"row {row_id!r}: {exc}") from exc
+        if not np.all(np.isfinite(wav)):
+            raise AudioError("non-finite (NaN/inf) samples")
+        return resample(wav, int(sr), TARGET_SR)
+    except Exception as exc:  # AudioError, or the decoding backends' own types
+        msg = str(exc) if isinstance(exc, AudioError) else f"unreadable audio ({type(exc).__name__}: {exc})"
+        if path and not msg.startswith(path):
+            where += f" ({path})"
+        raise AudioError(f"{where}: {msg}") from exc
+
+
+def read_rows(dataset, indices: Sequence[int], audio_column: str = "audio") -> tuple[list[dict], list, list]:
+    """Rows ``indices`` of ``dataset`` as dicts, each row's audio decoded (``decode_audio``).
+    Returns ``(rows, audio, errors)``: ``audio[i]`` is a 16 kHz float32 array or None, ``errors[i]``
+    None or the AudioError message naming the row and file. The rows are read as one batch; when
+    ``datasets`` cannot decode the batch (an empty or corrupt file), row by row, so one bad file
+    only flags its own row and a corpus run continues."""
+    indices = [int(i) for i in indices]
+    try:
+        batch = dataset[indices]
+        rows = [{k: batch[k][j] for k in batch} for j in range(len(indices))]
+    except Exception:
+        rows, raw = [], None
+        for i in indices:
+            try:
+                rows.append(dataset[i])
+            except Exception:  # datasets' decoder failed: decode the stored bytes/path ourselves
+                raw = raw if raw is not None else _undecoded(dataset, audio_column)
+                rows.append(raw[i])
+    audio, errors = [], []
+    for row in rows:
+        wav = err = None
+        try:
+            wav = decode_audio(row[audio_column], row.get("id", "?"))
+        except AudioError as exc:
+            err = str(exc)
+        audio.append(wav)
+        errors.append(err)
+    return rows, audio, errors
+
+
+def _undecoded(dataset, audio_column: str):
+    """The dataset with its audio column not decoded (``{"bytes", "path"}`` cells)."""
+    import datasets
+
+    feat = dataset.features.get(audio_column) if getattr(dataset, "features", None) else None
+    if isinstance(feat, datasets.Audio) and feat.decode:
+        return dataset.cast_column(audio_column, datasets.Audio(sampling_rate=feat.sampling_rate, decode=False))
+    return dataset
+
+
+def last_complete_checkpoint(output_dir) -> str | None:
+    """The newest ``checkpoint-N`` under ``output_dir`` whose writing finished (it holds
+    ``trustser_checkpoint.json``, written last); None when there is none. A folder without the
+    record (a kill during the save) is skipped. Checkpoints of plain ``transformers`` trainers,
+    which never carry the record, count as complete when they hold ``trainer_state.json``, but only
+    when no folder under ``output_dir`` has the record."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None
+    found = sorted(
+        ((int(m.group(1)), os.path.join(output_dir, d)) for d in os.listdir(output_dir)
+         if (m := _CHECKPOINT_RE.match(d)) and os.path.isdir(os.path.join(output_dir, d))),
+        reverse=True,
+    )
+    marked = [p for _, p in found if os.path.isfile(os.path.join(p, CHECKPOINT_COMPLETE))]
+    if marked:
+        return marked[0]
+    plain = [p for _, p in found if os.path.isfile(os.path.join(p, "trainer_state.json"))]
+    return plain[0] if plain else None
 
 
 @dataclass
@@ -156,6 +266,39 @@ class SerSlmSFTTrainer(SFTTrainer):
                 m["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
 
+    # ---------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, then the subclass' side state (``_save_extra_state``), then, once
+        every process has written its part, ``trustser_checkpoint.json``: a checkpoint without it was
+        interrupted while being written and is never resumed from (``last_complete_checkpoint``)."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from ..utils import atomic_write_json
+
+        super()._save_checkpoint(model, trial)
+        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._save_extra_state(output_dir)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            atomic_write_json(os.path.join(output_dir, CHECKPOINT_COMPLETE),
+                              {"global_step": self.state.global_step, "num_processes": self.accelerator.num_processes})
+
+    def _save_extra_state(self, output_dir: str) -> None:
+        """Side state a subclass adds to each checkpoint (before the completion record)."""
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint in
+        ``output_dir`` (the Trainer's own choice would be the newest folder, possibly half written)."""
+        if resume_from_checkpoint is True:
+            found = last_complete_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(f"{self.args.output_dir}: no complete checkpoint to resume from")
+            resume_from_checkpoint = found
+        elif resume_from_checkpoint:
+            if not os.path.isfile(os.path.join(resume_from_checkpoint, CHECKPOINT_COMPLETE)):
+                logger.warning("%s has no %s: it may have been interrupted while being saved", resume_from_checkpoint, CHECKPOINT_COMPLETE)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
     def _unwrapped_config(self):
         model = self.accelerator.unwrap_model(self.model)
         cfg = model.config
@@ -164,4 +307,5 @@ class SerSlmSFTTrainer(SFTTrainer):
         return cfg
 
 
-__all__ = ["SerSlmDataCollator", "SerSlmSFTConfig", "SerSlmSFTTrainer", "decode_audio"]
+__all__ = ["SerSlmDataCollator", "SerSlmSFTConfig", "SerSlmSFTTrainer", "decode_audio", "read_rows", "last_complete_checkpoint",
+           "CHECKPOINT_COMPLETE"]
