@@ -102,6 +102,8 @@ class FinetuneConfig:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many test utterances."})
     tsne_samples: int = field(default=300, metadata={"help": "Utterances in the t-SNE plot."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Warm-up of the learning-rate schedule."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint the fine-tuning every N steps inside its unfinished stage folder (0: none)."})
+    resume_from_checkpoint: bool = field(default=False, metadata={"help": "Resume an interrupted fine-tuning from the newest complete checkpoint in its unfinished stage folder."})
 
 
 def _recipe_config(cfg: FinetuneConfig):
@@ -115,6 +117,7 @@ def _recipe_config(cfg: FinetuneConfig):
         posttrain_learning_rate=cfg.learning_rate, num_policies=cfg.num_policies, controller_learning_rate=cfg.controller_learning_rate,
         per_device_batch_size=cfg.per_device_batch_size, eval_batch_size=cfg.eval_batch_size,
         max_eval_samples=cfg.max_eval_samples, tsne_samples=cfg.tsne_samples, warmup_ratio=cfg.warmup_ratio,
+        save_steps=cfg.save_steps, resume_from_checkpoint=cfg.resume_from_checkpoint,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,26 @@ def _training_args(cfg: RecipeConfig, output_dir: Path, *, max_steps: int, epoch
         warmup_steps=cfg.warmup_ratio,
         lr_scheduler_type="cosine",
         logging_steps=10,
-        save_strategy="no",
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=0,
         disable_tqdm=False,
         **extra,
     )
+
+
+def _train(trainer, cfg: RecipeConfig, trainer_dir: Path) -> None:
+    """``trainer.train()``, resumed from the newest complete checkpoint in ``trainer_dir`` when
+    ``cfg.resume_from_checkpoint`` is set and an interrupted run left one."""
+    from .trainers.sft import last_complete_checkpoint
+
+    checkpoint = last_complete_checkpoint(trainer_dir) if cfg.resume_from_checkpoint else None
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +151,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
             sed_source="truth", with_sed=spec.with_sed, kl_warmup_steps=cfg.kl_warmup_steps,
         )
         trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
-        trainer.train()
+        _train(trainer, cfg, out / "trainer")
         if trainer.accelerator.is_main_process:
             trainer.save_model(str(out / "model"))
             processor.save_pretrained(str(out / "model"))
@@ -149,7 +163,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
         "lr": cfg.pretrain_learning_rate, "batch": cfg.per_device_batch_size, "warmup": cfg.warmup_ratio, "seed": cfg.seed,
         "kl_warmup": cfg.kl_warmup_steps, "f0": cfg.f0_stream,
     }
-    return runner.run("pretrain", settings, run, upstream, all_processes=True)
+    return runner.run("pretrain", settings, run, upstream, all_processes=True, resume=cfg.resume_from_checkpoint)
 
 
 def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretrain: Stage) -> Stage:
@@ -219,11 +233,17 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
         from .trainers.sft import SerSlmSFTTrainer
 
         set_seed(cfg.seed)
-        model, processor = _load_model(pretrain.path / "model")
         loaded = datasets.load_from_disk(str(data.path / data_subdir))
         train = loaded[cfg.train_split] if isinstance(loaded, datasets.DatasetDict) else loaded
         if "annotation_error" in train.column_names:
+            errors = Counter(e for e in train["annotation_error"] if e)
             train = train.filter(lambda e: not e, input_columns="annotation_error")
+            if len(train) == 0:
+                raise ValueError(f"{data.path / data_subdir}: no usable utterances in split {cfg.train_split!r} "
+                                 f"(every row failed annotation: {dict(errors)})")
+        if len(train) == 0:
+            raise ValueError(f"{data.path / data_subdir}: split {cfg.train_split!r} has no utterances to train on")
+        model, processor = _load_model(pretrain.path / "model")
         common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source="auto", with_sed=spec.with_sed)
         if spec.rectify:
             from .trainers.rectify import SEDRectifyTrainer
@@ -235,7 +255,7 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
         else:
             args = _training_args(cfg, out / "trainer", **common)
             trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
-        trainer.train()
+        _train(trainer, cfg, out / "trainer")
         if trainer.accelerator.is_main_process:
             trainer.save_model(str(out / "model"))
             processor.save_pretrained(str(out / "model"))
@@ -248,7 +268,7 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
         "lr": cfg.posttrain_learning_rate, "controller_lr": cfg.controller_learning_rate if spec.rectify else None,
         "batch": cfg.per_device_batch_size, "seed": cfg.seed, "split": cfg.train_split,
     }
-    return runner.run("posttrain", settings, run, [data, pretrain], all_processes=True)
+    return runner.run("posttrain", settings, run, [data, pretrain], all_processes=True, resume=cfg.resume_from_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------

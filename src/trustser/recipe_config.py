@@ -49,6 +49,9 @@ class RecipeConfig:
     annotation_num_proc: int | None = field(default=None, metadata={"help": "Processes for annotation feature extraction (None: all cores)."})
     num_policies: int | None = field(default=None, metadata={"help": "Override the system's K (policies per utterance)."})
     controller_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the SED controller."})
+    # ---- interruption
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint the training stages (pre- and post-training) every N optimizer steps inside their unfinished stage folder (0: no checkpoints; the last two are kept). Does not change the stage keys or the results."})
+    resume_from_checkpoint: bool = field(default=False, metadata={"help": "Resume an interrupted training stage from the newest complete checkpoint in its unfinished stage folder (needs save_steps > 0 in the interrupted run), instead of starting it over."})
     # ---- evaluation
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of caption generation at evaluation."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many test utterances."})

@@ -74,7 +74,12 @@ class StageRunner:
         upstream: list[Stage] | tuple = (),
         *,
         all_processes: bool = False,
+        resume: bool = False,
     ) -> Stage:
+        """``resume``: keep what an interrupted run of this stage left in its (unfinished, hidden)
+        partial folder, e.g. training checkpoints the stage function resumes from; by default the
+        partial folder is started afresh. Either way the stage counts as finished only once ``fn``
+        returned and ``STAGE.json`` is written."""
         key = stage_key(name, settings, upstream)
         final = self.path_for(name, key)
         if (final / STAGE_RECORD).exists():
@@ -84,8 +89,11 @@ class StageRunner:
             return stage
         partial = self.cache_dir / f".{name}-{key}.partial"
         if self.state.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted run
-            partial.mkdir(parents=True)
+            if resume and partial.is_dir():
+                logger.info("stage %s: resuming in %s", name, partial)
+            else:
+                shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted run
+                partial.mkdir(parents=True)
         self.state.wait_for_everyone()
         started = time.time()
         if all_processes or self.state.is_main_process:

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..descriptors import SED_FIELDS, SED_VOCAB, normalize_sed_value
 from ..models.sed_controller import (
@@ -422,8 +421,9 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
     # ---------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
         self.controller_step()  # nothing pending survives into a checkpoint
-        super()._save_checkpoint(model, trial)
-        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        super()._save_checkpoint(model, trial)  # -> _save_extra_state, then the completion record
+
+    def _save_extra_state(self, output_dir: str) -> None:
         self.save_controller(output_dir)
 
     def save_controller(self, output_dir: str | os.PathLike) -> None:
