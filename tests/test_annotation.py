@@ -193,6 +193,7 @@ def _wav_bytes(wav, sr=SR):
     return buf.getvalue()
 
 
+@pytest.mark.faults
 def test_bad_audio_gets_a_reason_not_an_exception():
     from trustser.annotation import _feature_batch
 
@@ -389,6 +390,7 @@ def test_rebin_speaker_adaptive_beats_unified(annotated):
         assert acc(ada["reference"], f) > acc(uni["reference"], f) + 0.1, f
 
 
+@pytest.mark.faults
 def test_annotate_flags_bad_rows_and_continues(tmp_path):
     import datasets
 

@@ -104,6 +104,7 @@ def test_loss_is_bce_and_ignores_negative_labels():
     assert m(x).loss is None
 
 
+@pytest.mark.faults
 def test_bad_input_and_config_errors():
     m = _cem(d=7)
     with pytest.raises(ValueError, match=r"\(batch, 7\)"):

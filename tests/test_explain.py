@@ -152,6 +152,7 @@ def test_batched_equals_one_at_a_time(pipe, batched, clips):
             assert a["trust"] == pytest.approx(b["trust"], abs=1e-4)
 
 
+@pytest.mark.faults
 def test_formats_rates_and_channels(pipe, clips, tmp_path):
     """mp3 (stereo, 44.1 kHz) and flac (48 kHz) decode, down-mix and resample."""
     mp3, flac = tmp_path / "x.mp3", tmp_path / "y.flac"
@@ -172,6 +173,7 @@ def _bad_files(d, clips):
             "silent.wav": "silent", "nan.wav": "non-finite", "long.wav": "longer than the model's 4 s window"}
 
 
+@pytest.mark.faults
 def test_bad_files_are_named_and_skipped(pipe, clips, tmp_path):
     from trustser import explain_files
 
@@ -185,6 +187,7 @@ def test_bad_files_are_named_and_skipped(pipe, clips, tmp_path):
         assert r["caption"] is None and r["trust"] is None
 
 
+@pytest.mark.faults
 def test_pipeline_raises_naming_the_file(pipe, tmp_path):
     from trustser.utils import AudioError
 
@@ -202,6 +205,7 @@ def test_long_audio_truncate(pipe, clips, tmp_path):
     assert r["error"] is None and r["file"] == "long-array"
 
 
+@pytest.mark.faults
 def test_cli(model_dir, clips, tmp_path):
     from trustser.cli import main
 

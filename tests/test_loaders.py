@@ -116,6 +116,7 @@ def test_iemocap_cache_hit_and_invalidation(iemocap, tmp_path):
     assert load_corpus("iemocap", root, seed=3, cache_dir=cache)["test"]._fingerprint != third["test"]._fingerprint
 
 
+@pytest.mark.faults
 def test_iemocap_bad_input(iemocap, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_corpus("iemocap", tmp_path / "nowhere")
@@ -187,6 +188,7 @@ def test_meld_cache_hit_skips_decoding(meld, meld_loaded, monkeypatch):
     assert again["test"]["id"] == dd["test"]["id"]
 
 
+@pytest.mark.faults
 def test_meld_unreadable_clip_and_layout(meld, tmp_path, monkeypatch):
     # the split folders are found by name wherever they sit
     root = tmp_path / "other"
@@ -207,6 +209,7 @@ def test_meld_unreadable_clip_and_layout(meld, tmp_path, monkeypatch):
     assert corpus_stats(dd)["unreadable_audio"] == ["dev_dia0_utt0"]
 
 
+@pytest.mark.faults
 def test_meld_cp1252_csv_and_bad_input(tmp_path):
     fx = build_meld(tmp_path / "enc", dev_encoding="cp1252")
     shutil.rmtree(fx["root"] / "train")
@@ -254,6 +257,7 @@ def test_speechcraft_formats(speechcraft, fmt, tmp_path):
     assert sr == 16000 and wav.ndim == 1 and abs(wav.shape[-1] / sr - fx["expected"][dd["train"][1]["id"]]["seconds"]) < 1e-3
 
 
+@pytest.mark.faults
 def test_speechcraft_streaming_keys_and_invalid(speechcraft, tmp_path):
     fx = speechcraft
     kw = dict(descriptions="records.jsonl", audio_root=fx["audio_root"], dev_fraction=0.5, seed=1)
@@ -301,6 +305,7 @@ def test_audiofolder_layouts(tmp_path, per_split):
     assert sr == 16000 and wav.ndim == 1
 
 
+@pytest.mark.faults
 def test_audiofolder_labels_and_errors(tmp_path):
     fx = build_audiofolder(tmp_path)
     meta = fx["root"] / "metadata.csv"

@@ -161,6 +161,7 @@ def test_rewards_are_minus_emotion_ce(tiny, rows, tmp_path):
     assert not torch.allclose(expected, -(nll * valid).sum(1).view(2, 4) / valid.sum(1).view(2, 4))
 
 
+@pytest.mark.faults
 def test_optimizer_state_roundtrip(tmp_path):
     p = torch.nn.Parameter(torch.randn(3, 2))
     opt = torch.optim.Adam([p], lr=0.01)
@@ -186,6 +187,7 @@ def _controller_state(trainer):
     return sd, opt
 
 
+@pytest.mark.faults
 def test_training_updates_controller_and_resume_is_exact(tiny, rows, tmp_path):
     full = _trainer(tiny, rows, tmp_path / "a", max_steps=3, save_strategy="steps", save_steps=2)
     before = {k: v.clone() for k, v in full.controller.state_dict().items()}
@@ -212,6 +214,7 @@ def test_training_updates_controller_and_resume_is_exact(tiny, rows, tmp_path):
         assert torch.equal(opt_full[k], opt_res[k]), k
 
 
+@pytest.mark.faults
 def test_load_controller_restores_saved_state(tiny, rows, tmp_path):
     t = _trainer(tiny, rows, tmp_path, max_steps=1)
     t.train()

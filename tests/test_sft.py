@@ -63,6 +63,7 @@ def test_collator_plain_caption_and_ready_captions(processor):
     assert _caption_text(processor, b2, 1).endswith("is sad.")
 
 
+@pytest.mark.faults
 def test_collator_errors_name_the_row(processor):
     rows = make_rows(2)
     rows[1]["volume_auto"] = ""

@@ -44,6 +44,7 @@ def test_key_depends_on_upstream(tmp_path):
     assert stage_key("annotate", {"m": "u"}, [up0]) == stage_key("annotate", {"m": "u"}, [up0])
 
 
+@pytest.mark.faults
 def test_failed_stage_is_not_taken_for_finished(tmp_path):
     runner = StageRunner(tmp_path, SingleProcess())
 
@@ -58,6 +59,7 @@ def test_failed_stage_is_not_taken_for_finished(tmp_path):
     assert not s.reused and (s.path / "ok.txt").exists() and not (s.path / "half.txt").exists()
 
 
+@pytest.mark.faults
 def test_killed_stage_is_rerun(tmp_path):
     script = textwrap.dedent(
         f"""
@@ -94,6 +96,7 @@ def test_systems_table_matches_paper():
         get_system(14)
 
 
+@pytest.mark.faults
 def test_wrong_model_directory_is_a_clear_error(tmp_path):
     """Issue 9: a model directory of the wrong type names the directory and the problem."""
     import torch

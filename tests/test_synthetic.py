@@ -98,6 +98,7 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.faults
 def test_interrupted_generation_leaves_nothing_finished(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = S.render_utterance
@@ -115,6 +116,7 @@ def test_interrupted_generation_leaves_nothing_finished(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
 
 
+@pytest.mark.faults
 def test_unknown_size_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown synthetic corpus size"):
         S.synthesize_corpus(tmp_path / "x", size="huge")
@@ -298,6 +300,7 @@ def test_loads_with_audiofolder(synthetic_small, tmp_path):
     assert ex["emotion"] in EMOTION_LABELS["synthetic"]
 
 
+@pytest.mark.faults
 def test_missing_root_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="trustser synth") as info:
         S.load_synthetic(tmp_path / "nowhere")
@@ -315,6 +318,7 @@ def test_cli_synth_on_an_up_to_date_corpus(synthetic_small, capsys):
     assert "reference" in out and "200 utterances" in out and str(synthetic_small) in out
 
 
+@pytest.mark.faults
 def test_cli_synth_refuses_a_foreign_directory(tmp_path, capsys):
     from trustser.cli import main
 
