@@ -42,6 +42,16 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="/tmp/trustser_rectify_curve")
+    p.add_argument("--pretrained", default=None, help="start from this saved SER-SLM (e.g. the recipe's cached pre-training stage, "
+                   "outputs/cache/pretrain-*/model) instead of pre-training here")
+    p.add_argument("--annotated", default=None, help="a saved annotated DatasetDict (e.g. outputs/cache/annotate-*/data) to take "
+                   "the annotated train split from instead of annotating here")
+    p.add_argument("--entropy-coef", type=float, default=0.0)
+    p.add_argument("--controller-updates", type=int, default=1)
+    p.add_argument("--head-hidden", type=int, default=0, help="controller head hidden size (0: the paper's linear head)")
+    p.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"])
+    p.add_argument("--skip-sft", action="store_true", help="only the rectification arm (no SFT comparison)")
+    p.add_argument("--max-test", type=int, default=None, help="evaluate emotion on the first N test utterances")
     p.add_argument("--png", default="docs/figures/rectify_curve.png")
     p.add_argument("--json", default="benchmarks/results/rectify_curve.json")
     a = p.parse_args(argv)
@@ -55,7 +65,7 @@ def main(argv=None) -> dict:
     from trustser.descriptors import EMOTION_LABELS, SED_FIELDS
     from trustser.evaluation import evaluate_ser
     from trustser.models.ser_slm import build_tiny_ser_slm
-    from trustser.trainers.rectify import SEDRectifyTrainer
+    from trustser.trainers.rectify import SEDRectifyTrainer, audit_controller
     from trustser.trainers.rectify_config import SEDRectifyConfig
     from trustser.trainers.sft import SerSlmSFTConfig, SerSlmSFTTrainer
     from trustser.utils import atomic_write_json, set_seed
@@ -63,49 +73,60 @@ def main(argv=None) -> dict:
     t_start, c_start = time.perf_counter(), time.process_time()
     set_seed(a.seed)
     work = Path(a.work_dir)
-    corpus = load_synthetic(a.corpus_root, splits=["reference", "train", "test"], generate=True, size=a.size, seed=a.seed)
-    cache = work / f"train_unified_{a.size}_{a.seed}"
-    if cache.exists():
-        train = datasets.load_from_disk(str(cache))
+    corpus = load_synthetic(a.corpus_root, splits=["test"] if a.pretrained and a.annotated else ["reference", "train", "test"],
+                            generate=True, size=a.size, seed=a.seed)
+    if a.annotated:
+        train = datasets.load_from_disk(a.annotated)["train"]
     else:
-        train = annotate(corpus["train"], method="unified", reference=corpus["reference"], seed=a.seed)
-        train.save_to_disk(str(cache))
+        cache = work / f"train_unified_{a.size}_{a.seed}"
+        if cache.exists():
+            train = datasets.load_from_disk(str(cache))
+        else:
+            train = annotate(corpus["train"], method="unified", reference=corpus["reference"], seed=a.seed)
+            train.save_to_disk(str(cache))
     n_all = len(train)
     train = train.filter(lambda e: not e["annotation_error"])
     ann_acc = {f: sum(x == y for x, y in zip(train[f], train[f + "_auto"])) / len(train) for f in SED_FIELDS}
     labels = list(EMOTION_LABELS["synthetic"])
-    texts = list(corpus["reference"]["text"]) + list(train["text"])
-    model, processor = build_tiny_ser_slm(texts, emotion_labels=labels, seed=a.seed, max_audio_seconds=a.max_audio_seconds)
     common = dict(use_cpu=not torch.cuda.is_available(), seed=a.seed, dataloader_num_workers=0, disable_tqdm=True,
                   save_strategy="no", per_device_train_batch_size=a.batch_size, weight_decay=0.01, max_grad_norm=1.0)
+    from trustser.models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
 
-    # 1. pre-training on the reliable reference labels
     t0 = time.perf_counter()
-    pre = SerSlmSFTTrainer(model, args=SerSlmSFTConfig(output_dir=str(work / "pre"), max_steps=a.pretrain_steps, learning_rate=a.lr,
-                                                       lr_scheduler_type="cosine", warmup_steps=max(1, a.pretrain_steps // 20),
-                                                       logging_steps=50, sed_source="truth", **common),
-                           train_dataset=corpus["reference"], processing_class=processor)
-    pre.train()
+    if a.pretrained:
+        start_dir = Path(a.pretrained)
+        processor = SerSlmProcessor.from_pretrained(start_dir)
+    else:
+        # 1. pre-training on the reliable reference labels
+        texts = list(corpus["reference"]["text"]) + list(train["text"])
+        model, processor = build_tiny_ser_slm(texts, emotion_labels=labels, seed=a.seed, max_audio_seconds=a.max_audio_seconds)
+        pre = SerSlmSFTTrainer(model, args=SerSlmSFTConfig(output_dir=str(work / "pre"), max_steps=a.pretrain_steps, learning_rate=a.lr,
+                                                           lr_scheduler_type="cosine", warmup_steps=max(1, a.pretrain_steps // 20),
+                                                           logging_steps=50, sed_source="truth", **common),
+                               train_dataset=corpus["reference"], processing_class=processor)
+        pre.train()
+        # each arm starts from a fresh load of the pre-trained weights: a deepcopy of a model that went
+        # through TRL's SFTTrainer would keep its patched forward bound to the original model
+        start_dir = work / "pretrained"
+        pre.model.save_pretrained(start_dir)
     pretrain_s = time.perf_counter() - t0
-    # each arm starts from a fresh load of the pre-trained weights: a deepcopy of a model that went
-    # through TRL's SFTTrainer would keep its patched forward bound to the original model
-    pre.model.save_pretrained(work / "pretrained")
-    from trustser.models.ser_slm import SerSlmForConditionalGeneration
-
-    fresh = lambda: SerSlmForConditionalGeneration.from_pretrained(work / "pretrained")
-    base = pre.model
+    fresh = lambda: SerSlmForConditionalGeneration.from_pretrained(start_dir)
 
     # 2. post-training: plain SFT on annotated captions vs rectification, same steps/data/lr
     post = dict(max_steps=a.steps, learning_rate=a.post_lr, lr_scheduler_type="constant", logging_steps=a.log_every, **common)
     t0 = time.perf_counter()
-    sft = SerSlmSFTTrainer(fresh(), args=SerSlmSFTConfig(output_dir=str(work / "sft"), sed_source="auto", **post),
-                           train_dataset=train, processing_class=processor)
-    sft.train()
+    sft = None
+    if not a.skip_sft:
+        sft = SerSlmSFTTrainer(fresh(), args=SerSlmSFTConfig(output_dir=str(work / "sft"), sed_source="auto", **post),
+                               train_dataset=train, processing_class=processor)
+        sft.train()
     sft_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     rect = SEDRectifyTrainer(fresh(), args=SEDRectifyConfig(
         output_dir=str(work / "rect"), num_policies=a.num_policies, controller_learning_rate=a.controller_lr,
-        reward_timing=a.reward_timing, **post), train_dataset=train, processing_class=processor)
+        reward_timing=a.reward_timing, controller_entropy_coef=a.entropy_coef, controller_updates_per_step=a.controller_updates,
+        controller_scale_rewards=a.scale_rewards, controller_head_hidden_size=a.head_hidden,
+        **post), train_dataset=train, processing_class=processor)
     rect.train()
     rect_s = time.perf_counter() - t0
 
@@ -119,10 +140,13 @@ def main(argv=None) -> dict:
         **{f"modify_rate_{f}": [h.get(f"rectify/modify_rate_{f}") for h in logs] for f in SED_FIELDS},
         "reward_mean": [h.get("reward/mean") for h in logs],
     }
+    audit = audit_controller(rect.controller, train, batch_size=32)
     test = corpus["test"]
+    if a.max_test:
+        test = test.select(range(min(a.max_test, len(test))))
     t0 = time.perf_counter()
-    ev_base = evaluate_ser(base, processor, test, labels, sed_source="truth", batch_size=32) if a.eval_pretrained else None
-    ev_sft = evaluate_ser(sft.model, processor, test, labels, sed_source="truth", batch_size=32)
+    ev_base = evaluate_ser(fresh(), processor, test, labels, sed_source="truth", batch_size=32) if a.eval_pretrained else None
+    ev_sft = evaluate_ser(sft.model, processor, test, labels, sed_source="truth", batch_size=32) if sft is not None else None
     ev_rect = evaluate_ser(rect.model, processor, test, labels, sed_source="truth", batch_size=32)
     eval_s = time.perf_counter() - t0
     q = max(1, len(logs) // 4)  # first / last quarter of the logged steps
@@ -141,7 +165,10 @@ def main(argv=None) -> dict:
         # same batches, rectified minus annotated: > 0 means the controller repaired more labels than it broke
         "rectified_minus_annotation_first_quarter": round(sum(x - y for x, y in zip(curve["label_accuracy"][:q], curve["annotation_accuracy"][:q])) / q, 4),
         "rectified_minus_annotation_last_quarter": round(sum(x - y for x, y in zip(curve["label_accuracy"][-q:], curve["annotation_accuracy"][-q:])) / q, 4),
-        "test_emotion": {"pretrained": pick(ev_base) if ev_base else None, "sft": pick(ev_sft), "rectify": pick(ev_rect)},
+        # the trained controller applied to every annotated train utterance (no sampling noise):
+        # expected correct labels under its policy and with the most likely action per field
+        "controller_audit": audit,
+        "test_emotion": {"pretrained": pick(ev_base) if ev_base else None, "sft": pick(ev_sft) if ev_sft else None, "rectify": pick(ev_rect)},
         "settings": {k: v for k, v in vars(a).items() if k not in ("png", "json", "work_dir", "corpus_root")},
         "seconds": {"pretrain": round(pretrain_s, 1), "sft": round(sft_s, 1), "rectify": round(rect_s, 1), "eval": round(eval_s, 1),
                     "total_wall": round(time.perf_counter() - t_start, 1), "total_cpu": round(time.process_time() - c_start, 1)},
@@ -190,7 +217,11 @@ def _plot(curve, ann_acc, result, path):
     ax.set_title("per field (dotted: annotation)")
     ax.legend(fontsize=8)
     te = result["test_emotion"]
-    fig.suptitle(f"test emotion WA: SFT {te['sft']['wa']:.3f} vs rectify {te['rectify']['wa']:.3f}", fontsize=10)
+    sft_wa = f"{te['sft']['wa']:.3f}" if te["sft"] else "n/a"
+    au = result["controller_audit"]
+    fig.suptitle(f"test emotion WA: SFT {sft_wa} vs rectify {te['rectify']['wa']:.3f}; trained controller on all train labels: "
+                 f"{au['expected_accuracy']:.3f} expected / {au['greedy_accuracy']:.3f} greedy vs annotation {au['annotation_accuracy']:.3f}",
+                 fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path) + ".tmp.png"

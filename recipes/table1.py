@@ -28,6 +28,16 @@ def _fmt(values, scale=100.0):
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
 
+def _repair(runs) -> str:
+    """Mean share of correct descriptor labels in the (selected) training set as annotated and
+    after the trained controller's rectification (expected under its policy); rectifying systems
+    on a corpus with ground truth only."""
+    audits = [r.get("controller_audit") for r in runs if r and r.get("controller_audit")]
+    if not audits:
+        return "–"
+    return f"{_fmt([a['annotation_accuracy'] for a in audits])} → {_fmt([a['expected_accuracy'] for a in audits])}"
+
+
 def main(argv=None):
     from trl import TrlParser
 
@@ -50,14 +60,14 @@ def main(argv=None):
             f"| {spec.name[3:] if spec.name.startswith('sys') else spec.name} | {'✓' if spec.with_sed else ''} | {'✓' if spec.domain_sft else ''} | "
             f"{f'{int(spec.selection_ratio * 100)}%' if spec.selection_ratio else ('100%' if spec.domain_sft else '')} | "
             f"{'✓ (K=%d)' % spec.num_policies if spec.rectify else ''} | **{_fmt([x['wa'] for x in m])}** | {_fmt([x['ua'] for x in m])} | "
-            f"{_fmt([x['weighted_f1'] for x in m])} | {sed} | {paper[0]} | {paper[1]} |"
+            f"{_fmt([x['weighted_f1'] for x in m])} | {sed} | {_repair(runs)} | {paper[0]} | {paper[1]} |"
         )
     if not rows:
         return 0
     header = (
         "| Sys | SED | domain SFT | kept | RL rectification | WA % | UA % | wF1 % | "
         + " | ".join(f"{f} acc %" for f in SED_FIELDS)
-        + " | paper IEMOCAP | paper MELD |\n|" + "---|" * (10 + len(SED_FIELDS))
+        + " | train labels correct: annotated → rectified % | paper IEMOCAP | paper MELD |\n|" + "---|" * (11 + len(SED_FIELDS))
     )
     table = f"{header}\n" + "\n".join(rows) + f"\n\n{own.seeds} seeds (0..{own.seeds - 1}), mean ± std; corpus {base.target_corpus} ({base.test_split}).\n"
     print(table)

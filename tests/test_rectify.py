@@ -276,3 +276,42 @@ def test_after_update_reward_equals_full_forward(tiny, rows, tmp_path):
         full = dict(rec["rect"], first_label=torch.tensor(1))
         nll, _, emo, _ = caption_token_nll(t.model, full, emb.repeat_interleave(3, 0))
     assert torch.allclose(got, -emotion_cross_entropy(nll, emo).view(3, 3), atol=1e-5)
+
+
+def test_audit_controller_counts_repairs(tiny, rows):
+    """Expected / greedy label accuracy after rectification, computed by hand for a controller
+    that always modifies volume and retains everything else."""
+    import datasets
+
+    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.trainers.rectify import audit_controller
+
+    data = []
+    for i, r in enumerate(rows[:4]):
+        r = dict(r)
+        for f in SED_FIELDS:
+            r[f + "_auto"] = r[f]
+        r["volume"] = "normal"
+        r["volume_auto"] = ["low", "normal", "high", "low"][i]  # adjacent modify: right, wrong, right, right
+        data.append(r)
+    ds = datasets.Dataset.from_list(data)
+    torch.manual_seed(0)
+    ctrl = SedController(SedControllerConfig(hidden_size=8, embedding_size=4, n_mels=16))
+    with torch.no_grad():
+        ctrl.head.weight.zero_()
+        bias = torch.zeros(5, 2)
+        bias[:, 0] = 20.0  # retain
+        bias[SED_FIELDS.index("volume")] = torch.tensor([-20.0, 20.0])  # modify
+        ctrl.head.bias.copy_(bias.flatten())
+    audit = audit_controller(ctrl, ds, batch_size=3)
+    vol = audit["per_field"]["volume"]
+    assert vol["annotation"] == 0.25 and vol["modify_probability"] == 1.0
+    # low->normal (right), normal->low|high (wrong), high->normal (right), low->normal (right)
+    assert vol["expected"] == 0.75 and vol["greedy"] == 0.75
+    for f in SED_FIELDS:
+        if f != "volume":
+            assert audit["per_field"][f] == {"annotation": 1.0, "expected": 1.0, "greedy": 1.0, "modify_probability": 0.0}
+    assert audit["n"] == 4
+    assert audit["annotation_accuracy"] == round((4 * 4 + 1) / 20, 4) and audit["expected_accuracy"] == round((16 + 3) / 20, 4)
+    with pytest.raises(ValueError, match="ground-truth"):
+        audit_controller(ctrl, ds.remove_columns(list(SED_FIELDS)))

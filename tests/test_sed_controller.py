@@ -115,6 +115,40 @@ def test_group_normalize():
     assert torch.allclose(group_normalize(10 * r[:1] - 3), group_normalize(r[:1]), atol=1e-4)
 
 
+def test_group_normalize_scaling_options():
+    r = torch.tensor([[1.0, 1.02, 0.98], [0.0, 2.0, 1.0]])
+    # "none" keeps the size of the reward differences (Dr. GRPO): r - group mean
+    assert torch.allclose(group_normalize(r, scale="none"), torch.tensor([[0.0, 0.02, -0.02], [-1.0, 1.0, 0.0]]), atol=1e-6)
+    # "group" turns a 0.02-nat spread into the same unit-size advantages as a 1-nat spread
+    g = group_normalize(r, scale="group")
+    assert torch.allclose(g[0], g[1][[2, 1, 0]], atol=1e-2)
+    b = group_normalize(r, scale="batch")
+    assert torch.allclose(b, group_normalize(r, scale="none") / (r.flatten().std() + 1e-4), atol=1e-6)
+    assert torch.equal(group_normalize(torch.tensor([[3.0]]), scale="none"), torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="reward scaling"):
+        group_normalize(r, scale="rank")
+
+
+def test_hidden_head_option(tmp_path):
+    cfg = SedControllerConfig(hidden_size=16, embedding_size=4, n_mels=16, head_hidden_size=8)
+    torch.manual_seed(0)
+    model = SedController(cfg).eval()
+    assert model.head_hidden[0].out_features == 8 and model.head.in_features == 8
+    ids = sed_to_ids([SED, SED])
+    feats = torch.randn(2, 30, 16)
+    logits = model(ids, input_features=feats).logits
+    assert logits.shape == (2, 5, 2)
+    # the retain bias still sets the starting point: P(modify) ~ sigmoid(-2)
+    p = logits.softmax(-1)[..., MODIFY]
+    assert torch.all((p > 0.08) & (p < 0.16))
+    model.save_pretrained(tmp_path)
+    again = SedController.from_pretrained(tmp_path).eval()
+    assert torch.equal(again(ids, input_features=feats).logits, logits)
+    with pytest.raises(Exception, match="head_hidden_size"):  # strict-dataclass validation error
+        SedControllerConfig(head_hidden_size=-1)
+    assert SedController(SedControllerConfig(hidden_size=16, embedding_size=4, n_mels=16)).head_hidden is None  # paper: linear
+
+
 def test_clipped_loss_clips_gradient():
     old = torch.log(torch.full((1, 2, 5), 0.5))
     adv = torch.tensor([[1.0, -1.0]])

@@ -222,6 +222,17 @@ def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated
     return runner.run("select", {"ratio": ratio, "split": cfg.train_split}, run, [annotated, pretrain, cem], all_processes=True)
 
 
+def _controller_settings(cfg: RecipeConfig) -> dict:
+    """The SEDRectifyConfig controller fields the recipe sets (also part of the stage key)."""
+    return {
+        "controller_learning_rate": cfg.controller_learning_rate,
+        "controller_updates_per_step": cfg.controller_updates_per_step,
+        "controller_scale_rewards": cfg.controller_scale_rewards,
+        "controller_head_hidden_size": cfg.controller_head_hidden_size,
+        "reward_timing": cfg.reward_timing,
+    }
+
+
 def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, data: Stage, data_subdir: str, pretrain: Stage) -> Stage:
     """Domain post-training on the (selected) annotated target data: plain SFT, or SFT with the
     RL SED controller rectifying the descriptor labels on the fly."""
@@ -249,8 +260,7 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
             from .trainers.rectify import SEDRectifyTrainer
             from .trainers.rectify_config import SEDRectifyConfig
 
-            args = _training_args(cfg, out / "trainer", cls=SEDRectifyConfig, num_policies=k,
-                                  controller_learning_rate=cfg.controller_learning_rate, **common)
+            args = _training_args(cfg, out / "trainer", cls=SEDRectifyConfig, num_policies=k, **_controller_settings(cfg), **common)
             trainer = SEDRectifyTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
         else:
             args = _training_args(cfg, out / "trainer", **common)
@@ -261,11 +271,15 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
             processor.save_pretrained(str(out / "model"))
             if spec.rectify:
                 trainer.controller.save_pretrained(str(out / "controller"))
+                if all(f in train.column_names for f in SED_FIELDS):  # ground truth known (synthetic): audit the repair
+                    from .trainers.rectify import audit_controller
+
+                    atomic_write_json(out / "controller_audit.json", audit_controller(trainer.controller, train, batch_size=cfg.eval_batch_size))
             atomic_write_json(out / "log_history.json", trainer.state.log_history)
 
     settings = {
         "rectify": spec.rectify, "K": k if spec.rectify else None, "with_sed": spec.with_sed, "steps": cfg.posttrain_max_steps,
-        "lr": cfg.posttrain_learning_rate, "controller_lr": cfg.controller_learning_rate if spec.rectify else None,
+        "lr": cfg.posttrain_learning_rate, "controller": _controller_settings(cfg) if spec.rectify else None,
         "batch": cfg.per_device_batch_size, "seed": cfg.seed, "split": cfg.train_split,
     }
     return runner.run("posttrain", settings, run, [data, pretrain], all_processes=True, resume=cfg.resume_from_checkpoint)
@@ -316,6 +330,13 @@ def write_report(results: dict, path: Path) -> None:
         lines += ["## Selection", "", "```json", json.dumps(results["selection"], indent=1)[:3000], "```", ""]
     if results.get("rectification"):
         lines += ["## Rectification (last logged values)", "", "```json", json.dumps(results["rectification"], indent=1)[:3000], "```", ""]
+    audit = results.get("controller_audit")
+    if audit:
+        lines += ["## Descriptor labels after rectification (trained controller, every training utterance)", "",
+                  "| field | annotation | rectified (expected under the policy) | rectified (greedy) | P(modify) |", "|---|---|---|---|---|"]
+        lines += [f"| {f} | {v['annotation']:.4f} | {v['expected']:.4f} | {v['greedy']:.4f} | {v['modify_probability']:.4f} |"
+                  for f, v in audit["per_field"].items()]
+        lines += [f"| **all** | {audit['annotation_accuracy']:.4f} | {audit['expected_accuracy']:.4f} | {audit['greedy_accuracy']:.4f} | |", ""]
     lines += ["## Stages", "", "| stage | key | reused | seconds |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['key']} | {s['reused']} | {s.get('seconds', '')} |" for s in results["stages"]]
     lines += ["", "Plots: `confusion_matrix.png`, `tsne.png` (last hidden states coloured by emotion, the paper's Figure 2)"
@@ -385,6 +406,7 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
             "cem": _read_json(cem.path / "cem" / "cem_metrics.json") if cem else None,
             "selection": _read_json(selected.path / "data" / "selection_stats.json") if selected else None,
             "rectification": _rectification_summary(_read_json(post.path / "log_history.json")) if post and spec.rectify else None,
+            "controller_audit": _read_json(post.path / "controller_audit.json") if post and spec.rectify else None,
             "settings": {**asdict(cfg), "num_policies_used": cfg.num_policies or spec.num_policies},
             "seed": cfg.seed,
             "stages": [{"name": s.name, "key": s.key, "reused": s.reused, "path": str(s.path), "seconds": s.record().get("seconds")} for s in runner.stages],

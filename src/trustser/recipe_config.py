@@ -45,10 +45,14 @@ class RecipeConfig:
     selection_ratio: float | None = field(default=None, metadata={"help": "Override the system's kept share (0-1]."})
     # ---- post-training
     posttrain_max_steps: int = field(default=200, metadata={"help": "Domain post-training steps (the paper: 20k)."})
-    posttrain_learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate for post-training."})
+    posttrain_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate for post-training (all systems)."})
     annotation_num_proc: int | None = field(default=None, metadata={"help": "Processes for annotation feature extraction (None: all cores)."})
     num_policies: int | None = field(default=None, metadata={"help": "Override the system's K (policies per utterance)."})
-    controller_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the SED controller."})
+    controller_learning_rate: float = field(default=1e-2, metadata={"help": "Adam learning rate of the SED controller (the real configs: 1e-3)."})
+    controller_updates_per_step: int = field(default=4, metadata={"help": "Controller optimisation epochs per SLM step on the same policies."})
+    controller_scale_rewards: str = field(default="none", metadata={"help": "Advantage scaling: 'group' (divide by the std of the K rewards, the paper's GRPO normalisation), 'batch' or 'none' (r - group mean; see docs/rectify.md for why the embedded default uses it)."})
+    controller_head_hidden_size: int = field(default=64, metadata={"help": "Controller head: 0 = one Linear layer (the paper's), > 0 = a tanh hidden layer of this size first."})
+    reward_timing: str = field(default="after_update", metadata={"help": "'after_update' (reward from the updated SLM, the paper) or 'reuse_forward' (from the loss forward)."})
     # ---- interruption
     save_steps: int = field(default=0, metadata={"help": "Checkpoint the training stages (pre- and post-training) every N optimizer steps inside their unfinished stage folder (0: no checkpoints; the last two are kept). Does not change the stage keys or the results."})
     resume_from_checkpoint: bool = field(default=False, metadata={"help": "Resume an interrupted training stage from the newest complete checkpoint in its unfinished stage folder (needs save_steps > 0 in the interrupted run), instead of starting it over."})

@@ -69,22 +69,31 @@ class SEDRectifyCollator(SerSlmDataCollator):
         batch = dict(self.processor(audio=audio, captions=self.captions(features), sampling_rate=TARGET_SR, with_sed=True))
         suffix = SED_SOURCES[self.sed_source]
         batch["rectify_sed_ids"] = sed_to_ids([{f: row.get(f + suffix) for f in SED_FIELDS} for row in features])
-        truth = torch.full((len(features), len(SED_FIELDS)), -1, dtype=torch.long)
-        for i, row in enumerate(features):
+        batch["rectify_truth_ids"] = self.truth_ids(features)
+        batch["rectify_waveforms"], batch["rectify_waveform_lengths"] = self.controller_inputs(audio)
+        batch["rectify_text"] = [row["text"] for row in features]
+        batch["rectify_emotion"] = [row["emotion"] for row in features]
+        return batch
+
+    @staticmethod
+    def truth_ids(rows: Sequence[Mapping]) -> torch.Tensor:
+        """(B, 5) ground-truth value ids, -1 where a row has no (or an unknown) value."""
+        truth = torch.full((len(rows), len(SED_FIELDS)), -1, dtype=torch.long)
+        for i, row in enumerate(rows):
             for j, f in enumerate(SED_FIELDS):
                 v = normalize_sed_value(f, row.get(f))
                 if v is not None:
                     truth[i, j] = SED_VOCAB[f].index(v)
-        batch["rectify_truth_ids"] = truth
+        return truth
+
+    @staticmethod
+    def controller_inputs(audio: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (B, S) float32 waveforms and their lengths, for the controller's log-mel."""
         lengths = torch.tensor([a.size for a in audio], dtype=torch.long)
         wav = torch.zeros(len(audio), int(lengths.max()), dtype=torch.float32)
         for i, a in enumerate(audio):
             wav[i, : a.size] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-        batch["rectify_waveforms"] = wav
-        batch["rectify_waveform_lengths"] = lengths
-        batch["rectify_text"] = [row["text"] for row in features]
-        batch["rectify_emotion"] = [row["emotion"] for row in features]
-        return batch
+        return wav, lengths
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,19 +148,32 @@ def rectified_caption_inputs(processor, input_ids, labels, captions: Sequence[st
     }
 
 
-def caption_token_nll(model, inputs: Mapping[str, torch.Tensor], audio_embeds: torch.Tensor):
+AUDIO_INPUTS = ("input_features", "feature_attention_mask", "energy", "f0")
+
+
+def audio_inputs_of(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The SER-SLM's audio inputs present in a collated batch."""
+    return {key: batch[key] for key in AUDIO_INPUTS if batch.get(key) is not None}
+
+
+def caption_token_nll(model, inputs: Mapping[str, torch.Tensor], audio_embeds: torch.Tensor | None = None, *,
+                      audio_inputs: Mapping[str, torch.Tensor] | None = None, audio_repeats: int = 1):
     """Per-token NLL (N, T') of the caption tokens, logits only from the first caption position on
-    (the audio prefix needs no LM head). Returns (nll, valid mask, emotion mask), aligned."""
+    (the audio prefix needs no LM head). Audio either as precomputed ``audio_embeds`` (N rows) or as
+    the B utterances' ``audio_inputs`` encoded inside the model's forward and repeated
+    ``audio_repeats`` = N / B times (what the trainer uses: wrappers such as FSDP only gather the
+    weights for a forward of the wrapped model). Returns (nll, valid mask, emotion mask, outputs)."""
     ids = inputs["input_ids"]
     length = ids.shape[1]
     first = int(inputs["first_label"])
     keep = length - first + 1  # logits at positions first-1 .. L-1
+    audio = {"audio_embeds": audio_embeds} if audio_embeds is not None else {**(audio_inputs or {}), "audio_repeats": audio_repeats}
     out = model(
         input_ids=ids,
         attention_mask=inputs["attention_mask"],
-        audio_embeds=audio_embeds,
         use_cache=False,
         logits_to_keep=keep,
+        **audio,
     )
     logits = out.logits[:, :-1]
     target = inputs["labels"][:, length - keep + 1 :]
@@ -251,6 +273,7 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                         n_mels=args.controller_n_mels,
                         frame_stride=args.controller_frame_stride,
                         modify_strategy=args.controller_modify_strategy,
+                        head_hidden_size=args.controller_head_hidden_size,
                         initial_retain_bias=args.controller_initial_retain_bias,
                     )
                 )
@@ -288,12 +311,6 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         captions = self.processing_class.build_captions(rows, with_sed=True)
         return sample, captions, feats, fmask
 
-    def _audio(self, model, inputs):
-        unwrapped = self.accelerator.unwrap_model(model)
-        return unwrapped.get_audio_features(
-            inputs["input_features"], inputs.get("feature_attention_mask"), inputs.get("energy"), inputs.get("f0")
-        )
-
     # ---------------------------------------------------------------------------- SLM step
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.model.training or "rectify_sed_ids" not in inputs:
@@ -305,8 +322,8 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         sample, captions, feats, fmask = self._sample(inputs, k, force_retain=warm)
         rect = rectified_caption_inputs(self.processing_class, inputs["input_ids"], inputs["labels"], captions, k)
 
-        audio_embeds, _, kl = self._audio(model, inputs)
-        nll, valid, emo_mask, outputs = caption_token_nll(model, rect, audio_embeds.repeat_interleave(k, dim=0))
+        nll, valid, emo_mask, outputs = caption_token_nll(model, rect, audio_inputs=audio_inputs_of(inputs), audio_repeats=k)
+        kl = outputs.kl_loss
         n_tokens = valid.sum()
         denom = num_items_in_batch * k if num_items_in_batch is not None else n_tokens
         lm_loss = nll.sum() / torch.as_tensor(denom, device=nll.device).clamp(min=1)  # mean over the K policies
@@ -328,9 +345,7 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                 if args.reward_timing == "reuse_forward":
                     record["rewards"] = -emo_ce.view(b, k)
                 else:  # recomputed after the optimizer step: keep what the forward needs
-                    record["slm_inputs"] = {
-                        key: inputs[key] for key in ("input_features", "feature_attention_mask", "energy", "f0") if inputs.get(key) is not None
-                    }
+                    record["slm_inputs"] = audio_inputs_of(inputs)
                     record["rect"] = rect
                 self._pending.append(record)
             self._log_metrics(inputs, sample, nll, valid, emo_ce, kl)
@@ -365,13 +380,12 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         was_training = model.training
         model.eval()
         try:
-            audio_embeds, _, _ = self._audio(model, record["slm_inputs"])
             k = record["actions"].shape[1]
             rect = dict(record["rect"])
             emo = rect["emotion_token_mask"]
             if bool(emo.any(1).all()):  # the LM head is needed only from the emotion word on
                 rect["first_label"] = torch.tensor(int(emo.long().argmax(1).min()))
-            nll, _, emo_mask, _ = caption_token_nll(model, rect, audio_embeds.repeat_interleave(k, dim=0))
+            nll, _, emo_mask, _ = caption_token_nll(model, rect, audio_inputs=record["slm_inputs"], audio_repeats=k)
             return -emotion_cross_entropy(nll, emo_mask).view(-1, k)
         finally:
             model.train(was_training)
@@ -386,8 +400,15 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         for r in records:
             if r["rewards"] is None:
                 r["rewards"] = self._rewards_after_update(r)
-            r["advantages"] = group_normalize(r["rewards"])
         rewards = torch.cat([r["rewards"].flatten() for r in records])
+        scale = args.controller_scale_rewards
+        for r in records:
+            if scale == "batch":  # one std over the whole step's rewards (all micro-batches)
+                from trl.trainer.utils import nanstd
+
+                r["advantages"] = group_normalize(r["rewards"], scale="none") / (nanstd(rewards) + 1e-4)
+            else:
+                r["advantages"] = group_normalize(r["rewards"], scale=scale)
         self._log_mean("reward/mean", torch.nanmean(rewards))
         # spread the controller can learn from: the within-group (K policies) standard deviation
         from trl.trainer.utils import nanstd
@@ -464,7 +485,65 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                 self.controller.save_pretrained(tmp)
 
 
+# ------------------------------------------------------------------------------------------------
+# What a trained controller does to a whole annotated corpus
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def audit_controller(controller: SedController, dataset, batch_size: int = 32, sed_source: str = "auto") -> dict:
+    """Correct descriptor labels (vs the ground-truth columns) over an annotated dataset after the
+    controller's rectification, beside the annotation's own accuracy: ``expected`` under its
+    stochastic policy (P(modify) x the chance that the replacement drawn by ``modify_strategy`` is
+    right) and ``greedy`` (modify where P(modify) > 0.5), per field and overall. Unlike the
+    training logs this has no sampling noise and sees every utterance. Rows without ground truth
+    for a field are left out of that field."""
+    was_training = controller.training
+    controller.eval()
+    suffix = SED_SOURCES[sed_source]
+    strategy = controller.config.modify_strategy
+    nf = len(SED_FIELDS)
+    exp, greedy, ann, p_sum, count = (np.zeros(nf) for _ in range(5))
+    device = next(controller.parameters()).device
+    collate = SEDRectifyCollator.controller_inputs
+    for s in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(s, min(len(dataset), s + batch_size))]
+        wav, lengths = collate([decode_audio(r["audio"], r.get("id", "?")) for r in rows])
+        ids = sed_to_ids([{f: r.get(f + suffix) for f in SED_FIELDS} for r in rows])
+        truth = SEDRectifyCollator.truth_ids(rows).numpy()
+        feats, mask = controller.log_mel(wav.to(device), lengths.to(device))
+        p_mod = controller(ids.to(device), input_features=feats, feature_attention_mask=mask).logits.softmax(-1)[..., 1].cpu().numpy()
+        v_all = ids.numpy()
+        for j, f in enumerate(SED_FIELDS):
+            size = len(SED_VOCAB[f])
+            known = truth[:, j] >= 0
+            v, t, p = v_all[known, j], truth[known, j], p_mod[known, j]
+            if strategy == "adjacent" or size == 2:
+                nbrs = [[u for u in (x - 1, x + 1) if 0 <= u < size] for x in v]
+            else:
+                nbrs = [[u for u in range(size) if u != x] for x in v]
+            right_if_modified = np.array([(tt in nb) / len(nb) for tt, nb in zip(t, nbrs)], dtype=float)
+            right_if_kept = (v == t).astype(float)
+            exp[j] += ((1 - p) * right_if_kept + p * right_if_modified).sum()
+            greedy[j] += np.where(p > 0.5, right_if_modified, right_if_kept).sum()
+            ann[j] += right_if_kept.sum()
+            p_sum[j] += p.sum()
+            count[j] += known.sum()
+    controller.train(was_training)
+    if not count.any():
+        raise ValueError("audit_controller needs ground-truth descriptor columns (pitch, volume, ...) in the dataset")
+    r4 = lambda x: round(float(x), 4)
+    c = np.maximum(count, 1)
+    return {
+        "n": int(count.max()),
+        "annotation_accuracy": r4(ann.sum() / count.sum()),
+        "expected_accuracy": r4(exp.sum() / count.sum()),
+        "greedy_accuracy": r4(greedy.sum() / count.sum()),
+        "per_field": {f: {"annotation": r4(ann[j] / c[j]), "expected": r4(exp[j] / c[j]), "greedy": r4(greedy[j] / c[j]),
+                          "modify_probability": r4(p_sum[j] / c[j])} for j, f in enumerate(SED_FIELDS) if count[j]},
+    }
+
+
 __all__ = [
+    "audit_controller",
     "SEDRectifyTrainer",
     "SEDRectifyCollator",
     "rectified_caption_inputs",

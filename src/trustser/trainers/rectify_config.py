@@ -47,6 +47,10 @@ class SEDRectifyConfig(SerSlmSFTConfig):
     controller_initial_retain_bias: float = field(
         default=2.0, metadata={"help": "initial retain-over-modify logit margin of a new controller (P(modify)~0.12)."}
     )
+    controller_head_hidden_size: int = field(
+        default=0,
+        metadata={"help": "a new controller's head: 0 = one Linear layer (the paper's), > 0 = a tanh hidden layer of this size first."},
+    )
     controller_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the controller."})
     controller_clip_epsilon: float = field(
         default=0.2, metadata={"help": "clip range of the new/old probability ratio (PPO/GRPO surrogate)."}
@@ -57,6 +61,12 @@ class SEDRectifyConfig(SerSlmSFTConfig):
     )
     controller_entropy_coef: float = field(
         default=0.0, metadata={"help": "weight of the entropy bonus on the retain/modify distributions."}
+    )
+    controller_scale_rewards: str = field(
+        default="group",
+        metadata={"help": "advantage scaling, as TRL's GRPOConfig.scale_rewards: 'group' ((r - mean) / std within the K "
+                  "policies, the paper's normalisation), 'batch' (divide by the std of the step's rewards) or 'none' "
+                  "(r - mean only, Dr. GRPO)."},
     )
     controller_max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "gradient-norm clip of the controller update (None: no clipping)."}
@@ -74,6 +84,8 @@ class SEDRectifyConfig(SerSlmSFTConfig):
             raise ValueError(f"reward_timing must be one of {REWARD_TIMINGS}, got {self.reward_timing!r}")
         if self.controller_modify_strategy not in ("adjacent", "uniform"):
             raise ValueError(f"controller_modify_strategy must be 'adjacent' or 'uniform', got {self.controller_modify_strategy!r}")
+        if self.controller_scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"controller_scale_rewards must be 'group', 'batch' or 'none', got {self.controller_scale_rewards!r}")
         if self.controller_updates_per_step < 1:
             raise ValueError(f"controller_updates_per_step must be >= 1, got {self.controller_updates_per_step}")
         if not 0 < self.controller_clip_epsilon < 1:

@@ -26,6 +26,11 @@ class SedControllerConfig(PreTrainedConfig):
             `"adjacent"` replaces it by a neighbouring value in the field's ordered vocabulary,
             uniformly among the neighbours (one at the ends; for gender this is the other value);
             `"uniform"` by any other value of the field, uniformly.
+        head_hidden_size (`int`, defaults to 0): 0 = the paper's single Linear layer over [LSTM
+            summary; SED embeddings]. A positive size puts one tanh hidden layer before it, so the
+            controller can express interactions (e.g. "modify pitch when the annotation says
+            `high` *and* the speaker is female"), which a linear head over concatenated features
+            cannot.
         initial_retain_bias (`float`, defaults to 2.0): initial logit margin of "retain" over
             "modify" (P(modify) = sigmoid(-2) ~ 0.12 at start) so that an untrained controller
             mostly keeps the annotations instead of corrupting half of them.
@@ -42,6 +47,7 @@ class SedControllerConfig(PreTrainedConfig):
     embedding_size: int = 32
     pooling: str = "last"
     modify_strategy: str = "adjacent"
+    head_hidden_size: int = 0
     initial_retain_bias: float = 2.0
     initializer_range: float = 0.02
 
@@ -50,6 +56,8 @@ class SedControllerConfig(PreTrainedConfig):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.modify_strategy not in MODIFY_STRATEGIES:
             raise ValueError(f"modify_strategy must be one of {MODIFY_STRATEGIES}, got {self.modify_strategy!r}")
+        if self.head_hidden_size < 0:
+            raise ValueError(f"head_hidden_size must be >= 0, got {self.head_hidden_size}")
         for name in ("n_mels", "n_fft", "hop_length", "frame_stride", "hidden_size", "embedding_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

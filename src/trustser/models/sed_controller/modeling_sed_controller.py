@@ -139,17 +139,27 @@ def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def group_normalize(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO advantages: (r - mean) / (std + eps) within each row (one utterance's K policies).
-    NaN rewards (e.g. an empty emotion span) are ignored and get advantage 0; a group with a
-    single valid reward has no spread and gets 0 too."""
+def group_normalize(rewards: torch.Tensor, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
+    """GRPO advantages within each row (one utterance's K policies): r - mean, divided by the
+    group's std (``scale="group"``, the paper's GRPO-style normalisation), by the std of all
+    rewards given (``"batch"``), or not at all (``"none"``, Dr. GRPO): the same choices as TRL's
+    ``GRPOConfig.scale_rewards``. Dividing by the group std turns differences of a few hundredths
+    of a nat between K near-identical captions into unit-size advantages; ``batch``/``none`` keep
+    the size of the reward difference. NaN rewards (e.g. an empty emotion span) are ignored and
+    get advantage 0; a group with a single valid reward has no spread and gets 0 too."""
     from trl.trainer.utils import nanstd
 
     rewards = rewards.float()
     mean = torch.nanmean(rewards, dim=-1, keepdim=True)
-    std = nanstd(rewards, dim=-1, keepdim=True)
-    adv = (rewards - mean) / (std + eps)
-    return torch.nan_to_num(adv, nan=0.0)
+    centered = rewards - mean
+    if scale == "group":
+        centered = centered / (nanstd(rewards, dim=-1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / (nanstd(rewards.flatten()) + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown reward scaling {scale!r}; choose 'group', 'batch' or 'none'")
+    valid = torch.isfinite(rewards).sum(-1, keepdim=True) > 1
+    return torch.nan_to_num(torch.where(valid, centered, torch.zeros_like(centered)), nan=0.0)
 
 
 def clipped_policy_loss(
@@ -209,7 +219,12 @@ class SedController(SedControllerPreTrainedModel):
         super().__init__(config)
         self.lstm = nn.LSTM(config.n_mels, config.hidden_size, num_layers=1, batch_first=True)
         self.sed_embedding = nn.Embedding(sum(FIELD_SIZES), config.embedding_size)
-        self.head = nn.Linear(config.hidden_size + len(SED_FIELDS) * config.embedding_size, len(SED_FIELDS) * 2)
+        width = config.hidden_size + len(SED_FIELDS) * config.embedding_size
+        self.head_hidden = None
+        if config.head_hidden_size:
+            self.head_hidden = nn.Sequential(nn.Linear(width, config.head_hidden_size), nn.Tanh())
+            width = config.head_hidden_size
+        self.head = nn.Linear(width, len(SED_FIELDS) * 2)
         self.head._is_retain_modify_head = True
         self._mel_cache: dict = {}
         self.post_init()
@@ -281,7 +296,10 @@ class SedController(SedControllerPreTrainedModel):
         summary = self.summarize(input_features, feature_attention_mask)
         offsets = torch.tensor(FIELD_OFFSETS, device=sed_ids.device)
         emb = self.sed_embedding(sed_ids.long() + offsets).flatten(1)  # (B, 5*E)
-        logits = self.head(torch.cat([summary, emb], dim=-1)).view(-1, len(SED_FIELDS), 2)
+        x = torch.cat([summary, emb], dim=-1)
+        if self.head_hidden is not None:
+            x = self.head_hidden(x)
+        logits = self.head(x).view(-1, len(SED_FIELDS), 2)
         return SedControllerOutput(logits=logits, summary=summary)
 
 

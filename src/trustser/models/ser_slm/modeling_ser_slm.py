@@ -193,7 +193,8 @@ class SerSlmModel(SerSlmPreTrainedModel):
         cached = getattr(self, "_encoder_layer_list", None)
         if cached is not None:
             return cached
-        n = self.sed_vib.layer_weights.numel()
+        weights = self.sed_vib.layer_weights
+        n = getattr(weights, "ds_numel", weights.numel())  # ZeRO-3 partitions parameters (numel() is 0 there)
         candidates = [
             (name.rsplit(".", 1)[-1] not in ("layers", "layer", "blocks", "h"), name.count("."), module)
             for name, module in self.audio_tower.named_modules()
@@ -294,6 +295,7 @@ class SerSlmModel(SerSlmPreTrainedModel):
         inputs_embeds=None,
         use_cache=None,
         f0=None,
+        audio_repeats: int = 1,
         **kwargs,
     ):
         kl = None
@@ -302,6 +304,8 @@ class SerSlmModel(SerSlmPreTrainedModel):
         if input_ids is not None and (audio_embeds is not None or input_features is not None):
             if audio_embeds is None:
                 audio_embeds, _, kl = self.get_audio_features(input_features, feature_attention_mask, energy, f0)
+                if audio_repeats > 1:  # several captions per utterance: the encoder still runs once per utterance
+                    audio_embeds = audio_embeds.repeat_interleave(audio_repeats, dim=0)
             inputs_embeds = self.merge_audio(input_ids, inputs_embeds, audio_embeds)
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -354,10 +358,14 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep: int | torch.Tensor = 0,
         f0=None,
+        audio_repeats: int = 1,
         **kwargs,
     ) -> SerSlmCausalLMOutput:
         """Loss = LM cross-entropy on ``labels`` (-100 = ignored) + ``vib_beta`` x KL (when the
-        encoder ran in this call; with precomputed ``audio_embeds`` the KL belongs to the caller)."""
+        encoder ran in this call; with precomputed ``audio_embeds`` the KL belongs to the caller).
+        ``audio_repeats``: each utterance's audio serves that many consecutive rows of ``input_ids``
+        (K rectified captions per utterance); the encoder runs once per utterance, inside this
+        forward, so FSDP/ZeRO-3 gather its weights as for any forward."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -366,6 +374,7 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
             energy=energy,
             f0=f0,
             audio_embeds=audio_embeds,
+            audio_repeats=audio_repeats,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
