@@ -28,6 +28,11 @@ def _fmt(values, scale=100.0):
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
 
+def _system_number(name: str) -> float:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return float(digits) if digits else float("inf")
+
+
 def _repair(runs) -> str:
     """Mean share of correct descriptor labels in the (selected) training set as annotated and
     after the trained controller's rectification (expected under its policy); rectifying systems
@@ -56,12 +61,12 @@ def main(argv=None):
             continue
         paper = spec.paper_iemocap, spec.paper_meld
         sed = " | ".join(_fmt([x["sed_accuracy"][f] for x in m]) for f in SED_FIELDS) if spec.with_sed else " | ".join("–" for _ in SED_FIELDS)
-        rows.append(
+        rows.append((_system_number(spec.name),
             f"| {spec.name[3:] if spec.name.startswith('sys') else spec.name} | {'✓' if spec.with_sed else ''} | {'✓' if spec.domain_sft else ''} | "
             f"{f'{int(spec.selection_ratio * 100)}%' if spec.selection_ratio else ('100%' if spec.domain_sft else '')} | "
             f"{'✓ (K=%d)' % spec.num_policies if spec.rectify else ''} | **{_fmt([x['wa'] for x in m])}** | {_fmt([x['ua'] for x in m])} | "
             f"{_fmt([x['weighted_f1'] for x in m])} | {sed} | {_repair(runs)} | {paper[0]} | {paper[1]} |"
-        )
+        ))
     if not rows:
         return 0
     header = (
@@ -69,7 +74,7 @@ def main(argv=None):
         + " | ".join(f"{f} acc %" for f in SED_FIELDS)
         + " | train labels correct: annotated → rectified % | paper IEMOCAP | paper MELD |\n|" + "---|" * (11 + len(SED_FIELDS))
     )
-    table = f"{header}\n" + "\n".join(rows) + f"\n\n{own.seeds} seeds (0..{own.seeds - 1}), mean ± std; corpus {base.target_corpus} ({base.test_split}).\n"
+    table = f"{header}\n" + "\n".join(row for _, row in sorted(rows)) + f"\n\n{own.seeds} seeds (0..{own.seeds - 1}), mean ± std; corpus {base.target_corpus} ({base.test_split}).\n"
     print(table)
     atomic_write_text(Path(base.output_dir) / "table1.md", table)
     return 0

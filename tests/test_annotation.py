@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -447,6 +448,9 @@ def test_cli_annotate_with_saved_classifiers(synthetic_small, annotated, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.mark.slow
 def test_annotate_under_accelerate_two_processes(synthetic_small, annotated, tmp_path):
     """Two processes each annotate a shard; the merged result equals the single-process one."""
@@ -459,8 +463,10 @@ def test_annotate_under_accelerate_two_processes(synthetic_small, annotated, tmp
     common = ["synthetic", str(synthetic_small), "--split", "dev", "--method", "speechcraft",
               "--gender-backend", str(paths["gender"]), "--age-backend", str(paths["age"])]
     subprocess.run([sys.executable, "-m", "trustser.annotation.cli", *common, "--out", str(tmp_path / "one")], check=True)
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m",
-                    "trustser.annotation.cli", *common, "--out", str(tmp_path / "two")], check=True)
+    two_proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu.yaml"),
+                               "-m", "trustser.annotation.cli", *common, "--out", str(tmp_path / "two")],
+                              check=True, capture_output=True, text=True)
+    assert "on 2 processes" in two_proc.stdout + two_proc.stderr, two_proc.stderr[-2000:]
     one, two = datasets.load_from_disk(str(tmp_path / "one"))["dev"], datasets.load_from_disk(str(tmp_path / "two"))["dev"]
     for c in ("id", "pitch_auto", "volume_auto", "speed_auto", "gender_auto", "age_auto"):
         assert one[c] == two[c], c

@@ -165,14 +165,13 @@ def test_two_cpu_processes_keep_identical_controllers(tmp_path):
     each rank samples its own policies, the controller gradients are averaged, so both ranks end
     with the same controller, which did learn; both log the documented metrics with the same values.
 
-    With accelerate 1.15 the MULTI_CPU config alone starts ONE process (its simple launcher needs
-    mpirun for more), so the test adds ``--multi_gpu --num_processes 2`` (torchrun's launcher) and
-    ``ACCELERATE_USE_CPU=true`` (gloo on CPU), and checks that two processes really ran."""
+    Launched exactly as users do, with ``recipes/accelerate_configs/cpu.yaml`` (torchrun's launcher
+    with ``use_cpu``), and checks that two processes really ran."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu.yaml"),
-           "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
+           "--main_process_port", "29517",
            str(REPO / "tests" / "rectify_two_ranks.py"), str(out)]
-    env = dict(ENV, ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
+    env = dict(ENV, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     logs = [json.loads((out / f"log_rank{r}.json").read_text()) for r in (0, 1)]

@@ -71,6 +71,7 @@ def test_sys10_two_cpu_processes(tmp_path, synthetic_small):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     saved = json.loads((out / "sys10-seed0" / "results.json").read_text())
+    assert saved["num_processes"] == 2  # cpu.yaml really starts two processes
     assert [s["name"] for s in saved["stages"]] == ["annotate", "pretrain", "cem", "select", "posttrain"]
     sel = saved["selection"]
     assert sel is not None and sel["n_selected"] == 108  # 90% of the 120 train utterances

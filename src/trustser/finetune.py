@@ -158,8 +158,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     the recipe's format, so ``trustser explain`` and ``trustser push`` work on ``output_dir``."""
     import time
 
-    from accelerate import PartialState
-
+    from .utils import distributed_state
     from . import recipe
     from .explain import resolve_model_dir
     from .stages import StageRunner
@@ -169,7 +168,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if not cfg.model or not cfg.corpus_root:
         raise ValueError("finetune needs model= (checkpoint) and corpus_root= (the new corpus)")
     started = time.time()
-    state = PartialState()
+    state = distributed_state()
     set_seed(cfg.seed)
     rcfg = _recipe_config(cfg)
     out_root = Path(cfg.output_dir)

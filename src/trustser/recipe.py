@@ -361,9 +361,8 @@ def _rectification_summary(log_history: list[dict] | None) -> dict | None:
 
 def run_system(cfg: RecipeConfig) -> dict[str, Any]:
     """Runs (or reuses) every stage of ``cfg.system`` and writes its results; returns results.json's content."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    from .utils import distributed_state
+    state = distributed_state()
     spec = get_system(cfg.system)
     started = time.time()
     out_root = Path(cfg.output_dir)
@@ -409,6 +408,7 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
             "controller_audit": _read_json(post.path / "controller_audit.json") if post and spec.rectify else None,
             "settings": {**asdict(cfg), "num_policies_used": cfg.num_policies or spec.num_policies},
             "seed": cfg.seed,
+            "num_processes": state.num_processes,
             "stages": [{"name": s.name, "key": s.key, "reused": s.reused, "path": str(s.path), "seconds": s.record().get("seconds")} for s in runner.stages],
             "wall_seconds": round(time.time() - started, 1),
         }

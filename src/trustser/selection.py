@@ -23,9 +23,8 @@ STATS_FILENAME = "selection_stats.json"
 
 def _distributed_state():
     try:
-        from accelerate import PartialState
-
-        state = PartialState()
+        from .utils import distributed_state
+        state = distributed_state()
         return state if state.num_processes > 1 else None
     except Exception:  # accelerate not initialisable: single process
         return None

@@ -44,12 +44,11 @@ def _load_models(cem_dir: str, slm_dir: str, device):
 
 def run_cli(args: argparse.Namespace) -> int:
     import datasets
-    from accelerate import PartialState
-
+    from .utils import distributed_state
     from .selection import STATS_FILENAME, select_by_confidence
     from .utils import atomic_directory, atomic_write_json
 
-    state = PartialState()
+    state = distributed_state()
     device = args.device or state.device
     data_path = Path(args.data)
     if not data_path.exists():

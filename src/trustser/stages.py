@@ -57,9 +57,8 @@ class StageRunner:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         if state is None:
-            from accelerate import PartialState
-
-            state = PartialState()
+            from .utils import distributed_state
+            state = distributed_state()
         self.state = state
         self.stages: list[Stage] = []
 

@@ -160,3 +160,23 @@ def audio_problem(wav: np.ndarray, sr: int, *, min_seconds: float = 0.3, silence
     if np.mean(np.abs(wav) >= 0.999) > 0.01:
         return "clipping"
     return None
+
+
+def distributed_state():
+    """accelerate's ``PartialState`` for this process, on CPU where there is no accelerator (or
+    ``ACCELERATE_USE_CPU`` is set). A bare ``PartialState()`` under a torchrun-style launch on a
+    CPU-only machine (``recipes/accelerate_configs/cpu.yaml``) reports a single process while
+    ``Trainer`` sees them all; ``PartialState(cpu=True)`` sets up the gloo process group instead."""
+    from accelerate import PartialState
+
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=True) if use_cpu or not has_accelerator() else PartialState()
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU (or another accelerator). Without one, training arguments are set
+    to ``use_cpu`` so that a multi-process CPU launch gets its gloo process group."""
+    import torch
+
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+

@@ -216,9 +216,8 @@ def _sharded(ds, fn):
 
     state = None
     try:
-        from accelerate import PartialState
-
-        state = PartialState()
+        from ..utils import distributed_state
+        state = distributed_state()
     except Exception:  # pragma: no cover - accelerate always present in this package
         pass
     if state is None or state.num_processes == 1:

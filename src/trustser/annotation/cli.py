@@ -71,9 +71,9 @@ def run_cli(args: argparse.Namespace) -> int:
         speaker_traits=args.speaker_traits,
         seed=args.seed,
     )
-    from accelerate import PartialState
+    from ..utils import distributed_state
 
-    state = PartialState()
+    state = distributed_state()
     reports = {s: annotation_report(ds) for s, ds in result.items()}
     if sum(r["rows"] for r in reports.values()) == sum(r["n_errors"] for r in reports.values()):
         reasons = {s: r["errors"] for s, r in reports.items()}
@@ -91,7 +91,8 @@ def run_cli(args: argparse.Namespace) -> int:
         n_rows = sum(r["rows"] for r in reports.values())
         for s, r in reports.items():
             print(f"{s}: {r['rows']} utterances, {r['n_errors']} not annotated {r['errors'] or ''}".rstrip())
-        print(f"annotated {n_rows - n_err}/{n_rows} utterances ({n_err} errors) with {args.method} -> {args.out}")
+        procs = f" on {state.num_processes} processes" if state.num_processes > 1 else ""
+        print(f"annotated {n_rows - n_err}/{n_rows} utterances ({n_err} errors) with {args.method}{procs} -> {args.out}")
     state.wait_for_everyone()
     return 0
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..descriptors import SED_FIELDS, SED_VOCAB, build_caption, normalize_sed_value, parse_caption, sed_from_row
+from ..utils import has_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ def train_cem(
         logging_strategy="epoch",
         report_to="none",
         disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not has_accelerator(),
     )
     args.update(training_args or {})
     trainer = Trainer(

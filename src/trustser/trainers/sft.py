@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from ..utils import TARGET_SR, AudioError, load_audio, resample, to_mono_float
+from ..utils import TARGET_SR, AudioError, has_accelerator, load_audio, resample, to_mono_float
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,8 @@ class SerSlmSFTConfig(SFTConfig):
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         if self.sed_source not in SED_SOURCES:
             raise ValueError(f"sed_source must be one of {sorted(SED_SOURCES)}, got {self.sed_source!r}")
+        if not self.use_cpu and not has_accelerator():
+            self.use_cpu = True  # several CPU processes (cpu.yaml) then share a gloo process group
         super().__post_init__()
 
 
