@@ -172,11 +172,12 @@ def test_select_under_accelerate_launch_two_processes(models, annotated, tmp_pat
     annotated.save_to_disk(str(tmp_path / "data"))
     accelerate = Path(sys.executable).with_name("accelerate")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "trustser.cli", "select", "--cem", str(root / "cem"), "--slm", str(root / "slm"),
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate_configs" / "cpu.yaml"
+    cmd = [str(accelerate), "launch", "--config_file", str(config), "-m", "trustser.cli", "select", "--cem", str(root / "cem"), "--slm", str(root / "slm"),
            "--data", str(tmp_path / "data"), "--ratio", "1.0", "--out", str(tmp_path / "out"), "--batch-size", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "scored on 2 processes" in res.stderr
     out = datasets.load_from_disk(str(tmp_path / "out"))
     expected = score_confidence(cem, slm, proc, annotated)
     keep = np.isfinite(expected)

@@ -198,7 +198,8 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
 
     settings = {"pooling": cfg.cem_pooling, "steps": cfg.cem_max_steps, "lr": cfg.cem_learning_rate, "seed": cfg.seed, "samples": cfg.cem_max_samples, "eval_share": 0.2,
                 "captions": cfg.cem_training_captions, "corrupt": cfg.cem_corrupt_prob if cfg.cem_training_captions == "perturbed" else None}
-    return runner.run("cem", settings, run, [pretrain])
+    # all processes: the CEM's Trainer joins the process group (the features are computed on each)
+    return runner.run("cem", settings, run, [pretrain], all_processes=True)
 
 
 def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated: Stage, pretrain: Stage, cem: Stage) -> Stage:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -83,4 +84,5 @@ def run_cli(args: argparse.Namespace) -> int:
     state.wait_for_everyone()
     if state.is_main_process:
         print(json.dumps(stats))
+        print(f"scored on {state.num_processes} process{'es' if state.num_processes > 1 else ''} -> {args.out}", file=sys.stderr)
     return 0

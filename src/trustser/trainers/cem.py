@@ -349,8 +349,12 @@ def train_cem(
         compute_metrics=_trainer_metrics(config.field_names),
     )
     train_out = trainer.train()
+    # under several processes every rank trains (DDP: a Trainer on one rank alone would wait for
+    # the others in its first collective); the main one writes
+    save = save and trainer.is_world_process_zero()
     try:  # the Trainer's scratch directory stays empty (save_strategy="no")
-        (output_dir / "trainer").rmdir()
+        if trainer.is_world_process_zero():
+            (output_dir / "trainer").rmdir()
     except OSError:
         pass
     model.eval()
