@@ -7,15 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
+from .utils import json_object_argument as _json_dict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

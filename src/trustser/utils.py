@@ -180,3 +180,16 @@ def has_accelerator() -> bool:
 
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
+
+def json_object_argument(text: str) -> dict:
+    """argparse ``type=`` for options taking a JSON object (e.g. ``--corpus-options``)."""
+    import argparse
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+

@@ -9,17 +9,8 @@ import argparse
 import json
 import sys
 
+from ..utils import json_object_argument as _json_dict
 from .binning import METHODS
-
-
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
