@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trustser.descriptors import SED_FIELDS
@@ -47,6 +48,15 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     report = (run_dir / "report.md").read_text()
     assert "# trustser sys9" in report and "UA (balanced accuracy)" in report
+    # the trained controller audited on every training utterance against the ground truth
+    audit = saved["controller_audit"]
+    assert audit["n"] == 120 and set(audit["per_field"]) == set(SED_FIELDS)
+    for v in audit["per_field"].values():
+        assert 0.0 <= v["expected"] <= 1.0 and 0.0 <= v["modify_probability"] <= 1.0
+    annotation_right = np.mean([audit["per_field"][f]["annotation"] for f in SED_FIELDS])
+    assert audit["annotation_accuracy"] == pytest.approx(annotation_right, abs=1e-3)
+    assert "Descriptor labels after rectification" in report
+    assert saved["settings"]["controller_scale_rewards"] == "none" and saved["num_processes"] == 1
     post = Path(next(s["path"] for s in saved["stages"] if s["name"] == "posttrain"))
     assert (post / "controller" / "model.safetensors").exists() or any((post / "controller").glob("*.safetensors"))
     # Sys. 4 shares the annotation and the pre-trained SLM: only its own post-training runs
