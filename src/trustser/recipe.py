@@ -231,6 +231,8 @@ def _controller_settings(cfg: RecipeConfig) -> dict:
         "controller_scale_rewards": cfg.controller_scale_rewards,
         "controller_head_hidden_size": cfg.controller_head_hidden_size,
         "reward_timing": cfg.reward_timing,
+        # only when set, so that the stages cached before the option existed keep their keys
+        **({"controller_entropy_coef": cfg.controller_entropy_coef} if cfg.controller_entropy_coef else {}),
     }
 
 

@@ -51,6 +51,7 @@ class RecipeConfig:
     controller_learning_rate: float = field(default=1e-2, metadata={"help": "Adam learning rate of the SED controller (the real configs: 1e-3)."})
     controller_updates_per_step: int = field(default=4, metadata={"help": "Controller optimisation epochs per SLM step on the same policies."})
     controller_scale_rewards: str = field(default="none", metadata={"help": "Advantage scaling: 'group' (divide by the std of the K rewards, the paper's GRPO normalisation), 'batch' or 'none' (r - group mean; see docs/rectify.md for why the embedded default uses it)."})
+    controller_entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus on the controller's retain/modify distributions (keeps it exploring)."})
     controller_head_hidden_size: int = field(default=64, metadata={"help": "Controller head: 0 = one Linear layer (the paper's), > 0 = a tanh hidden layer of this size first."})
     reward_timing: str = field(default="after_update", metadata={"help": "'after_update' (reward from the updated SLM, the paper) or 'reuse_forward' (from the loss forward)."})
     # ---- interruption
