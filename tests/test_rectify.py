@@ -315,3 +315,32 @@ def test_audit_controller_counts_repairs(tiny, rows):
     assert audit["annotation_accuracy"] == round((4 * 4 + 1) / 20, 4) and audit["expected_accuracy"] == round((16 + 3) / 20, 4)
     with pytest.raises(ValueError, match="ground-truth"):
         audit_controller(ctrl, ds.remove_columns(list(SED_FIELDS)))
+
+
+@pytest.mark.parametrize("scale", ["none", "batch"])
+def test_reward_scaling_reaches_the_controller_update(tiny, rows, tmp_path, monkeypatch, scale):
+    """``controller_scale_rewards``: the advantages the clipped objective gets are r - group mean
+    (``none``) or that divided by the std of all the step's rewards (``batch``)."""
+    import trustser.trainers.rectify as rectify_module
+    from trl.trainer.utils import nanstd
+
+    seen = {"rewards": [], "advantages": []}
+    real_normalize, real_loss = rectify_module.group_normalize, rectify_module.clipped_policy_loss
+
+    def normalize(rewards, *a, **kw):
+        seen["rewards"].append(rewards.clone())
+        return real_normalize(rewards, *a, **kw)
+
+    def loss(new, old, advantages, *a, **kw):
+        seen["advantages"].append(advantages.clone())
+        return real_loss(new, old, advantages, *a, **kw)
+
+    monkeypatch.setattr(rectify_module, "group_normalize", normalize)
+    monkeypatch.setattr(rectify_module, "clipped_policy_loss", loss)
+    trainer = _trainer(tiny, rows, tmp_path, max_steps=1, controller_scale_rewards=scale, reward_timing="reuse_forward")
+    trainer.train()
+    rewards, adv = seen["rewards"][0], seen["advantages"][0]
+    centered = rewards - rewards.mean(-1, keepdim=True)
+    expected = centered if scale == "none" else centered / (nanstd(rewards.flatten()) + 1e-4)
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert adv.abs().max() > 0  # the K rectified captions did differ

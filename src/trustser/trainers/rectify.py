@@ -401,18 +401,18 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
             if r["rewards"] is None:
                 r["rewards"] = self._rewards_after_update(r)
         rewards = torch.cat([r["rewards"].flatten() for r in records])
-        scale = args.controller_scale_rewards
-        for r in records:
-            if scale == "batch":  # one std over the whole step's rewards (all micro-batches)
-                from trl.trainer.utils import nanstd
+        from trl.trainer.utils import nanstd
 
-                r["advantages"] = group_normalize(r["rewards"], scale="none") / (nanstd(rewards) + 1e-4)
+        scale = args.controller_scale_rewards
+        # "batch": one std over the whole step's rewards (all its micro-batches), as TRL
+        step_std = nanstd(rewards) + 1e-4 if scale == "batch" else None
+        for r in records:
+            if step_std is not None:
+                r["advantages"] = group_normalize(r["rewards"], scale="none") / step_std
             else:
                 r["advantages"] = group_normalize(r["rewards"], scale=scale)
         self._log_mean("reward/mean", torch.nanmean(rewards))
         # spread the controller can learn from: the within-group (K policies) standard deviation
-        from trl.trainer.utils import nanstd
-
         self._log_mean("reward/std", torch.cat([nanstd(r["rewards"], dim=-1) for r in records]).nanmean())
         params = [p for p in self.controller.parameters() if p.requires_grad]
         losses, entropies, clips = [], [], []
