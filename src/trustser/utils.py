@@ -118,26 +118,36 @@ def resample(wav: np.ndarray, orig_sr: int, target_sr: int = TARGET_SR) -> np.nd
     return AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), orig_sr, target_sr).numpy()
 
 
+def read_encoded_audio(source: str | os.PathLike | bytes) -> tuple[np.ndarray, int]:
+    """Encoded audio from a path or bytes -> ``(samples (channels, frames) float32, rate)``:
+    soundfile (wav/flac/ogg), else torchcodec + FFmpeg (mp3/mp4/m4a). The backends' own
+    exceptions propagate; callers turn them into an AudioError naming the row or file."""
+    import io
+
+    try:
+        import soundfile as sf
+
+        wav, sr = sf.read(io.BytesIO(source) if isinstance(source, bytes) else str(source), dtype="float32", always_2d=True)
+        return wav.T, int(sr)
+    except Exception:
+        from torchcodec.decoders import AudioDecoder
+
+        samples = AudioDecoder(source if isinstance(source, bytes) else str(source)).get_all_samples()
+        return samples.data.numpy(), int(samples.sample_rate)
+
+
 def load_audio(path: str | os.PathLike, target_sr: int = TARGET_SR) -> np.ndarray:
-    """Any common format (wav/flac/ogg via soundfile, else mp3/mp4/m4a via torchcodec+ffmpeg),
-    down-mixed to mono and resampled to ``target_sr``. Raises AudioError naming the file."""
+    """Any common format (``read_encoded_audio``), down-mixed to mono and resampled to
+    ``target_sr``. Raises AudioError naming the file."""
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file")
     try:
-        import soundfile as sf
-
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=False)
-    except Exception:
-        try:
-            from torchcodec.decoders import AudioDecoder
-
-            samples = AudioDecoder(str(path)).get_all_samples()
-            wav, sr = samples.data.numpy(), int(samples.sample_rate)
-        except Exception as exc:
-            raise AudioError(f"{path}: unreadable audio ({type(exc).__name__}: {exc})") from exc
+        wav, sr = read_encoded_audio(path)
+    except Exception as exc:
+        raise AudioError(f"{path}: unreadable audio ({type(exc).__name__}: {exc})") from exc
     wav = to_mono_float(wav)
     if wav.size == 0:
         raise AudioError(f"{path}: no samples")

@@ -9,7 +9,6 @@ are properties of the population, not of one clip.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..descriptors import SED_FIELDS
-from ..utils import TARGET_SR, AudioError, audio_problem, resample, to_mono_float
+from ..utils import TARGET_SR, AudioError, audio_problem, read_encoded_audio, resample, to_mono_float
 from .binning import METHODS, AdaptiveConfig, UnifiedThresholds, bin_features, speaker_vote
 from .classifiers import DEFAULT_AGE_MODEL, DEFAULT_GENDER_MODEL, HubAudioClassifier, OfflineClassifier, resolve_backend
 from .features import SIGNAL_FEATURES, acoustic_embedding, count_phonemes, signal_features
@@ -50,20 +49,10 @@ def _decode(entry: Any) -> np.ndarray:
     if isinstance(entry, Mapping) and entry.get("array") is not None:
         wav, sr = np.asarray(entry["array"]), int(entry["sampling_rate"])
     elif isinstance(entry, Mapping) and (entry.get("bytes") or entry.get("path")):
-        src = io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"]
         try:
-            import soundfile as sf
-
-            wav, sr = sf.read(src, dtype="float32", always_2d=True)
-            wav = wav.T  # (channels, samples)
-        except Exception:
-            try:
-                from torchcodec.decoders import AudioDecoder
-
-                samples = AudioDecoder(entry["bytes"] if entry.get("bytes") else entry["path"]).get_all_samples()
-                wav, sr = samples.data.numpy(), int(samples.sample_rate)
-            except Exception as exc:
-                raise AudioError(f"unreadable: {type(exc).__name__}") from exc
+            wav, sr = read_encoded_audio(entry["bytes"] if entry.get("bytes") else entry["path"])  # (channels, samples)
+        except Exception as exc:
+            raise AudioError(f"unreadable: {type(exc).__name__}") from exc
     else:
         try:  # a torchcodec AudioDecoder (datasets' decoded value)
             samples = entry.get_all_samples()

@@ -43,9 +43,9 @@ from ..models.sed_controller import (
     sample_policies,
     sed_to_ids,
 )
-from ..utils import TARGET_SR, atomic_directory, atomic_write_json
+from ..utils import TARGET_SR, AudioError, atomic_directory, atomic_write_json
 from .rectify_config import SEDRectifyConfig
-from .sft import SED_SOURCES, SerSlmDataCollator, SerSlmSFTTrainer, decode_audio
+from .sft import SED_SOURCES, SerSlmDataCollator, SerSlmSFTTrainer, decode_audio, read_rows
 
 CONTROLLER_DIR = "controller"
 CONTROLLER_OPTIMIZER = "controller_optimizer"
@@ -505,8 +505,10 @@ def audit_controller(controller: SedController, dataset, batch_size: int = 32, s
     device = next(controller.parameters()).device
     collate = SEDRectifyCollator.controller_inputs
     for s in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(s, min(len(dataset), s + batch_size))]
-        wav, lengths = collate([decode_audio(r["audio"], r.get("id", "?")) for r in rows])
+        rows, audio, errors = read_rows(dataset, range(s, min(len(dataset), s + batch_size)))
+        if any(errors):
+            raise AudioError(next(e for e in errors if e))
+        wav, lengths = collate(audio)
         ids = sed_to_ids([{f: r.get(f + suffix) for f in SED_FIELDS} for r in rows])
         truth = SEDRectifyCollator.truth_ids(rows).numpy()
         feats, mask = controller.log_mel(wav.to(device), lengths.to(device))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from ..utils import TARGET_SR, AudioError, has_accelerator, load_audio, resample, to_mono_float
+from ..utils import TARGET_SR, AudioError, has_accelerator, load_audio, read_encoded_audio, resample, to_mono_float
 
 logger = logging.getLogger(__name__)
 
@@ -29,21 +29,10 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "input_features", "feature_attent
 
 
 def _decode_bytes(data: bytes) -> tuple[np.ndarray, int]:
-    """Encoded audio bytes (wav/flac/ogg via soundfile, else torchcodec+ffmpeg) -> (samples, rate)."""
-    import io
-
+    """Encoded audio bytes -> (samples, rate); see ``read_encoded_audio``."""
     if len(data) == 0:
         raise AudioError("empty audio data (0 bytes)")
-    try:
-        import soundfile as sf
-
-        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
-        return wav, int(sr)
-    except Exception:
-        from torchcodec.decoders import AudioDecoder
-
-        s = AudioDecoder(data).get_all_samples()
-        return s.data.numpy(), int(s.sample_rate)
+    return read_encoded_audio(data)
 
 
 def _sampling_rate(sr) -> int:
