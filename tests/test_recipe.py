@@ -22,7 +22,7 @@ def _quick(tmp_path, corpus, **kw):
     base = dict(
         output_dir=str(tmp_path / "out"), target_root=str(corpus), pretrain_root=str(corpus), synth_size="small",
         pretrain_max_steps=12, cem_max_steps=10, cem_max_samples=48, posttrain_max_steps=3, per_device_batch_size=4,
-        max_eval_samples=12, tsne_samples=24, eval_batch_size=12, annotation_num_proc=1,
+        max_eval_samples=12, tsne_samples=24, eval_batch_size=12, annotation_num_proc=1, cpu_threads=1,
     )
     base.update(kw)
     return RecipeConfig(**base)
@@ -57,7 +57,14 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
     assert audit["annotation_accuracy"] == pytest.approx(annotation_right, abs=1e-3)
     assert "Descriptor labels after rectification" in report
     assert saved["settings"]["controller_scale_rewards"] == "none" and saved["num_processes"] == 1
+    assert saved["torch_threads_per_process"] == 1
+    # the auxiliary heads and channel augmentation belong to pre-training only
+    pre = Path(next(s["path"] for s in saved["stages"] if s["name"] == "pretrain"))
+    pre_logs = json.loads((pre / "log_history.json").read_text())
+    assert any("aux_sed_loss" in h and "aux_ctc_loss" in h for h in pre_logs)
+    assert json.loads((pre / "model" / "config.json").read_text())["aux_sed_loss_weight"] == 1.0
     post = Path(next(s["path"] for s in saved["stages"] if s["name"] == "posttrain"))
+    assert not any("aux_sed_loss" in h for h in json.loads((post / "log_history.json").read_text()))
     assert (post / "controller" / "model.safetensors").exists() or any((post / "controller").glob("*.safetensors"))
     # Sys. 4 shares the annotation and the pre-trained SLM: only its own post-training runs
     res4 = run_system(replace(cfg, system="sys4"))
@@ -86,3 +93,17 @@ def test_sys10_two_cpu_processes(tmp_path, synthetic_small):
     sel = saved["selection"]
     assert sel is not None and sel["n_selected"] == 108  # 90% of the 120 train utterances
     assert saved["cem"] is not None
+
+
+def test_use_cpu_cores_divides_the_cores_among_processes():
+    import torch
+
+    from trustser.utils import use_cpu_cores
+
+    before = torch.get_num_threads()
+    try:
+        assert use_cpu_cores(1) == max(1, os.cpu_count() // 1) == torch.get_num_threads()
+        assert use_cpu_cores(os.cpu_count() * 4) == 1  # never zero
+        assert use_cpu_cores(2, threads=3) == 3 == torch.get_num_threads()  # an explicit count wins
+    finally:
+        torch.set_num_threads(before)

@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "SerSlmDataCollator": "trustser.trainers.sft",
     "SerSlmSFTTrainer": "trustser.trainers.sft",
     "SerSlmSFTConfig": "trustser.trainers.sft",
+    "ChannelAugmentation": "trustser.data.augmentation",
     # evaluation
     "generate_captions": "trustser.evaluation",
     "evaluate_ser": "trustser.evaluation",

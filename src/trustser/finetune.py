@@ -158,7 +158,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     the recipe's format, so ``trustser explain`` and ``trustser push`` work on ``output_dir``."""
     import time
 
-    from .utils import distributed_state
+    from .utils import distributed_state, use_cpu_cores
     from . import recipe
     from .explain import resolve_model_dir
     from .stages import StageRunner
@@ -169,6 +169,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ValueError("finetune needs model= (checkpoint) and corpus_root= (the new corpus)")
     started = time.time()
     state = distributed_state()
+    use_cpu_cores(state.num_processes)
     set_seed(cfg.seed)
     rcfg = _recipe_config(cfg)
     out_root = Path(cfg.output_dir)

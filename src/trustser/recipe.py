@@ -141,7 +141,10 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
             texts = list(train["text"])
             if cfg.target_corpus == cfg.pretrain_corpus and "train" in corpus:
                 texts += list(corpus["train"]["text"])
-            model, processor = build_tiny_ser_slm(texts, emotion_labels=labels, seed=cfg.seed, sed_f0_stream=cfg.f0_stream)
+            model, processor = build_tiny_ser_slm(
+                texts, emotion_labels=labels, seed=cfg.seed, sed_f0_stream=cfg.f0_stream,
+                aux_sed_loss_weight=cfg.aux_sed_loss_weight, aux_ctc_loss_weight=cfg.aux_ctc_loss_weight,
+            )
         elif cfg.preset == "paper":
             model, processor = build_paper_ser_slm()
         else:
@@ -149,6 +152,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
         args = _training_args(
             cfg, out / "trainer", max_steps=cfg.pretrain_max_steps, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_learning_rate,
             sed_source="truth", with_sed=spec.with_sed, kl_warmup_steps=cfg.kl_warmup_steps,
+            channel_augmentation=cfg.channel_augmentation,
         )
         trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
         _train(trainer, cfg, out / "trainer")
@@ -161,8 +165,10 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
         "corpus": cfg.pretrain_corpus, "root": cfg.pretrain_root or "synthetic", "split": cfg.pretrain_split, "preset": cfg.preset,
         "with_sed": spec.with_sed, "epochs": cfg.pretrain_epochs, "max_steps": cfg.pretrain_max_steps,
         "lr": cfg.pretrain_learning_rate, "batch": cfg.per_device_batch_size, "warmup": cfg.warmup_ratio, "seed": cfg.seed,
-        "kl_warmup": cfg.kl_warmup_steps, "f0": cfg.f0_stream,
+        "kl_warmup": cfg.kl_warmup_steps, "f0": cfg.f0_stream, "channel_augmentation": cfg.channel_augmentation,
     }
+    if cfg.preset == "tiny":
+        settings.update(aux_sed=cfg.aux_sed_loss_weight, aux_ctc=cfg.aux_ctc_loss_weight)
     return runner.run("pretrain", settings, run, upstream, all_processes=True, resume=cfg.resume_from_checkpoint)
 
 
@@ -258,7 +264,9 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
         if len(train) == 0:
             raise ValueError(f"{data.path / data_subdir}: split {cfg.train_split!r} has no utterances to train on")
         model, processor = _load_model(pretrain.path / "model")
-        common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source="auto", with_sed=spec.with_sed)
+        # captions only: the auxiliary heads are a pre-training device (and rectification has no equivalent)
+        common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source="auto",
+                      with_sed=spec.with_sed, aux_losses=False)
         if spec.rectify:
             from .trainers.rectify import SEDRectifyTrainer
             from .trainers.rectify_config import SEDRectifyConfig
@@ -364,8 +372,10 @@ def _rectification_summary(log_history: list[dict] | None) -> dict | None:
 
 def run_system(cfg: RecipeConfig) -> dict[str, Any]:
     """Runs (or reuses) every stage of ``cfg.system`` and writes its results; returns results.json's content."""
-    from .utils import distributed_state
+    from .utils import distributed_state, use_cpu_cores
+
     state = distributed_state()
+    threads = use_cpu_cores(state.num_processes, cfg.cpu_threads)
     spec = get_system(cfg.system)
     started = time.time()
     out_root = Path(cfg.output_dir)
@@ -412,6 +422,7 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
             "settings": {**asdict(cfg), "num_policies_used": cfg.num_policies or spec.num_policies},
             "seed": cfg.seed,
             "num_processes": state.num_processes,
+            "torch_threads_per_process": threads,
             "stages": [{"name": s.name, "key": s.key, "reused": s.reused, "path": str(s.path), "seconds": s.record().get("seconds")} for s in runner.stages],
             "wall_seconds": round(time.time() - started, 1),
         }

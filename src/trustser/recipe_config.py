@@ -29,11 +29,14 @@ class RecipeConfig:
     preset: str = field(default="tiny", metadata={"help": "SER-SLM preset: 'tiny' (random init, CPU) or 'paper' (HuBERT-large + Llama-3.1-8B-Instruct with LoRA)."})
     # ---- pre-training
     pretrain_epochs: float = field(default=2.0, metadata={"help": "SER-SLM pre-training epochs (the paper: 2); used when pretrain_max_steps <= 0."})
-    pretrain_max_steps: int = field(default=1200, metadata={"help": "If > 0, overrides pretrain_epochs (embedded default: 1200 steps, ~5 epochs of the synthetic reference split)."})
+    pretrain_max_steps: int = field(default=2000, metadata={"help": "If > 0, overrides pretrain_epochs (embedded default: 2000 steps, 8 epochs of the synthetic reference split)."})
     pretrain_learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate for pre-training (tiny preset default)."})
     per_device_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of SER-SLM training."})
     kl_warmup_steps: int = field(default=100, metadata={"help": "Steps over which the VIB KL weight ramps up from 0 (keeps the bottleneck from collapsing before the LM reads the audio)."})
     f0_stream: bool = field(default=True, metadata={"help": "Tiny preset: feed the SED branch a Praat F0 stream besides the energy stream."})
+    aux_sed_loss_weight: float = field(default=1.0, metadata={"help": "Tiny preset: weight of the auxiliary descriptor-classification loss on the SED branch during pre-training (a random-init encoder needs it to learn from the audio in minutes; 0 = off)."})
+    aux_ctc_loss_weight: float = field(default=0.3, metadata={"help": "Tiny preset: weight of the auxiliary transcript CTC loss on the semantic branch during pre-training (0 = off)."})
+    channel_augmentation: float = field(default=0.8, metadata={"help": "Pre-training: probability that a reference utterance passes through a random recording channel (band-pass + noise floor, level kept), so the SLM transfers to the target corpus' channel; 0 = off."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Warm-up ratio of the SLM's learning-rate schedule."})
     # ---- CEM and selection
     cem_max_steps: int = field(default=400, metadata={"help": "CEM training steps."})
@@ -46,6 +49,7 @@ class RecipeConfig:
     # ---- post-training
     posttrain_max_steps: int = field(default=200, metadata={"help": "Domain post-training steps (the paper: 20k)."})
     posttrain_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate for post-training (all systems)."})
+    cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process on a machine without an accelerator (0: the cores divided among the processes; `accelerate launch` alone would set 1)."})
     annotation_num_proc: int | None = field(default=None, metadata={"help": "Processes for annotation feature extraction (None: all cores)."})
     num_policies: int | None = field(default=None, metadata={"help": "Override the system's K (policies per utterance)."})
     controller_learning_rate: float = field(default=1e-2, metadata={"help": "Adam learning rate of the SED controller (the real configs: 1e-3)."})

@@ -183,6 +183,20 @@ def distributed_state():
     return PartialState(cpu=True) if use_cpu or not has_accelerator() else PartialState()
 
 
+def use_cpu_cores(num_processes: int = 1, threads: int | None = None) -> int:
+    """On a machine without an accelerator, gives each process ``threads`` torch threads (default:
+    the cores divided among the processes) and returns the number set; with an accelerator, changes
+    nothing. ``accelerate launch`` without a config exports OMP_NUM_THREADS=1, which left one of two
+    cores idle in a single-process CPU run."""
+    import torch
+
+    if has_accelerator():
+        return torch.get_num_threads()
+    n = int(threads) if threads else max(1, (os.cpu_count() or 1) // max(1, int(num_processes)))
+    torch.set_num_threads(n)
+    return n
+
+
 def has_accelerator() -> bool:
     """Whether torch sees a GPU (or another accelerator). Without one, training arguments are set
     to ``use_cpu`` so that a multi-process CPU launch gets its gloo process group."""

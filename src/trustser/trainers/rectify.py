@@ -66,7 +66,8 @@ class SEDRectifyCollator(SerSlmDataCollator):
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, Any]:
         audio = [decode_audio(f[self.audio_column], f.get("id", "?")) for f in features]
-        batch = dict(self.processor(audio=audio, captions=self.captions(features), sampling_rate=TARGET_SR, with_sed=True))
+        batch = dict(self.processor(audio=audio, captions=self.captions(features), sampling_rate=TARGET_SR, with_sed=True,
+                                    f0_tracks=self._f0_tracks(features, audio)))
         suffix = SED_SOURCES[self.sed_source]
         batch["rectify_sed_ids"] = sed_to_ids([{f: row.get(f + suffix) for f in SED_FIELDS} for row in features])
         batch["rectify_truth_ids"] = self.truth_ids(features)

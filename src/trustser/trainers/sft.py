@@ -8,6 +8,7 @@ descriptors, or the no-descriptor caption (``with_sed=False``), and masks the lo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -25,7 +26,9 @@ logger = logging.getLogger(__name__)
 SED_SOURCES = {"truth": "", "auto": "_auto"}
 CHECKPOINT_COMPLETE = "trustser_checkpoint.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-MODEL_INPUTS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy", "f0", "labels")
+MODEL_INPUTS = (
+    "input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy", "f0", "labels", "sed_labels", "ctc_labels",
+)
 
 
 def _decode_bytes(data: bytes) -> tuple[np.ndarray, int]:
@@ -157,10 +160,30 @@ class SerSlmDataCollator:
     with_sed: bool = True
     audio_column: str = "audio"
     caption_column: str | None = None
+    augmentation: Any = None  # callable(wav) -> wav applied to each decoded waveform (training only)
+    aux_labels: bool = False  # also return the auxiliary-loss targets (sed_labels, ctc_labels) of the rows
+    # F0 streams by row id: Praat is the costliest part of collating (~60 ms per batch of 8), and an
+    # utterance's F0 does not change between epochs (taken before augmentation: a channel barely moves it)
+    max_cached_f0: int = 200_000
+    _f0_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if self.sed_source not in SED_SOURCES:
             raise ValueError(f"sed_source must be one of {sorted(SED_SOURCES)}, got {self.sed_source!r}")
+
+    def _f0_tracks(self, features: Sequence[Mapping], audio: Sequence[np.ndarray]):
+        if not getattr(self.processor, "f0_stream", False):
+            return None
+        tracks = []
+        for f, wav in zip(features, audio):
+            key = (f.get("id"), wav.size)
+            track = self._f0_cache.get(key) if key[0] is not None else None
+            if track is None:
+                track = self.processor.f0_track(wav)
+                if key[0] is not None and len(self._f0_cache) < self.max_cached_f0:
+                    self._f0_cache[key] = track
+            tracks.append(track)
+        return tracks
 
     def captions(self, rows: Sequence[Mapping]) -> list[str]:
         if self.caption_column is not None:
@@ -169,8 +192,14 @@ class SerSlmDataCollator:
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         audio = [decode_audio(f[self.audio_column], f.get("id", "?")) for f in features]
-        batch = self.processor(audio=audio, captions=self.captions(features), sampling_rate=TARGET_SR, with_sed=self.with_sed)
-        return dict(batch)
+        f0_tracks = self._f0_tracks(features, audio)
+        if self.augmentation is not None:
+            audio = [self.augmentation(a) for a in audio]
+        batch = dict(self.processor(audio=audio, captions=self.captions(features), sampling_rate=TARGET_SR,
+                                    with_sed=self.with_sed, f0_tracks=f0_tracks))
+        if self.aux_labels and self.caption_column is None:
+            batch.update(self.processor.auxiliary_labels(features, SED_SOURCES[self.sed_source], with_sed=self.with_sed))
+        return batch
 
 
 @dataclass
@@ -183,6 +212,16 @@ class SerSlmSFTConfig(SFTConfig):
         default=0,
         metadata={"help": "ramp the KL weight linearly from 0 to the model's vib_beta over these steps, so the "
                   "bottleneck does not collapse to the prior before the LM has learned to use the audio."},
+    )
+    channel_augmentation: float = field(
+        default=0.0,
+        metadata={"help": "probability that a training utterance passes through a random recording channel "
+                  "(band-pass + noise floor, level kept; trustser.ChannelAugmentation); 0 = off."},
+    )
+    aux_losses: bool = field(
+        default=True,
+        metadata={"help": "train the model's auxiliary descriptor/CTC heads where its config weighs them "
+                  "(aux_sed_loss_weight, aux_ctc_loss_weight); False: captions only (e.g. domain post-training)."},
     )
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on only where CUDA supports it."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "off by default (tiny models, CPU)."})
@@ -199,6 +238,8 @@ class SerSlmSFTConfig(SFTConfig):
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         if self.sed_source not in SED_SOURCES:
             raise ValueError(f"sed_source must be one of {sorted(SED_SOURCES)}, got {self.sed_source!r}")
+        if not 0.0 <= self.channel_augmentation <= 1.0:
+            raise ValueError(f"channel_augmentation is a probability in [0, 1], got {self.channel_augmentation}")
         if not self.use_cpu and not has_accelerator():
             self.use_cpu = True  # several CPU processes (cpu.yaml) then share a gloo process group
         super().__post_init__()
@@ -206,7 +247,8 @@ class SerSlmSFTConfig(SFTConfig):
 
 class SerSlmSFTTrainer(SFTTrainer):
     """SFTTrainer for the SER-SLM: builds the audio collator from the config, computes loss =
-    LM loss on caption tokens + beta * VIB KL, and logs ``lm_loss`` and ``kl_loss`` separately."""
+    LM loss on caption tokens + beta * VIB KL (+ the model's weighted auxiliary losses, see
+    SerSlmConfig), and logs ``lm_loss``, ``kl_loss``, ``aux_sed_loss``, ``aux_ctc_loss`` separately."""
 
     def __init__(self, model, args: SerSlmSFTConfig | None = None, data_collator=None, processing_class=None, **kwargs):
         if args is None:
@@ -214,10 +256,38 @@ class SerSlmSFTTrainer(SFTTrainer):
         if processing_class is None:
             raise ValueError("SerSlmSFTTrainer needs processing_class=SerSlmProcessor")
         if data_collator is None:
+            augmentation = None
+            if getattr(args, "channel_augmentation", 0.0) > 0:
+                from ..data.augmentation import ChannelAugmentation
+
+                augmentation = ChannelAugmentation(probability=args.channel_augmentation, seed=args.seed)
+            cfg = getattr(model, "config", None)
+            aux = getattr(args, "aux_losses", True) and bool(
+                getattr(cfg, "aux_sed_loss_weight", 0) or getattr(cfg, "aux_ctc_loss_weight", 0)
+            )
             data_collator = SerSlmDataCollator(
-                processing_class, sed_source=getattr(args, "sed_source", "truth"), with_sed=getattr(args, "with_sed", True)
+                processing_class, sed_source=getattr(args, "sed_source", "truth"), with_sed=getattr(args, "with_sed", True),
+                augmentation=augmentation, aux_labels=aux,
             )
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+
+    def _without_augmentation(self, build, *args, **kwargs):
+        """Runs a dataloader builder with the collator's augmentation switched off (evaluation data
+        is scored as recorded)."""
+        collator = self.data_collator
+        if getattr(collator, "augmentation", None) is None:
+            return build(*args, **kwargs)
+        self.data_collator = dataclasses.replace(collator, augmentation=None)
+        try:
+            return build(*args, **kwargs)
+        finally:
+            self.data_collator = collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._without_augmentation(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._without_augmentation(super().get_test_dataloader, test_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -239,9 +309,14 @@ class SerSlmSFTTrainer(SFTTrainer):
         if warm and mode == "train":
             beta = beta * min(1.0, self.state.global_step / warm)
         loss = lm_loss
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
         if kl is not None:
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = lm_loss + beta * kl / steps
+        cfg = self._unwrapped_config()
+        aux_parts = {k: getattr(outputs, k, None) for k in ("aux_sed_loss", "aux_ctc_loss")}
+        for key, weight in (("aux_sed_loss", cfg.aux_sed_loss_weight), ("aux_ctc_loss", cfg.aux_ctc_loss_weight)):
+            if aux_parts[key] is not None and weight > 0:
+                loss = loss + weight * aux_parts[key] / steps
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         with torch.no_grad():
@@ -250,6 +325,9 @@ class SerSlmSFTTrainer(SFTTrainer):
             m["lm_loss"].append(self.accelerator.gather_for_metrics(token_lm).mean().item())
             if kl is not None:
                 m["kl_loss"].append(self.accelerator.gather_for_metrics(kl.detach()).mean().item())
+            for key, value in aux_parts.items():
+                if value is not None:
+                    m[key].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
             acc = ((logits.argmax(-1) == shift_labels) & valid).sum() / n_tokens.clamp(min=1)
             m["mean_token_accuracy"].append(self.accelerator.gather_for_metrics(acc).mean().item())
             if mode == "train":

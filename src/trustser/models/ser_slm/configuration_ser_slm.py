@@ -53,6 +53,13 @@ class SerSlmConfig(PreTrainedConfig):
     frame_downsample: consecutive encoder frames stacked into one audio token.
     audio_conv_layers: encoder front-end convolutions (inferred from ``audio_config`` when None).
     freeze_audio_tower: keep the encoder frozen (the paper's recipe).
+    aux_sed_loss_weight: weight of an auxiliary descriptor-classification loss on the SED branch
+        (utterance mean of the SED latent -> one linear classifier per field, classes in the
+        processor's ``sed_vocab`` order, ``aux_sed_num_classes`` each). A randomly initialised
+        encoder gets no usable signal through the LM alone in minutes (it learns to ignore the
+        audio); the paper's pre-trained encoder does not need it (0 = off, no heads).
+    aux_ctc_loss_weight: weight of an auxiliary CTC loss of the transcript's tokens on the semantic
+        branch (frame latents -> vocabulary, blank = pad token); 0 = off.
     """
 
     model_type = "ser_slm"
@@ -76,6 +83,9 @@ class SerSlmConfig(PreTrainedConfig):
     audio_conv_layers: list | None = None
     freeze_audio_tower: bool = True
     tie_word_embeddings: bool = False
+    aux_sed_loss_weight: float = 0.0
+    aux_ctc_loss_weight: float = 0.0
+    aux_sed_num_classes: list | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -86,12 +96,16 @@ class SerSlmConfig(PreTrainedConfig):
             raise ValueError(f"frame_downsample must be >= 1, got {self.frame_downsample}")
         if self.vib_beta < 0:
             raise ValueError(f"vib_beta must be >= 0, got {self.vib_beta}")
+        if self.aux_sed_loss_weight < 0 or self.aux_ctc_loss_weight < 0:
+            raise ValueError("aux_sed_loss_weight and aux_ctc_loss_weight must be >= 0")
+        if self.aux_sed_num_classes is None:
+            self.aux_sed_num_classes = [3, 3, 3, 2, 5]  # pitch, volume, speed, gender, age (processor's sed_vocab)
+        self.aux_sed_num_classes = [int(n) for n in self.aux_sed_num_classes]
         self.hidden_size = self.text_config.hidden_size
 
     @property
     def prosody_features(self) -> int:
         return (2 if self.sed_energy_stream else 0) + (3 if self.sed_f0_stream else 0)
-        self.vocab_size = self.text_config.vocab_size
 
 
 __all__ = ["SerSlmConfig", "infer_audio_conv_layers", "conv_output_length"]

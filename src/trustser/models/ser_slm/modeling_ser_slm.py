@@ -24,11 +24,21 @@ ENERGY_FLOOR_DB = -100.0
 
 @dataclass
 class SerSlmCausalLMOutput(CausalLMOutputWithPast):
-    """``loss`` = ``lm_loss`` + beta * ``kl_loss``; both parts are returned on their own for logging."""
+    """``loss`` = ``lm_loss`` + beta * ``kl_loss`` (+ the weighted auxiliary losses when their labels
+    are passed); every part is returned on its own for logging."""
 
     lm_loss: torch.FloatTensor | None = None
     kl_loss: torch.FloatTensor | None = None
     audio_embeds: torch.FloatTensor | None = None
+    aux_sed_loss: torch.FloatTensor | None = None
+    aux_ctc_loss: torch.FloatTensor | None = None
+
+
+def _mark_scale_preserving(module: nn.Module) -> None:
+    """Flags ``module``'s Linear layers for Xavier init in ``_init_weights`` (see there)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            sub._scale_preserving_init = True
 
 
 class SerSlmVIBBranch(nn.Module):
@@ -41,6 +51,7 @@ class SerSlmVIBBranch(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(in_dim + extra_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
         self.mu = nn.Linear(hidden, latent)
         self.logvar = nn.Linear(hidden, latent)
+        _mark_scale_preserving(self)
 
     def forward(self, layers: torch.Tensor, extra: torch.Tensor | None = None):
         # layers: (>= num_layers, B, T, D): the last num_layers are the transformer layers' outputs
@@ -71,6 +82,7 @@ class SerSlmProjector(nn.Module):
         self.linear_1 = nn.Linear(in_dim, hidden)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(hidden, hidden)
+        _mark_scale_preserving(self)
 
     def forward(self, x):
         return self.linear_2(self.act(self.linear_1(x)))
@@ -88,7 +100,15 @@ class SerSlmPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module):
-        super()._init_weights(module)
+        if getattr(module, "_scale_preserving_init", False):
+            # the audio path's layers (VIB branches, projector): with the LM's N(0, 0.02) init its five
+            # stacked layers shrink the audio embeddings to ~1e-3 of unit scale, under the LM's RMSNorm
+            # epsilon, and a randomly initialised model then learns to ignore the audio
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
         if isinstance(module, SerSlmVIBBranch):
             init.zeros_(module.layer_weights)
             # start with little noise: the sample is close to mu until the KL term says otherwise
@@ -135,6 +155,13 @@ class SerSlmModel(SerSlmPreTrainedModel):
         self.sed_vib = SerSlmVIBBranch(num_layers, width, extra, config.vib_hidden_size, config.sed_vib_dim)
         self.semantic_vib = SerSlmVIBBranch(num_layers, width, 0, config.vib_hidden_size, config.semantic_vib_dim)
         self.projector = SerSlmProjector(config)
+        # auxiliary heads (training signal for a randomly initialised encoder; unused in generation)
+        self.aux_sed_heads = None
+        if config.aux_sed_loss_weight > 0:
+            self.aux_sed_heads = nn.ModuleList(nn.Linear(config.sed_vib_dim, n) for n in config.aux_sed_num_classes)
+        self.aux_ctc_head = None
+        if config.aux_ctc_loss_weight > 0:
+            self.aux_ctc_head = nn.Linear(config.semantic_vib_dim, config.text_config.vocab_size)
         if config.freeze_audio_tower:
             self.audio_tower.requires_grad_(False)
         self.post_init()
@@ -209,6 +236,38 @@ class SerSlmModel(SerSlmPreTrainedModel):
     def get_audio_features(self, input_features, feature_attention_mask=None, energy=None, f0=None):
         """Runs the encoder once. Returns ``(audio_embeds (B, N, H), audio_mask (B, N) bool, kl)``:
         pass ``audio_embeds`` (possibly ``repeat_interleave``-d) to ``forward`` to reuse them."""
+        latents = self._audio_latents(input_features, feature_attention_mask, energy, f0)
+        return latents["audio_embeds"], latents["audio_mask"], latents["kl"]
+
+    def auxiliary_losses(self, latents: dict, sed_labels=None, ctc_labels=None) -> dict:
+        """Auxiliary losses from one ``_audio_latents`` call (see SerSlmConfig): descriptor
+        classification from the utterance-mean SED latent (labels (B, 5), -100 = unknown) and CTC of
+        the transcript tokens over the semantic latents (labels (B, L), -100 = padding)."""
+        out = {}
+        mask = latents["audio_mask"]
+        if sed_labels is not None and self.aux_sed_heads is not None:
+            m = mask[..., None].to(latents["z_sed"].dtype)
+            pooled = (latents["z_sed"] * m).sum(1) / m.sum(1).clamp(min=1.0)
+            sed_labels = sed_labels.to(pooled.device)
+            losses = [
+                F.cross_entropy(head(pooled).float(), sed_labels[:, j], ignore_index=-100, reduction="sum")
+                for j, head in enumerate(self.aux_sed_heads)
+            ]
+            out["aux_sed_loss"] = torch.stack(losses).sum() / (sed_labels >= 0).sum().clamp(min=1)
+        if ctc_labels is not None and self.aux_ctc_head is not None:
+            ctc_labels = ctc_labels.to(mask.device)
+            log_probs = torch.log_softmax(self.aux_ctc_head(latents["z_sem"]).float(), dim=-1).transpose(0, 1)
+            target_lengths = (ctc_labels >= 0).sum(-1)
+            blank = self.config.text_config.pad_token_id if self.config.text_config.pad_token_id is not None else 0
+            out["aux_ctc_loss"] = F.ctc_loss(
+                log_probs, ctc_labels.clamp(min=0), mask.sum(-1), target_lengths, blank=blank,
+                reduction="mean", zero_infinity=True,
+            )
+        return out
+
+    def _audio_latents(self, input_features, feature_attention_mask=None, energy=None, f0=None) -> dict:
+        """Encoder + VIB branches + projector: ``audio_embeds``, ``audio_mask``, ``kl`` and the VIB
+        samples ``z_sed`` / ``z_sem`` (B, N, dim) that the auxiliary losses read."""
         cfg = self.config
         tower_kwargs = {"return_dict": True}
         if feature_attention_mask is not None and getattr(cfg.audio_config, "feat_extract_norm", None) == "layer":
@@ -259,7 +318,7 @@ class SerSlmModel(SerSlmPreTrainedModel):
         kl = ((kl_sed + kl_sem) * am).sum() / am.sum().clamp(min=1.0)
         z = torch.cat([z_sed, z_sem], dim=-1) * audio_mask[..., None]
         audio_embeds = self.projector(z)
-        return audio_embeds, audio_mask, kl
+        return {"audio_embeds": audio_embeds, "audio_mask": audio_mask, "kl": kl, "z_sed": z_sed, "z_sem": z_sem}
 
     def merge_audio(self, input_ids, inputs_embeds, audio_embeds):
         """Row i's n_i placeholder tokens receive row i's first n_i audio embeddings."""
@@ -296,14 +355,19 @@ class SerSlmModel(SerSlmPreTrainedModel):
         use_cache=None,
         f0=None,
         audio_repeats: int = 1,
+        sed_labels=None,
+        ctc_labels=None,
         **kwargs,
     ):
         kl = None
+        aux = {}
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if input_ids is not None and (audio_embeds is not None or input_features is not None):
             if audio_embeds is None:
-                audio_embeds, _, kl = self.get_audio_features(input_features, feature_attention_mask, energy, f0)
+                latents = self._audio_latents(input_features, feature_attention_mask, energy, f0)
+                audio_embeds, kl = latents["audio_embeds"], latents["kl"]
+                aux = self.auxiliary_losses(latents, sed_labels, ctc_labels)
                 if audio_repeats > 1:  # several captions per utterance: the encoder still runs once per utterance
                     audio_embeds = audio_embeds.repeat_interleave(audio_repeats, dim=0)
             inputs_embeds = self.merge_audio(input_ids, inputs_embeds, audio_embeds)
@@ -316,6 +380,8 @@ class SerSlmModel(SerSlmPreTrainedModel):
         )
         outputs["kl_loss"] = kl
         outputs["audio_embeds"] = audio_embeds
+        for key, value in aux.items():
+            outputs[key] = value
         return outputs
 
 
@@ -359,13 +425,17 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         f0=None,
         audio_repeats: int = 1,
+        sed_labels=None,
+        ctc_labels=None,
         **kwargs,
     ) -> SerSlmCausalLMOutput:
         """Loss = LM cross-entropy on ``labels`` (-100 = ignored) + ``vib_beta`` x KL (when the
         encoder ran in this call; with precomputed ``audio_embeds`` the KL belongs to the caller).
         ``audio_repeats``: each utterance's audio serves that many consecutive rows of ``input_ids``
         (K rectified captions per utterance); the encoder runs once per utterance, inside this
-        forward, so FSDP/ZeRO-3 gather its weights as for any forward."""
+        forward, so FSDP/ZeRO-3 gather its weights as for any forward. ``sed_labels`` /
+        ``ctc_labels`` (from ``SerSlmDataCollator(aux_labels=True)``) add the weighted auxiliary
+        losses of the config to ``loss``."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -375,6 +445,8 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
             f0=f0,
             audio_embeds=audio_embeds,
             audio_repeats=audio_repeats,
+            sed_labels=sed_labels,
+            ctc_labels=ctc_labels,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
@@ -393,16 +465,28 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
             loss = lm_loss + self.config.vib_beta * kl if kl is not None else lm_loss
+            loss = loss + self.weighted_auxiliary_loss(outputs)
         return SerSlmCausalLMOutput(
             loss=loss,
             lm_loss=lm_loss,
             kl_loss=kl,
+            aux_sed_loss=outputs.get("aux_sed_loss"),
+            aux_ctc_loss=outputs.get("aux_ctc_loss"),
             logits=logits,
             cache=outputs.get("cache"),
             hidden_states=outputs.get("hidden_states"),
             attentions=outputs.get("attentions"),
             audio_embeds=outputs.get("audio_embeds"),
         )
+
+    def weighted_auxiliary_loss(self, outputs):
+        """``aux_sed_loss_weight`` x aux_sed_loss + ``aux_ctc_loss_weight`` x aux_ctc_loss (0 if absent)."""
+        total = 0.0
+        for key, weight in (("aux_sed_loss", self.config.aux_sed_loss_weight), ("aux_ctc_loss", self.config.aux_ctc_loss_weight)):
+            value = outputs.get(key) if hasattr(outputs, "get") else getattr(outputs, key, None)
+            if value is not None and weight > 0:
+                total = total + weight * value
+        return total
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)

@@ -99,8 +99,10 @@ def build_tiny_ser_slm(
     sed_energy_stream: bool = True,
     sed_f0_stream: bool = False,
     frame_downsample: int = 2,
-    vib_beta: float = 1e-4,
+    vib_beta: float = 1e-3,
     freeze_audio_tower: bool = False,
+    aux_sed_loss_weight: float = 0.0,
+    aux_ctc_loss_weight: float = 0.0,
     seed: int = 0,
 ):
     """Random-init SER-SLM for CPU: a tiny Whisper-style log-mel encoder, a tiny Qwen2/Llama LM and a
@@ -126,7 +128,8 @@ def build_tiny_ser_slm(
         audio_config=audio_config, text_config=text_config, audio_token_id=tok.convert_tokens_to_ids(AUDIO_TOKEN),
         audio_token=AUDIO_TOKEN, sed_vib_dim=32, semantic_vib_dim=64, vib_hidden_size=256, vib_beta=vib_beta,
         sed_energy_stream=sed_energy_stream, sed_f0_stream=sed_f0_stream, frame_downsample=frame_downsample,
-        freeze_audio_tower=freeze_audio_tower,
+        freeze_audio_tower=freeze_audio_tower, aux_sed_loss_weight=aux_sed_loss_weight,
+        aux_ctc_loss_weight=aux_ctc_loss_weight, aux_sed_num_classes=[len(DEFAULT_SED_VOCAB[f]) for f in SED_FIELDS],
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = SerSlmForConditionalGeneration(config)

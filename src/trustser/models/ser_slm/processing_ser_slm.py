@@ -154,11 +154,37 @@ class SerSlmProcessor(ProcessorMixin):
             out.append((self.sed_template if with_sed else self.plain_template).format(**values))
         return out
 
+    def auxiliary_labels(self, rows: Sequence[Mapping], sed_suffix: str = "", with_sed: bool = True) -> dict[str, torch.Tensor]:
+        """Targets of the model's auxiliary losses for dataset rows: ``sed_labels`` (B, 5), each
+        descriptor's index in ``sed_vocab`` (-100 where missing or outside the vocabulary, and
+        everywhere with ``with_sed=False``: a no-descriptor system learns no descriptors), and
+        ``ctc_labels`` (B, L), the transcript's token ids right-padded with -100."""
+        def index(field, row):
+            v = self._normalize(field, row.get(field + sed_suffix)) if with_sed else None
+            return self.sed_vocab[field].index(v) if v is not None else -100
+
+        sed = [[index(f, r) for f in SED_FIELDS] for r in rows]
+        ids = [self.tokenizer(str(r.get("text") or ""), add_special_tokens=False)["input_ids"] for r in rows]
+        ctc = torch.full((len(rows), max(1, max((len(i) for i in ids), default=0))), -100, dtype=torch.long)
+        for k, i in enumerate(ids):
+            ctc[k, : len(i)] = torch.tensor(i, dtype=torch.long)
+        return {"sed_labels": torch.tensor(sed, dtype=torch.long).reshape(len(rows), len(SED_FIELDS)), "ctc_labels": ctc}
+
     # -------------------------------------------------------------------------------- audio
     def num_audio_tokens(self, valid_length: int) -> int:
         return conv_output_length(int(valid_length), self.audio_conv_layers, self.frame_downsample)
 
-    def _audio_inputs(self, audio: Sequence[np.ndarray], sampling_rate: int):
+    def f0_track(self, wav: np.ndarray) -> np.ndarray:
+        """The utterance's F0 stream (``praat_f0`` on the part of ``wav`` the features cover), unpadded:
+        what ``__call__`` computes for it, for callers that cache it across epochs (``f0_tracks=``)."""
+        fe = self.feature_extractor
+        wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+        if hasattr(fe, "n_samples"):
+            wav = wav[: fe.n_samples]
+        hop = 160 * fe.sampling_rate // 16000
+        return praat_f0(wav, fe.sampling_rate, max(1, -(-wav.size // hop)), hop)
+
+    def _audio_inputs(self, audio: Sequence[np.ndarray], sampling_rate: int, f0_tracks=None):
         fe = self.feature_extractor
         if sampling_rate != fe.sampling_rate:
             raise ValueError(f"audio must be sampled at {fe.sampling_rate} Hz (got {sampling_rate}); resample first")
@@ -183,7 +209,16 @@ class SerSlmProcessor(ProcessorMixin):
         n_tokens = [max(1, self.num_audio_tokens(int(x))) for x in feature_mask.sum(-1)]
         f0 = None
         if self.f0_stream:
-            f0 = torch.from_numpy(np.stack([praat_f0(a[:padded_samples], fe.sampling_rate, n_energy, hop) for a in audio]))
+            if f0_tracks is None:
+                f0 = np.stack([praat_f0(a[:padded_samples], fe.sampling_rate, n_energy, hop) for a in audio])
+            else:
+                if len(f0_tracks) != len(audio):
+                    raise ValueError(f"{len(audio)} audio items but {len(f0_tracks)} f0_tracks")
+                f0 = np.zeros((len(audio), n_energy), dtype=np.float32)
+                for i, t in enumerate(f0_tracks):
+                    t = np.asarray(t, dtype=np.float32)[:n_energy]
+                    f0[i, : t.size] = t
+            f0 = torch.from_numpy(f0)
         return input_features, feature_mask, torch.from_numpy(energy), f0, n_tokens
 
     # -------------------------------------------------------------------------------- call
@@ -195,10 +230,12 @@ class SerSlmProcessor(ProcessorMixin):
         with_sed: bool = True,
         padding_side: str | None = None,
         return_tensors: str = "pt",
+        f0_tracks: Sequence[np.ndarray] | None = None,
         **kwargs,
     ) -> BatchFeature:
         """``captions=None`` gives generation prompts (left-padded); with captions, training inputs
-        (right-padded) whose ``labels`` cover the caption and EOS only."""
+        (right-padded) whose ``labels`` cover the caption and EOS only. ``f0_tracks``: precomputed
+        ``f0_track(wav)`` per item (F0 stream only), instead of running Praat again."""
         if audio is None:
             raise ValueError("SerSlmProcessor needs audio=")
         if isinstance(audio, np.ndarray) and audio.ndim == 1:
@@ -207,7 +244,7 @@ class SerSlmProcessor(ProcessorMixin):
             captions = [captions] if isinstance(captions, str) else list(captions)
             if len(captions) != len(audio):
                 raise ValueError(f"{len(audio)} audio items but {len(captions)} captions")
-        input_features, feature_mask, energy, f0, n_tokens = self._audio_inputs(audio, sampling_rate)
+        input_features, feature_mask, energy, f0, n_tokens = self._audio_inputs(audio, sampling_rate, f0_tracks)
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         instr = tok(" " + self.instruction if self.instruction else "", add_special_tokens=False)["input_ids"]
