@@ -60,3 +60,19 @@ def make_dataset(n: int = 8, seed: int = 0):
     import datasets
 
     return datasets.Dataset.from_list(make_rows(n, seed))
+
+
+def train_tiny(output_dir, *, rows: int, steps: int, batch: int, logging_steps: int, **build_kwargs):
+    """A short real SerSlmSFTTrainer run of a fresh tiny SER-SLM on ``make_dataset(rows)``; returns
+    ``(trainer, processor)``."""
+    from trustser.models.ser_slm import build_tiny_ser_slm
+    from trustser.trainers.sft import SerSlmSFTConfig, SerSlmSFTTrainer
+
+    model, processor = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, seed=0, **build_kwargs)
+    args = SerSlmSFTConfig(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch, learning_rate=3e-3,
+        logging_steps=logging_steps, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=make_dataset(rows), processing_class=processor)
+    trainer.train()
+    return trainer, processor

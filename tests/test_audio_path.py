@@ -12,9 +12,9 @@ import trustser  # noqa: F401
 from trustser.descriptors import SED_FIELDS, SED_VOCAB, parse_caption
 from trustser.models.ser_slm import SerSlmForConditionalGeneration, build_tiny_ser_slm
 from trustser.models.ser_slm import processing_ser_slm as P
-from trustser.trainers.sft import MODEL_INPUTS, SerSlmDataCollator, SerSlmSFTConfig, SerSlmSFTTrainer
+from trustser.trainers.sft import MODEL_INPUTS, SerSlmDataCollator
 
-from ser_slm_fixtures import LABELS, TEXTS, make_dataset, make_rows
+from ser_slm_fixtures import LABELS, TEXTS, make_rows, train_tiny
 
 torch.set_num_threads(1)
 
@@ -122,14 +122,8 @@ def test_short_training_learns_to_use_the_audio(tmp_path):
     short run with the auxiliary losses, generated captions state them right from the real audio and
     not from silence; the aux losses are logged and fall. (The same run without the auxiliary losses
     gets 0.28: the captions are learnt from the text prior.)"""
-    ds = make_dataset(9)
-    model, processor = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, aux_sed_loss_weight=1.0, aux_ctc_loss_weight=0.3, seed=0)
-    args = SerSlmSFTConfig(
-        output_dir=str(tmp_path), max_steps=100, per_device_train_batch_size=9, learning_rate=3e-3,
-        logging_steps=20, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-    )
-    trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor)
-    trainer.train()
+    trainer, processor = train_tiny(tmp_path, rows=9, steps=100, batch=9, logging_steps=20,
+                                    aux_sed_loss_weight=1.0, aux_ctc_loss_weight=0.3)
     logs = [h for h in trainer.state.log_history if "aux_sed_loss" in h]
     assert len(logs) == 5 and logs[-1]["aux_sed_loss"] < 0.5 * logs[0]["aux_sed_loss"]
     assert logs[-1]["aux_ctc_loss"] < logs[0]["aux_ctc_loss"]

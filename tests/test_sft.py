@@ -12,7 +12,7 @@ from trustser.models.ser_slm import build_tiny_ser_slm
 from trustser.trainers.sft import SerSlmDataCollator, SerSlmSFTConfig, SerSlmSFTTrainer, decode_audio
 from trustser.utils import AudioError
 
-from ser_slm_fixtures import LABELS, TEXTS, make_dataset, make_rows
+from ser_slm_fixtures import LABELS, TEXTS, make_dataset, make_rows, train_tiny
 
 torch.set_num_threads(1)
 
@@ -93,14 +93,8 @@ def test_sft_config_defaults(tmp_path):
 
 def test_short_training_lowers_loss_and_logs_parts(tmp_path):
     """A real (short) TRL run: the loss falls and lm_loss / kl_loss are logged separately."""
-    ds = make_dataset(8)
-    model, processor = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, seed=0)
-    args = SerSlmSFTConfig(
-        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3,
-        logging_steps=4, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-    )
-    trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor)
-    trainer.train()
+    trainer, _ = train_tiny(tmp_path, rows=8, steps=12, batch=4, logging_steps=4)
+    model = trainer.model
     logs = [h for h in trainer.state.log_history if "lm_loss" in h]
     assert len(logs) == 3
     assert all(h["kl_loss"] > 0 for h in logs)
