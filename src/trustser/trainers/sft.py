@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from ..models.ser_slm.modeling_ser_slm import weighted_auxiliary_loss
 from ..utils import TARGET_SR, AudioError, has_accelerator, load_audio, read_encoded_audio, resample, to_mono_float
 
 logger = logging.getLogger(__name__)
@@ -312,11 +313,8 @@ class SerSlmSFTTrainer(SFTTrainer):
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
         if kl is not None:
             loss = lm_loss + beta * kl / steps
-        cfg = self._unwrapped_config()
+        loss = loss + weighted_auxiliary_loss(self._unwrapped_config(), outputs) / steps
         aux_parts = {k: getattr(outputs, k, None) for k in ("aux_sed_loss", "aux_ctc_loss")}
-        for key, weight in (("aux_sed_loss", cfg.aux_sed_loss_weight), ("aux_ctc_loss", cfg.aux_ctc_loss_weight)):
-            if aux_parts[key] is not None and weight > 0:
-                loss = loss + weight * aux_parts[key] / steps
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         with torch.no_grad():

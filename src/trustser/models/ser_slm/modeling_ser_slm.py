@@ -385,6 +385,17 @@ class SerSlmModel(SerSlmPreTrainedModel):
         return outputs
 
 
+def weighted_auxiliary_loss(config: SerSlmConfig, outputs):
+    """``aux_sed_loss_weight`` x aux_sed_loss + ``aux_ctc_loss_weight`` x aux_ctc_loss of a model
+    output (0 for the parts it does not hold)."""
+    total = 0.0
+    for key, weight in (("aux_sed_loss", config.aux_sed_loss_weight), ("aux_ctc_loss", config.aux_ctc_loss_weight)):
+        value = outputs.get(key) if hasattr(outputs, "get") else getattr(outputs, key, None)
+        if value is not None and weight > 0:
+            total = total + weight * value
+    return total
+
+
 class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
     # applied only when config.tie_word_embeddings (set from the LLM's config by the presets)
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -480,13 +491,7 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
         )
 
     def weighted_auxiliary_loss(self, outputs):
-        """``aux_sed_loss_weight`` x aux_sed_loss + ``aux_ctc_loss_weight`` x aux_ctc_loss (0 if absent)."""
-        total = 0.0
-        for key, weight in (("aux_sed_loss", self.config.aux_sed_loss_weight), ("aux_ctc_loss", self.config.aux_ctc_loss_weight)):
-            value = outputs.get(key) if hasattr(outputs, "get") else getattr(outputs, key, None)
-            if value is not None and weight > 0:
-                total = total + weight * value
-        return total
+        return weighted_auxiliary_loss(self.config, outputs)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
