@@ -210,14 +210,13 @@ class SerSlmProcessor(ProcessorMixin):
         f0 = None
         if self.f0_stream:
             if f0_tracks is None:
-                f0 = np.stack([praat_f0(a[:padded_samples], fe.sampling_rate, n_energy, hop) for a in audio])
-            else:
-                if len(f0_tracks) != len(audio):
-                    raise ValueError(f"{len(audio)} audio items but {len(f0_tracks)} f0_tracks")
-                f0 = np.zeros((len(audio), n_energy), dtype=np.float32)
-                for i, t in enumerate(f0_tracks):
-                    t = np.asarray(t, dtype=np.float32)[:n_energy]
-                    f0[i, : t.size] = t
+                f0_tracks = [self.f0_track(a) for a in audio]
+            elif len(f0_tracks) != len(audio):
+                raise ValueError(f"{len(audio)} audio items but {len(f0_tracks)} f0_tracks")
+            f0 = np.zeros((len(audio), n_energy), dtype=np.float32)
+            for i, t in enumerate(f0_tracks):
+                t = np.asarray(t, dtype=np.float32)[:n_energy]
+                f0[i, : t.size] = t
             f0 = torch.from_numpy(f0)
         return input_features, feature_mask, torch.from_numpy(energy), f0, n_tokens
 
