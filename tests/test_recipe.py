@@ -40,9 +40,24 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
         assert 0.0 <= m[key] <= 1.0
     assert set(m["sed_accuracy"]) <= set(SED_FIELDS)
     assert saved["settings"]["num_policies_used"] == 2 and saved["seed"] == 0
-    assert saved["annotation"]["train"]["rows"] == 120
+    assert saved["annotation"]["train"]["rows"] == 80
     names = [s["name"] for s in saved["stages"]]
-    assert names == ["annotate", "pretrain", "posttrain"]
+    assert names == ["annotate", "pretrain", "posttrain", "evaluate"]
+    # the annotation measured against the ground truth, per field and speaker group, the pre-training split included
+    ann = saved["annotation"]
+    assert set(ann) == {"reference", "train", "dev", "test"}
+    for split in ann:
+        assert set(SED_FIELDS) <= set(ann[split]["accuracy"]) and ann[split]["accuracy"]["n"] > 0
+        assert sum(g["n"] for g in ann[split]["accuracy_by_group"].values()) == ann[split]["accuracy"]["n"]
+    assert "Annotation accuracy against the ground truth" in (run_dir / "report.md").read_text()
+    # pre-training read the tool's labels of the pre-training split (SpeechCraft's regime)
+    pre_stage = next(st for st in saved["stages"] if st["name"] == "pretrain")
+    assert json.loads((Path(pre_stage["path"]) / "STAGE.json").read_text())["settings"]["sed_source"] == "auto"
+    # per-utterance predictions for paired comparisons
+    preds = json.loads((run_dir / "predictions.json").read_text())
+    assert len(preds) == 12 and {"id", "emotion", "prediction", "group"} <= set(preds[0])
+    assert np.mean([p["prediction"] == p["emotion"] for p in preds]) == pytest.approx(m["wa"])
+    assert set(m["wa_by_group"]) == {p["group"] for p in preds}
     assert res["test"]["synthetic"]["wa"] == m["wa"]
     for png in ("confusion_matrix.png", "tsne.png", "rectification.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
@@ -50,11 +65,15 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
     assert "# trustser sys9" in report and "UA (balanced accuracy)" in report
     # the trained controller audited on every training utterance against the ground truth
     audit = saved["controller_audit"]
-    assert audit["n"] == 120 and set(audit["per_field"]) == set(SED_FIELDS)
+    assert audit["n"] == 80 and set(audit["per_field"]) == set(SED_FIELDS)
     for v in audit["per_field"].values():
         assert 0.0 <= v["expected"] <= 1.0 and 0.0 <= v["modify_probability"] <= 1.0
     annotation_right = np.mean([audit["per_field"][f]["annotation"] for f in SED_FIELDS])
     assert audit["annotation_accuracy"] == pytest.approx(annotation_right, abs=1e-3)
+    for v in audit["per_field"].values():  # per-utterance repair: every label is fixed, broken or left alone
+        r = v["repair"]
+        assert r["broken"] + r["unchanged_right"] == round(v["annotation"] * audit["n"])
+        assert 0 <= r["fixed"] <= audit["n"] - r["broken"] - r["unchanged_right"] - r["unchanged_wrong"] + 1e-6
     assert "Descriptor labels after rectification" in report
     assert saved["settings"]["controller_scale_rewards"] == "none" and saved["num_processes"] == 1
     assert saved["torch_threads_per_process"] == 1
@@ -69,7 +88,7 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
     # Sys. 4 shares the annotation and the pre-trained SLM: only its own post-training runs
     res4 = run_system(replace(cfg, system="sys4"))
     reused = {s["name"]: s["reused"] for s in res4["stages"]}
-    assert reused == {"annotate": True, "pretrain": True, "posttrain": False}
+    assert reused == {"annotate": True, "pretrain": True, "posttrain": False, "evaluate": False}
     assert res4["system"]["rectify"] is False
 
 
@@ -89,10 +108,10 @@ def test_sys10_two_cpu_processes(tmp_path, synthetic_small):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     saved = json.loads((out / "sys10-seed0" / "results.json").read_text())
     assert saved["num_processes"] == 2  # cpu.yaml really starts two processes
-    assert [s["name"] for s in saved["stages"]] == ["annotate", "pretrain", "cem", "select", "posttrain"]
+    assert [s["name"] for s in saved["stages"]] == ["annotate", "pretrain", "cem", "select", "posttrain", "evaluate"]
     sel = saved["selection"]
-    assert sel is not None and sel["n_selected"] == 108  # 90% of the 120 train utterances
-    assert saved["cem"] is not None
+    assert sel is not None and sel["n_selected"] == 72  # 90% of the 80 train utterances
+    assert saved["cem"] is not None and saved["cem_target"]["n"] == 80
 
 
 def test_use_cpu_cores_divides_the_cores_among_processes():

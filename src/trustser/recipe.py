@@ -97,35 +97,80 @@ def stage_corpus(runner: StageRunner, cfg: RecipeConfig) -> tuple[str | None, St
     return str(stage.path / "corpus"), stage
 
 
-def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, upstream: list[Stage]) -> Stage:
-    """Automatic SED labels (``<field>_auto``) on the target corpus' splits."""
+def _pretrain_in_target(cfg: RecipeConfig, target_root: str, pretrain_root: str) -> bool:
+    """Whether the pre-training split is a split of the annotated (target) corpus (the embedded default)."""
+    return cfg.pretrain_corpus == cfg.target_corpus and str(pretrain_root) == str(target_root)
+
+
+def _pretrain_sed_source(cfg: RecipeConfig, target_root: str, pretrain_root: str) -> str:
+    source = cfg.pretrain_sed_source or ("auto" if _pretrain_in_target(cfg, target_root, pretrain_root) else "truth")
+    if source not in ("auto", "truth"):
+        raise ValueError(f"pretrain_sed_source must be 'auto' or 'truth', got {source!r}")
+    if source == "auto" and not _pretrain_in_target(cfg, target_root, pretrain_root):
+        raise ValueError("pretrain_sed_source='auto' needs the pre-training split inside the annotated corpus "
+                         f"(pretrain_corpus == target_corpus and the same root); got {cfg.pretrain_corpus!r} at {pretrain_root} "
+                         f"and {cfg.target_corpus!r} at {target_root}: use 'truth' (the corpus' own labels)")
+    return source
+
+
+def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, upstream: list[Stage], pretrain_root: str | None = None) -> Stage:
+    """Automatic SED labels (``<field>_auto``) on the target corpus' splits, and on the pre-training
+    split when it is part of the same corpus (the embedded default, whose pre-training descriptors
+    come from the tool as SpeechCraft's do). With ``annotation_calibrate`` the tool's fixed
+    thresholds are calibrated once on the pre-training split's own labels."""
+    with_pretrain = pretrain_root is not None and _pretrain_in_target(cfg, target_root, pretrain_root)
 
     def run(out: Path):
+        import os
+
+        import datasets
+
         from .annotation import annotate, annotation_report
         from .data import load_corpus
 
         state = runner.state
         with state.main_process_first():  # one process builds the datasets cache, the others read it
             corpus = load_corpus(cfg.target_corpus, target_root, **cfg.target_options)
-        splits = {s: corpus[s] for s in TARGET_SPLITS if s in corpus}
+        names = [*([cfg.pretrain_split] if with_pretrain and cfg.pretrain_split in corpus else []), *(s for s in TARGET_SPLITS if s in corpus)]
+        splits = {s: corpus[s] for s in names}
         reference = corpus["reference"] if "reference" in corpus else None
-        import datasets
-
-        import os
-
+        calibrate = bool(cfg.annotation_calibrate and reference is not None and cfg.annotation_method != "speechcraft"
+                         and all(f in reference.column_names and any(reference[f]) for f in ("pitch", "volume", "speed")))
         annotated = annotate(datasets.DatasetDict(splits), method=cfg.annotation_method, reference=reference, seed=cfg.corpus_seed,
+                             calibrate=calibrate,
                              num_proc=cfg.annotation_num_proc or max(1, (os.cpu_count() or 1) // state.num_processes))
         if state.is_main_process:
             annotated.save_to_disk(str(out / "data"))
             atomic_write_json(out / "annotation_report.json", {s: annotation_report(annotated[s]) for s in annotated})
 
-    settings = {"corpus": cfg.target_corpus, "root": target_root, "options": cfg.target_options, "method": cfg.annotation_method, "seed": cfg.corpus_seed}
+    settings = {"corpus": cfg.target_corpus, "root": target_root, "options": cfg.target_options, "method": cfg.annotation_method,
+                "seed": cfg.corpus_seed, "calibrate": cfg.annotation_calibrate, "with_pretrain_split": with_pretrain}
     # every process annotates its shard (trustser.annotation gathers them)
     return runner.run("annotate", settings, run, upstream, all_processes=True)
 
 
-def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pretrain_root: str, upstream: list[Stage]) -> Stage:
-    """SER-SLM pre-training on the reliable corpus (SpeechCraft's role)."""
+def _pretrain_split(cfg: RecipeConfig, pretrain_root: str, annotated: Stage, sed_source: str, *, as_reliable: bool = False):
+    """The pre-training split with the labels pre-training reads: the corpus as loaded ('truth'), or
+    its annotated copy ('auto', rows the tool could not annotate left out). ``as_reliable``: the
+    ``_auto`` labels moved into the plain columns, for code that reads "the reliable labels" there
+    (CEM training data)."""
+    if sed_source == "truth":
+        from .data import load_corpus
+
+        return load_corpus(cfg.pretrain_corpus, pretrain_root)[cfg.pretrain_split]
+    import datasets
+
+    split = datasets.load_from_disk(str(annotated.path / "data"))[cfg.pretrain_split]
+    split = split.filter(lambda e: not e, input_columns="annotation_error")
+    if as_reliable:
+        split = split.remove_columns(list(SED_FIELDS)).rename_columns({f"{f}_auto": f for f in SED_FIELDS})
+    return split
+
+
+def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pretrain_root: str, annotated: Stage,
+                   sed_source: str, upstream: list[Stage]) -> Stage:
+    """SER-SLM pre-training on the pre-training corpus (SpeechCraft's role), with its automatic
+    labels ('auto': the annotation stage's) or its own label columns ('truth')."""
 
     def run(out: Path):
         from .data import load_corpus
@@ -135,7 +180,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
         set_seed(cfg.seed)
         with runner.state.main_process_first():
             corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
-        train = corpus[cfg.pretrain_split]
+            train = _pretrain_split(cfg, pretrain_root, annotated, sed_source)
         labels = _emotion_labels(cfg.pretrain_corpus, train)
         if cfg.preset == "tiny":
             texts = list(train["text"])
@@ -151,7 +196,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
             raise ValueError(f"unknown preset {cfg.preset!r}: 'tiny' or 'paper'")
         args = _training_args(
             cfg, out / "trainer", max_steps=cfg.pretrain_max_steps, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_learning_rate,
-            sed_source="truth", with_sed=spec.with_sed, kl_warmup_steps=cfg.kl_warmup_steps,
+            sed_source=sed_source, with_sed=spec.with_sed, kl_warmup_steps=cfg.kl_warmup_steps,
             channel_augmentation=cfg.channel_augmentation,
         )
         trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
@@ -166,23 +211,23 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
         "with_sed": spec.with_sed, "epochs": cfg.pretrain_epochs, "max_steps": cfg.pretrain_max_steps,
         "lr": cfg.pretrain_learning_rate, "batch": cfg.per_device_batch_size, "warmup": cfg.warmup_ratio, "seed": cfg.seed,
         "kl_warmup": cfg.kl_warmup_steps, "f0": cfg.f0_stream, "channel_augmentation": cfg.channel_augmentation,
+        "sed_source": sed_source,
     }
     if cfg.preset == "tiny":
         settings.update(aux_sed=cfg.aux_sed_loss_weight, aux_ctc=cfg.aux_ctc_loss_weight)
     return runner.run("pretrain", settings, run, upstream, all_processes=True, resume=cfg.resume_from_checkpoint)
 
 
-def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretrain: Stage) -> Stage:
-    """CEM trained on the pre-trained SLM's own descriptor predictions on the reliable corpus."""
+def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretrain: Stage, annotated: Stage, sed_source: str) -> Stage:
+    """CEM trained on the pre-trained SLM's states over the pre-training corpus, against that corpus'
+    labels (the paper's "reliable SED": the tool's labels with 'auto')."""
 
     def run(out: Path):
-        from .data import load_corpus
         from .trainers.cem import prepare_cem_data, prepare_cem_data_perturbed, train_cem
 
         set_seed(cfg.seed)
         slm, processor = _load_model(pretrain.path / "model")
-        corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
-        ref = corpus[cfg.pretrain_split]
+        ref = _pretrain_split(cfg, pretrain_root, annotated, sed_source, as_reliable=True)
         if cfg.cem_max_samples and len(ref) > cfg.cem_max_samples:
             ref = ref.shuffle(seed=cfg.seed).select(range(cfg.cem_max_samples))
         if cfg.cem_training_captions == "perturbed":
@@ -203,19 +248,21 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
         )
 
     settings = {"pooling": cfg.cem_pooling, "steps": cfg.cem_max_steps, "lr": cfg.cem_learning_rate, "seed": cfg.seed, "samples": cfg.cem_max_samples, "eval_share": 0.2,
-                "captions": cfg.cem_training_captions, "corrupt": cfg.cem_corrupt_prob if cfg.cem_training_captions == "perturbed" else None}
+                "captions": cfg.cem_training_captions, "corrupt": cfg.cem_corrupt_prob if cfg.cem_training_captions == "perturbed" else None,
+                "sed_source": sed_source}
     # all processes: the CEM's Trainer joins the process group (the features are computed on each)
-    return runner.run("cem", settings, run, [pretrain], all_processes=True)
+    return runner.run("cem", settings, run, [pretrain, annotated] if sed_source == "auto" else [pretrain], all_processes=True)
 
 
 def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated: Stage, pretrain: Stage, cem: Stage) -> Stage:
-    """Scores the annotated target captions with the CEM and keeps the top share."""
+    """Scores the annotated target captions with the CEM and keeps the top share; on a corpus with
+    ground truth also writes how well the scores find the wrong labels (``selection_quality.json``)."""
 
     def run(out: Path):
         import datasets
 
         from .models.cem import ConfidenceEstimationModel
-        from .selection import score_confidence, select_by_confidence
+        from .selection import score_confidence, select_by_confidence, selection_quality
 
         slm, processor = _load_model(pretrain.path / "model")
         cem_model = ConfidenceEstimationModel.from_pretrained(cem.path / "cem")
@@ -225,8 +272,54 @@ def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated
                                                 batch_size=cfg.eval_batch_size, return_field_scores=True)
         if runner.state.is_main_process:
             select_by_confidence(train, scores, field_scores=field_scores, ratio=ratio, output_dir=out / "data")
+            quality = selection_quality(train, scores, field_scores, seed=cfg.seed)
+            if quality is not None:
+                atomic_write_json(out / "selection_quality.json", quality)
 
     return runner.run("select", {"ratio": ratio, "split": cfg.train_split}, run, [annotated, pretrain, cem], all_processes=True)
+
+
+def stage_oracle_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated: Stage) -> Stage:
+    """Bracket: keeps the share of the target's training rows with the most right annotated labels."""
+
+    def run(out: Path):
+        import datasets
+
+        from .selection import oracle_scores, select_by_confidence
+
+        train = datasets.load_from_disk(str(annotated.path / "data"))[cfg.train_split]
+        select_by_confidence(train, oracle_scores(train, cfg.seed), ratio=ratio, output_dir=out / "data")
+
+    return runner.run("oracle-select", {"ratio": ratio, "split": cfg.train_split, "seed": cfg.seed}, run, [annotated])
+
+
+def stage_pseudo_labels(runner: StageRunner, cfg: RecipeConfig, annotated: Stage, pretrain: Stage) -> Stage:
+    """Bracket: the pre-trained SLM's own descriptor predictions on the target's training rows, as
+    ``<field>_pseudo`` columns (the annotation where the SLM's caption does not give the field)."""
+
+    def run(out: Path):
+        import datasets
+
+        from .descriptors import normalize_sed_value
+        from .trainers.cem import generate_sed_predictions
+
+        slm, processor = _load_model(pretrain.path / "model")
+        train = datasets.load_from_disk(str(annotated.path / "data"))[cfg.train_split]
+        train = train.filter(lambda e: not e, input_columns="annotation_error")
+        _, predicted = generate_sed_predictions(slm, processor, train, batch_size=cfg.eval_batch_size)
+        auto = train.select_columns([f"{f}_auto" for f in SED_FIELDS])[:]
+        missing = Counter()
+        for f in SED_FIELDS:
+            values = []
+            for i, p in enumerate(predicted):
+                v = normalize_sed_value(f, p.get(f)) if p.get(f) else None
+                missing[f] += v is None
+                values.append(v if v is not None else auto[f"{f}_auto"][i])
+            train = train.add_column(f"{f}_pseudo", values)
+        train.save_to_disk(str(out / "data"))
+        atomic_write_json(out / "pseudo_labels.json", {"rows": len(train), "missing_from_caption": dict(missing)})
+
+    return runner.run("pseudo-labels", {"split": cfg.train_split, "batch": cfg.eval_batch_size}, run, [annotated, pretrain])
 
 
 def _controller_settings(cfg: RecipeConfig) -> dict:
@@ -265,7 +358,7 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
             raise ValueError(f"{data.path / data_subdir}: split {cfg.train_split!r} has no utterances to train on")
         model, processor = _load_model(pretrain.path / "model")
         # captions only: the auxiliary heads are a pre-training device (and rectification has no equivalent)
-        common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source="auto",
+        common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source=spec.sed_labels,
                       with_sed=spec.with_sed, aux_losses=False)
         if spec.rectify:
             from .trainers.rectify import SEDRectifyTrainer
@@ -292,6 +385,7 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
         "rectify": spec.rectify, "K": k if spec.rectify else None, "with_sed": spec.with_sed, "steps": cfg.posttrain_max_steps,
         "lr": cfg.posttrain_learning_rate, "controller": _controller_settings(cfg) if spec.rectify else None,
         "batch": cfg.per_device_batch_size, "seed": cfg.seed, "split": cfg.train_split,
+        **({"sed_labels": spec.sed_labels} if spec.sed_labels != "auto" else {}),
     }
     return runner.run("posttrain", settings, run, [data, pretrain], all_processes=True, resume=cfg.resume_from_checkpoint)
 
@@ -299,7 +393,13 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
 # ----------------------------------------------------------------------------------------------
 # evaluation and report
 # ----------------------------------------------------------------------------------------------
+EVALUATION_FILES = ("metrics.json", "predictions.json", "confusion_matrix.png", "tsne.png")
+
+
 def evaluate_system(cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target_root: str, annotated: Stage, out_dir: Path) -> dict[str, Any]:
+    """Metrics of a trained SLM on ``cfg.test_split``, written with the per-utterance predictions
+    (``predictions.json``: paired comparisons between systems read them) and the plots into
+    ``out_dir`` (``EVALUATION_FILES``); returns the metrics."""
     import datasets
 
     from .evaluation import evaluate_ser
@@ -312,12 +412,37 @@ def evaluate_system(cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target
     labels = _emotion_labels(cfg.target_corpus, test)
     has_truth = all(any(test[f]) for f in SED_FIELDS)
     metrics = evaluate_ser(model, processor, test, emotion_labels=labels, with_sed=spec.with_sed,
-                           sed_source="truth" if has_truth else "auto", batch_size=cfg.eval_batch_size)
+                           sed_source="truth" if has_truth else "auto", batch_size=cfg.eval_batch_size, return_predictions=True)
+    predictions = metrics.pop("predictions")
+    truth = dict(zip(test["id"], test["emotion"]))
+    groups = dict(zip(test["id"], test["group"])) if "group" in test.column_names else {}
+    if groups:  # emotion accuracy per speaker group: where do atypical voices lose?
+        by_group: dict[str, list[bool]] = {}
+        for p in predictions:
+            by_group.setdefault(groups[p["id"]], []).append(p["emotion"] == truth[p["id"]])
+        metrics["wa_by_group"] = {g: round(float(sum(v) / len(v)), 4) for g, v in sorted(by_group.items())}
+    atomic_write_json(out_dir / "predictions.json", [
+        {"id": p["id"], "emotion": truth[p["id"]], "prediction": p["emotion"], **{f: p[f] for f in SED_FIELDS},
+         **({"group": groups[p["id"]]} if groups else {})} for p in predictions])
+    atomic_write_json(out_dir / "metrics.json", metrics)
     cm = metrics["confusion_matrix"]
-    plot_confusion_matrix(cm["matrix"], cm["labels"], out_dir / "confusion_matrix.png", title=f"{spec.name} on {cfg.target_corpus} {cfg.test_split}")
+    where = f"{cfg.target_corpus} {cfg.test_split}"
+    plot_confusion_matrix(cm["matrix"], cm["labels"], out_dir / "confusion_matrix.png", title=f"{spec.name} on {where}")
     plot_tsne(model, processor, test, out_dir / "tsne.png", max_samples=cfg.tsne_samples, seed=cfg.seed,
-              title=f"{spec.name}: last hidden states ({cfg.target_corpus} {cfg.test_split})")
+              title=f"{spec.name}: last hidden states ({where})")
     return metrics
+
+
+def stage_evaluate(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, model_stage: Stage, annotated: Stage) -> Stage:
+    """``evaluate_system`` as a cached stage, so an interrupted table resumes without evaluating again
+    (systems with the same model, e.g. Sys. 10 and Table 3's V3, share it)."""
+
+    def run(out: Path):
+        evaluate_system(cfg, spec, model_stage.path / "model", "", annotated, out)
+
+    settings = {"split": cfg.test_split, "max_samples": cfg.max_eval_samples, "with_sed": spec.with_sed, "batch": cfg.eval_batch_size,
+                "tsne": cfg.tsne_samples, "seed": cfg.seed}
+    return runner.run("evaluate", settings, run, [model_stage, annotated])
 
 
 def write_report(results: dict, path: Path) -> None:
@@ -335,6 +460,17 @@ def write_report(results: dict, path: Path) -> None:
         if spec.get("paper_iemocap") is not None:
             lines.append(f"The paper reports {spec['paper_iemocap']}% (IEMOCAP) and {spec['paper_meld']}% (MELD) for this system.")
             lines.append("")
+        if m.get("wa_by_group"):
+            lines += ["Emotion accuracy per speaker group: " + ", ".join(f"{g} {v:.3f}" for g, v in m["wa_by_group"].items()), ""]
+    lines += _annotation_lines(results.get("annotation"))
+    target = results.get("cem_target")
+    if target:
+        lines += [f"## Confidence scores of the target's annotated captions ({target['n']} training utterances, against the ground truth)", "",
+                  f"Utterance AUC (all five labels right): {target['utterance_auc']:.4f}; per field: "
+                  + ", ".join(f"{f} {v:.4f}" for f, v in (target.get("field_auc") or {}).items()), "",
+                  "| kept share | label accuracy, CEM selection | oracle selection |", "|---|---|---|"]
+        lines += [f"| {r['share']:.0%} | {r['scores']:.4f} | {r['oracle']:.4f} |" for r in target["kept_share_accuracy"]]
+        lines.append("")
     if results.get("cem"):
         lines += ["## Confidence estimation", "", "```json", json.dumps(results["cem"], indent=1)[:3000], "```", ""]
     if results.get("selection"):
@@ -348,11 +484,28 @@ def write_report(results: dict, path: Path) -> None:
         lines += [f"| {f} | {v['annotation']:.4f} | {v['expected']:.4f} | {v['greedy']:.4f} | {v['modify_probability']:.4f} |"
                   for f, v in audit["per_field"].items()]
         lines += [f"| **all** | {audit['annotation_accuracy']:.4f} | {audit['expected_accuracy']:.4f} | {audit['greedy_accuracy']:.4f} | |", ""]
+        lines += ["Per-utterance repair (greedy policy; labels): wrong labels fixed, right labels broken, left as they were.", "",
+                  "| field | fixed | broken | unchanged wrong | unchanged right |", "|---|---|---|---|---|"]
+        lines += [f"| {f} | {v['repair']['fixed']:.1f} | {v['repair']['broken']} | {v['repair']['unchanged_wrong']} | {v['repair']['unchanged_right']} |"
+                  for f, v in audit["per_field"].items() if "repair" in v]
+        lines.append("")
     lines += ["## Stages", "", "| stage | key | reused | seconds |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['key']} | {s['reused']} | {s.get('seconds', '')} |" for s in results["stages"]]
     lines += ["", "Plots: `confusion_matrix.png`, `tsne.png` (last hidden states coloured by emotion, the paper's Figure 2)"
               + (", `rectification.png` (rectified vs annotated label accuracy, modify rates)." if spec["rectify"] else "."), ""]
     atomic_write_text(path, "\n".join(lines))
+
+
+def _annotation_lines(report: dict | None) -> list[str]:
+    """The annotation's accuracy against the ground truth per split and speaker group (report.md)."""
+    rows = [(split, "all", r["accuracy"]) for split, r in (report or {}).items() if r.get("accuracy")]
+    rows += [(split, g, a) for split, r in (report or {}).items() for g, a in (r.get("accuracy_by_group") or {}).items()]
+    if not rows:
+        return []
+    lines = ["## Annotation accuracy against the ground truth", "", "| split | speaker group | n | " + " | ".join(SED_FIELDS) + " | all five |",
+             "|---|---|---|" + "---|" * (len(SED_FIELDS) + 1)]
+    lines += [f"| {split} | {g} | {a['n']} | " + " | ".join(f"{a[f]:.3f}" for f in SED_FIELDS) + f" | {a['all_right']:.3f} |" for split, g, a in rows]
+    return lines + [""]
 
 
 def _read_json(path: Path):
@@ -386,28 +539,38 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
     upstream = [corpus_stage] if corpus_stage else []
     target_root = cfg.target_root or synth_root
     pretrain_root = cfg.pretrain_root or synth_root
-    annotated = stage_annotate(runner, cfg, target_root, upstream)
-    pretrain = stage_pretrain(runner, cfg, spec, pretrain_root, upstream)
+    sed_source = _pretrain_sed_source(cfg, target_root, pretrain_root)
+    annotated = stage_annotate(runner, cfg, target_root, upstream, pretrain_root)
+    pretrain = stage_pretrain(runner, cfg, spec, pretrain_root, annotated, sed_source,
+                              upstream + ([annotated] if sed_source == "auto" else []))
 
     ratio = cfg.selection_ratio if cfg.selection_ratio is not None else spec.selection_ratio
     cem = selected = None
-    model_dir = pretrain.path / "model"
     if spec.domain_sft:
         data_stage, subdir = annotated, "data"
+        if spec.sed_labels == "pseudo":
+            data_stage = stage_pseudo_labels(runner, cfg, annotated, pretrain)
         if ratio is not None and ratio < 1.0:
-            cem = stage_cem(runner, cfg, pretrain_root, pretrain)
-            selected = stage_select(runner, cfg, ratio, annotated, pretrain, cem)
+            if spec.selection == "oracle":
+                selected = stage_oracle_select(runner, cfg, ratio, annotated)
+            else:
+                cem = stage_cem(runner, cfg, pretrain_root, pretrain, annotated, sed_source)
+                selected = stage_select(runner, cfg, ratio, annotated, pretrain, cem)
             data_stage, subdir = selected, "data"
         post = stage_posttrain(runner, cfg, spec, data_stage, subdir, pretrain)
-        model_dir = post.path / "model"
     else:
         post = None
+    evaluated = stage_evaluate(runner, cfg, spec, post or pretrain, annotated)
 
     results: dict[str, Any] = {}
     if state.is_main_process:
+        import shutil
+
         run_dir = out_root / f"{spec.name}-seed{cfg.seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate_system(cfg, spec, model_dir, target_root, annotated, run_dir)
+        for name in EVALUATION_FILES:
+            shutil.copy2(evaluated.path / name, run_dir / name)
+        metrics = _read_json(evaluated.path / "metrics.json")
         from dataclasses import asdict
 
         results = {
@@ -416,6 +579,8 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
             "test": {cfg.target_corpus: metrics},
             "annotation": _read_json(annotated.path / "annotation_report.json"),
             "cem": _read_json(cem.path / "cem" / "cem_metrics.json") if cem else None,
+            # the CEM's scores of the target's annotated captions against the ground truth (never utterances the SLM trained on)
+            "cem_target": _read_json(selected.path / "selection_quality.json") if cem else None,
             "selection": _read_json(selected.path / "data" / "selection_stats.json") if selected else None,
             "rectification": _rectification_summary(_read_json(post.path / "log_history.json")) if post and spec.rectify else None,
             "controller_audit": _read_json(post.path / "controller_audit.json") if post and spec.rectify else None,

@@ -25,6 +25,8 @@ class RecipeConfig:
     test_split: str = field(default="test", metadata={"help": "Target split used for evaluation."})
     synth_size: str = field(default="default", metadata={"help": "Size of the synthetic corpus: 'small' or 'default'."})
     annotation_method: str = field(default="unified", metadata={"help": "Automatic SED annotation of the target corpus: 'speechcraft', 'unified' or 'speaker_adaptive'."})
+    annotation_calibrate: bool = field(default=True, metadata={"help": "Calibrate the unified thresholds (pitch per gender) / speaker-adaptive cut points once on the pre-training split's labels, as a released tool is calibrated on its population, when the annotated corpus has that split (the embedded default); otherwise the tool's fixed defaults."})
+    pretrain_sed_source: str | None = field(default=None, metadata={"help": "Descriptor labels of pre-training and CEM training: 'auto' (the annotation tool's labels of the pre-training split, as SpeechCraft's come from its tool; needs that split in the annotated corpus) or 'truth' (the corpus' own label columns, e.g. SpeechCraft's shipped labels). None: 'auto' when the pre-training split is part of the annotated corpus (the embedded default), else 'truth'."})
     # ---- model
     preset: str = field(default="tiny", metadata={"help": "SER-SLM preset: 'tiny' (random init, CPU) or 'paper' (HuBERT-large + Llama-3.1-8B-Instruct with LoRA)."})
     # ---- pre-training

@@ -90,25 +90,76 @@ def select_indices(scores, *, ratio: float | None = None, threshold: float | Non
     return np.flatnonzero(finite & (s >= float(threshold)))
 
 
-def _annotation_accuracy(dataset, rows: np.ndarray | None) -> dict[str, Any] | None:
-    """True accuracy of the annotated descriptors (``<field>_auto`` vs ground truth ``<field>``),
-    when the corpus has ground truth (the synthetic corpus does)."""
+def annotation_correctness(dataset) -> np.ndarray | None:
+    """(N, 5) bool: each row's annotated descriptor (``<field>_auto``) equals the ground truth
+    (``<field>``); None when the corpus has no ground truth (the synthetic corpus has it)."""
     cols = [f for f in SED_FIELDS] + [f + "_auto" for f in SED_FIELDS]
     if any(c not in dataset.column_names for c in cols):
         return None
     table = dataset.select_columns(cols)[:]
     if any(v in ("", None) for f in SED_FIELDS for v in table[f]):
         return None
-    idx = np.arange(len(dataset)) if rows is None else rows
-    if len(idx) == 0:
-        return None
-    correct = np.array(
-        [[normalize_sed_value(f, table[f + "_auto"][i]) == normalize_sed_value(f, table[f][i]) for f in SED_FIELDS] for i in idx],
+    return np.array(
+        [[normalize_sed_value(f, table[f + "_auto"][i]) == normalize_sed_value(f, table[f][i]) for f in SED_FIELDS]
+         for i in range(len(dataset))],
         dtype=bool,
-    )
+    ).reshape(len(dataset), len(SED_FIELDS))
+
+
+def _annotation_accuracy(dataset, rows: np.ndarray | None, correct: np.ndarray | None = None) -> dict[str, Any] | None:
+    """True accuracy of the annotated descriptors of the given rows (all rows: None)."""
+    correct = annotation_correctness(dataset) if correct is None else correct
+    if correct is None:
+        return None
+    correct = correct if rows is None else correct[rows]
+    if len(correct) == 0:
+        return None
     out = {f: float(correct[:, j].mean()) for j, f in enumerate(SED_FIELDS)}
     out["mean_field"] = float(correct.mean())
     out["all_fields"] = float(correct.all(axis=1).mean())
+    return out
+
+
+def oracle_scores(dataset, seed: int = 0) -> np.ndarray:
+    """Scores of oracle selection (a bracket, not a method): the number of right annotated labels of
+    each row, ties broken at random (seeded), so keeping the top share keeps the cleanest rows."""
+    correct = annotation_correctness(dataset)
+    if correct is None:
+        raise ValueError("oracle selection needs ground-truth descriptor columns beside the annotation (<field> and <field>_auto)")
+    return correct.sum(1) + np.random.default_rng(seed).uniform(0.0, 0.5, len(correct))
+
+
+KEPT_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+def selection_quality(dataset, scores, field_scores=None, *, shares=KEPT_SHARES, seed: int = 0) -> dict[str, Any] | None:
+    """How well confidence scores find the wrong annotated labels, measured against the ground
+    truth: AUC of each field's score for "this label is right", AUC of the utterance score for "all
+    five are right", and the kept-share curve (mean label accuracy of the top share) of the scores
+    beside oracle selection and the full set. None without ground truth."""
+    from .trainers.cem import binary_auc
+
+    correct = annotation_correctness(dataset)
+    if correct is None:
+        return None
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    oracle = oracle_scores(dataset, seed)
+    curve = []
+    for share in shares:
+        row = {"share": share}
+        for name, sc in (("scores", scores), ("oracle", oracle)):
+            keep = select_indices(sc, ratio=share)
+            row[name] = round(float(correct[keep].mean()), 4) if len(keep) else None
+        curve.append(row)
+    out: dict[str, Any] = {
+        "n": int(len(correct)),
+        "utterance_auc": round(float(binary_auc(scores, correct.all(1))), 4),
+        "annotation_accuracy": _annotation_accuracy(dataset, None, correct),
+        "kept_share_accuracy": curve,
+    }
+    if field_scores is not None:
+        fs = np.asarray(field_scores, dtype=np.float64)
+        out["field_auc"] = {f: round(float(binary_auc(fs[:, j], correct[:, j])), 4) for j, f in enumerate(SED_FIELDS)}
     return out
 
 
@@ -188,4 +239,5 @@ def select_by_confidence(
     return selected, stats
 
 
-__all__ = ["score_confidence", "select_by_confidence", "select_indices", "STATS_FILENAME"]
+__all__ = ["score_confidence", "select_by_confidence", "select_indices", "annotation_correctness", "oracle_scores",
+           "selection_quality", "KEPT_SHARES", "STATS_FILENAME"]

@@ -1,4 +1,5 @@
-"""The paper's systems (Table 1) and the K ablation (Table 3), defined once, as data.
+"""The paper's systems (Table 1), the K ablation (Table 3), the brackets that bound them, and the
+paper's claims, defined once, as data.
 
 Every recipe, report and table reads this; nothing else spells out what a system is."""
 
@@ -19,6 +20,15 @@ class SystemSpec:
     num_policies: int = 6  # K (only with rectify)
     paper_iemocap: float | None = None  # the paper's accuracy (%), for reports
     paper_meld: float | None = None
+    # brackets (not in the paper): the descriptors post-training reads ("auto": the annotation; "truth":
+    # the ground truth, oracle labels; "pseudo": the pre-trained SLM's own predictions) and how the kept
+    # share is chosen ("cem": the CEM's confidence; "oracle": the rows with the most right annotated labels)
+    sed_labels: str = "auto"
+    selection: str = "cem"
+
+    @property
+    def is_bracket(self) -> bool:
+        return self.sed_labels != "auto" or self.selection != "cem"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +59,55 @@ SYSTEMS: dict[str, SystemSpec] = {
 # Table 3: Sys. 10's setting with K = 2, 4, 6, 8, 10 (V3 is Sys. 10 itself).
 for _i, (_k, _ie, _me) in enumerate([(2, 79.37, 62.69), (4, 79.94, 63.04), (6, 80.98, 64.11), (8, 81.06, 63.69), (10, 80.26, 63.57)], 1):
     SYSTEMS[f"v{_i}"] = SystemSpec(f"v{_i}", True, True, 0.9, True, _k, _ie, _me)
+
+
+# Brackets: what selection and rectification could reach on a corpus with ground truth (DESIGN section 2).
+for _spec in (
+    SystemSpec("oracle_labels", True, True, None, False, sed_labels="truth"),
+    SystemSpec("pseudo_labels", True, True, None, False, sed_labels="pseudo"),
+    SystemSpec("oracle_sel90", True, True, 0.9, False, selection="oracle"),
+    SystemSpec("oracle_sel80", True, True, 0.8, False, selection="oracle"),
+):
+    SYSTEMS[_spec.name] = _spec
+BRACKETS: tuple[str, ...] = ("oracle_labels", "pseudo_labels", "oracle_sel90", "oracle_sel80")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """"``better`` beats ``worse``": one ordering the paper reports (or a bracket against a system)."""
+
+    better: str
+    worse: str
+    source: str  # where the claim comes from
+
+    @property
+    def label(self) -> str:
+        return f"{_short(self.better)} > {_short(self.worse)}"
+
+
+def _short(name: str) -> str:
+    return name[3:] if name.startswith("sys") else name
+
+
+def paper_claims(systems) -> list[Claim]:
+    """The paper's orderings that the given systems can test: Sys. 2 > 1, 4 > 3, 4 > 2, 6 > 4,
+    9 > 4, 10 > 4, Sys. 10 above every other of Sys. 4-13 run, Table 3's K ordering (IEMOCAP:
+    K = 8 > 6 > 10 > 4 > 2, adjacent pairs), and each bracket against Sys. 4 (Sys. 6 for oracle
+    selection at 80%)."""
+    have = set(systems)
+    pairs = [("sys2", "sys1"), ("sys4", "sys3"), ("sys4", "sys2"), ("sys6", "sys4"), ("sys9", "sys4"), ("sys10", "sys4")]
+    claims = [Claim(a, b, "Table 1") for a, b in pairs]
+    claims += [Claim("sys10", f"sys{n}", "Table 1: Sys. 10 best") for n in range(5, 14) if n not in (6, 9, 10)]
+    k_order = sorted((n for n in SYSTEMS if n.startswith("v")), key=lambda n: -(SYSTEMS[n].paper_iemocap or 0))
+    claims += [Claim(a, b, "Table 3 (IEMOCAP K ordering)") for a, b in zip(k_order, k_order[1:])]
+    claims += [Claim("oracle_labels", "sys4", "bracket"), Claim("pseudo_labels", "sys4", "bracket"),
+               Claim("oracle_sel90", "sys4", "bracket"), Claim("oracle_sel80", "sys6", "bracket")]
+    seen, out = set(), []
+    for c in claims:
+        if c.better in have and c.worse in have and (c.better, c.worse) not in seen:
+            seen.add((c.better, c.worse))
+            out.append(c)
+    return out
 
 
 def get_system(name: str | int) -> SystemSpec:

@@ -284,7 +284,8 @@ def _calibrate(method, ref_table, reference, speaker_column):
     feats = {k: np.asarray(ref_table[k], dtype=np.float64)[ok] for k in FEATURE_COLUMNS}
     labels = {f: np.asarray(reference[f], dtype=object)[ok].tolist() for f in ("pitch", "volume", "speed")}
     if method == "unified":
-        return fit_unified_thresholds(feats, labels), None
+        gen = np.asarray(reference["gender"], dtype=object)[ok].tolist() if "gender" in reference.column_names else None
+        return fit_unified_thresholds(feats, labels, gen), None
     if method == "speaker_adaptive":
         spk = np.asarray(reference[speaker_column] if speaker_column in reference.column_names else [""] * len(reference), dtype=object)[ok]
         gen = np.asarray(reference["gender"] if "gender" in reference.column_names else [""] * len(reference), dtype=object)[ok]
@@ -440,12 +441,28 @@ def rebin(
     return datasets.DatasetDict(out) if is_dict else out["_"]
 
 
-def annotation_report(ds) -> dict:
-    """Counts of annotated rows, errors by reason and label distributions of one split."""
+def annotation_report(ds, group_column: str = "group") -> dict:
+    """Counts of annotated rows, errors by reason and label distributions of one split; where the
+    split has ground-truth descriptor columns (the synthetic corpus), the annotation's accuracy per
+    field, the share of utterances with all five labels right, and both per speaker group
+    (``group_column``)."""
     errors = Counter(e for e in ds[ERROR_COLUMN] if e)
-    return {
+    report = {
         "rows": len(ds),
         "errors": dict(sorted(errors.items())),
         "n_errors": int(sum(errors.values())),
         "labels": {f: dict(sorted(Counter(v for v in ds[f"{f}_auto"] if v).items())) for f in SED_FIELDS},
     }
+    if all(f in ds.column_names for f in SED_FIELDS) and all(any(ds[f]) for f in SED_FIELDS):
+        ok = np.asarray([not e for e in ds[ERROR_COLUMN]], dtype=bool)
+        right = np.stack([np.asarray(ds[f], dtype=object) == np.asarray(ds[f"{f}_auto"], dtype=object) for f in SED_FIELDS], 1)[ok]
+
+        def summary(rows: np.ndarray) -> dict:
+            return {"n": int(len(rows)), **{f: round(float(rows[:, j].mean()), 4) for j, f in enumerate(SED_FIELDS)},
+                    "all_right": round(float(rows.all(1).mean()), 4)}
+
+        report["accuracy"] = summary(right) if len(right) else None
+        if group_column in ds.column_names and len(right):
+            groups = np.asarray(ds[group_column], dtype=object)[ok]
+            report["accuracy_by_group"] = {g: summary(right[groups == g]) for g in sorted(set(groups.tolist()))}
+    return report

@@ -107,20 +107,32 @@ class UnifiedThresholds:
     """Fixed cut points (lower, upper), identical for every speaker and corpus. Defaults are
     population norms of adult speech: pitch in Hz of the median F0 (between typical male,
     ~120 Hz, and female, ~210 Hz, voices), volume in dBFS of active frames, speed in phonemes per
-    second (conversational English: ~10-15)."""
+    second (conversational English: ~10-15). ``pitch_hz_by_gender``: one fixed pair per predicted
+    gender instead (what a tool calibrated on its population uses, as SpeechCraft's pitch rule is
+    gender-dependent); utterances of another gender fall back to ``pitch_hz``."""
 
     pitch_hz: tuple[float, float] = (140.0, 220.0)
     volume_db: tuple[float, float] = (-26.0, -18.0)
     speed_pps: tuple[float, float] = (11.0, 14.0)
+    pitch_hz_by_gender: dict[str, tuple[float, float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def unified(features: Mapping[str, Sequence], thresholds: UnifiedThresholds | None = None) -> dict[str, list[str]]:
+def unified(features: Mapping[str, Sequence], thresholds: UnifiedThresholds | None = None,
+            genders: Sequence[str] | None = None) -> dict[str, list[str]]:
     t = thresholds or UnifiedThresholds()
+    f0 = _arr(features["f0_median"])
+    pitch = np.asarray(cut(f0, *t.pitch_hz, PITCH_WORDS), dtype=object)
+    if t.pitch_hz_by_gender and genders is not None:
+        g = np.asarray([str(x) for x in genders], dtype=object)
+        for gender, edges in t.pitch_hz_by_gender.items():
+            sel = g == gender
+            if sel.any():
+                pitch[sel] = cut(f0[sel], *edges, PITCH_WORDS)
     return {
-        "pitch": cut(features["f0_median"], *t.pitch_hz, PITCH_WORDS),
+        "pitch": pitch.tolist(),
         "volume": cut(features["rms_db"], *t.volume_db, VOLUME_WORDS),
         "speed": cut(features["phonemes_per_second"], *t.speed_pps, SPEED_WORDS),
     }
@@ -225,11 +237,24 @@ def prior_edges(values, labels: Sequence[str], words: Sequence[str]) -> tuple[fl
     return float(lo), float(hi)
 
 
-def fit_unified_thresholds(features: Mapping[str, Sequence], labels: Mapping[str, Sequence[str]]) -> UnifiedThresholds:
+def fit_unified_thresholds(features: Mapping[str, Sequence], labels: Mapping[str, Sequence[str]],
+                           genders: Sequence[str] | None = None) -> UnifiedThresholds:
     """Population-wide cut points from a reference split: still one threshold pair for everybody
-    (the unified method), but at the reference's label proportions instead of textbook values."""
+    (the unified method), but at the reference's label proportions instead of textbook values.
+    With ``genders``: the pitch pair is fitted per gender (``pitch_hz_by_gender``; genders with
+    fewer than 3 labelled values use the all-speaker pair)."""
     edges = {f: prior_edges(features[FEATURE_FOR_FIELD[f]], labels[f], WORDS_FOR_FIELD[f]) for f in FEATURE_FOR_FIELD}
-    return UnifiedThresholds(pitch_hz=edges["pitch"], volume_db=edges["volume"], speed_pps=edges["speed"])
+    by_gender = None
+    if genders is not None:
+        g = np.asarray([str(x) for x in genders], dtype=object)
+        f0, lab = _arr(features["f0_median"]), np.asarray([str(x) for x in labels["pitch"]], dtype=object)
+        by_gender = {}
+        for gender in sorted(set(g.tolist()) - {""}):
+            sel = g == gender
+            if (np.isfinite(f0[sel]) & np.isin(lab[sel], PITCH_WORDS)).sum() >= 3:
+                by_gender[gender] = prior_edges(f0[sel], lab[sel], PITCH_WORDS)
+    return UnifiedThresholds(pitch_hz=edges["pitch"], volume_db=edges["volume"], speed_pps=edges["speed"],
+                             pitch_hz_by_gender=by_gender or None)
 
 
 def fit_adaptive_config(
@@ -264,7 +289,7 @@ def bin_features(
     if method == "speechcraft":
         return speechcraft(features, genders)
     if method == "unified":
-        return unified(features, unified_thresholds)
+        return unified(features, unified_thresholds, genders)
     if method == "speaker_adaptive":
         if speakers is None:
             raise ValueError("speaker_adaptive binning needs a speaker per utterance")

@@ -503,6 +503,8 @@ def audit_controller(controller: SedController, dataset, batch_size: int = 32, s
     strategy = controller.config.modify_strategy
     nf = len(SED_FIELDS)
     exp, greedy, ann, p_sum, count = (np.zeros(nf) for _ in range(5))
+    # per-utterance repair under the greedy policy, and its expectation under the stochastic one
+    fixed, broken, unchanged_wrong, unchanged_right, exp_fixed, exp_broken = (np.zeros(nf) for _ in range(6))
     device = next(controller.parameters()).device
     collate = SEDRectifyCollator.controller_inputs
     for s in range(0, len(dataset), batch_size):
@@ -527,6 +529,13 @@ def audit_controller(controller: SedController, dataset, batch_size: int = 32, s
             right_if_kept = (v == t).astype(float)
             exp[j] += ((1 - p) * right_if_kept + p * right_if_modified).sum()
             greedy[j] += np.where(p > 0.5, right_if_modified, right_if_kept).sum()
+            modified, wrong = p > 0.5, right_if_kept == 0
+            fixed[j] += (right_if_modified * (modified & wrong)).sum()  # the replacement is drawn: expected over the draw
+            broken[j] += (modified & ~wrong).sum()
+            unchanged_wrong[j] += (~modified & wrong).sum()
+            unchanged_right[j] += (~modified & ~wrong).sum()
+            exp_fixed[j] += (p * right_if_modified * wrong).sum()
+            exp_broken[j] += (p * ~wrong).sum()
             ann[j] += right_if_kept.sum()
             p_sum[j] += p.sum()
             count[j] += known.sum()
@@ -541,7 +550,12 @@ def audit_controller(controller: SedController, dataset, batch_size: int = 32, s
         "expected_accuracy": r4(exp.sum() / count.sum()),
         "greedy_accuracy": r4(greedy.sum() / count.sum()),
         "per_field": {f: {"annotation": r4(ann[j] / c[j]), "expected": r4(exp[j] / c[j]), "greedy": r4(greedy[j] / c[j]),
-                          "modify_probability": r4(p_sum[j] / c[j])} for j, f in enumerate(SED_FIELDS) if count[j]},
+                          "modify_probability": r4(p_sum[j] / c[j]),
+                          # counts of labels: wrong ones the greedy policy makes right, right ones it makes wrong, untouched
+                          "repair": {"fixed": r4(fixed[j]), "broken": int(broken[j]), "unchanged_wrong": int(unchanged_wrong[j]),
+                                     "unchanged_right": int(unchanged_right[j]), "expected_fixed": r4(exp_fixed[j]),
+                                     "expected_broken": r4(exp_broken[j])}}
+                      for j, f in enumerate(SED_FIELDS) if count[j]},
     }
 
 

@@ -24,7 +24,7 @@ from ..utils import TARGET_SR, AudioError, has_accelerator, load_audio, read_enc
 
 logger = logging.getLogger(__name__)
 
-SED_SOURCES = {"truth": "", "auto": "_auto"}
+SED_SOURCES = {"truth": "", "auto": "_auto", "pseudo": "_pseudo"}  # column suffix of each descriptor source
 CHECKPOINT_COMPLETE = "trustser_checkpoint.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MODEL_INPUTS = (
@@ -207,7 +207,7 @@ class SerSlmDataCollator:
 class SerSlmSFTConfig(SFTConfig):
     """SFTConfig with defaults that suit an audio SLM and CPU runs."""
 
-    sed_source: str = field(default="truth", metadata={"help": "descriptors in the caption: 'truth' (plain columns) or 'auto' (<field>_auto)."})
+    sed_source: str = field(default="truth", metadata={"help": "descriptors in the caption: 'truth' (plain columns), 'auto' (<field>_auto) or 'pseudo' (<field>_pseudo)."})
     with_sed: bool = field(default=True, metadata={"help": "caption with descriptors (False: the plain caption of Sys. 1/2)."})
     kl_warmup_steps: int = field(
         default=0,
