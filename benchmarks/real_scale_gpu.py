@@ -126,7 +126,8 @@ def main():
 
     def rectify_step():  # encoder once, K captions as one batch
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            emb, _, kl = base.get_audio_features(mi["input_features"], mi.get("feature_attention_mask"), energy=mi.get("energy"))
+            feats = base.get_audio_features(mi["input_features"], mi.get("feature_attention_mask"), energy=mi.get("energy"))
+            emb, kl = feats.pooler_output, feats.kl_loss
             rep = lambda x: x.repeat_interleave(K, 0)
             out = model(input_ids=rep(mi["input_ids"]), attention_mask=rep(mi["attention_mask"]), labels=rep(mi["labels"]),
                         audio_embeds=rep(emb), use_cache=False)

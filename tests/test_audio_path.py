@@ -26,7 +26,7 @@ def _inputs(b):
 def _audio_token_rows(model, b):
     n = (b["input_ids"] == model.config.audio_token_id).sum(-1)
     with torch.no_grad():
-        emb, _, _ = model.eval().get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"])
+        emb = model.eval().get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"]).pooler_output
     return torch.cat([emb[i, : int(k)] for i, k in enumerate(n)])
 
 

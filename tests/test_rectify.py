@@ -152,7 +152,7 @@ def test_rewards_are_minus_emotion_ce(tiny, rows, tmp_path):
     assert torch.equal(sample.actions, rec["actions"])
     inputs = rectified_caption_inputs(trainer.processing_class, batch["input_ids"], batch["labels"], caps, 4)
     with torch.no_grad():
-        emb, _, _ = trainer.model.get_audio_features(batch["input_features"], batch["feature_attention_mask"], batch["energy"])
+        emb = trainer.model.get_audio_features(batch["input_features"], batch["feature_attention_mask"], batch["energy"]).pooler_output
         nll, valid, emo, _ = caption_token_nll(trainer.model, inputs, emb.repeat_interleave(4, 0))
     expected = -emotion_cross_entropy(nll, emo).view(2, 4)
     assert torch.allclose(rec["rewards"], expected, atol=1e-5)
@@ -272,7 +272,7 @@ def test_after_update_reward_equals_full_forward(tiny, rows, tmp_path):
     assert t.model.training  # mode restored
     t.model.eval()
     with torch.no_grad():
-        emb, _, _ = t.model.get_audio_features(batch["input_features"], batch["feature_attention_mask"], batch["energy"])
+        emb = t.model.get_audio_features(batch["input_features"], batch["feature_attention_mask"], batch["energy"]).pooler_output
         full = dict(rec["rect"], first_label=torch.tensor(1))
         nll, _, emo, _ = caption_token_nll(t.model, full, emb.repeat_interleave(3, 0))
     assert torch.allclose(got, -emotion_cross_entropy(nll, emo).view(3, 3), atol=1e-5)

@@ -127,8 +127,9 @@ def test_forward_kl_and_loss_parts(tiny, batch):
     assert out.logits.shape == (*b["input_ids"].shape, model.config.text_config.vocab_size)
     # eval uses the VIB mean: deterministic
     with torch.no_grad():
-        a1, m1, _ = model.get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"])
-        a2, _, _ = model.get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"])
+        f1 = model.get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"])
+        a1, m1 = f1.pooler_output, f1.audio_mask
+        a2 = model.get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"]).pooler_output
     assert torch.equal(a1, a2) and m1.dtype == torch.bool
     assert m1.sum(-1).tolist() == [int((r == model.config.audio_token_id).sum()) for r in b["input_ids"]]
 
@@ -138,7 +139,7 @@ def test_precomputed_audio_embeds_repeat_interleave(tiny, batch):
     b = _model_inputs(batch[3])
     with torch.no_grad():
         ref = model(**b).logits
-        emb, _, _ = model.get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"])
+        emb = model.get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"]).pooler_output
         K = 2
         rep = model(
             input_ids=b["input_ids"].repeat_interleave(K, 0), attention_mask=b["attention_mask"].repeat_interleave(K, 0),
@@ -154,7 +155,7 @@ def test_generate_with_cache_matches_greedy_loop(tiny, batch):
     with torch.no_grad():
         out = model.generate(**g, max_new_tokens=6, do_sample=False)
         ids, mask = g["input_ids"], g["attention_mask"]
-        emb, _, _ = model.get_audio_features(g["input_features"], g["feature_attention_mask"], g["energy"])
+        emb = model.get_audio_features(g["input_features"], g["feature_attention_mask"], g["energy"]).pooler_output
         for _ in range(6):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, audio_embeds=emb, position_ids=pos).logits

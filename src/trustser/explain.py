@@ -233,9 +233,9 @@ class ExplainableSerPipeline(Pipeline):
         model, proc, tok = self.model, self.processor, self.processor.tokenizer
         device = self.device
         prompts = proc(audio=audio, padding_side="left").to(device)
-        audio_embeds, _, _ = model.get_audio_features(
+        audio_embeds = model.get_audio_features(
             prompts["input_features"], prompts["feature_attention_mask"], prompts.get("energy"), prompts.get("f0")
-        )
+        ).pooler_output
         max_new = max_new_tokens or getattr(model.generation_config, "max_new_tokens", None) or 96
         gen = model.generate(
             input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], audio_embeds=audio_embeds,

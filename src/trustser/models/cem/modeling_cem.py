@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers import initialization as init
+from transformers.utils import ModelOutput, can_return_tuple
 
 from ..loading import CheckedFromPretrainedMixin
 from .configuration_cem import CemConfig
@@ -48,13 +49,18 @@ class CemPreTrainedModel(CheckedFromPretrainedMixin, PreTrainedModel):
     _no_split_modules = []
 
     def _init_weights(self, module):
+        # transformers' init functions (not .data): they skip loaded tensors, and the BatchNorm running
+        # statistics are set too, so a model built on the meta device initialises completely
         if isinstance(module, nn.Linear):
-            module.weight.data.normal_(0.0, self.config.initializer_range)
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
-                module.bias.data.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm1d):
-            module.weight.data.fill_(1.0)
-            module.bias.data.zero_()
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
 
 
 class ConfidenceEstimationModel(CemPreTrainedModel):
@@ -80,12 +86,15 @@ class ConfidenceEstimationModel(CemPreTrainedModel):
         per = nn.functional.binary_cross_entropy_with_logits(logits, labels.clamp(min=0.0), reduction="none")
         return (per * mask).sum() / mask.sum().clamp(min=1)
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CemOutput:
+    @can_return_tuple
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> tuple | CemOutput:
+        """``features`` (B, input_size) in any float dtype (SER-SLM hidden states are often bf16): they
+        are cast to the CEM's own dtype."""
         if features.dim() != 2 or features.shape[-1] != self.config.input_size:
             raise ValueError(
                 f"CEM expects features of shape (batch, {self.config.input_size}), got {tuple(features.shape)}"
             )
-        h1 = self.layer1(features)
+        h1 = self.layer1(features.to(self.head.weight.dtype))
         h2 = self.layer2(h1) + h1
         h3 = self.layer3(h2)
         logits = self.head(h3)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from ...descriptors import SED_FIELDS, SED_VOCAB, normalize_sed_value
 from ..loading import CheckedFromPretrainedMixin
@@ -258,7 +258,7 @@ class SedController(SedControllerPreTrainedModel):
 
     def summarize(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, n_mels) -> (B, hidden) utterance summary (padding ignored)."""
-        x = input_features.float()
+        x = input_features.to(self.lstm.weight_ih_l0.dtype)  # the log-mel front end computes in fp32
         b, t, _ = x.shape
         mask = torch.ones(b, t, dtype=torch.long, device=x.device) if feature_attention_mask is None else feature_attention_mask.long()
         s = self.config.frame_stride
@@ -277,6 +277,7 @@ class SedController(SedControllerPreTrainedModel):
         m = mask.float()[..., None]
         return (out * m).sum(1) / m.sum(1).clamp(min=1)
 
+    @can_return_tuple
     def forward(
         self,
         sed_ids: torch.Tensor,
@@ -285,7 +286,7 @@ class SedController(SedControllerPreTrainedModel):
         input_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> SedControllerOutput:
+    ) -> tuple | SedControllerOutput:
         """``sed_ids`` (B, 5): annotated value ids (``sed_to_ids``). Audio as log-mel
         ``input_features`` (B, T, n_mels) or raw ``input_values`` (B, S) at ``config.sampling_rate``."""
         if input_features is None:

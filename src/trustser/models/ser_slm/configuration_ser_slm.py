@@ -60,6 +60,8 @@ class SerSlmConfig(PreTrainedConfig):
         audio); the paper's pre-trained encoder does not need it (0 = off, no heads).
     aux_ctc_loss_weight: weight of an auxiliary CTC loss of the transcript's tokens on the semantic
         branch (frame latents -> vocabulary, blank = pad token); 0 = off.
+    use_cache: default of ``forward(use_cache=...)`` (None: the text config's), so that
+        ``model.config.use_cache = False`` (what trainers set with gradient checkpointing) applies.
     """
 
     model_type = "ser_slm"
@@ -86,6 +88,7 @@ class SerSlmConfig(PreTrainedConfig):
     aux_sed_loss_weight: float = 0.0
     aux_ctc_loss_weight: float = 0.0
     aux_sed_num_classes: list | None = None
+    use_cache: bool | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -102,6 +105,8 @@ class SerSlmConfig(PreTrainedConfig):
             self.aux_sed_num_classes = [3, 3, 3, 2, 5]  # pitch, volume, speed, gender, age (processor's sed_vocab)
         self.aux_sed_num_classes = [int(n) for n in self.aux_sed_num_classes]
         self.hidden_size = self.text_config.hidden_size
+        if self.use_cache is None:
+            self.use_cache = bool(getattr(self.text_config, "use_cache", True))
 
     @property
     def prosody_features(self) -> int:

@@ -15,11 +15,19 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_ser_slm import SerSlmConfig, conv_output_length
 
 ENERGY_FLOOR_DB = -100.0
+# encoder modules kept in fp32 under bf16/fp16 loading, as the encoder's own model declares them
+# (VoxtralForConditionalGeneration: its encoder builds the positions in fp32 and casts their sum back;
+# Whisper's and Qwen2-Audio's encoders do not cast back, so their positions must follow the dtype)
+ENCODER_FP32_MODULES = {"voxtral_encoder": ["embed_positions"]}
 
 
 @dataclass
@@ -32,6 +40,27 @@ class SerSlmCausalLMOutput(CausalLMOutputWithPast):
     audio_embeds: torch.FloatTensor | None = None
     aux_sed_loss: torch.FloatTensor | None = None
     aux_ctc_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class SerSlmModelOutputWithPast(BaseModelOutputWithPast):
+    """The language model's output plus what the audio path produced in this call (the KL and the
+    auxiliary losses are None when the encoder did not run here)."""
+
+    kl_loss: torch.FloatTensor | None = None
+    audio_embeds: torch.FloatTensor | None = None
+    aux_sed_loss: torch.FloatTensor | None = None
+    aux_ctc_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class SerSlmAudioOutput(BaseModelOutputWithPooling):
+    """``get_audio_features``: ``pooler_output`` = the audio embeddings (B, N, H) that replace the
+    placeholder tokens (as Voxtral's), ``audio_mask`` (B, N) their valid positions, ``kl_loss`` the
+    VIB KL of this call; ``last_hidden_state`` / ``hidden_states`` / ``attentions`` are the encoder's."""
+
+    audio_mask: torch.BoolTensor | None = None
+    kl_loss: torch.FloatTensor | None = None
 
 
 def _mark_scale_preserving(module: nn.Module) -> None:
@@ -98,6 +127,10 @@ class SerSlmPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # decoding steps (text only: the audio lives in the cache) compile with fullgraph=True on a static
+    # cache; the audio prefill merges a data-dependent number of embeddings and runs uncompiled, as
+    # generate's prefill does
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module):
         if getattr(module, "_scale_preserving_init", False):
@@ -164,6 +197,11 @@ class SerSlmModel(SerSlmPreTrainedModel):
             self.aux_ctc_head = nn.Linear(config.semantic_vib_dim, config.text_config.vocab_size)
         if config.freeze_audio_tower:
             self.audio_tower.requires_grad_(False)
+        self.freeze_unread_encoder_modules()
+        # per instance (post_init collects it into the top-level model's loading dtype plan)
+        self._keep_in_fp32_modules_strict = [
+            f"audio_tower.{name}" for name in ENCODER_FP32_MODULES.get(config.audio_config.model_type, [])
+        ]
         self.post_init()
 
     def get_input_embeddings(self):
@@ -217,27 +255,69 @@ class SerSlmModel(SerSlmPreTrainedModel):
 
     def _encoder_layers(self) -> nn.ModuleList:
         """The audio encoder's stack of transformer layers (the ModuleList of num_hidden_layers blocks)."""
+        return self._encoder_layer_stack()[1]
+
+    def _encoder_layer_stack(self) -> tuple[str, nn.ModuleList]:
+        """``(name, ModuleList)`` of the encoder's transformer layers, cached for the current tower
+        (``build_ser_slm`` replaces the tower after ``__init__``)."""
         cached = getattr(self, "_encoder_layer_list", None)
-        if cached is not None:
-            return cached
+        if cached is not None and cached[0] is self.audio_tower:
+            return cached[1:]
         weights = self.sed_vib.layer_weights
         n = getattr(weights, "ds_numel", weights.numel())  # ZeRO-3 partitions parameters (numel() is 0 there)
         candidates = [
-            (name.rsplit(".", 1)[-1] not in ("layers", "layer", "blocks", "h"), name.count("."), module)
+            (name.rsplit(".", 1)[-1] not in ("layers", "layer", "blocks", "h"), name.count("."), name, module)
             for name, module in self.audio_tower.named_modules()
             if isinstance(module, nn.ModuleList) and len(module) == n
         ]
         if candidates:  # prefer a list named like a transformer stack (not e.g. conv_layers), then the shallowest
-            module = min(candidates, key=lambda c: c[:2])[2]
-            object.__setattr__(self, "_encoder_layer_list", module)
-            return module
+            _, _, name, module = min(candidates, key=lambda c: c[:2])
+            object.__setattr__(self, "_encoder_layer_list", (self.audio_tower, name, module))
+            return name, module
         raise ValueError(f"cannot find the {n} transformer layers of the audio encoder {type(self.audio_tower).__name__}")
 
-    def get_audio_features(self, input_features, feature_attention_mask=None, energy=None, f0=None):
-        """Runs the encoder once. Returns ``(audio_embeds (B, N, H), audio_mask (B, N) bool, kl)``:
-        pass ``audio_embeds`` (possibly ``repeat_interleave``-d) to ``forward`` to reuse them."""
-        latents = self._audio_latents(input_features, feature_attention_mask, energy, f0)
-        return latents["audio_embeds"], latents["audio_mask"], latents["kl"]
+    def unread_encoder_modules(self) -> list[nn.Module]:
+        """The encoder's final norm, which pre-LN encoders (Whisper-style, and wav2vec2/HuBERT/WavLM
+        with ``do_stable_layer_norm``) apply after their layer stack: the VIB branches read the layers'
+        outputs (hooks), never the encoder's ``last_hidden_state``, so that norm gets no gradient.
+        Post-LN encoders (wav2vec2/HuBERT base) apply their sibling norm before the stack: none."""
+        a = self.config.audio_config
+        if getattr(a, "num_mel_bins", None) is None and not getattr(a, "do_stable_layer_norm", False):
+            return []
+        name, stack = self._encoder_layer_stack()
+        parent = self.audio_tower.get_submodule(name.rpartition(".")[0])
+        return [
+            m for m in parent.children()
+            if m is not stack and (isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__) and any(True for _ in m.parameters())
+        ]
+
+    def freeze_unread_encoder_modules(self) -> None:
+        """Declares the encoder's unread final norm frozen (``requires_grad=False``): it would otherwise
+        count as trainable without ever training, and DDP with a trainable encoder would stop on an
+        unused parameter. Frozen rather than removed, so checkpoints keep the encoder's keys, and results
+        are unchanged (a parameter without a gradient is skipped by the optimizer and the clipping)."""
+        for module in self.unread_encoder_modules():
+            module.requires_grad_(False)
+
+    @can_return_tuple
+    def get_audio_features(
+        self, input_features, feature_attention_mask=None, energy=None, f0=None, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple | SerSlmAudioOutput:
+        """Runs the encoder once: ``pooler_output`` holds the audio embeddings (B, N, H) to pass as
+        ``audio_embeds`` (possibly ``repeat_interleave``-d) to ``forward`` to reuse them, ``audio_mask``
+        their valid positions and ``kl_loss`` the KL. ``output_hidden_states`` / ``output_attentions``
+        are the encoder's."""
+        tower_kwargs = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if kwargs.get(k) is not None}
+        latents = self._audio_latents(input_features, feature_attention_mask, energy, f0, **tower_kwargs)
+        enc = latents["encoder_outputs"]
+        return SerSlmAudioOutput(
+            last_hidden_state=enc.last_hidden_state,
+            pooler_output=latents["audio_embeds"],
+            hidden_states=enc.get("hidden_states"),
+            attentions=enc.get("attentions"),
+            audio_mask=latents["audio_mask"],
+            kl_loss=latents["kl"],
+        )
 
     def auxiliary_losses(self, latents: dict, sed_labels=None, ctc_labels=None) -> dict:
         """Auxiliary losses from one ``_audio_latents`` call (see SerSlmConfig): descriptor
@@ -265,11 +345,12 @@ class SerSlmModel(SerSlmPreTrainedModel):
             )
         return out
 
-    def _audio_latents(self, input_features, feature_attention_mask=None, energy=None, f0=None) -> dict:
-        """Encoder + VIB branches + projector: ``audio_embeds``, ``audio_mask``, ``kl`` and the VIB
-        samples ``z_sed`` / ``z_sem`` (B, N, dim) that the auxiliary losses read."""
+    def _audio_latents(self, input_features, feature_attention_mask=None, energy=None, f0=None, **tower_kwargs) -> dict:
+        """Encoder + VIB branches + projector: ``audio_embeds``, ``audio_mask``, ``kl``, the VIB
+        samples ``z_sed`` / ``z_sem`` (B, N, dim) that the auxiliary losses read and the encoder's
+        own output (``encoder_outputs``; ``tower_kwargs`` such as ``output_hidden_states`` go to it)."""
         cfg = self.config
-        tower_kwargs = {"return_dict": True}
+        tower_kwargs = {**tower_kwargs, "return_dict": True}
         if feature_attention_mask is not None and getattr(cfg.audio_config, "feat_extract_norm", None) == "layer":
             tower_kwargs["attention_mask"] = feature_attention_mask
         param = next(self.audio_tower.parameters())
@@ -283,9 +364,9 @@ class SerSlmModel(SerSlmPreTrainedModel):
         try:
             if cfg.freeze_audio_tower:
                 with torch.no_grad():
-                    self.audio_tower(input_features, **tower_kwargs)
+                    encoder_outputs = self.audio_tower(input_features, **tower_kwargs)
             else:
-                self.audio_tower(input_features, **tower_kwargs)
+                encoder_outputs = self.audio_tower(input_features, **tower_kwargs)
         finally:
             for h in handles:
                 h.remove()
@@ -318,7 +399,10 @@ class SerSlmModel(SerSlmPreTrainedModel):
         kl = ((kl_sed + kl_sem) * am).sum() / am.sum().clamp(min=1.0)
         z = torch.cat([z_sed, z_sem], dim=-1) * audio_mask[..., None]
         audio_embeds = self.projector(z)
-        return {"audio_embeds": audio_embeds, "audio_mask": audio_mask, "kl": kl, "z_sed": z_sed, "z_sem": z_sem}
+        return {
+            "audio_embeds": audio_embeds, "audio_mask": audio_mask, "kl": kl, "z_sed": z_sed, "z_sem": z_sem,
+            "encoder_outputs": encoder_outputs,
+        }
 
     def merge_audio(self, input_ids, inputs_embeds, audio_embeds):
         """Row i's n_i placeholder tokens receive row i's first n_i audio embeddings."""
@@ -342,6 +426,8 @@ class SerSlmModel(SerSlmPreTrainedModel):
         inputs_embeds[rows, cols] = audio_embeds[rows, idx].to(inputs_embeds.dtype)
         return inputs_embeds
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -357,8 +443,9 @@ class SerSlmModel(SerSlmPreTrainedModel):
         audio_repeats: int = 1,
         sed_labels=None,
         ctc_labels=None,
-        **kwargs,
-    ):
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | SerSlmModelOutputWithPast:
         kl = None
         aux = {}
         if inputs_embeds is None:
@@ -376,13 +463,19 @@ class SerSlmModel(SerSlmPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            cache=cache,
+            return_dict=True,
             **kwargs,
         )
-        outputs["kl_loss"] = kl
-        outputs["audio_embeds"] = audio_embeds
-        for key, value in aux.items():
-            outputs[key] = value
-        return outputs
+        return SerSlmModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            kl_loss=kl,
+            audio_embeds=audio_embeds,
+            **aux,
+        )
 
 
 def weighted_auxiliary_loss(config: SerSlmConfig, outputs):
@@ -399,6 +492,10 @@ def weighted_auxiliary_loss(config: SerSlmConfig, outputs):
 class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
     # applied only when config.tie_word_embeddings (set from the LLM's config by the presets)
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # the LM's own plans cover model.language_model (embed_tokens sharded on the vocabulary); the head
+    # takes the causal LMs' entries, so a tied lm_head is split the same way as the embeddings it shares
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: SerSlmConfig):
         super().__init__(config)
@@ -418,9 +515,11 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_audio_features(self, input_features, feature_attention_mask=None, energy=None, f0=None):
-        return self.model.get_audio_features(input_features, feature_attention_mask, energy, f0)
+    def get_audio_features(self, *args, **kwargs):
+        return self.model.get_audio_features(*args, **kwargs)
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -438,8 +537,9 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
         audio_repeats: int = 1,
         sed_labels=None,
         ctc_labels=None,
-        **kwargs,
-    ) -> SerSlmCausalLMOutput:
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | SerSlmCausalLMOutput:
         """Loss = LM cross-entropy on ``labels`` (-100 = ignored) + ``vib_beta`` x KL (when the
         encoder ran in this call; with precomputed ``audio_embeds`` the KL belongs to the caller).
         ``audio_repeats``: each utterance's audio serves that many consecutive rows of ``input_ids``
@@ -447,6 +547,7 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
         forward, so FSDP/ZeRO-3 gather its weights as for any forward. ``sed_labels`` /
         ``ctc_labels`` (from ``SerSlmDataCollator(aux_labels=True)``) add the weighted auxiliary
         losses of the config to ``loss``."""
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -461,12 +562,14 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            cache=cache,
+            return_dict=True,
             **{k: v for k, v in kwargs.items() if k != "num_items_in_batch"},
         )
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, slice_indices, :])
-        kl = outputs.get("kl_loss")
+        kl = outputs.kl_loss
         loss = lm_loss = None
         if labels is not None:
             lm_loss = self.loss_function(
@@ -481,13 +584,13 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
             loss=loss,
             lm_loss=lm_loss,
             kl_loss=kl,
-            aux_sed_loss=outputs.get("aux_sed_loss"),
-            aux_ctc_loss=outputs.get("aux_ctc_loss"),
+            aux_sed_loss=outputs.aux_sed_loss,
+            aux_ctc_loss=outputs.aux_ctc_loss,
             logits=logits,
-            cache=outputs.get("cache"),
-            hidden_states=outputs.get("hidden_states"),
-            attentions=outputs.get("attentions"),
-            audio_embeds=outputs.get("audio_embeds"),
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            audio_embeds=outputs.audio_embeds,
         )
 
     def weighted_auxiliary_loss(self, outputs):
@@ -502,4 +605,7 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
         return model_inputs
 
 
-__all__ = ["SerSlmPreTrainedModel", "SerSlmModel", "SerSlmForConditionalGeneration", "SerSlmCausalLMOutput"]
+__all__ = [
+    "SerSlmPreTrainedModel", "SerSlmModel", "SerSlmForConditionalGeneration", "SerSlmCausalLMOutput",
+    "SerSlmModelOutputWithPast", "SerSlmAudioOutput",
+]

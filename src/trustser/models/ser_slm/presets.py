@@ -207,6 +207,7 @@ def build_ser_slm(
         model.config.vocab_size = len(tok)
     if freeze_audio_tower:
         model.model.audio_tower.requires_grad_(False)
+    model.model.freeze_unread_encoder_modules()  # the swapped-in encoder's final norm (see SerSlmModel)
     _set_generation_defaults(model, tok)
     fe = AutoFeatureExtractor.from_pretrained(audio_model, **from_pretrained_kwargs)
     if hasattr(fe, "return_attention_mask"):
