@@ -5,8 +5,8 @@ accuracy of the generated captions.
 Shipped inside the trustser package and loaded offline by path::
 
     import evaluate
-    from trustser.evaluation import SER_METRICS_PATH
-    metric = evaluate.load(SER_METRICS_PATH)
+    from trustser.evaluation import ser_metrics_path
+    metric = evaluate.load(ser_metrics_path())
     metric.compute(predictions=captions, references=emotions, emotion_labels=["neutral", "happy", "angry", "sad"],
                    descriptor_references={"pitch": [...], ...})
 
