@@ -22,6 +22,32 @@ SEDS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared (autouse where imported)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_corpus(root, clips):
+    """A corpus root in the synthetic corpus' layout (``test/metadata.csv``) holding ``clips``,
+    one per emotion of EMOS."""
+    import csv
+    import shutil
+    from pathlib import Path
+
+    (Path(root) / "test").mkdir(parents=True)
+    with open(Path(root) / "test" / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "emotion"])
+        for clip, emo in zip(clips, EMOS):
+            shutil.copy2(clip, Path(root) / "test" / Path(clip).name)
+            w.writerow([Path(clip).name, emo])
+    return Path(root)
+
+
 def _espeak(path, text, voice="en"):
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
 

@@ -5,7 +5,6 @@ descriptors with their confidence and the trust score the pipeline gives for tha
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import socket
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from explain_fixtures import EMOS
+from explain_fixtures import write_corpus
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -34,16 +33,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def corpus(explain_clips, tmp_path_factory):
-    """A corpus root in the synthetic corpus' layout (test/metadata.csv) holding the four clips."""
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "test").mkdir()
-    with open(root / "test" / "metadata.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file_name", "emotion"])
-        for clip, emo in zip(explain_clips, EMOS):
-            shutil.copy2(clip, root / "test" / Path(clip).name)
-            w.writerow([Path(clip).name, emo])
-    return root
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "synth", explain_clips)
 
 
 @pytest.fixture(scope="module")

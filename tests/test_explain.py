@@ -9,20 +9,10 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from trustser.descriptors import SED_FIELDS, build_caption
 
-from explain_fixtures import EMOS, LABELS, SEDS, TEXTS
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from explain_fixtures import EMOS, LABELS, SEDS, TEXTS, one_thread  # noqa: F401  (autouse)
 
 
 @pytest.fixture(scope="module")

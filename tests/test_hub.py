@@ -5,7 +5,6 @@ model cards' metadata parse and carry exactly the metrics of results.json."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -10,22 +10,13 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from trustser.segments import fit_segments, segment_recording
 from trustser.utils import TARGET_SR, AudioError, load_audio
 
-from explain_fixtures import EMOS, LABELS, TEXTS, speech_only
+from explain_fixtures import EMOS, LABELS, TEXTS, one_thread, speech_only  # noqa: F401  (one_thread: autouse)
 
 GAPS = [0.7, 1.2, 0.6, 1.5, 0.9]  # lead-in, three pauses, tail (s)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _speech_bounds(wav, floor=0.01):

@@ -7,7 +7,6 @@ recording, the demo, and push (with --space) against a local stand-in for the Hu
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from explain_fixtures import EMOS, LABELS
+from explain_fixtures import LABELS, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -95,15 +94,10 @@ def workdir(tmp_path_factory, wheel, explain_model_dir, explain_clips):
     post, cem, corpus = cache / "posttrain-k1", cache / "cem-k2", cache / "corpus-k0" / "corpus"
     shutil.copytree(explain_model_dir, post / "model", ignore=shutil.ignore_patterns("cem"))
     shutil.copytree(explain_model_dir / "cem", cem / "cem")
-    (corpus / "test").mkdir(parents=True)
+    write_corpus(corpus, explain_clips)
     (d / "clips").mkdir()
-    with open(corpus / "test" / "metadata.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file_name", "emotion"])
-        for clip, emo in zip(explain_clips, EMOS):
-            shutil.copy2(clip, corpus / "test" / Path(clip).name)
-            shutil.copy2(clip, d / "clips" / Path(clip).name)
-            w.writerow([Path(clip).name, emo])
+    for clip in explain_clips:
+        shutil.copy2(clip, d / "clips" / Path(clip).name)
     gap = np.zeros(16000, np.float32)
     parts = [gap]
     for clip in explain_clips[:3]:
@@ -214,7 +208,7 @@ def test_readme_user_paths_from_the_installed_wheel(fresh, workdir, tmp_path):
         done.append(args[:2])
     assert [a[0] if a[0] == "pip" else a[1] for a in done] == ["pip", "explain", "explain", "demo", "push"]
     # the Python block, as written
-    p = _run([str(venv / "bin" / "python"), "-c", python.replace('"clips/u0.wav"', '"clips/u0.wav"')], env, workdir)
+    p = _run([str(venv / "bin" / "python"), "-c", python], env, workdir)
     out = p.stdout.splitlines()
-    assert out[0].startswith("The ") and len(out) == 1 + 3, p.stdout
+    assert out[0].strip() and len(out) == 1 + 3, p.stdout  # a caption, then the three utterances
     assert all(len(l.split()) == 4 and float(l.split()[0]) < float(l.split()[1]) for l in out[1:])

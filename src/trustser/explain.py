@@ -12,6 +12,7 @@ passes).
     import trustser  # registers the task
     pipe = pipeline("explainable-ser", model="path/or/hub-id", cem="path/to/cem")  # cem optional
     pipe(["a.wav", "b.mp3"], batch_size=16)
+    pipe("conversation.wav", long_audio="segment")   # one explanation per speech segment, with start/end
 
 ``model`` may also be given to :func:`load_explainer` / :func:`explain_files` / ``trustser explain``
 as a trustser output directory (``<output_dir>`` or its ``<system>-seed<seed>`` run folder): the
