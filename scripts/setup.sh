@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# One-time set-up: system packages (espeak-ng, ffmpeg), a virtual environment in .venv,
+# One-time set-up: system packages (espeak-ng, ffmpeg; chromium + chromium-driver for the demo's
+# browser test), a virtual environment in .venv,
 # and trustser installed into it in editable mode with its test tools. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing system packages: ${missing[*]}"
@@ -25,7 +28,8 @@ fi
 if ! .venv/bin/python -c "import trustser, torchaudio, pytest" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.trustser-installed ]; then
   echo "[setup] installing trustser and its dependencies into .venv (first time: a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip
+  # setuptools>=77 (PEP 639 license field) and wheel: tests/test_wheel.py builds the wheel without build isolation
+  .venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
   # torch first, pinned to the combination verified with torchaudio/torchcodec (DESIGN section 3)
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchaudio==2.11.0" "torchcodec==0.17.0"
   .venv/bin/python -m pip install -q -e ".[dev]"

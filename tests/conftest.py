@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from explain_fixtures import explain_clips, explain_model_dir, segment_model_dir  # noqa: F401  (session fixtures)
+
 
 @pytest.fixture(scope="session")
 def synthetic_small(tmp_path_factory):

@@ -9,77 +9,20 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from trustser.descriptors import SED_FIELDS, build_caption
 
-LABELS = ("neutral", "happy", "angry", "sad")
-TEXTS = ["I am here now.", "Where did you go?", "This is great news!", "Leave me alone."]
-EMOS = ["neutral", "sad", "happy", "angry"]
-SEDS = [
-    dict(pitch="low", volume="normal", speed="slow", gender="male", age="young adult"),
-    dict(pitch="high", volume="low", speed="normal", gender="female", age="child"),
-    dict(pitch="normal", volume="high", speed="fast", gender="male", age="elderly"),
-    dict(pitch="high", volume="high", speed="fast", gender="female", age="middle-aged"),
-]
-
-
-def _espeak(path, text, voice="en"):
-    subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from explain_fixtures import EMOS, LABELS, SEDS, TEXTS, one_thread  # noqa: F401  (autouse)
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clips")
-    paths = []
-    for i, (t, v) in enumerate(zip(TEXTS, ["en", "en+f3", "en+m3", "en+f2"])):
-        _espeak(d / f"u{i}.wav", t, v)
-        paths.append(str(d / f"u{i}.wav"))
-    return paths
+def clips(explain_clips):
+    return explain_clips
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, clips):
-    """A tiny SER-SLM that has memorised the four captions, saved with a CEM in ``cem/``."""
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
-    from trustser.models.ser_slm import build_tiny_ser_slm
-    from trustser.utils import load_audio
-
-    torch.manual_seed(0)
-    model, proc = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, vocab_size=600, lm_hidden=64, encoder_dim=64,
-                                     encoder_layers=1, lm_layers=1, max_audio_seconds=4)
-    caps = [build_caption(t, e, s) for t, e, s in zip(TEXTS, EMOS, SEDS)]
-    enc = proc(audio=[load_audio(p) for p in clips], captions=caps)
-    inputs = {k: v for k, v in enc.items() if k not in ("sed_token_index", "emotion_token_mask")}
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(130):
-        loss = model(**inputs).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.config.emotion_labels = list(LABELS)
-    model.generation_config.max_new_tokens = 60
-    d = tmp_path_factory.mktemp("model")
-    model.save_pretrained(d)
-    proc.save_pretrained(d)
-    h = model.config.text_config.hidden_size
-    cem = ConfidenceEstimationModel(CemConfig(input_size=5 * h, hidden_size=32, slm_hidden_size=h))
-    with torch.no_grad():  # non-trivial BatchNorm statistics so the outputs vary
-        for layer in (cem.layer1, cem.layer2, cem.layer3):
-            layer.norm.running_var.fill_(0.5)
-    cem.save_pretrained(d / "cem")
-    return d
+def model_dir(explain_model_dir):
+    return explain_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ model cards' metadata parse and carry exactly the metrics of results.json."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,31 +13,12 @@ import yaml
 
 from trustser.descriptors import SED_FIELDS
 
+from hub_fake import FakeHfApi
+
 METRICS = {"wa": 0.6125, "ua": 0.5875, "weighted_f1": 0.6031, "unparseable_rate": 0.0125, "emotion_unparseable_rate": 0.0,
            "n": 80, "sed_source": "truth",
            "sed_accuracy": {"pitch": 0.55, "volume": 0.6125, "speed": 0.5, "gender": 0.9875, "age": 0.7375},
            "confusion_matrix": {"labels": ["neutral", "happy", "angry", "sad"], "matrix": [[10] * 4] * 4}}
-
-
-class FakeHfApi:
-    """create_repo / upload_folder like huggingface_hub.HfApi, into ``root/<repo_id>``."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.calls = []
-
-    def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None, **kw):
-        self.calls.append(("create_repo", repo_id, private))
-        path = self.root / repo_id
-        if path.exists() and not exist_ok:
-            raise FileExistsError(repo_id)
-        path.mkdir(parents=True, exist_ok=True)
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None, **kw):
-        self.calls.append(("upload_folder", repo_id, commit_message))
-        shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True)
-        return "fakecommit"
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,10 @@ _EXPORTS: dict[str, str] = {
     # explained predictions and release
     "ExplainableSerPipeline": "trustser.explain",
     "explain_files": "trustser.explain",
+    "load_explainer": "trustser.explain",
     "push_to_hub": "trustser.hub",
+    "build_demo": "trustser.demo",
+    "push_space": "trustser.demo",
 }
 
 __all__ = sorted(_EXPORTS) + ["register_auto_classes", "__version__"]

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "select": ("trustser.selection_cli", "score annotated captions with the CEM and keep the most reliable"),
     "explain": ("trustser.explain_cli", "explained emotion predictions for audio files"),
     "push": ("trustser.hub_cli", "push a trained output directory to the Hugging Face Hub"),
+    "demo": ("trustser.demo_cli", "a Gradio demo of a trained system in the browser (127.0.0.1)"),
 }
 
 

@@ -3,6 +3,7 @@ accuracy (how trustworthy the explanation is) and the rate of captions that coul
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Sequence
 
@@ -74,21 +75,31 @@ def generate_captions(
     return (out, failed) if return_errors else out
 
 
-def ser_metrics(y_true: Sequence[str], y_pred: Sequence[str], emotion_labels: Sequence[str]) -> dict[str, Any]:
-    """WA, UA (mean per-class recall), weighted F1 and the confusion matrix; a prediction outside
-    ``emotion_labels`` (unparsed) counts as wrong."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+def ser_metrics_path() -> str:
+    """The ``evaluate`` module shipped in the package (``trustser/metrics/ser_metrics/ser_metrics.py``)."""
+    from importlib.resources import files
 
-    labels = list(emotion_labels)
-    present = [l for l in labels if l in set(y_true)]
-    cm_labels = labels + ([UNPARSED] if any(p not in labels for p in y_pred) else [])
-    y_pred = [p if p in labels else UNPARSED for p in y_pred]
-    return {
-        "wa": float(accuracy_score(y_true, y_pred)),
-        "ua": float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)),
-        "confusion_matrix": {"labels": cm_labels, "matrix": confusion_matrix(y_true, y_pred, labels=cm_labels).tolist()},
-    }
+    path = files("trustser") / "metrics" / "ser_metrics" / "ser_metrics.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"the SER metrics module is missing from the trustser package ({path})")
+    return str(path)
+
+
+@functools.lru_cache(maxsize=1)
+def load_ser_metric():
+    """``evaluate.load`` of the packaged SER metrics module, by path (offline), kept in memory."""
+    import evaluate
+
+    return evaluate.load(ser_metrics_path(), keep_in_memory=True)
+
+
+def ser_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], emotion_labels: Sequence[str]) -> dict[str, Any]:
+    """WA, UA (mean per-class recall), weighted F1 and the confusion matrix of predicted emotion
+    labels (the packaged ``evaluate`` module with ``parse=False``); a prediction outside
+    ``emotion_labels`` (unparsed) counts as wrong."""
+    m = load_ser_metric().compute(predictions=[p if isinstance(p, str) else "" for p in y_pred], references=list(y_true),
+                                  emotion_labels=list(emotion_labels), parse=False)
+    return {k: m[k] for k in ("wa", "ua", "weighted_f1", "confusion_matrix")}
 
 
 def evaluate_ser(
@@ -133,31 +144,29 @@ def evaluate_ser(
         raise ValueError(f"no usable utterances to evaluate: all {len(dataset)} rows failed "
                          f"(first: {next(iter(failed.values()), '?')})")
     captions = [captions[i] for i in keep]
-    parsed = [parse_caption(c, with_sed=with_sed, emotion_labels=emotion_labels) for c in captions]
     y_true = [y_true_all[i] for i in keep]
-    y_pred = [p.get("emotion", UNPARSED) for p in parsed]
-    result: dict[str, Any] = {"n": len(captions)}
-    result.update(ser_metrics(y_true, y_pred, emotion_labels))
-    result["unparseable_rate"] = float(np.mean([not p.ok for p in parsed])) if parsed else float("nan")
-    result["emotion_unparseable_rate"] = float(np.mean([p.get("emotion") is None for p in parsed])) if parsed else float("nan")
+    cols = set(dataset.column_names)
+    suffix = "" if sed_source == "truth" else "_auto"
+    refs = None
     if with_sed:
-        suffix = "" if sed_source == "truth" else "_auto"
-        cols = set(dataset.column_names)
-        sed_acc = {}
+        refs = {}
         for f in SED_FIELDS:
-            if f + suffix not in cols:
-                continue
-            ref_all = list(dataset[f + suffix])
-            ref = [ref_all[i] for i in keep]
-            pairs = [(p.get(f), r) for p, r in zip(parsed, ref) if r]
-            if pairs:
-                sed_acc[f] = float(np.mean([a == b for a, b in pairs]))
-        result["sed_accuracy"] = sed_acc
+            if f + suffix in cols:
+                ref_all = list(dataset[f + suffix])
+                refs[f] = [ref_all[i] for i in keep]
+    m = load_ser_metric().compute(predictions=captions, references=y_true, emotion_labels=list(emotion_labels),
+                                  with_sed=with_sed, descriptor_references=refs)
+    result: dict[str, Any] = {"n": len(captions)}
+    result.update({k: m[k] for k in ("wa", "ua", "weighted_f1", "confusion_matrix", "unparseable_rate",
+                                     "emotion_unparseable_rate")})
+    if with_sed:
+        result["sed_accuracy"] = m["sed_accuracy"]
         result["sed_source"] = sed_source
     if failed:
         result["n_skipped"] = len(failed)
         result["skipped"] = [{"id": ids[i], "error": e} for i, e in sorted(failed.items())]
     if return_predictions:
+        parsed = [parse_caption(c, with_sed=with_sed, emotion_labels=emotion_labels) for c in captions]
         result["predictions"] = [
             {"id": ids[i], "caption": c, "emotion": p.get("emotion"), **{f: p.get(f) for f in SED_FIELDS}}
             for i, c, p in zip(keep, captions, parsed)
@@ -165,4 +174,4 @@ def evaluate_ser(
     return result
 
 
-__all__ = ["generate_captions", "evaluate_ser", "ser_metrics", "UNPARSED"]
+__all__ = ["generate_captions", "evaluate_ser", "ser_metrics", "load_ser_metric", "ser_metrics_path", "UNPARSED"]

@@ -12,6 +12,7 @@ passes).
     import trustser  # registers the task
     pipe = pipeline("explainable-ser", model="path/or/hub-id", cem="path/to/cem")  # cem optional
     pipe(["a.wav", "b.mp3"], batch_size=16)
+    pipe("conversation.wav", long_audio="segment")   # one explanation per speech segment, with start/end
 
 ``model`` may also be given to :func:`load_explainer` / :func:`explain_files` / ``trustser explain``
 as a trustser output directory (``<output_dir>`` or its ``<system>-seed<seed>`` run folder): the
@@ -101,6 +102,34 @@ def _as_audio(inputs) -> tuple[str, np.ndarray]:
     raise AudioError(f"unsupported input type {type(inputs).__name__}: give a file path, an array or a dict")
 
 
+def _checked_audio(inputs) -> tuple[str, np.ndarray]:
+    """``_as_audio`` plus the checks that make an explanation meaningless (AudioError naming the
+    input); clipping only warns."""
+    name = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "<array>"
+    try:
+        name, wav = _as_audio(inputs)
+    except AudioError:
+        raise
+    except Exception as exc:  # decoding backends raise their own types
+        raise AudioError(f"{name}: unreadable audio ({type(exc).__name__}: {exc})") from exc
+    problem = audio_problem(wav, TARGET_SR)
+    if problem in _FATAL_PROBLEMS:
+        raise AudioError(f"{name}: {_FATAL_PROBLEMS[problem]}")
+    if problem == "clipping":
+        logger.warning("%s: clipped audio; descriptors (volume) may be unreliable", name)
+    return name, wav
+
+
+def _file_seconds(path) -> float | None:
+    """A file's duration from its header (no decoding), when soundfile can read it."""
+    try:
+        import soundfile as sf
+
+        return float(sf.info(str(path)).duration)
+    except Exception:
+        return None
+
+
 def _collate(items: list[dict]) -> dict:
     return {"items": items}
 
@@ -119,7 +148,8 @@ class ExplainableSerPipeline(Pipeline):
     ``emotion_labels`` (default: ``model.config.emotion_labels``, else the canonical seven).
     Call keywords: ``errors="raise"|"record"`` (record: a bad file gives a result with ``error``
     set instead of raising), ``long_audio="error"|"truncate"`` for audio longer than the
-    processor's window, ``max_new_tokens``.
+    processor's window, or ``"segment"``: each input is a recording cut into speech segments, each
+    explained with its ``start``/``end`` (:meth:`explain_recording`), ``max_new_tokens``.
     """
 
     _load_processor = True
@@ -164,8 +194,8 @@ class ExplainableSerPipeline(Pipeline):
                 raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
             pre["errors"] = errors
         if long_audio is not None:
-            if long_audio not in ("error", "truncate"):
-                raise ValueError(f"long_audio must be 'error' or 'truncate', got {long_audio!r}")
+            if long_audio not in ("error", "truncate"):  # "segment" is taken by __call__
+                raise ValueError(f"long_audio must be 'error', 'truncate' or 'segment', got {long_audio!r}")
             pre["long_audio"] = long_audio
         if max_new_tokens is not None:
             fwd["max_new_tokens"] = int(max_new_tokens)
@@ -189,31 +219,58 @@ class ExplainableSerPipeline(Pipeline):
     def preprocess(self, inputs, errors: str = "raise", long_audio: str = "error"):
         name = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "<array>"
         try:
-            name, wav = _as_audio(inputs)
-            problem = audio_problem(wav, TARGET_SR)
-            if problem in _FATAL_PROBLEMS:
-                raise AudioError(f"{name}: {_FATAL_PROBLEMS[problem]}")
-            if problem == "clipping":
-                logger.warning("%s: clipped audio; descriptors (volume) may be unreliable", name)
+            name, wav = _checked_audio(inputs)
             seconds = wav.size / TARGET_SR
             if self.max_seconds and seconds > self.max_seconds + 1e-6:
                 if long_audio == "error":
                     raise AudioError(
                         f"{name}: {seconds:.1f} s is longer than the model's {self.max_seconds:g} s window; "
-                        "cut it into shorter utterances or pass long_audio='truncate' (keeps the first "
-                        f"{self.max_seconds:g} s)"
+                        "pass long_audio='segment' (--long-audio segment) to explain each speech segment, "
+                        f"or long_audio='truncate' to keep the first {self.max_seconds:g} s"
                     )
                 wav = wav[: int(self.max_seconds * TARGET_SR)]
         except AudioError as exc:
             if errors == "raise":
                 raise
             return {"name": name, "audio": None, "error": str(exc)}
-        except Exception as exc:  # decoding backends raise their own types
-            msg = f"{name}: unreadable audio ({type(exc).__name__}: {exc})"
-            if errors == "raise":
-                raise AudioError(msg) from exc
-            return {"name": name, "audio": None, "error": msg}
         return {"name": name, "audio": wav, "error": None}
+
+    # ---------------------------------------------------------------------------- long recordings
+    def __call__(self, inputs, *args, **kwargs):
+        """As ``Pipeline.__call__``; with ``long_audio="segment"`` each input is a recording, cut
+        into speech segments (:mod:`trustser.segments`), and gives a list of explanations in time
+        order, each with ``start``/``end`` in seconds (a list of inputs gives a list of lists)."""
+        if kwargs.get("long_audio") != "segment":
+            return super().__call__(inputs, *args, **kwargs)
+        kwargs.pop("long_audio")
+        single = not isinstance(inputs, (list, tuple)) and not hasattr(inputs, "__next__")
+        out = [self.explain_recording(x, **kwargs) for x in ([inputs] if single else inputs)]
+        return out[0] if single else out
+
+    def explain_recording(self, inputs, *, errors: str = "raise", batch_size: int | None = None,
+                          max_recording_seconds: float | None = None, **kwargs) -> list[dict]:
+        """Explanations of each speech segment of one recording, in time order (``start``,
+        ``end``, ``segment`` added). No speech, an over-long or unusable recording: an AudioError
+        naming it, or (``errors="record"``) a single result with ``error`` set."""
+        from .segments import MAX_RECORDING_SECONDS, check_recording_length, segment_recording
+
+        limit = max_recording_seconds or MAX_RECORDING_SECONDS
+        name = str(inputs) if isinstance(inputs, (str, os.PathLike)) else "<array>"
+        try:
+            if isinstance(inputs, (str, os.PathLike)):
+                check_recording_length(_file_seconds(inputs), name, limit)
+            name, wav = _checked_audio(inputs)
+            spans = segment_recording(wav, self.max_seconds, name=name, max_recording_seconds=limit)
+        except AudioError as exc:
+            if errors == "raise":
+                raise
+            return [{**_empty_result(name, str(exc)), "start": None, "end": None, "segment": None}]
+        pieces = [{"array": wav[int(round(a * TARGET_SR)):int(round(b * TARGET_SR))], "sampling_rate": TARGET_SR,
+                   "path": name} for a, b in spans]
+        results = super().__call__(pieces, batch_size=batch_size or 1, errors=errors, **kwargs)
+        for k, (r, (a, b)) in enumerate(zip(results, spans)):
+            r.update(start=round(a, 3), end=round(b, 3), segment=k)
+        return results
 
     def _forward(self, model_inputs, max_new_tokens: int | None = None):
         items = model_inputs["items"] if "items" in model_inputs else [model_inputs]
@@ -443,6 +500,7 @@ def explain_files(
     progress: bool | None = None,
     device=None,
     use_cem_slm: bool = True,
+    max_recording_seconds: float | None = None,
 ) -> list[dict]:
     """Explained predictions for audio files and/or directories, one dict per file, in order:
     ``file``, ``caption``, ``emotion``, ``probabilities`` ({label: p}), ``transcription``,
@@ -453,16 +511,26 @@ def explain_files(
     ``model`` is a model folder, Hub id, trustser output directory or a ready
     ``ExplainableSerPipeline``. A tqdm bar shows progress (default: on for more than one batch).
     ``use_cem_slm=False`` skips loading an output directory's pre-trained SLM for the CEM features
-    (halves memory; the explaining model's states are used instead)."""
+    (halves memory; the explaining model's states are used instead). ``long_audio="segment"``:
+    one dict per speech segment of each file (``start``, ``end``, ``segment`` added), files in
+    order, segments in time order; ``max_recording_seconds`` caps a recording's length."""
     paths = expand_audio_paths([files] if isinstance(files, (str, os.PathLike)) else files)
     pipe = model if isinstance(model, ExplainableSerPipeline) else load_explainer(
         model, cem=cem, emotion_labels=emotion_labels, device=device, use_cem_slm=use_cem_slm)
-    kwargs = {"errors": errors, "long_audio": long_audio}
+    kwargs: dict[str, Any] = {"errors": errors}
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
-    stream = pipe((p for p in paths), batch_size=batch_size, **kwargs) if paths else []
     if progress is None:
-        progress = len(paths) > batch_size
+        progress = len(paths) > batch_size or (long_audio == "segment" and len(paths) > 1)
+    if long_audio == "segment":  # one recording at a time, its segments batched
+        stream = paths
+        if progress:
+            from tqdm.auto import tqdm
+
+            stream = tqdm(paths, desc="explain", unit="recording")
+        return [r for p in stream for r in pipe(p, long_audio="segment", batch_size=batch_size,
+                                                 max_recording_seconds=max_recording_seconds, **kwargs)]
+    stream = pipe((p for p in paths), batch_size=batch_size, long_audio=long_audio, **kwargs) if paths else []
     if progress:
         from tqdm.auto import tqdm
 
@@ -470,13 +538,21 @@ def explain_files(
     return list(stream)
 
 
+def _fmt_time(t) -> str:
+    return "" if t is None else f"{t:.2f}"
+
+
 def format_table(results: Sequence[dict]) -> str:
-    """A fixed-width text table: file, emotion (probability), trust, the five descriptors (with
-    their confidence when a CEM is used), or the error."""
-    rows = [["file", "emotion", "p", "trust", *SED_FIELDS, "note"]]
+    """A fixed-width text table: file (and, for segmented recordings, start and end in seconds),
+    emotion (probability), trust, the five descriptors (with their confidence when a CEM is used),
+    or the error."""
+    timed = any(r.get("start") is not None or "segment" in r for r in results)
+    head = ["file", *(["start", "end"] if timed else []), "emotion", "p", "trust", *SED_FIELDS, "note"]
+    rows = [head]
     for r in results:
+        times = [_fmt_time(r.get("start")), _fmt_time(r.get("end"))] if timed else []
         if r.get("error"):
-            rows.append([r["file"], "ERROR", "", "", "", "", "", "", "", r["error"]])
+            rows.append([r["file"], *times, "ERROR", "", "", "", "", "", "", "", r["error"]])
             continue
         emo = r.get("emotion") or "?"
         p = r.get("probabilities") or {}
@@ -486,8 +562,8 @@ def format_table(results: Sequence[dict]) -> str:
             v = (r.get("descriptors") or {}).get(f) or "?"
             cells.append(f"{v} ({conf[f]:.2f})" if f in conf else v)
         note = f"unparsed: {', '.join(r['unparsed'])}" if r.get("unparsed") else ""
-        rows.append([r["file"], emo, f"{p[emo]:.2f}" if emo in p else "", f"{r['trust']:.2f}" if r.get("trust") is not None else "",
-                     *cells, note])
+        rows.append([r["file"], *times, emo, f"{p[emo]:.2f}" if emo in p else "",
+                     f"{r['trust']:.2f}" if r.get("trust") is not None else "", *cells, note])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 

@@ -1,6 +1,6 @@
 """Release a trained trustser system on the Hugging Face Hub: one repository holding the SER-SLM
 with its processor at the root, the CEM in ``cem/`` and the SED controller in ``controller/``,
-each with a model card generated from ``model_cards/*.md`` and the run's ``results.json``.
+each with a model card generated from ``trustser/model_cards/*.md`` (package data) and the run's ``results.json``.
 
 One repository (not three) because the parts only make sense together: the CEM reads this SLM's
 hidden states, the controller was trained against it, and the ``explainable-ser`` pipeline finds
@@ -83,13 +83,15 @@ def emotion_labels_of(results: Mapping) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # model cards
 # ------------------------------------------------------------------------------------------------
-def _template(name: str) -> Path:
-    """``model_cards/<name>`` of the source tree, or the copy packaged under ``trustser/resources``."""
-    here = Path(__file__).resolve()
-    for cand in (here.parents[2] / "model_cards" / name, here.parent / "resources" / "model_cards" / name):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"model card template {name!r} not found (looked in model_cards/ and trustser/resources/model_cards/)")
+def _template(name: str) -> str:
+    """The text of ``trustser/model_cards/<name>``, read from the installed package (a wheel ships
+    the templates as package data; a source checkout reads the same folder)."""
+    from importlib.resources import files
+
+    path = files("trustser") / "model_cards" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"model card template {name!r} not found in the trustser package ({path})")
+    return path.read_text(encoding="utf-8")
 
 
 def eval_results(results: Mapping) -> list:
@@ -172,7 +174,7 @@ def build_model_cards(artifacts: Mapping, repo_id: str, *, license: str | None =
     data = ModelCardData(model_name=name, base_model=base, pipeline_tag="audio-text-to-text",
                          eval_results=eval_results(results) or None, **common_meta)
     cards[""] = ModelCard.from_template(
-        data, template_path=str(_template("ser_slm.md")), model_name=name, repo_id=repo_id,
+        data, template_str=_template("ser_slm.md"), model_name=name, repo_id=repo_id,
         system_name=system.get("name", "?"), system_summary=summary, example_caption=example,
         has_cem=artifacts.get("cem") is not None, has_controller=artifacts.get("controller") is not None,
         emotion_labels=labels, max_seconds=max_seconds, target_corpus=corpus, test_split=settings.get("test_split", "test"),
@@ -191,7 +193,7 @@ def build_model_cards(artifacts: Mapping, repo_id: str, *, license: str | None =
             rows.append(("utterance", _fmt(ev["utterance"].get("auc")), _fmt(ev["utterance"].get("nce")), _fmt(ev["utterance"].get("ece"))))
         cdata = ModelCardData(model_name=f"{name}-cem", base_model=repo_id, **common_meta)
         cards["cem"] = ModelCard.from_template(
-            cdata, template_path=str(_template("cem.md")), model_name=name, repo_id=repo_id,
+            cdata, template_str=_template("cem.md"), model_name=name, repo_id=repo_id,
             pooling=ccfg.get("feature_pooling"), input_size=ccfg.get("input_size"), field_names=ccfg.get("field_names", SED_FIELDS),
             quality_rows=rows,
             training_summary=(f"{report.get('balanced_rows', '?')} balanced rows ({report.get('balance', '?')} balancing) "
@@ -202,7 +204,7 @@ def build_model_cards(artifacts: Mapping, repo_id: str, *, license: str | None =
         rows = [(k, _fmt(v.get("first")), _fmt(v.get("last"))) for k, v in rect.items() if isinstance(v, Mapping)]
         ddata = ModelCardData(model_name=f"{name}-sed-controller", base_model=repo_id, **common_meta)
         cards["controller"] = ModelCard.from_template(
-            ddata, template_path=str(_template("sed_controller.md")), model_name=name, repo_id=repo_id,
+            ddata, template_str=_template("sed_controller.md"), model_name=name, repo_id=repo_id,
             num_policies=settings.get("num_policies_used", system.get("num_policies")), rectification_rows=rows,
         )
     return cards

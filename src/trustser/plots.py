@@ -1,4 +1,5 @@
-"""Report figures: the confusion matrix and the t-SNE of last hidden states (the paper's Figure 2)."""
+"""Report figures: the confusion matrix, the t-SNE of last hidden states (the paper's Figure 2) and the
+emotion/descriptor timeline of a segmented recording."""
 
 from __future__ import annotations
 
@@ -133,6 +134,50 @@ def plot_rectification(log_history: Sequence[dict], path: str | Path, *, title: 
     a2.set_ylabel("modify rate")
     a2.legend(fontsize=8)
     fig.suptitle(title)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_timeline(segments: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
+    """The emotion and descriptor timeline of one segmented recording (``long_audio="segment"``
+    results): one row for the emotion and one per descriptor, each segment a box from its start
+    to its end, coloured by value and as opaque as the model is sure (the emotion's probability,
+    the descriptor's CEM confidence; full when unknown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .descriptors import SED_FIELDS
+
+    segs = [s for s in segments if s.get("start") is not None and not s.get("error")]
+    if not segs:
+        raise ValueError(f"{path}: no explained segment to plot")
+    rows = ["emotion", *SED_FIELDS]
+    cmap = plt.get_cmap("tab10")
+    colours: dict[tuple[str, str], tuple] = {}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * segs[-1]["end"] + 2), 0.55 * len(rows) + 1.2))
+    for y, row in enumerate(rows):
+        for s in segs:
+            if row == "emotion":
+                value, sure = s.get("emotion"), (s.get("probabilities") or {}).get(s.get("emotion"))
+            else:
+                value, sure = (s.get("descriptors") or {}).get(row), (s.get("confidence") or {}).get(row)
+            value = value or "?"
+            key = (row, value)
+            if key not in colours:
+                colours[key] = cmap(sum(1 for k in colours if k[0] == row) % 10)
+            alpha = 0.25 + 0.75 * (1.0 if sure is None else float(sure))
+            ax.barh(y, s["end"] - s["start"], left=s["start"], height=0.8, color=colours[key], alpha=alpha,
+                    edgecolor="black", linewidth=0.5)
+            ax.text((s["start"] + s["end"]) / 2, y, value if sure is None else f"{value}\n{sure:.2f}",
+                    ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.invert_yaxis()
+    ax.set_xlim(0, segs[-1]["end"] + 0.2)
+    ax.set_xlabel("time (s)")
+    ax.set_title(title)
     out = _save(fig, path)
     plt.close(fig)
     return out
