@@ -243,7 +243,7 @@ def packed_attention_mask(segments: torch.Tensor, implementation: str, dtype: to
     length = segments.shape[1]
     ar = torch.arange(length, device=segments.device)
     sq, sk = segments[:, :, None], segments[:, None, :]
-    allowed = (ar[None, :] <= ar[:, None]) & (sk >= 0) & ((sk == 0) | (sk == sq))
+    allowed = (ar[None, :] <= ar[:, None]) & (sq >= 0) & (sk >= 0) & ((sk == 0) | (sk == sq))
     allowed = (allowed | torch.eye(length, dtype=torch.bool, device=segments.device))[:, None]
     if implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
