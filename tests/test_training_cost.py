@@ -260,3 +260,51 @@ def test_unsupported_attention_falls_back_with_a_warning(tiny, rows, tmp_path):
     with pytest.warns(UserWarning, match="sliding window"):
         assert t2._pack(rect2, 6) is None
     assert _rectify_trainer(tiny, rows, tmp_path / "off", shared_prefix=False)._pack(rect2, 6) is None
+
+
+# ------------------------------------------------------------------------------------------------ data loading
+@pytest.mark.parametrize("rectify", [False, True])
+def test_data_loader_workers_give_the_batches_of_zero_workers(rows, tmp_path, rectify):
+    """Decoding, resampling, Praat F0 and the channel augmentation in 2 worker processes: the
+    batches equal those of 0 workers (augmentation draws keyed by epoch and utterance)."""
+    import datasets
+
+    from trustser.models.ser_slm import build_tiny_ser_slm
+
+    model, proc = build_tiny_ser_slm(TEXTS, emotion_labels=EMOTIONS, max_audio_seconds=2.0, lm_hidden=32, encoder_dim=32,
+                                     vocab_size=400, sed_f0_stream=True, seed=0)
+    data = [dict(r, id=f"{r['id']}-{j}", audio={"array": np.asarray(r["audio"]["array"])[::2].repeat(2), "sampling_rate": 22050})
+            for j in range(2) for r in rows]  # 22.05 kHz: resampled in the collator
+    ds = datasets.Dataset.from_list(data)
+
+    def batches(workers):
+        common = dict(output_dir=str(tmp_path / str(workers)), use_cpu=True, per_device_train_batch_size=2, seed=0,
+                      dataloader_num_workers=workers, report_to="none")
+        if rectify:
+            t = SEDRectifyTrainer(model, args=SEDRectifyConfig(**common, controller_n_mels=16), train_dataset=ds, processing_class=proc)
+        else:
+            t = SerSlmSFTTrainer(model, args=SerSlmSFTConfig(**common, channel_augmentation=1.0), train_dataset=ds, processing_class=proc)
+        t.data_collator.epoch = 1
+        torch.manual_seed(0)  # the sampler's order
+        return list(t.get_train_dataloader()), t
+
+    zero, t0 = batches(0)
+    two, _ = batches(2)
+    assert len(zero) == len(two) == 4
+    for a, b in zip(zero, two):
+        assert a.keys() == b.keys() and "f0" in a
+        for key in a:
+            assert (torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]), key
+    if not rectify:  # another epoch, other channels; the trainer's callback sets the epoch
+        from transformers import TrainerState
+
+        t0.callback_handler.on_epoch_begin(t0.args, TrainerState(epoch=2.0), t0.control)
+        assert t0.data_collator.epoch == 2
+        again = t0.data_collator([data[0], data[1]])
+        t0.data_collator.epoch = 1
+        first = t0.data_collator([data[0], data[1]])
+        assert not torch.equal(again["input_features"], first["input_features"])
+        with pytest.raises(ValueError, match="persistent"):
+            SerSlmSFTTrainer(model, args=SerSlmSFTConfig(output_dir=str(tmp_path / "p"), use_cpu=True, channel_augmentation=0.5,
+                                                         dataloader_num_workers=2, dataloader_persistent_workers=True),
+                             train_dataset=ds, processing_class=proc)

@@ -12,11 +12,13 @@ import dataclasses
 import logging
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from ..models.ser_slm.modeling_ser_slm import weighted_auxiliary_loss
@@ -185,6 +187,26 @@ def caption_token_nll(model, inputs: Mapping[str, torch.Tensor], audio_embeds: t
     return nll, target != -100, emo, out
 
 
+def utterance_key(row: Mapping, wav: np.ndarray) -> int:
+    """A stable integer for an utterance: its row id, or its samples where it has none."""
+    rid = row.get("id")
+    data = str(rid).encode() if rid is not None else np.ascontiguousarray(wav, dtype=np.float32).tobytes()
+    return zlib.crc32(data)
+
+
+class _CollatorEpoch(TrainerCallback):
+    """Tells the training collator the epoch before each epoch's data-loader workers start."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        collator = self.trainer.data_collator
+        if hasattr(collator, "epoch"):
+            collator.epoch = int((state.epoch or 0.0) + 1e-6)
+        return control
+
+
 @dataclass
 class SerSlmDataCollator:
     """Corpus rows -> padded SER-SLM inputs with labels on the caption tokens only.
@@ -198,11 +220,14 @@ class SerSlmDataCollator:
     with_sed: bool = True
     audio_column: str = "audio"
     caption_column: str | None = None
-    augmentation: Any = None  # callable(wav) -> wav applied to each decoded waveform (training only)
+    augmentation: Any = None  # callable(wav, key=(epoch, utterance)) -> wav, e.g. ChannelAugmentation (training only)
     aux_labels: bool = False  # also return the auxiliary-loss targets (sed_labels, ctc_labels) of the rows
     # F0 streams by row id: Praat is the costliest part of collating (~60 ms per batch of 8), and an
     # utterance's F0 does not change between epochs (taken before augmentation: a channel barely moves it)
     max_cached_f0: int = 200_000
+    # the augmentation draws of an utterance are keyed by (epoch, utterance), not by the order of the
+    # calls, so data-loader workers give the batches 0 workers give; the trainer sets the epoch
+    epoch: int = 0
     _f0_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -232,7 +257,7 @@ class SerSlmDataCollator:
         audio = [decode_audio(f[self.audio_column], f.get("id", "?")) for f in features]
         f0_tracks = self._f0_tracks(features, audio)
         if self.augmentation is not None:
-            audio = [self.augmentation(a) for a in audio]
+            audio = [self.augmentation(a, key=(self.epoch, utterance_key(f, a))) for f, a in zip(features, audio)]
         batch = dict(self.processor(audio=audio, captions=self.captions(features), sampling_rate=TARGET_SR,
                                     with_sed=self.with_sed, f0_tracks=f0_tracks))
         if self.aux_labels and self.caption_column is None:
@@ -307,7 +332,12 @@ class SerSlmSFTTrainer(SFTTrainer):
                 processing_class, sed_source=getattr(args, "sed_source", "truth"), with_sed=getattr(args, "with_sed", True),
                 augmentation=augmentation, aux_labels=aux,
             )
+        if (getattr(data_collator, "augmentation", None) is not None and args.dataloader_num_workers > 0
+                and args.dataloader_persistent_workers):
+            raise ValueError("channel augmentation with dataloader_persistent_workers=True: persistent workers would not "
+                             "see the epoch that keys the augmentation draws; use non-persistent workers")
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        self.add_callback(_CollatorEpoch(self))
 
     def _without_augmentation(self, build, *args, **kwargs):
         """Runs a dataloader builder with the collator's augmentation switched off (evaluation data
