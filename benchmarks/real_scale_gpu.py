@@ -191,7 +191,7 @@ def run_arm(build_arm, b, reps):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, reps)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None
     return seconds, peak, tokens, ps
 
 
@@ -218,7 +218,7 @@ def fill_batch(build_arm, args):
 def _arm_record(b, run):
     seconds, peak, tokens, _ = run
     return {"batch_size": b, "step_s": round(seconds, 4), "utterances_per_s": round(b / seconds, 2),
-            "peak_gib": round(peak, 2), "llm_tokens_per_step": int(tokens)}
+            "peak_gib": round(peak, 2) if peak is not None else None, "llm_tokens_per_step": int(tokens)}
 
 
 def main():

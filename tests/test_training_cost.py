@@ -26,8 +26,7 @@ from trustser.trainers.rectify import (
 from trustser.trainers.rectify_config import SEDRectifyConfig
 from trustser.trainers.sft import MODEL_INPUTS, SerSlmSFTConfig, SerSlmSFTTrainer
 
-EMOTIONS = ["neutral", "happy", "angry", "sad"]
-TEXTS = ["hello there my friend", "the cat sat on the mat", "I can not believe it", "what a lovely day"]
+from ser_slm_fixtures import LABELS, TEXTS, make_rows
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +34,13 @@ def tiny():
     from trustser.models.ser_slm import build_tiny_ser_slm
 
     torch.set_num_threads(2)
-    return build_tiny_ser_slm(TEXTS, emotion_labels=EMOTIONS, max_audio_seconds=2.0, lm_hidden=64, encoder_dim=64,
+    return build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, max_audio_seconds=2.0, lm_hidden=64, encoder_dim=64,
                               vocab_size=400, aux_sed_loss_weight=0.5, seed=0)
 
 
 @pytest.fixture(scope="module")
 def rows():
-    rng = np.random.default_rng(0)
-    return [dict(
-        id=f"u{i}", audio={"array": (0.1 * rng.standard_normal(9000 + 2500 * i)).astype(np.float32), "sampling_rate": 16000},
-        text=TEXTS[i % 4], emotion=EMOTIONS[i % 4], speaker="s", gender="male", pitch="low", volume="normal", speed="fast",
-        age="elderly", pitch_auto="normal", volume_auto="normal", speed_auto="fast", gender_auto="male", age_auto="middle-aged",
-    ) for i in range(4)]
+    return make_rows(4)  # 1 to 1.75 s: prefixes of different lengths
 
 
 def _grads(model):
@@ -151,8 +145,8 @@ def _compare(model, batch, rect, packed, k, impl):
     _assert_grads_close(got[2], ref[2])
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("k", [1, 2, 6])
+@pytest.mark.parametrize("k,impl", [(1, "sdpa"), (2, "sdpa"), (6, "sdpa"), (6, "eager"),
+                                    pytest.param(1, "eager", marks=pytest.mark.slow), pytest.param(2, "eager", marks=pytest.mark.slow)])
 def test_packed_equals_unpacked(tiny, rows, k, impl):
     model = copy.deepcopy(tiny[0])
     model.set_attn_implementation(impl)
@@ -168,7 +162,7 @@ def test_packed_equals_unpacked(tiny, rows, k, impl):
     _compare(model, batch, rect, packed, k, impl)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", pytest.param("eager", marks=pytest.mark.slow)])
 def test_packed_equals_unpacked_with_lora_and_gradient_checkpointing(tiny, rows, impl):
     from peft import get_peft_model
 
@@ -271,7 +265,7 @@ def test_data_loader_workers_give_the_batches_of_zero_workers(rows, tmp_path, re
 
     from trustser.models.ser_slm import build_tiny_ser_slm
 
-    model, proc = build_tiny_ser_slm(TEXTS, emotion_labels=EMOTIONS, max_audio_seconds=2.0, lm_hidden=32, encoder_dim=32,
+    model, proc = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, max_audio_seconds=2.0, lm_hidden=32, encoder_dim=32,
                                      vocab_size=400, sed_f0_stream=True, seed=0)
     data = [dict(r, id=f"{r['id']}-{j}", audio={"array": np.asarray(r["audio"]["array"])[::2].repeat(2), "sampling_rate": 22050})
             for j in range(2) for r in rows]  # 22.05 kHz: resampled in the collator
