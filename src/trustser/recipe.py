@@ -64,7 +64,7 @@ def _training_args(cfg: RecipeConfig, output_dir: Path, *, max_steps: int, epoch
         save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        dataloader_num_workers=0,
+        dataloader_num_workers=cfg.dataloader_num_workers,
         disable_tqdm=False,
         **extra,
     )

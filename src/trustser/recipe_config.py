@@ -51,6 +51,7 @@ class RecipeConfig:
     # ---- post-training
     posttrain_max_steps: int = field(default=200, metadata={"help": "Domain post-training steps (the paper: 20k)."})
     posttrain_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for post-training (all systems; chosen on the synthetic dev split, the real configs set 1e-4)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loader worker processes of the training stages: per-utterance decoding, resampling and Praat F0 run there instead of on the training process (batches identical to 0 workers)."})
     cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process on a machine without an accelerator (0: the cores divided among the processes; `accelerate launch` alone would set 1)."})
     annotation_num_proc: int | None = field(default=None, metadata={"help": "Processes for annotation feature extraction (None: all cores)."})
     num_policies: int | None = field(default=None, metadata={"help": "Override the system's K (policies per utterance)."})

@@ -23,7 +23,9 @@ class ChannelAugmentation:
     random low cut in ``low_cut_hz`` and high cut in ``high_cut_hz`` (each applied with
     ``band_probability``), then white noise at a random level in ``noise_dbfs`` (applied with
     ``noise_probability``); the RMS level of the input is kept. Draws come from one generator seeded
-    by ``seed``, so a run is reproducible (a resumed run draws afresh)."""
+    by ``seed``, so a run is reproducible (a resumed run draws afresh); or, with ``key``, from a
+    generator seeded by ``(seed, *key)`` (what the training collator uses: epoch and utterance), so
+    that the result does not depend on which data-loader worker augments the utterance, or when."""
 
     probability: float = 0.5
     low_cut_hz: tuple[float, float] = (60.0, 300.0)
@@ -47,8 +49,8 @@ class ChannelAugmentation:
             )
         self._rng = np.random.default_rng(self.seed)
 
-    def __call__(self, wav: np.ndarray) -> np.ndarray:
-        rng = self._rng
+    def __call__(self, wav: np.ndarray, key=None) -> np.ndarray:
+        rng = self._rng if key is None else np.random.default_rng([int(self.seed), *(int(k) for k in key)])
         if rng.random() >= self.probability:
             return wav
         x = np.asarray(wav, dtype=np.float64)

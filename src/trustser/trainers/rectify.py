@@ -8,9 +8,12 @@ One optimizer step t of the SER-SLM, alternating with the SED Controller:
      computed right after the SLM's optimizer step, with ``"reuse_forward"`` from the loss forward;
   4. controller update with the clipped new/old ratio objective (+ optional entropy bonus).
 
-Speed: the speech encoder runs once per utterance (its embeddings are ``repeat_interleave``-d K
-times), the K*B rectified captions go through the LLM as one batch, logits are computed only from
-the first caption position on, and with ``reuse_forward`` the reward comes from the loss logits.
+Speed: the speech encoder runs once per utterance; with ``shared_prefix`` (default) each
+utterance's audio + prompt prefix goes through the LLM once, its K captions packed behind it in one
+row (block attention mask, positions restarting after the prefix: P + K*S tokens instead of
+K*(P + S)), otherwise the K*B captions go as one batch of full rows (encoder embeddings
+``repeat_interleave``-d); logits are computed only from the first caption position on, and with
+``reuse_forward`` the reward comes from the loss logits.
 
 Distributed: the controller is a plain fp32 module with its own Adam (never ``accelerator.prepare``-d,
 which DeepSpeed/FSDP refuse for a second model); its gradients are averaged over processes with
@@ -20,8 +23,10 @@ safetensors + JSON) and each process' policy-sampling generator state.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -45,7 +50,7 @@ from ..models.sed_controller import (
 )
 from ..utils import TARGET_SR, AudioError, atomic_directory, atomic_write_json
 from .rectify_config import SEDRectifyConfig
-from .sft import SED_SOURCES, SerSlmDataCollator, SerSlmSFTTrainer, decode_audio, read_rows
+from .sft import SED_SOURCES, SerSlmDataCollator, SerSlmSFTTrainer, caption_token_nll, decode_audio, read_rows
 
 CONTROLLER_DIR = "controller"
 CONTROLLER_OPTIMIZER = "controller_optimizer"
@@ -157,37 +162,124 @@ def audio_inputs_of(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {key: batch[key] for key in AUDIO_INPUTS if batch.get(key) is not None}
 
 
-def caption_token_nll(model, inputs: Mapping[str, torch.Tensor], audio_embeds: torch.Tensor | None = None, *,
-                      audio_inputs: Mapping[str, torch.Tensor] | None = None, audio_repeats: int = 1):
-    """Per-token NLL (N, T') of the caption tokens, logits only from the first caption position on
-    (the audio prefix needs no LM head). Audio either as precomputed ``audio_embeds`` (N rows) or as
-    the B utterances' ``audio_inputs`` encoded inside the model's forward and repeated
-    ``audio_repeats`` = N / B times (what the trainer uses: wrappers such as FSDP only gather the
-    weights for a forward of the wrapped model). Returns (nll, valid mask, emotion mask, outputs)."""
-    ids = inputs["input_ids"]
-    length = ids.shape[1]
-    first = int(inputs["first_label"])
-    keep = length - first + 1  # logits at positions first-1 .. L-1
-    audio = {"audio_embeds": audio_embeds} if audio_embeds is not None else {**(audio_inputs or {}), "audio_repeats": audio_repeats}
-    out = model(
-        input_ids=ids,
-        attention_mask=inputs["attention_mask"],
-        use_cache=False,
-        logits_to_keep=keep,
-        **audio,
-    )
-    logits = out.logits[:, :-1]
-    target = inputs["labels"][:, length - keep + 1 :]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
-    nll = nll.view(target.shape)
-    return nll, target != -100, inputs["emotion_token_mask"][:, length - keep + 1 :], out
-
-
 def emotion_cross_entropy(nll: torch.Tensor, emotion_mask: torch.Tensor) -> torch.Tensor:
     """(N,) mean NLL over each row's emotion tokens (all other label tokens masked); NaN if none."""
     m = emotion_mask.to(nll.dtype)
     count = m.sum(1)
     return torch.where(count > 0, (nll * m).sum(1) / count.clamp(min=1), torch.full_like(count, float("nan")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared-prefix packing of the K rectified captions
+# ------------------------------------------------------------------------------------------------
+PACKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def pack_rectified_captions(rect: Mapping[str, torch.Tensor], repeats: int) -> dict[str, torch.Tensor]:
+    """The K*B rows of ``rectified_caption_inputs`` as B packed rows: utterance b's audio + prompt
+    prefix once, then its K captions one after the other. ``segments`` (B, L) says what each
+    position is (0 = prefix, j + 1 = caption j, -1 = padding; ``packed_attention_mask`` lets a
+    caption attend to the prefix and to itself only) and ``position_ids`` restart after the prefix
+    for every caption, so each caption sees exactly what its own unpacked row would. The LLM then
+    processes P + K*S tokens per utterance instead of K*(P + S).
+
+    Per caption (N = K*B rows, caption-relative columns): ``caption_row`` (N,) packed row,
+    ``caption_predictor`` (N, S) the position whose logits predict each caption token (the prefix's
+    last position for the first token, shared by the K captions), ``caption_targets``,
+    ``caption_valid``, ``emotion_token_mask``; ``first_predictor``: the earliest predictor position
+    (the LM head runs from there on)."""
+    ids, mask, labels, emo = (rect[k].detach().cpu() for k in ("input_ids", "attention_mask", "labels", "emotion_token_mask"))
+    n = ids.shape[0]
+    if n % repeats:
+        raise ValueError(f"{n} rectified rows are not a multiple of {repeats} policies")
+    b_count = n // repeats
+    starts = (labels != -100).long().argmax(1).tolist()
+    ends = mask.sum(1).tolist()
+    prefix = [starts[b * repeats] for b in range(b_count)]
+    cap_len = [ends[i] - starts[i] for i in range(n)]
+    if any(starts[i] != prefix[i // repeats] for i in range(n)) or min(prefix) < 1:
+        raise ValueError("the K rectified rows of an utterance must share one non-empty prompt")
+    row_len = [prefix[b] + sum(cap_len[b * repeats:(b + 1) * repeats]) for b in range(b_count)]
+    length, s_max = max(row_len), max(cap_len)
+    pad_id = int(ids[0, ends[0] - 1])  # a caption's EOS: any token but an audio placeholder will do
+    out_ids = torch.full((b_count, length), pad_id, dtype=torch.long)
+    segments = torch.full((b_count, length), -1, dtype=torch.long)
+    positions = torch.zeros((b_count, length), dtype=torch.long)
+    predictor = torch.zeros((n, s_max), dtype=torch.long)
+    targets = torch.full((n, s_max), -100, dtype=torch.long)
+    emo_out = torch.zeros((n, s_max), dtype=torch.bool)
+    for b in range(b_count):
+        p = prefix[b]
+        out_ids[b, :p] = ids[b * repeats, :p]
+        segments[b, :p] = 0
+        positions[b, :p] = torch.arange(p)
+        off = p
+        for j in range(repeats):
+            i = b * repeats + j
+            s = cap_len[i]
+            out_ids[b, off:off + s] = ids[i, p:p + s]
+            segments[b, off:off + s] = j + 1
+            positions[b, off:off + s] = torch.arange(p, p + s)
+            predictor[i, 0] = p - 1
+            predictor[i, 1:s] = torch.arange(off, off + s - 1)
+            targets[i, :s] = labels[i, p:p + s]
+            emo_out[i, :s] = emo[i, p:p + s]
+            off += s
+    first = min(prefix) - 1
+    dev = rect["input_ids"].device
+    return {
+        "input_ids": out_ids.to(dev), "segments": segments.to(dev), "position_ids": positions.to(dev),
+        "caption_row": (torch.arange(n) // repeats).to(dev), "caption_predictor": predictor.to(dev),
+        "caption_targets": targets.to(dev), "caption_valid": (targets != -100).to(dev),
+        "emotion_token_mask": emo_out.to(dev), "first_predictor": torch.tensor(first),
+    }
+
+
+def packed_attention_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 1, L, L) mask of packed rows (``segments`` from ``pack_rectified_captions``): causal, and
+    a caption's tokens see the prefix and their own caption only. Boolean (True = attend) for
+    ``sdpa``, additive (0 / dtype min) for ``eager``; a padding position sees itself only, so no
+    row is fully masked."""
+    length = segments.shape[1]
+    ar = torch.arange(length, device=segments.device)
+    sq, sk = segments[:, :, None], segments[:, None, :]
+    allowed = (ar[None, :] <= ar[:, None]) & (sq >= 0) & (sk >= 0) & ((sk == 0) | (sk == sq))
+    allowed = (allowed | torch.eye(length, dtype=torch.bool, device=segments.device))[:, None]
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if implementation == "sdpa":
+        return allowed
+    raise ValueError(f"packed rows need the 'sdpa' or 'eager' attention implementation, not {implementation!r}")
+
+
+def packed_caption_token_nll(model, packed: Mapping[str, torch.Tensor], *, audio_inputs: Mapping[str, torch.Tensor],
+                             attn_implementation: str, dtype: torch.dtype = torch.float32, from_predictor: int | None = None):
+    """``caption_token_nll`` of packed rows: one LLM forward over the B packed rows (the encoder
+    once per utterance), the LM head from ``first_predictor`` (or ``from_predictor``) on, and the
+    NLL of every caption token read off its predictor's logits. Returns (nll (N, S), valid mask,
+    emotion mask, outputs) in caption-relative columns, equal to the unpacked path's up to float
+    rounding."""
+    ids = packed["input_ids"]
+    length = ids.shape[1]
+    first = int(packed["first_predictor"]) if from_predictor is None else int(from_predictor)
+    keep = length - first
+    out = model(
+        input_ids=ids,
+        attention_mask=packed_attention_mask(packed["segments"], attn_implementation, dtype),
+        position_ids=packed["position_ids"],
+        use_cache=False,
+        logits_to_keep=keep,
+        **audio_inputs,
+    )
+    logits = out.logits.float()  # (B, keep, V)
+    valid = packed["caption_valid"]
+    if from_predictor is not None:
+        valid = valid & (packed["caption_predictor"] >= first)
+    rows = packed["caption_row"][:, None].expand_as(valid)
+    pos = (packed["caption_predictor"] - first).clamp(min=0)
+    tok = packed["caption_targets"].clamp(min=0)
+    nll = (logits.logsumexp(-1)[rows, pos] - logits[rows, pos, tok]) * valid
+    return nll, valid, packed["emotion_token_mask"] & valid, out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,6 +404,54 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         captions = self.processing_class.build_captions(rows, with_sed=True)
         return sample, captions, feats, fmask
 
+    # ---------------------------------------------------------------------------- shared prefix
+    def _language_model(self):
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        return getattr(getattr(model, "model", None), "language_model", None)
+
+    def _shared_prefix_reason(self) -> str | None:
+        """Why the K captions cannot be packed behind one shared prefix with this model (None: they can)."""
+        lm = self._language_model()
+        if lm is None:
+            return "the model has no model.language_model (not a SerSlmForConditionalGeneration)"
+        impl = getattr(lm.config, "_attn_implementation", None)
+        if impl not in PACKABLE_ATTENTION:
+            return f"the LLM's attention implementation is {impl!r} (packing needs one of {PACKABLE_ATTENTION})"
+        if "position_ids" not in inspect.signature(lm.forward).parameters:
+            return f"{type(lm).__name__}.forward takes no position_ids"
+        return None
+
+    def _pack(self, rect: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor] | None:
+        """The packed layout of ``rect`` when ``args.shared_prefix`` is on and the LLM can take it
+        (else None: the K*B unpacked rows, with a warning the first time)."""
+        if not self.args.shared_prefix or k < 2:  # one caption: nothing to share
+            return None
+        if not hasattr(self, "_packing_blocked"):
+            self._packing_blocked = self._shared_prefix_reason()
+            if self._packing_blocked:
+                warnings.warn(f"shared_prefix: {self._packing_blocked}; the K rectified captions go through the LLM "
+                              "as K full rows instead", stacklevel=3)
+        if self._packing_blocked:
+            return None
+        packed = pack_rectified_captions(rect, k)
+        window = getattr(self._language_model().config, "sliding_window", None)
+        if isinstance(window, int) and packed["input_ids"].shape[1] > window:
+            if not getattr(self, "_warned_window", False):
+                warnings.warn(f"shared_prefix: a packed row ({packed['input_ids'].shape[1]} tokens) is longer than the "
+                              f"LLM's sliding window ({window}); such batches go through unpacked", stacklevel=3)
+                self._warned_window = True
+            return None
+        return packed
+
+    def _packed_nll(self, model, packed, audio_inputs, from_predictor: int | None = None):
+        lm = self._language_model()
+        return packed_caption_token_nll(
+            model, packed, audio_inputs=audio_inputs, attn_implementation=lm.config._attn_implementation,
+            dtype=lm.get_input_embeddings().weight.dtype, from_predictor=from_predictor,
+        )
+
     # ---------------------------------------------------------------------------- SLM step
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.model.training or "rectify_sed_ids" not in inputs:
@@ -323,7 +463,11 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         sample, captions, feats, fmask = self._sample(inputs, k, force_retain=warm)
         rect = rectified_caption_inputs(self.processing_class, inputs["input_ids"], inputs["labels"], captions, k)
 
-        nll, valid, emo_mask, outputs = caption_token_nll(model, rect, audio_inputs=audio_inputs_of(inputs), audio_repeats=k)
+        packed = self._pack(rect, k)
+        if packed is not None:
+            nll, valid, emo_mask, outputs = self._packed_nll(model, packed, audio_inputs_of(inputs))
+        else:
+            nll, valid, emo_mask, outputs = caption_token_nll(model, rect, audio_inputs=audio_inputs_of(inputs), audio_repeats=k)
         kl = outputs.kl_loss
         n_tokens = valid.sum()
         denom = num_items_in_batch * k if num_items_in_batch is not None else n_tokens
@@ -348,6 +492,7 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                 else:  # recomputed after the optimizer step: keep what the forward needs
                     record["slm_inputs"] = audio_inputs_of(inputs)
                     record["rect"] = rect
+                    record["packed"] = packed
                 self._pending.append(record)
             self._log_metrics(inputs, sample, nll, valid, emo_ce, kl)
         return (loss, outputs) if return_outputs else loss
@@ -382,6 +527,12 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         model.eval()
         try:
             k = record["actions"].shape[1]
+            packed = record.get("packed")
+            if packed is not None:  # the LM head from the earliest emotion word's predictor on
+                emo = packed["emotion_token_mask"]
+                start = int(packed["caption_predictor"][emo].min()) if bool(emo.any(1).all()) else None
+                nll, _, emo_mask, _ = self._packed_nll(model, packed, record["slm_inputs"], from_predictor=start)
+                return -emotion_cross_entropy(nll, emo_mask).view(-1, k)
             rect = dict(record["rect"])
             emo = rect["emotion_token_mask"]
             if bool(emo.any(1).all()):  # the LM head is needed only from the emotion word on
@@ -566,6 +717,9 @@ __all__ = [
     "rectified_caption_inputs",
     "caption_token_nll",
     "emotion_cross_entropy",
+    "pack_rectified_captions",
+    "packed_attention_mask",
+    "packed_caption_token_nll",
     "save_optimizer_state",
     "load_optimizer_state",
 ]

@@ -29,6 +29,14 @@ class SEDRectifyConfig(SerSlmSFTConfig):
             "loss forward, before the update (no extra forward)."
         },
     )
+    shared_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "pack each utterance's K rectified captions behind one copy of its audio + prompt prefix (one LLM "
+            "row with a block attention mask and positions restarting after the prefix: P + K*S tokens instead of "
+            "K*(P + S)); needs the 'sdpa' or 'eager' attention implementation, otherwise K full rows with a warning."
+        },
+    )
     controller_name_or_path: str | None = field(
         default=None, metadata={"help": "saved SedController to start from; default: a new one built from the fields below."}
     )

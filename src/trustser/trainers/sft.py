@@ -12,11 +12,13 @@ import dataclasses
 import logging
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from ..models.ser_slm.modeling_ser_slm import weighted_auxiliary_loss
@@ -148,6 +150,63 @@ def last_complete_checkpoint(output_dir) -> str | None:
     return plain[0] if plain else None
 
 
+def first_caption_position(labels: torch.Tensor) -> int:
+    """The earliest position of a caption label (``labels`` != -100) over the batch's rows; 0 when
+    a row has none."""
+    has = labels != -100
+    return int(has.long().argmax(1).min()) if bool(has.any(1).all()) else 0
+
+
+def caption_token_nll(model, inputs: Mapping[str, torch.Tensor], audio_embeds: torch.Tensor | None = None, *,
+                      audio_inputs: Mapping[str, torch.Tensor] | None = None, audio_repeats: int = 1,
+                      return_logits: bool = False, **model_kwargs):
+    """Per-token NLL (N, T') of the caption tokens, the one place where the caption loss is taken
+    (SFT and rectification). The LM head runs only from the first caption position on (the audio
+    prefix needs none; ``inputs["first_label"]`` or the first label of ``inputs["labels"]``). Audio
+    either as precomputed ``audio_embeds`` (N rows) or as the B utterances' ``audio_inputs`` (and any
+    other model inputs, ``model_kwargs``) encoded inside the model's forward and repeated
+    ``audio_repeats`` = N / B times (wrappers such as FSDP only gather the weights for a forward of
+    the wrapped model). Returns (nll, valid mask, emotion mask or None, outputs), plus the kept
+    logits and their targets with ``return_logits``."""
+    ids = inputs["input_ids"]
+    labels = inputs["labels"]
+    length = ids.shape[1]
+    first = int(inputs["first_label"]) if inputs.get("first_label") is not None else first_caption_position(labels)
+    first = max(first, 1)
+    keep = length - first + 1  # logits at positions first-1 .. L-1
+    audio = {"audio_embeds": audio_embeds} if audio_embeds is not None else {**(audio_inputs or {}), "audio_repeats": audio_repeats}
+    out = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False, logits_to_keep=keep, **audio, **model_kwargs)
+    logits = out.logits[:, :-1]
+    target = labels[:, length - keep + 1 :]
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
+    nll = nll.view(target.shape)
+    emo = inputs.get("emotion_token_mask")
+    emo = emo[:, length - keep + 1 :] if emo is not None else None
+    if return_logits:
+        return nll, target != -100, emo, out, logits, target
+    return nll, target != -100, emo, out
+
+
+def utterance_key(row: Mapping, wav: np.ndarray) -> int:
+    """A stable integer for an utterance: its row id, or its samples where it has none."""
+    rid = row.get("id")
+    data = str(rid).encode() if rid is not None else np.ascontiguousarray(wav, dtype=np.float32).tobytes()
+    return zlib.crc32(data)
+
+
+class _CollatorEpoch(TrainerCallback):
+    """Tells the training collator the epoch before each epoch's data-loader workers start."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        collator = self.trainer.data_collator
+        if hasattr(collator, "epoch"):
+            collator.epoch = int((state.epoch or 0.0) + 1e-6)
+        return control
+
+
 @dataclass
 class SerSlmDataCollator:
     """Corpus rows -> padded SER-SLM inputs with labels on the caption tokens only.
@@ -161,11 +220,14 @@ class SerSlmDataCollator:
     with_sed: bool = True
     audio_column: str = "audio"
     caption_column: str | None = None
-    augmentation: Any = None  # callable(wav) -> wav applied to each decoded waveform (training only)
+    augmentation: Any = None  # callable(wav, key=(epoch, utterance)) -> wav, e.g. ChannelAugmentation (training only)
     aux_labels: bool = False  # also return the auxiliary-loss targets (sed_labels, ctc_labels) of the rows
     # F0 streams by row id: Praat is the costliest part of collating (~60 ms per batch of 8), and an
     # utterance's F0 does not change between epochs (taken before augmentation: a channel barely moves it)
     max_cached_f0: int = 200_000
+    # the augmentation draws of an utterance are keyed by (epoch, utterance), not by the order of the
+    # calls, so data-loader workers give the batches 0 workers give; the trainer sets the epoch
+    epoch: int = 0
     _f0_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -195,7 +257,7 @@ class SerSlmDataCollator:
         audio = [decode_audio(f[self.audio_column], f.get("id", "?")) for f in features]
         f0_tracks = self._f0_tracks(features, audio)
         if self.augmentation is not None:
-            audio = [self.augmentation(a) for a in audio]
+            audio = [self.augmentation(a, key=(self.epoch, utterance_key(f, a))) for f, a in zip(features, audio)]
         batch = dict(self.processor(audio=audio, captions=self.captions(features), sampling_rate=TARGET_SR,
                                     with_sed=self.with_sed, f0_tracks=f0_tracks))
         if self.aux_labels and self.caption_column is None:
@@ -270,7 +332,12 @@ class SerSlmSFTTrainer(SFTTrainer):
                 processing_class, sed_source=getattr(args, "sed_source", "truth"), with_sed=getattr(args, "with_sed", True),
                 augmentation=augmentation, aux_labels=aux,
             )
+        if (getattr(data_collator, "augmentation", None) is not None and args.dataloader_num_workers > 0
+                and args.dataloader_persistent_workers):
+            raise ValueError("channel augmentation with dataloader_persistent_workers=True: persistent workers would not "
+                             "see the epoch that keys the augmentation draws; use non-persistent workers")
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        self.add_callback(_CollatorEpoch(self))
 
     def _without_augmentation(self, build, *args, **kwargs):
         """Runs a dataloader builder with the collator's augmentation switched off (evaluation data
@@ -292,16 +359,11 @@ class SerSlmSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        model_inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
-        model_inputs["use_cache"] = False
-        outputs = model(**model_inputs)
-        labels = model_inputs["labels"]
-        shift_labels = labels[:, 1:]
-        valid = shift_labels != -100
+        # no labels to the model (it would compute a second, full-sequence loss): the caption NLL is
+        # taken once, with the LM head only from the first caption position on
+        extra = {k: v for k, v in inputs.items() if k in MODEL_INPUTS and k not in ("input_ids", "attention_mask", "labels")}
+        nll, valid, _, outputs, logits, target = caption_token_nll(model, inputs, return_logits=True, **extra)
         n_tokens = valid.sum()
-        logits = outputs.logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        nll = -logp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
         denom = num_items_in_batch if num_items_in_batch is not None else n_tokens
         lm_loss = nll.sum() / torch.as_tensor(denom, device=nll.device).clamp(min=1)
         kl = outputs.kl_loss
@@ -326,7 +388,7 @@ class SerSlmSFTTrainer(SFTTrainer):
             for key, value in aux_parts.items():
                 if value is not None:
                     m[key].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
-            acc = ((logits.argmax(-1) == shift_labels) & valid).sum() / n_tokens.clamp(min=1)
+            acc = ((logits.argmax(-1) == target) & valid).sum() / n_tokens.clamp(min=1)
             m["mean_token_accuracy"].append(self.accelerator.gather_for_metrics(acc).mean().item())
             if mode == "train":
                 self._total_train_tokens += int(self.accelerator.gather_for_metrics(n_tokens).sum().item())
@@ -375,4 +437,4 @@ class SerSlmSFTTrainer(SFTTrainer):
 
 
 __all__ = ["SerSlmDataCollator", "SerSlmSFTConfig", "SerSlmSFTTrainer", "decode_audio", "read_rows", "last_complete_checkpoint",
-           "CHECKPOINT_COMPLETE"]
+           "CHECKPOINT_COMPLETE", "caption_token_nll", "first_caption_position"]
