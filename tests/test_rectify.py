@@ -308,9 +308,15 @@ def test_audit_controller_counts_repairs(tiny, rows):
     assert vol["annotation"] == 0.25 and vol["modify_probability"] == 1.0
     # low->normal (right), normal->low|high (wrong), high->normal (right), low->normal (right)
     assert vol["expected"] == 0.75 and vol["greedy"] == 0.75
+    # per utterance: the three wrong volume labels fixed (each has one right neighbour), the right one broken
+    assert vol["repair"] == {"fixed": 3.0, "broken": 1, "unchanged_wrong": 0, "unchanged_right": 0,
+                             "expected_fixed": 3.0, "expected_broken": 1.0}
     for f in SED_FIELDS:
         if f != "volume":
+            repair = audit["per_field"][f].pop("repair")
             assert audit["per_field"][f] == {"annotation": 1.0, "expected": 1.0, "greedy": 1.0, "modify_probability": 0.0}
+            assert repair == {"fixed": 0.0, "broken": 0, "unchanged_wrong": 0, "unchanged_right": 4,
+                              "expected_fixed": 0.0, "expected_broken": 0.0}
     assert audit["n"] == 4
     assert audit["annotation_accuracy"] == round((4 * 4 + 1) / 20, 4) and audit["expected_accuracy"] == round((16 + 3) / 20, 4)
     with pytest.raises(ValueError, match="ground-truth"):
