@@ -120,6 +120,7 @@ def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, ups
             atomic_write_json(out / "annotation_report.json", {s: annotation_report(annotated[s]) for s in annotated})
 
     settings = {"corpus": cfg.target_corpus, "root": target_root, "options": cfg.target_options, "method": cfg.annotation_method, "seed": cfg.corpus_seed}
+    settings.update(runner.input_settings(target_root))  # an edited corpus is annotated afresh
     # every process annotates its shard (trustser.annotation gathers them)
     return runner.run("annotate", settings, run, upstream, all_processes=True)
 
@@ -169,6 +170,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
     }
     if cfg.preset == "tiny":
         settings.update(aux_sed=cfg.aux_sed_loss_weight, aux_ctc=cfg.aux_ctc_loss_weight)
+    settings.update(runner.input_settings(pretrain_root))
     return runner.run("pretrain", settings, run, upstream, all_processes=True, resume=cfg.resume_from_checkpoint)
 
 
