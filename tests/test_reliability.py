@@ -168,3 +168,106 @@ def test_data_fingerprint_follows_metadata_and_audio(tmp_path):
     inside = runner.cache_dir / "corpus-abc" / "corpus"
     inside.mkdir(parents=True)
     assert runner.input_settings(inside) == {}  # a stage's output: its key already says what it holds
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Commands refuse to replace a folder they did not write, unless --overwrite
+# ------------------------------------------------------------------------------------------
+def _foreign(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.txt").write_text("keep me")
+    return folder
+
+
+def _fake_synthetic(root: Path) -> Path:
+    """The layout the issue's probe destroyed: manifest, metadata, audio and a user's notes."""
+    (root / "train" / "wav").mkdir(parents=True)
+    sf.write(root / "train" / "wav" / "u0.wav", np.zeros(1600, np.float32), 16000)
+    (root / "train" / "metadata.csv").write_text("id,file_name\nu0,wav/u0.wav\n")
+    (root / "manifest.json").write_text("{}")
+    return _foreign(root)
+
+
+def test_annotate_refuses_to_replace_its_input_or_a_foreign_folder(tmp_path, capsys):
+    from trustser.cli import main
+
+    corpus = _fake_synthetic(tmp_path / "corpus")
+    before = sorted(p.relative_to(corpus) for p in corpus.rglob("*"))
+    for extra in ([], ["--overwrite"]):  # replacing the input is refused even with --overwrite
+        assert main(["annotate", "synthetic", str(corpus), "--out", str(corpus), "--split", "train", *extra]) == 1
+        assert "replacing it would delete the input" in capsys.readouterr().err
+    assert main(["annotate", "synthetic", str(corpus / "train"), "--out", str(corpus)]) == 1  # a folder holding the input
+    assert "holds the input" in capsys.readouterr().err
+    other = _foreign(tmp_path / "other")
+    assert main(["annotate", "synthetic", str(corpus), "--out", str(other), "--split", "train"]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {other}: exists and was not written by this command (no annotation.json)" in err and "--overwrite" in err
+    assert sorted(p.relative_to(corpus) for p in corpus.rglob("*")) == before
+    assert (other / "notes.txt").read_text() == "keep me" and (corpus / "notes.txt").read_text() == "keep me"
+
+
+def test_annotate_overwrite_replaces_and_reruns_replace_their_own_output(tmp_path, capsys):
+    from faults_helpers import write_corpus
+    from trustser.cli import main
+
+    corpus = write_corpus(tmp_path / "corpus", n_train=4, n_test=2, n_reference=8)
+    out = _foreign(tmp_path / "annotated")
+    args = ["annotate", "audiofolder", str(corpus), "--corpus-options", '{"text_column": "text"}', "--out", str(out),
+            "--split", "train", "--num-proc", "1", "--gender-backend", "reference", "--age-backend", "reference"]
+    assert main(args) == 1 and (out / "notes.txt").exists()
+    capsys.readouterr()
+    assert main([*args, "--overwrite"]) == 0, capsys.readouterr().err
+    assert not (out / "notes.txt").exists() and (out / "annotation.json").is_file() and (out / "dataset_dict.json").is_file()
+    assert main(args) == 0  # its own earlier output: replaced without --overwrite
+    assert json.loads((out / "annotation.json").read_text())["splits"]["train"]["rows"] == 4
+
+
+def test_select_and_push_refuse_foreign_folders(tmp_path, capsys):
+    from trustser.cli import main
+
+    data = _foreign(tmp_path / "data")
+    out = _foreign(tmp_path / "out")
+    base = ["select", "--cem", str(tmp_path / "cem"), "--slm", str(tmp_path / "slm"), "--data", str(data), "--ratio", "0.5"]
+    assert main([*base, "--out", str(out)]) == 1
+    assert "no selection_stats.json" in capsys.readouterr().err
+    assert main([*base, "--out", str(data), "--overwrite"]) == 1
+    assert "replacing it would delete the input" in capsys.readouterr().err
+    assert main([*base, "--out", str(out), "--overwrite"]) == 1  # past the guard: the missing models are the error now
+    assert "not a dataset saved with save_to_disk" in capsys.readouterr().err
+    run = _foreign(tmp_path / "run")
+    assert main(["push", str(run), "user/repo", "--export-dir", str(out)]) == 1
+    assert "--export-dir" in (err := capsys.readouterr().err) and "no trustser_results.json" in err
+    assert main(["push", str(run), "user/repo", "--export-dir", str(run / "sub" / ".."), "--overwrite"]) == 1
+    assert "replacing it would delete the input" in capsys.readouterr().err
+    for d in (data, out, run):
+        assert (d / "notes.txt").read_text() == "keep me"
+
+
+def test_check_output_dir_accepts_new_empty_and_own_folders(tmp_path):
+    from trustser.utils import check_output_dir
+
+    assert check_output_dir(tmp_path / "new", marker="m.json") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", marker="m.json")
+    own = _foreign(tmp_path / "own")
+    (own / "m.json").write_text("{}")
+    check_output_dir(own, marker="m.json")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        check_output_dir(tmp_path / "file", marker="m.json")
+    check_output_dir(tmp_path / "file", marker="m.json", overwrite=True)
+
+
+def test_synth_overwrite_replaces_a_foreign_folder_only_when_asked(tmp_path, capsys):
+    import shutil
+
+    from trustser.cli import main
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    out = _foreign(tmp_path / "corpus")
+    assert main(["synth", str(out), "--size", "small", "--num-proc", "2"]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (out / "notes.txt").exists()
+    assert main(["synth", str(out), "--size", "small", "--num-proc", "2", "--overwrite"]) == 0
+    assert (out / "manifest.json").is_file() and not (out / "notes.txt").exists()
+    assert not list(tmp_path.glob(".corpus.replaced-*"))

@@ -14,12 +14,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN / `hf auth login`)")
     parser.add_argument("--license", default=None, help="license id for the cards (default: apache-2.0; llama3.1 for the paper preset)")
     parser.add_argument("--export-dir", default=None, help="write the repository folder here instead of pushing")
+    parser.add_argument("--overwrite", action="store_true", help="replace --export-dir even if it is not an earlier export")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from .hub import export_release, push_to_hub
 
     if args.export_dir:
+        from .utils import check_output_dir
+
+        check_output_dir(args.export_dir, marker="trustser_results.json", overwrite=args.overwrite, inputs=[args.output_dir],
+                         option="--export-dir")
         path = export_release(args.output_dir, args.export_dir, args.repo_id, license=args.license)
         print(f"trustser push: repository content written to {path}")
         return 0
