@@ -271,3 +271,92 @@ def test_synth_overwrite_replaces_a_foreign_folder_only_when_asked(tmp_path, cap
     assert main(["synth", str(out), "--size", "small", "--num-proc", "2", "--overwrite"]) == 0
     assert (out / "manifest.json").is_file() and not (out / "notes.txt").exists()
     assert not list(tmp_path.glob(".corpus.replaced-*"))
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Exact resume: augmentation generator, pending metrics and loss accumulator in the checkpoint
+# ------------------------------------------------------------------------------------------
+TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+class _DieAtStep5:
+    """Interrupts training after step 5's update (checkpoint-4 is the last complete one)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Die(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == 5:
+                    raise KeyboardInterrupt("killed after step 5")
+
+        return Die()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+
+    from faults_helpers import save_tiny_model
+
+    torch.set_num_threads(1)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _trainer(kind: str, model_dir: Path, out: Path):
+    import datasets
+
+    from ser_slm_fixtures import make_rows
+    from trustser.models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
+
+    common = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, logging_steps=3, save_strategy="steps",
+                  save_steps=2, use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0, learning_rate=3e-3)
+    model = SerSlmForConditionalGeneration.from_pretrained(model_dir)
+    processor = SerSlmProcessor.from_pretrained(model_dir)
+    train = datasets.Dataset.from_list(make_rows(12))  # 3 batches an epoch: checkpoint-4 is inside epoch 2
+    if kind == "pretrain":
+        from trustser.trainers.sft import SerSlmSFTConfig, SerSlmSFTTrainer
+
+        args = SerSlmSFTConfig(channel_augmentation=1.0, **common)
+        return SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+    from trustser.trainers.rectify import SEDRectifyTrainer
+    from trustser.trainers.rectify_config import SEDRectifyConfig
+
+    args = SEDRectifyConfig(num_policies=2, controller_n_mels=16, controller_hidden_size=16, controller_embedding_size=4,
+                            sed_source="auto", **common)
+    return SEDRectifyTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "posttrain"])
+def test_resumed_training_equals_the_uninterrupted_run(kind, tiny_model, tmp_path):
+    """Pre-training with channel augmentation (every utterance) and RL-rectified post-training,
+    interrupted after step 5 and resumed from checkpoint-4 (inside an epoch, logs every 3 steps):
+    the same weights and the same log history, figures of the step-6 log included, as a run that
+    was never interrupted."""
+    import torch
+
+    from trustser.recipe import _rectification_summary
+    from trustser.trainers.sft import TRAINING_STATE
+
+    ref = _trainer(kind, tiny_model, tmp_path / "ref")
+    ref.train()
+    cut = _trainer(kind, tiny_model, tmp_path / "cut")
+    cut.add_callback(_DieAtStep5())
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    saved = json.loads((tmp_path / "cut" / "checkpoint-4" / TRAINING_STATE.format(rank=0)).read_text())
+    assert saved["metrics"] and saved["globalstep_last_logged"] == 3
+    assert (saved["augmentation"] is not None) == (kind == "pretrain")
+    resumed = _trainer(kind, tiny_model, tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=True)
+
+    a, b = ref.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    strip = lambda h: [{k: v for k, v in e.items() if k not in TIMING} for e in h]
+    assert strip(resumed.state.log_history) == strip(ref.state.log_history)
+    assert [e["step"] for e in ref.state.log_history if "loss" in e] == [3, 6]
+    if kind == "posttrain":
+        ca, cb = ref.controller.state_dict(), resumed.controller.state_dict()
+        assert [k for k in ca if not torch.equal(ca[k], cb[k])] == []
+        summary = _rectification_summary(resumed.state.log_history)
+        assert summary and "rectify/label_accuracy" in summary and summary == _rectification_summary(ref.state.log_history)
