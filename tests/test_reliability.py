@@ -360,3 +360,53 @@ def test_resumed_training_equals_the_uninterrupted_run(kind, tiny_model, tmp_pat
         assert [k for k in ca if not torch.equal(ca[k], cb[k])] == []
         summary = _rectification_summary(resumed.state.log_history)
         assert summary and "rectify/label_accuracy" in summary and summary == _rectification_summary(ref.state.log_history)
+
+
+# ------------------------------------------------------------------------------------------
+# 6. Checkpoints with missing or unexpected weights are refused
+# ------------------------------------------------------------------------------------------
+def _rename_tensor(weights: Path, old_part: str, new_part: str) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    renamed = [k for k in tensors if old_part in k]
+    save_file({k.replace(old_part, new_part): v for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+    return renamed
+
+
+def test_from_pretrained_refuses_missing_or_unexpected_weights(tiny_model, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from trustser.cli import main
+    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.models.ser_slm import SerSlmForConditionalGeneration
+
+    slm = tmp_path / "slm"
+    shutil.copytree(tiny_model, slm)
+    renamed = _rename_tensor(slm / "model.safetensors", "model.projector.", "model.projector_v2.")
+    assert renamed
+    with pytest.raises(ValueError, match=r"slm: not a complete SerSlmForConditionalGeneration checkpoint: \d+ missing weight\(s\) "
+                                         r"\['model\.projector\.linear_1.*unexpected weight\(s\) \['model\.projector_v2"):
+        SerSlmForConditionalGeneration.from_pretrained(slm)
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16000, np.float32) + 0.01, 16000)
+    assert main(["explain", str(slm), str(wav)]) == 1  # was: exit 0 with explanations from a random projector
+    assert "missing weight" in capsys.readouterr().err
+
+    torch.manual_seed(0)
+    for model, part in ((ConfidenceEstimationModel(CemConfig(input_size=8)), "layer1"), (SedController(SedControllerConfig()), None)):
+        d = tmp_path / type(model).__name__
+        model.save_pretrained(d)
+        assert type(model).from_pretrained(d) is not None  # a complete checkpoint loads
+        from safetensors.torch import load_file
+
+        first = part or sorted(load_file(str(d / "model.safetensors")))[0].rsplit(".", 1)[0]
+        _rename_tensor(d / "model.safetensors", first, first + "_old")
+        with pytest.raises(ValueError, match=rf"{type(model).__name__}: not a complete {type(model).__name__} checkpoint: .*missing"):
+            type(model).from_pretrained(d)
+    # a complete checkpoint loads, with the loading report when asked for
+    model, info = SerSlmForConditionalGeneration.from_pretrained(tiny_model, output_loading_info=True)
+    assert isinstance(model, SerSlmForConditionalGeneration) and not info["missing_keys"] and not info["unexpected_keys"]
