@@ -26,9 +26,15 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARA
 
 class SingleProcess(SimpleNamespace):
     is_main_process = True
+    num_processes = 1
 
     def wait_for_everyone(self):
         pass
+
+    def main_process_first(self):
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------
@@ -410,3 +416,140 @@ def test_from_pretrained_refuses_missing_or_unexpected_weights(tiny_model, tmp_p
     # a complete checkpoint loads, with the loading report when asked for
     model, info = SerSlmForConditionalGeneration.from_pretrained(tiny_model, output_loading_info=True)
     assert isinstance(model, SerSlmForConditionalGeneration) and not info["missing_keys"] and not info["unexpected_keys"]
+
+
+# ------------------------------------------------------------------------------------------
+# 5. Bad audio and metadata found at load time
+# ------------------------------------------------------------------------------------------
+def _bad_clips(d: Path, prefix: str = "") -> dict[str, str]:
+    """Clip name -> the reason validate_audio gives (None: a good clip)."""
+    from ser_slm_fixtures import tone
+
+    sf.write(d / f"{prefix}good.wav", tone(1.0, 180.0, 0.3), 16000)
+    (d / f"{prefix}empty.wav").write_bytes(b"")
+    (d / f"{prefix}corrupt.wav").write_bytes(b"RIFF" + b"\x00junk" * 40)
+    sf.write(d / f"{prefix}silent.wav", np.zeros(16000, np.float32), 16000)
+    sf.write(d / f"{prefix}long.wav", tone(3.0, 150.0, 0.3), 16000)
+    nan = tone(1.0, 180.0, 0.3)
+    nan[10:20] = np.nan
+    sf.write(d / f"{prefix}nan.wav", nan, 16000, subtype="FLOAT")
+    reasons = {"good": None, "empty": "empty file", "corrupt": "unreadable audio", "silent": "silent",
+               "long": "longer than 2 s (3.0 s)", "nan": "non-finite"}
+    return {f"{prefix}{k}.wav": v for k, v in reasons.items()}
+
+
+def test_load_corpus_check_audio_names_and_skips_bad_clips_in_every_split(tmp_path):
+    from trustser.data import corpus_stats, load_corpus
+
+    root = tmp_path / "corpus"
+    for split in ("reference", "train"):
+        (root / split).mkdir(parents=True)
+        clips = _bad_clips(root / split, prefix=split)
+        lines = ["file_name,emotion"] + [f"{c},happy" for c in clips] + [f"{split}gone.wav,sad"]
+        (root / split / "metadata.csv").write_text("\n".join(lines) + "\n")
+    kept = load_corpus("audiofolder", root, cache_dir=tmp_path / "c")  # as before: only the absent file is left out
+    assert {s: len(ds) for s, ds in kept.items()} == {"reference": 6, "train": 6}
+    dd = load_corpus("audiofolder", root, check_audio=True, max_audio_seconds=2, cache_dir=tmp_path / "c")
+    assert {s: list(ds["id"]) for s, ds in dd.items()} == {"reference": ["referencegood"], "train": ["traingood"]}
+    stats = corpus_stats(dd["train"])
+    assert stats["splits"] == {"reference": 1, "train": 1} and len(stats["missing_audio"]) == 2
+    bad = stats["bad_audio"]
+    assert len(bad) == 10
+    for split in ("reference", "train"):
+        for clip, reason in _bad_clips(root / split, prefix=split).items():
+            if reason:
+                assert any(b.startswith(str((root / split / clip).resolve()) + ": " + reason) for b in bad), (clip, bad)
+    assert dd["train"][0]["audio"] is not None  # still decodable audio after the check
+
+
+def test_recipe_pretraining_skips_an_empty_wav_instead_of_dying_midway(tmp_path, caplog):
+    """The issue's probe: one empty wav in the pre-training split killed training mid-run with a raw
+    decoder error from inside ``datasets``; the pre-training stage now names and skips it."""
+    from faults_helpers import write_corpus
+    from trustser.recipe import stage_pretrain
+    from trustser.recipe_config import RecipeConfig
+    from trustser.stages import StageRunner
+    from trustser.systems import get_system
+
+    root = write_corpus(tmp_path / "corpus", n_train=4, n_test=2, n_reference=8)
+    (root / "reference" / "empty.wav").write_bytes(b"")
+    with (root / "reference" / "metadata.csv").open("a") as fh:
+        fh.write("empty.wav,sad,The train leaves at nine tonight.,s0,male,child\n")
+    cfg = RecipeConfig(output_dir=str(tmp_path / "out"), pretrain_corpus="audiofolder", pretrain_root=str(root),
+                       target_corpus="audiofolder", target_root=str(root), pretrain_split="reference",
+                       pretrain_max_steps=3, per_device_batch_size=3, cpu_threads=1)
+    caplog.set_level("WARNING", logger="trustser.data")
+    stage = stage_pretrain(StageRunner(tmp_path / "out" / "cache", SingleProcess()), cfg, get_system("sys1"), str(root), [])
+    assert (stage.path / "model" / "model.safetensors").is_file()
+    assert any("empty.wav: empty file" in r.getMessage() for r in caplog.records)
+    assert json.loads((stage.path / "log_history.json").read_text())[-1]["step"] == 3
+
+
+def _synthetic_layout(root: Path, rows: list[str], *, with_wavs: bool = True) -> Path:
+    header = "file_name,id,text,emotion,speaker,gender,age,pitch,volume,speed,pitch_z,volume_z,speed_z"
+    (root / "train" / "wav").mkdir(parents=True)
+    (root / "manifest.json").write_text("{}")
+    (root / "train" / "metadata.csv").write_bytes(("\n".join([header, *rows]) + "\n").encode("utf-8"))
+    for r in rows:
+        sf.write(root / "train" / r.split(",")[0], np.full(1600, 0.1, np.float32), 16000)
+    return root / "train" / "metadata.csv"
+
+
+ROW = "wav/u{i}.wav,u{i},Hello there.,{emotion},spk0,female,young adult,normal,high,slow,0.1,0.2,-0.3"
+
+
+def test_synthetic_loader_flags_missing_wavs_unknown_labels_and_bad_text(tmp_path):
+    from trustser.data import corpus_stats, load_corpus
+
+    meta = _synthetic_layout(tmp_path / "a", [ROW.format(i=i, emotion=e) for i, e in enumerate(["happy", "sad", "angry"])])
+    (meta.parent / "wav" / "u1.wav").unlink()  # crashed annotation at the final save before
+    dd = load_corpus("synthetic", meta.parent.parent, splits=["train"])
+    assert list(dd["train"]["id"]) == ["u0", "u2"]
+    assert corpus_stats(dd)["missing_audio"] == [str(meta.parent / "wav" / "u1.wav")]
+
+    meta = _synthetic_layout(tmp_path / "b", [ROW.format(i=0, emotion="happy"), ROW.format(i=1, emotion="joyful")])
+    with pytest.raises(ValueError, match=rf"{meta}:3: unknown label\(s\) emotion 'joyful'.*on_unknown='skip'"):
+        load_corpus("synthetic", meta.parent.parent, splits=["train"])  # was: trained on silently
+    dd = load_corpus("synthetic", meta.parent.parent, splits=["train"], on_unknown="skip")
+    assert list(dd["train"]["id"]) == ["u0"] and corpus_stats(dd)["unknown_labels"] == {"joyful": 1}
+    bad_pitch = ROW.format(i=2, emotion="sad").replace(",normal,high,", ",squeaky,high,")
+    meta = _synthetic_layout(tmp_path / "c", [ROW.format(i=0, emotion="happy"), bad_pitch])
+    with pytest.raises(ValueError, match=rf"{meta}:3: unknown label\(s\) pitch 'squeaky'"):
+        load_corpus("synthetic", meta.parent.parent, splits=["train"])
+
+    meta = _synthetic_layout(tmp_path / "d", [ROW.format(i=0, emotion="happy"), ROW.format(i=1, emotion="sad")])
+    meta.write_bytes(meta.read_bytes().replace(b"Hello there.,sad", b"Hell\xf6 there.,sad"))
+    with pytest.raises(ValueError, match=rf"{meta}:3: not valid UTF-8"):  # was: a UnicodeDecodeError naming no file
+        load_corpus("synthetic", meta.parent.parent, splits=["train"])
+
+
+def test_audiofolder_reads_only_the_bad_line_in_another_encoding(tmp_path):
+    """One stray cp1252 byte used to make the whole CSV decode as cp1252 (mojibake in every
+    accented transcript); now only that line is, and the note names it."""
+    from trustser.data import corpus_stats, load_corpus
+
+    for name in ("a", "b", "c"):
+        sf.write(tmp_path / f"{name}.wav", np.full(1600, 0.1, np.float32), 16000)
+    text = ("file_name,emotion,text\n".encode() + "a.wav,happy,Très bien café\n".encode("utf-8")
+            + "b.wav,sad,Na\xefve\n".encode("cp1252") + "c.wav,angry,Zoë\n".encode("utf-8"))
+    (tmp_path / "metadata.csv").write_bytes(text)
+    dd = load_corpus("audiofolder", tmp_path, text_column="text", cache_dir=tmp_path / "c")
+    assert list(dd["train"]["text"]) == ["Très bien café", "Na\u00efve", "Zoë"]
+    assert any("line(s) [3]" in n and "cp1252" in n for n in corpus_stats(dd)["notes"])
+
+
+def test_iemocap_unknown_code_is_an_error_naming_the_line(tmp_path):
+    from fixtures_real import build_iemocap
+    from trustser.data import corpus_stats, load_corpus
+
+    fx = build_iemocap(tmp_path / "iemocap")
+    eva = next((fx["root"] / "Session2" / "dialog" / "EmoEvaluation").glob("*.txt"))
+    lines = eva.read_text().split("\n")
+    i = next(k for k, l in enumerate(lines) if l.startswith("["))
+    parts = lines[i].split("\t")
+    lines[i] = "\t".join([parts[0], parts[1], "zzz", *parts[3:]])
+    eva.write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=rf"{eva}:{i + 1}: unknown IEMOCAP emotion label 'zzz'"):
+        load_corpus("iemocap", fx["root"], cache_dir=tmp_path / "c")
+    dd = load_corpus("iemocap", fx["root"], on_unknown="skip", cache_dir=tmp_path / "c")
+    assert corpus_stats(dd)["unknown_labels"] == {"zzz": 1}

@@ -46,6 +46,12 @@ def _load_model(path: Path):
     return model, processor
 
 
+def _audio_window(processor) -> float | None:
+    """Seconds of audio the SER-SLM sees (its feature extractor's window); longer clips are skipped."""
+    fe = getattr(processor, "feature_extractor", None)
+    return fe.n_samples / fe.sampling_rate if getattr(fe, "n_samples", None) and getattr(fe, "sampling_rate", None) else None
+
+
 def _training_args(cfg: RecipeConfig, output_dir: Path, *, max_steps: int, epochs: float, lr: float, cls=None, **extra):
     from .trainers.sft import SerSlmSFTConfig
 
@@ -129,7 +135,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
     """SER-SLM pre-training on the reliable corpus (SpeechCraft's role)."""
 
     def run(out: Path):
-        from .data import load_corpus
+        from .data import load_corpus, validate_audio
         from .models.ser_slm import build_paper_ser_slm, build_tiny_ser_slm
         from .trainers.sft import SerSlmSFTTrainer
 
@@ -150,6 +156,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
             model, processor = build_paper_ser_slm()
         else:
             raise ValueError(f"unknown preset {cfg.preset!r}: 'tiny' or 'paper'")
+        train = validate_audio(train, max_seconds=_audio_window(processor))  # bad clips named and skipped now, not mid-run
         args = _training_args(
             cfg, out / "trainer", max_steps=cfg.pretrain_max_steps, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_learning_rate,
             sed_source="truth", with_sed=spec.with_sed, kl_warmup_steps=cfg.kl_warmup_steps,
@@ -178,13 +185,13 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
     """CEM trained on the pre-trained SLM's own descriptor predictions on the reliable corpus."""
 
     def run(out: Path):
-        from .data import load_corpus
+        from .data import load_corpus, validate_audio
         from .trainers.cem import prepare_cem_data, prepare_cem_data_perturbed, train_cem
 
         set_seed(cfg.seed)
         slm, processor = _load_model(pretrain.path / "model")
         corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
-        ref = corpus[cfg.pretrain_split]
+        ref = validate_audio(corpus[cfg.pretrain_split], max_seconds=_audio_window(processor))
         if cfg.cem_max_samples and len(ref) > cfg.cem_max_samples:
             ref = ref.shuffle(seed=cfg.seed).select(range(cfg.cem_max_samples))
         if cfg.cem_training_captions == "perturbed":
