@@ -553,3 +553,87 @@ def test_iemocap_unknown_code_is_an_error_naming_the_line(tmp_path):
         load_corpus("iemocap", fx["root"], cache_dir=tmp_path / "c")
     dd = load_corpus("iemocap", fx["root"], on_unknown="skip", cache_dir=tmp_path / "c")
     assert corpus_stats(dd)["unknown_labels"] == {"zzz": 1}
+
+
+@pytest.mark.slow
+def test_edited_corpus_is_annotated_afresh(tmp_path):
+    """Stage keys used to hash the corpus path only: after fixing a label in metadata.csv every
+    stage was reused with the old label. The annotation stage now reruns and sees the new one."""
+    import datasets
+
+    from faults_helpers import write_corpus
+    from trustser.recipe import stage_annotate
+    from trustser.recipe_config import RecipeConfig
+    from trustser.stages import StageRunner
+
+    root = write_corpus(tmp_path / "corpus", n_train=4, n_test=2, n_reference=8)
+    cfg = RecipeConfig(output_dir=str(tmp_path / "out"), target_corpus="audiofolder", target_root=str(root),
+                       target_options={"text_column": "text"}, annotation_num_proc=1, cpu_threads=1)
+    runner = StageRunner(tmp_path / "out" / "cache", SingleProcess())
+    first = stage_annotate(runner, cfg, str(root), [])
+    assert stage_annotate(runner, cfg, str(root), []).reused  # unchanged: reused
+    meta = root / "train" / "metadata.csv"
+    lines = meta.read_text().split("\n")
+    old = lines[1].split(",")[1]
+    lines[1] = lines[1].replace(f",{old},", ",sad," if old != "sad" else ",happy,", 1)
+    meta.write_text("\n".join(lines))
+    second = stage_annotate(runner, cfg, str(root), [])
+    assert not second.reused and second.key != first.key
+    new = datasets.load_from_disk(str(second.path / "data"))["train"]
+    assert new[0]["emotion"] != old and datasets.load_from_disk(str(first.path / "data"))["train"][0]["emotion"] == old
+
+
+# ------------------------------------------------------------------------------------------
+# 1b. Two whole recipe runs started together on one --output_dir
+# ------------------------------------------------------------------------------------------
+_RECIPE_RUN = """
+import json, sys
+from trustser.recipe import run_system
+from trustser.recipe_config import RecipeConfig
+res = run_system(RecipeConfig(**json.loads(sys.argv[1])))
+print("RESULT " + json.dumps({"stages": res["stages"], "test": res["test"]}))
+"""
+
+
+def _recipe_cfg(out: Path, corpus: Path, system: str) -> dict:
+    return dict(system=system, output_dir=str(out), target_root=str(corpus), pretrain_root=str(corpus), synth_size="small",
+                pretrain_max_steps=4, posttrain_max_steps=2, per_device_batch_size=4, max_eval_samples=8, tsne_samples=16,
+                eval_batch_size=8, annotation_num_proc=1, cpu_threads=1)
+
+
+def _recipe_together(tmp_path, out: Path, corpus: Path, systems: list[str]) -> list[dict]:
+    script = tmp_path / "recipe_run.py"
+    script.write_text(_RECIPE_RUN)
+    procs = [subprocess.Popen([sys.executable, str(script), json.dumps(_recipe_cfg(out, corpus, s))], cwd=tmp_path, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in systems]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=3000)
+        assert p.returncode == 0, stderr[-4000:]
+        results.append(json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT "))[7:]))
+    return results
+
+
+@pytest.mark.slow
+def test_two_recipe_runs_started_together_compute_each_stage_once(tmp_path, synthetic_small):
+    """Two runs on one --output_dir, started together, of the same system and of two systems that
+    share stages: both finish, each shared stage is computed once (the other run reuses it), nothing
+    is left half done, and the results equal runs made alone."""
+    from trustser.recipe import run_system
+    from trustser.recipe_config import RecipeConfig
+
+    alone = {s: run_system(RecipeConfig(**_recipe_cfg(tmp_path / "alone", synthetic_small, s))) for s in ("sys4", "sys1")}
+    for name, systems in (("same", ["sys4", "sys4"]), ("different", ["sys4", "sys1"])):
+        out = tmp_path / name
+        results = _recipe_together(tmp_path, out, synthetic_small, systems)
+        cache = out / "cache"
+        assert not list(cache.glob(".*.partial")), sorted(p.name for p in cache.iterdir())
+        for stage in ("annotate", "pretrain", "posttrain"):
+            folders = list(cache.glob(f"{stage}-*"))
+            assert len(folders) == 1 and (folders[0] / "STAGE.json").is_file(), (stage, folders)
+        assert (next(cache.glob("posttrain-*")) / "model" / "model.safetensors").is_file()
+        assert (next(cache.glob("annotate-*")) / "data" / "dataset_dict.json").is_file()
+        for stage in ("annotate", "pretrain"):  # computed by one run, reused by the other
+            assert sorted(next(s["reused"] for s in r["stages"] if s["name"] == stage) for r in results) == [False, True]
+        for system, r in zip(systems, results):
+            assert r["test"] == alone[system]["test"], (name, system)

@@ -21,7 +21,7 @@ _GENDER = {"F": "female", "M": "male"}
 def parse_emo_evaluation(path: Path, stats: CorpusStats) -> list[tuple[str, str, int]]:
     """(utterance id, raw code, line number) for each ``[``-line; evaluator lines are skipped."""
     out = []
-    for lineno, line in enumerate(read_text(path, stats, fallback="cp1252").split("\n"), 1):
+    for lineno, line in enumerate(read_text(path, stats, fallback="cp1252", universal_newlines=True).split("\n"), 1):
         if not line.startswith("["):
             continue
         parts = line.rstrip("\r").split("\t")
@@ -36,7 +36,7 @@ def parse_transcription(path: Path, stats: CorpusStats | None = None) -> dict[st
     """id -> text; lines without an utterance id (``M: ...``, notes) are not utterances. Lines
     that are not UTF-8 are read as cp1252 and noted (``read_text``)."""
     texts = {}
-    for line in read_text(path, stats, fallback="cp1252").split("\n"):
+    for line in read_text(path, stats, fallback="cp1252", universal_newlines=True).split("\n"):
         m = _TRANSCRIPT.match(line.strip())
         if m:
             texts.setdefault(m.group("id"), m.group("text").strip())

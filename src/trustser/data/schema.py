@@ -166,11 +166,18 @@ def check_on_unknown(value: str) -> str:
     return value
 
 
-def read_text(path: str | os.PathLike, stats: CorpusStats | None = None, *, fallback: str | None = None) -> str:
+def read_text(path: str | os.PathLike, stats: CorpusStats | None = None, *, fallback: str | None = None,
+              universal_newlines: bool = False) -> str:
     """A text file, decoded line by line as UTF-8 (a BOM tolerated). A line that is not valid
     UTF-8 is a ValueError naming the file and line, or, with ``fallback`` (e.g. ``"cp1252"``,
     latin-1 for the bytes it leaves undefined), that line alone is read in ``fallback`` and noted
-    with its line number: the valid lines are never decoded otherwise."""
+    with its line number: the valid lines are never decoded otherwise. ``universal_newlines``:
+    ``\r\n`` and ``\r`` become ``\n`` (as ``open()`` in text mode); CSV readers want them kept."""
+    text = _decode_lines(path, stats, fallback)
+    return text.replace("\r\n", "\n").replace("\r", "\n") if universal_newlines else text
+
+
+def _decode_lines(path, stats, fallback) -> str:
     raw = Path(path).read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]

@@ -42,7 +42,7 @@ def iter_records(path: Path, stats: CorpusStats | None = None) -> Iterator[tuple
         else:
             logger.warning("skipped %s:%d: %s", path, lineno, reason)
 
-    text = read_text(path, stats, fallback="cp1252")
+    text = read_text(path, stats, fallback="cp1252", universal_newlines=True)
     stripped = text.lstrip()
     first_line = stripped.split("\n", 1)[0].strip()
     if path.suffix.lower() == ".jsonl" or (stripped.startswith("{") and _is_json_object(first_line)
