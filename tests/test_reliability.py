@@ -555,7 +555,6 @@ def test_iemocap_unknown_code_is_an_error_naming_the_line(tmp_path):
     assert corpus_stats(dd)["unknown_labels"] == {"zzz": 1}
 
 
-@pytest.mark.slow
 def test_edited_corpus_is_annotated_afresh(tmp_path):
     """Stage keys used to hash the corpus path only: after fixing a label in metadata.csv every
     stage was reused with the old label. The annotation stage now reruns and sees the new one."""
