@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run_cli(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         # user errors: one clear line, no traceback
         print(f"trustser {args.command}: error: {exc}", file=sys.stderr)
         return 1

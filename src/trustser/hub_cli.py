@@ -21,12 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the pip requirement that installs trustser in the Space (e.g. a git URL)")
     parser.add_argument("--space-wheel", default=None,
                         help="a trustser wheel to upload into the Space and install from there")
+    parser.add_argument("--overwrite", action="store_true", help="replace --export-dir even if it is not an earlier export")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from .hub import export_release, push_to_hub
 
     if args.export_dir:
+        from .utils import check_output_dir
+
+        check_output_dir(args.export_dir, marker="trustser_results.json", overwrite=args.overwrite, inputs=[args.output_dir],
+                         option="--export-dir")
         path = export_release(args.output_dir, args.export_dir, args.repo_id, license=args.license)
         print(f"trustser push: repository content written to {path}")
         if args.space:

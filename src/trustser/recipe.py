@@ -46,6 +46,12 @@ def _load_model(path: Path):
     return model, processor
 
 
+def _audio_window(processor) -> float | None:
+    """Seconds of audio the SER-SLM sees (its feature extractor's window); longer clips are skipped."""
+    fe = getattr(processor, "feature_extractor", None)
+    return fe.n_samples / fe.sampling_rate if getattr(fe, "n_samples", None) and getattr(fe, "sampling_rate", None) else None
+
+
 def _training_args(cfg: RecipeConfig, output_dir: Path, *, max_steps: int, epochs: float, lr: float, cls=None, **extra):
     from .trainers.sft import SerSlmSFTConfig
 
@@ -145,6 +151,7 @@ def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, ups
 
     settings = {"corpus": cfg.target_corpus, "root": target_root, "options": cfg.target_options, "method": cfg.annotation_method,
                 "seed": cfg.corpus_seed, "calibrate": cfg.annotation_calibrate, "with_pretrain_split": with_pretrain}
+    settings.update(runner.input_settings(target_root))  # an edited corpus is annotated afresh
     # every process annotates its shard (trustser.annotation gathers them)
     return runner.run("annotate", settings, run, upstream, all_processes=True)
 
@@ -173,7 +180,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
     labels ('auto': the annotation stage's) or its own label columns ('truth')."""
 
     def run(out: Path):
-        from .data import load_corpus
+        from .data import load_corpus, validate_audio
         from .models.ser_slm import build_paper_ser_slm, build_tiny_ser_slm
         from .trainers.sft import SerSlmSFTTrainer
 
@@ -194,6 +201,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
             model, processor = build_paper_ser_slm()
         else:
             raise ValueError(f"unknown preset {cfg.preset!r}: 'tiny' or 'paper'")
+        train = validate_audio(train, max_seconds=_audio_window(processor))  # bad clips named and skipped now, not mid-run
         args = _training_args(
             cfg, out / "trainer", max_steps=cfg.pretrain_max_steps, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_learning_rate,
             sed_source=sed_source, with_sed=spec.with_sed, kl_warmup_steps=cfg.kl_warmup_steps,
@@ -215,6 +223,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
     }
     if cfg.preset == "tiny":
         settings.update(aux_sed=cfg.aux_sed_loss_weight, aux_ctc=cfg.aux_ctc_loss_weight)
+    settings.update(runner.input_settings(pretrain_root))
     return runner.run("pretrain", settings, run, upstream, all_processes=True, resume=cfg.resume_from_checkpoint)
 
 
@@ -223,11 +232,13 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
     labels (the paper's "reliable SED": the tool's labels with 'auto')."""
 
     def run(out: Path):
+        from .data import validate_audio
         from .trainers.cem import prepare_cem_data, prepare_cem_data_perturbed, train_cem
 
         set_seed(cfg.seed)
         slm, processor = _load_model(pretrain.path / "model")
-        ref = _pretrain_split(cfg, pretrain_root, annotated, sed_source, as_reliable=True)
+        ref = validate_audio(_pretrain_split(cfg, pretrain_root, annotated, sed_source, as_reliable=True),
+                             max_seconds=_audio_window(processor))
         if cfg.cem_max_samples and len(ref) > cfg.cem_max_samples:
             ref = ref.shuffle(seed=cfg.seed).select(range(cfg.cem_max_samples))
         if cfg.cem_training_captions == "perturbed":

@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     keep.add_argument("--ratio", type=float, help="share of utterances to keep (0..1), highest confidence first")
     keep.add_argument("--threshold", type=float, help="keep utterances whose confidence is >= this value")
     parser.add_argument("--out", required=True, help="output directory (selected dataset + selection_stats.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier selection output")
     parser.add_argument("--sed-source", default="auto", choices=("auto", "truth"),
                         help="descriptors scored: the annotation (<field>_auto, default) or the plain columns")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -47,10 +48,11 @@ def run_cli(args: argparse.Namespace) -> int:
     import datasets
     from .utils import distributed_state
     from .selection import STATS_FILENAME, select_by_confidence
-    from .utils import atomic_directory, atomic_write_json
+    from .utils import atomic_directory, atomic_write_json, check_output_dir
 
     state = distributed_state()
     device = args.device or state.device
+    check_output_dir(args.out, marker=STATS_FILENAME, overwrite=args.overwrite, inputs=[args.data, args.cem, args.slm])
     data_path = Path(args.data)
     if not data_path.exists():
         raise FileNotFoundError(f"--data {data_path}: no such directory")

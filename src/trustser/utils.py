@@ -68,9 +68,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            # a name of its own: two writers of one path never remove each other's old copy
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "previous")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -78,6 +78,31 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(path: str | os.PathLike, *, marker: str, overwrite: bool = False,
+                     inputs: tuple | list = (), option: str = "--out") -> Path:
+    """Before a command replaces the folder ``path``: refuses (FileExistsError naming it) a file, or
+    a non-empty folder without ``marker`` (the file the command writes into its outputs, so a
+    folder it made is replaced as before), unless ``overwrite``; and always refuses a folder that is
+    or holds one of ``inputs`` (replacing it would delete what the command reads)."""
+    path = Path(path).expanduser()
+    resolved = path.resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        src_path = Path(src).expanduser().resolve()
+        if src_path == resolved or resolved in src_path.parents:
+            raise FileExistsError(f"{option} {path}: is or holds the input {src}; replacing it would delete the input "
+                                  "(choose another folder)")
+    if not path.exists() or overwrite:
+        return path
+    if not path.is_dir():
+        raise FileExistsError(f"{option} {path}: exists and is not a folder; pass --overwrite to replace it")
+    if any(path.iterdir()) and not (path / marker).exists():
+        raise FileExistsError(f"{option} {path}: exists and was not written by this command (no {marker}); "
+                              "choose another folder or pass --overwrite to replace it")
+    return path
 
 
 def set_seed(seed: int) -> None:

@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus-options", type=_json_dict, default={}, metavar="JSON",
                    help='load_corpus options as a JSON object, e.g. \'{"text_column": "text", "label_map": {"joy": "happy"}}\'')
     p.add_argument("--out", required=True, help="output directory (DatasetDict save_to_disk layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier annotation output")
     p.add_argument("--method", choices=METHODS, default="speechcraft", help="binning method (default: speechcraft)")
     p.add_argument("--split", action="append", default=None, help="split(s) to annotate (repeatable; default: all)")
     p.add_argument("--reference-split", default="reference", help="labelled split the offline classifiers/calibration use")
@@ -36,9 +37,10 @@ def run_cli(args: argparse.Namespace) -> int:
     import datasets
 
     from ..data import load_corpus
-    from ..utils import atomic_directory, set_seed
+    from ..utils import atomic_directory, check_output_dir, set_seed
     from . import annotate, annotation_report
 
+    check_output_dir(args.out, marker="annotation.json", overwrite=args.overwrite, inputs=[args.root])  # before the work
     set_seed(args.seed)
     corpus = load_corpus(args.corpus, args.root, **args.corpus_options)
     if not isinstance(corpus, datasets.DatasetDict):

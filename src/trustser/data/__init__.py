@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from .schema import COLUMNS, FEATURES, CorpusStats, corpus_features, corpus_stats, make_row
+from .schema import COLUMNS, FEATURES, CorpusStats, corpus_features, corpus_stats, make_row, validate_audio
 
 # Built-in loaders, imported on first use (MELD pulls in torchcodec, synthetic espeak-ng).
 _BUILTIN: dict[str, str] = {
@@ -50,13 +50,19 @@ def get_loader(name: str) -> Callable:
     return fn
 
 
-def load_corpus(name: str, root, **options):
+def load_corpus(name: str, root, *, check_audio: bool = False, max_audio_seconds: float | None = None, **options):
     """Loads corpus ``name`` from ``root`` into the common schema (a ``datasets.DatasetDict``;
     an ``IterableDatasetDict`` with ``streaming=True`` where the loader supports it).
 
     Common options: ``cache_dir`` (the ``datasets`` cache), ``num_proc``. Per-corpus options are
-    documented in docs/corpora.md and in each loader's docstring."""
-    return get_loader(name)(root, **options)
+    documented in docs/corpora.md and in each loader's docstring. ``check_audio=True`` decodes every
+    clip and drops (logging file and reason, listing them in ``corpus_stats(...)["bad_audio"]``) the
+    missing, empty, unreadable, silent, non-finite and, with ``max_audio_seconds``, over-long ones
+    (``validate_audio``): what training corpora need, so a bad file cannot stop a run midway."""
+    corpus = get_loader(name)(root, **options)
+    if check_audio or max_audio_seconds is not None:
+        corpus = validate_audio(corpus, max_seconds=max_audio_seconds, num_proc=options.get("num_proc"))
+    return corpus
 
 
 __all__ = [
@@ -70,4 +76,5 @@ __all__ = [
     "load_corpus",
     "make_row",
     "register_corpus",
+    "validate_audio",
 ]

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 from ..descriptors import EMOTIONS, SED_FIELDS, normalize_sed_value
 from .meld import decode_clip, read_csv_text
-from .schema import CorpusStats, build_dataset_dict, file_manifest, make_row, require_dir, wav_bytes
+from .schema import CorpusStats, build_dataset_dict, check_on_unknown, file_manifest, make_row, require_dir, wav_bytes
 
 
 def _decoded_row(rec: dict) -> dict | None:
@@ -112,8 +112,7 @@ def _read_metadata(csv_path: Path, audio_dir: Path, split_default: str, cfg: dic
 
 def _load(kind, root, sources, *, label_column, label_map, labels, on_unknown, text_column, speaker_column,
           gender_column, id_column, file_column, split_column, decode, cache_dir, num_proc):
-    if on_unknown not in ("error", "skip"):
-        raise ValueError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
+    check_on_unknown(on_unknown)
     cfg = dict(label_column=label_column, text_column=text_column, speaker_column=speaker_column,
                gender_column=gender_column or "gender", id_column=id_column, file_column=file_column,
                split_column=split_column, on_unknown=on_unknown)

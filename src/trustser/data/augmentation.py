@@ -23,9 +23,10 @@ class ChannelAugmentation:
     random low cut in ``low_cut_hz`` and high cut in ``high_cut_hz`` (each applied with
     ``band_probability``), then white noise at a random level in ``noise_dbfs`` (applied with
     ``noise_probability``); the RMS level of the input is kept. Draws come from one generator seeded
-    by ``seed``, so a run is reproducible (a resumed run draws afresh); or, with ``key``, from a
-    generator seeded by ``(seed, *key)`` (what the training collator uses: epoch and utterance), so
-    that the result does not depend on which data-loader worker augments the utterance, or when."""
+    by ``seed``, so a run is reproducible, ``get_state``/``set_state`` carrying it through a checkpoint;
+    or, with ``key``, from a generator seeded by ``(seed, *key)`` (what the training collator uses:
+    epoch and utterance), so that the result does not depend on which data-loader worker augments
+    the utterance, or when, and a resumed run draws what the uninterrupted one would."""
 
     probability: float = 0.5
     low_cut_hz: tuple[float, float] = (60.0, 300.0)
@@ -48,6 +49,13 @@ class ChannelAugmentation:
                 f"ChannelAugmentation: need 0 < low_cut_hz {lo} < high_cut_hz {hi} < Nyquist ({self.sampling_rate / 2:g} Hz)"
             )
         self._rng = np.random.default_rng(self.seed)
+
+    def get_state(self) -> dict:
+        """The unkeyed generator's state (JSON-serialisable)."""
+        return self._rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state
 
     def __call__(self, wav: np.ndarray, key=None) -> np.ndarray:
         rng = self._rng if key is None else np.random.default_rng([int(self.seed), *(int(k) for k in key)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .schema import CorpusStats, build_dataset_dict, file_manifest, make_row, require_dir, seeded_fraction
+from .schema import CorpusStats, build_dataset_dict, check_on_unknown, file_manifest, make_row, read_text, require_dir, seeded_fraction
 
 SESSIONS = (1, 2, 3, 4, 5)
 _ID = re.compile(r"^Ses\d{2}[FM]_\S+_[FM]\w*$")
@@ -21,26 +21,25 @@ _GENDER = {"F": "female", "M": "male"}
 def parse_emo_evaluation(path: Path, stats: CorpusStats) -> list[tuple[str, str, int]]:
     """(utterance id, raw code, line number) for each ``[``-line; evaluator lines are skipped."""
     out = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.startswith("["):
-                continue
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) < 3 or not _ID.match(parts[1].strip()) or not parts[2].strip():
-                stats.bad_line(path, lineno, f"not a '[start - end]<TAB>id<TAB>label<TAB>[v, a, d]' line: {line.strip()[:80]!r}")
-                continue
-            out.append((parts[1].strip(), parts[2].strip(), lineno))
+    for lineno, line in enumerate(read_text(path, stats, fallback="cp1252", universal_newlines=True).split("\n"), 1):
+        if not line.startswith("["):
+            continue
+        parts = line.rstrip("\r").split("\t")
+        if len(parts) < 3 or not _ID.match(parts[1].strip()) or not parts[2].strip():
+            stats.bad_line(path, lineno, f"not a '[start - end]<TAB>id<TAB>label<TAB>[v, a, d]' line: {line.strip()[:80]!r}")
+            continue
+        out.append((parts[1].strip(), parts[2].strip(), lineno))
     return out
 
 
-def parse_transcription(path: Path) -> dict[str, str]:
-    """id -> text; lines without an utterance id (``M: ...``, notes) are not utterances."""
+def parse_transcription(path: Path, stats: CorpusStats | None = None) -> dict[str, str]:
+    """id -> text; lines without an utterance id (``M: ...``, notes) are not utterances. Lines
+    that are not UTF-8 are read as cp1252 and noted (``read_text``)."""
     texts = {}
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            m = _TRANSCRIPT.match(line.strip())
-            if m:
-                texts.setdefault(m.group("id"), m.group("text").strip())
+    for line in read_text(path, stats, fallback="cp1252", universal_newlines=True).split("\n"):
+        m = _TRANSCRIPT.match(line.strip())
+        if m:
+            texts.setdefault(m.group("id"), m.group("text").strip())
     return texts
 
 
@@ -51,6 +50,7 @@ def load_iemocap(
     fold: int | None = None,
     dev_fraction: float = 0.1,
     seed: int = 0,
+    on_unknown: str = "error",
     cache_dir=None,
     num_proc: int | None = None,
 ):
@@ -60,7 +60,8 @@ def load_iemocap(
     ``protocol="loso", fold=k``: test = Session k (EmoBox/emotion2vec 5-fold leave-one-session-out).
     The dev split holds out whole dialogs of the training sessions: per session
     ``max(1, round(dev_fraction * n_dialogs))`` dialogs chosen by ``seed`` (none when
-    ``dev_fraction=0``), so no dialog is shared between train and dev."""
+    ``dev_fraction=0``), so no dialog is shared between train and dev. A code IEMOCAP does not
+    define is a ValueError naming file and line (``on_unknown="skip"``: skipped and counted)."""
     root = require_dir(root, "IEMOCAP root")
     if protocol == "session5":
         if fold not in (None, 5):
@@ -74,7 +75,8 @@ def load_iemocap(
     if not 0 <= dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
     options = {"protocol": protocol, "fold": fold, "dev_fraction": dev_fraction, "seed": seed}
-    stats = CorpusStats("iemocap", str(root), options)
+    stats = CorpusStats("iemocap", str(root), options, on_unknown=check_on_unknown(on_unknown))
+    options["on_unknown"] = on_unknown
 
     present = [n for n in SESSIONS if (root / f"Session{n}").is_dir()]
     if not present:
@@ -110,7 +112,7 @@ def load_iemocap(
                     tfile = sdir / "dialog" / "transcriptions" / f"{dialog}.txt"
                     if tfile.is_file():
                         read_files.append(tfile)
-                        transcripts[dialog] = parse_transcription(tfile)
+                        transcripts[dialog] = parse_transcription(tfile, stats)
                     else:
                         stats.notes.append(f"no transcription file {tfile}")
                         transcripts[dialog] = {}

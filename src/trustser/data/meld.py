@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils import TARGET_SR
-from .schema import CorpusStats, build_dataset_dict, file_manifest, make_row, require_dir, wav_bytes
+from .schema import CorpusStats, build_dataset_dict, check_on_unknown, file_manifest, make_row, read_text, require_dir, wav_bytes
 
 logger = logging.getLogger("trustser.data")
 
@@ -47,23 +47,9 @@ def find_by_name(root: Path, file_names: set[str], dir_names: set[str]) -> dict[
 
 
 def read_csv_text(path: Path, stats: CorpusStats) -> str:
-    """The CSV as text: UTF-8 (BOM tolerated); a file that is not valid UTF-8 is read as cp1252
-    (latin-1 for the bytes cp1252 leaves undefined) and the fallback is noted."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        note = f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); read as cp1252"
-        stats.notes.append(note)
-        logger.warning(note)
-        return _decode_cp1252_lenient(raw)
-
-
-def _decode_cp1252_lenient(raw: bytes) -> str:
-    try:
-        return raw.decode("cp1252")
-    except UnicodeDecodeError:
-        return "".join(bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in raw)
+    """The CSV as text: UTF-8 (BOM tolerated); only the lines that are not valid UTF-8 are read
+    as cp1252 (MELD's CSVs carry such lines), noted with their numbers (``read_text``)."""
+    return read_text(path, stats, fallback="cp1252")
 
 
 def repair_mojibake(text: str) -> str:
@@ -108,20 +94,24 @@ def load_meld(
     splits=("train", "dev", "test"),
     repair_text: bool = False,
     clip_dirs: dict | None = None,
+    on_unknown: str = "error",
     cache_dir=None,
     num_proc: int | None = None,
 ):
     """MELD, 7 classes (EMOTION_MAPS["meld"]). Ids are ``<split>_dia<D>_utt<U>``; ``speaker`` is
     the character name; gender is unknown (""). Clips listed in a CSV but absent on disk are
     reported (``missing_audio``) and skipped. ``repair_text=True`` undoes mojibake; by default
-    the text is kept as the CSV has it. ``clip_dirs={"train": path, ...}`` overrides the search."""
+    the text is kept as the CSV has it. ``clip_dirs={"train": path, ...}`` overrides the search.
+    An emotion outside MELD's seven is a ValueError naming file and line (``on_unknown="skip"``:
+    the line is skipped and counted)."""
     root = require_dir(root, "MELD root")
     bad = [s for s in splits if s not in SPLIT_FILES]
     if bad:
         raise ValueError(f"unknown MELD splits {bad}; known: {list(SPLIT_FILES)}")
     options = {"splits": list(splits), "repair_text": repair_text,
                "clip_dirs": {k: str(v) for k, v in (clip_dirs or {}).items()}}
-    stats = CorpusStats("meld", str(root), options)
+    stats = CorpusStats("meld", str(root), options, on_unknown=check_on_unknown(on_unknown))
+    options["on_unknown"] = on_unknown
     found = find_by_name(root, {SPLIT_FILES[s][0] for s in splits}, {SPLIT_FILES[s][1] for s in splits})
 
     read_files: list[Path] = []

@@ -94,6 +94,12 @@ class CorpusStats:
     invalid_values: Counter = field(default_factory=Counter)
     notes: list = field(default_factory=list)
     splits: dict = field(default_factory=dict)
+    bad_audio: list = field(default_factory=list)
+    # what an unknown label is: "error" (ValueError naming file:line) or "skip" (reported and counted)
+    on_unknown: str = "skip"
+
+    def __post_init__(self):
+        check_on_unknown(self.on_unknown)
 
     def map_label(self, corpus: str, raw: str, path: str | os.PathLike, lineno: int) -> str | None:
         """Canonical emotion of a labelled line; None (counted and reported) for labels the
@@ -104,12 +110,19 @@ class CorpusStats:
         try:
             emotion = map_emotion(corpus, raw)
         except KeyError:
-            self.unknown_labels[raw] += 1
-            self.bad_line(path, lineno, f"unknown {corpus.upper()} emotion label {raw!r}")
+            self.unknown_label(path, lineno, f"unknown {corpus.upper()} emotion label {raw!r}", raw)
             return None
         if emotion is None:
             self.dropped_labels[raw.lower()] += 1
         return emotion
+
+    def unknown_label(self, path: str | os.PathLike, lineno: int, reason: str, raw: str) -> None:
+        """An unknown label: a ValueError naming file and line (``on_unknown="error"``), or counted,
+        reported and the line skipped (``"skip"``)."""
+        if self.on_unknown == "error":
+            raise ValueError(f"{path}:{lineno}: {reason}; pass on_unknown='skip' to skip (and count) such lines")
+        self.unknown_labels[raw] += 1
+        self.bad_line(path, lineno, reason)
 
     def bad_line(self, path: str | os.PathLike, lineno: int, reason: str) -> None:
         msg = f"{path}:{lineno}: {reason}"
@@ -132,6 +145,7 @@ class CorpusStats:
             "unparseable": list(self.unparseable),
             "invalid_values": dict(sorted(self.invalid_values.items())),
             "notes": list(self.notes),
+            "bad_audio": list(self.bad_audio),
         }
 
     def log_summary(self) -> None:
@@ -144,6 +158,142 @@ class CorpusStats:
         if self.missing_audio:
             logger.warning("%s: %d utterances without audio skipped: %s", self.corpus, len(self.missing_audio),
                            ", ".join(self.missing_audio[:20]) + (" ..." if len(self.missing_audio) > 20 else ""))
+
+
+def check_on_unknown(value: str) -> str:
+    if value not in ("error", "skip"):
+        raise ValueError(f"on_unknown must be 'error' or 'skip', got {value!r}")
+    return value
+
+
+def read_text(path: str | os.PathLike, stats: CorpusStats | None = None, *, fallback: str | None = None,
+              universal_newlines: bool = False) -> str:
+    """A text file, decoded line by line as UTF-8 (a BOM tolerated). A line that is not valid
+    UTF-8 is a ValueError naming the file and line, or, with ``fallback`` (e.g. ``"cp1252"``,
+    latin-1 for the bytes it leaves undefined), that line alone is read in ``fallback`` and noted
+    with its line number: the valid lines are never decoded otherwise. ``universal_newlines``:
+    ``\r\n`` and ``\r`` become ``\n`` (as ``open()`` in text mode); CSV readers want them kept."""
+    text = _decode_lines(path, stats, fallback)
+    return text.replace("\r\n", "\n").replace("\r", "\n") if universal_newlines else text
+
+
+def _decode_lines(path, stats, fallback) -> str:
+    raw = Path(path).read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    lines, bad = raw.split(b"\n"), []  # 0x0A never occurs inside a UTF-8 or cp1252 character
+    for i, line in enumerate(lines):
+        try:
+            lines[i] = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if fallback is None:
+                raise ValueError(f"{path}:{i + 1}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line); "
+                                 "save the file as UTF-8") from exc
+            bad.append(i + 1)
+            lines[i] = "".join(bytes([b]).decode(fallback, errors="ignore") or chr(b) for b in line)
+    note = (f"{path}: line(s) {bad[:20]}{' ...' if len(bad) > 20 else ''} ({len(bad)}) not valid UTF-8; "
+            f"those lines read as {fallback}")
+    if stats is not None:
+        stats.notes.append(note)
+    logger.warning(note)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Audio validation: unusable clips found at load time, before any training
+# ------------------------------------------------------------------------------------------
+def audio_problem_of(cell, max_seconds: float | None = None, silence_dbfs: float = -60.0) -> str | None:
+    """Why an undecoded ``audio`` cell (``{"bytes", "path"}``) cannot be trained on, or None: no
+    such file, empty file, unreadable, no samples, non-finite samples, silent, longer than
+    ``max_seconds``."""
+    from ..utils import read_encoded_audio
+
+    data, path = (cell.get("bytes"), cell.get("path")) if isinstance(cell, Mapping) else (None, cell)
+    if isinstance(cell, Mapping) and cell.get("array") is not None:  # decoded in memory
+        wav, sr = np.asarray(cell["array"], dtype=np.float32), cell.get("sampling_rate")
+        return _samples_problem(wav, sr, max_seconds, silence_dbfs)
+    if data is None:
+        if not path or not os.path.isfile(path):
+            return "no such file"
+        if os.path.getsize(path) == 0:
+            return "empty file"
+    elif len(data) == 0:
+        return "empty file"
+    try:
+        wav, sr = read_encoded_audio(data if data is not None else path)
+    except Exception as exc:
+        return f"unreadable audio ({type(exc).__name__}: {str(exc)[:200]})"
+    return _samples_problem(np.asarray(wav), sr, max_seconds, silence_dbfs)
+
+
+def _samples_problem(wav: np.ndarray, sr, max_seconds, silence_dbfs) -> str | None:
+    if wav.size == 0 or not sr:
+        return "no samples"
+    if not np.all(np.isfinite(wav)):
+        return "non-finite (NaN/inf) samples"
+    if float(np.sqrt(np.mean(np.square(wav, dtype=np.float64)))) <= 10 ** (silence_dbfs / 20):
+        return "silent"
+    seconds = wav.shape[-1] / float(sr)
+    if max_seconds is not None and seconds > max_seconds:
+        return f"longer than {max_seconds:g} s ({seconds:.1f} s)"
+    return None
+
+
+def _problem_column(cell, max_seconds, silence_dbfs):
+    return {"_audio_problem": audio_problem_of(cell, max_seconds, silence_dbfs) or ""}
+
+
+def validate_audio(dataset, *, max_seconds: float | None = None, silence_dbfs: float = -60.0, num_proc: int | None = None,
+                   audio_column: str = "audio"):
+    """``dataset`` (a Dataset or DatasetDict from ``load_corpus``) without the rows whose audio is
+    missing, empty, unreadable, without samples, non-finite, silent or longer than ``max_seconds``:
+    each is logged with its file and reason and listed in the load statistics (``bad_audio``:
+    ``"file: reason"``). Decodes every clip once, so a bad file is found before training instead of
+    in the middle of it."""
+    single = not isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict))
+    splits = {str(dataset.split or "train"): dataset} if single else dict(dataset)
+    out, found = {}, []
+    for name, ds in splits.items():
+        out[name], bad = _validate_split(ds, name, max_seconds, silence_dbfs, num_proc, audio_column)
+        found += bad
+    if found:
+        try:
+            payload = json.loads(next(iter(out.values())).info.description or "")
+            payload["trustser_stats"]["bad_audio"] = payload["trustser_stats"].get("bad_audio", []) + found
+            payload["trustser_stats"]["splits"].update({name: len(ds) for name, ds in out.items()})
+            for ds in out.values():
+                ds.info.description = json.dumps(payload, ensure_ascii=False)
+        except (ValueError, KeyError, TypeError):  # not built by load_corpus: no statistics to record into
+            pass
+    return next(iter(out.values())) if single else datasets.DatasetDict(out)
+
+
+def _validate_split(ds, name, max_seconds, silence_dbfs, num_proc, audio_column):
+    if isinstance(ds, datasets.IterableDataset):
+        raise ValueError("validate_audio needs a map-style dataset (the training collators reject the bad clips of a streamed one)")
+    feature = ds.features.get(audio_column)
+    raw = ds.cast_column(audio_column, datasets.Audio(sampling_rate=feature.sampling_rate, decode=False)) \
+        if isinstance(feature, datasets.Audio) else ds
+    problems = raw.map(_problem_column, input_columns=audio_column, fn_kwargs={"max_seconds": max_seconds, "silence_dbfs": silence_dbfs},
+                       num_proc=num_proc if num_proc and num_proc > 1 and len(raw) >= num_proc else None,
+                       remove_columns=raw.column_names, desc=f"checking {name} audio")["_audio_problem"]
+    bad = [i for i, p in enumerate(problems) if p]
+    if not bad:
+        return ds, []
+    rows = raw.select(bad)
+    ids = rows["id"] if "id" in rows.column_names else [str(i) for i in bad]
+    cells = rows[audio_column]
+    found = [f"{(c.get('path') if isinstance(c, Mapping) else c) or uid}: {problems[i]}" for uid, c, i in zip(ids, cells, bad)]
+    logger.warning("%s: %d clip(s) skipped before training: %s%s", name, len(found), "; ".join(found[:20]),
+                   " ..." if len(found) > 20 else "")
+    if len(bad) == len(ds):
+        raise ValueError(f"split {name!r}: no usable audio (every clip failed the check: {'; '.join(found[:5])} ...)")
+    bad_set = set(bad)
+    return ds.select([i for i in range(len(ds)) if i not in bad_set]), found
 
 
 def corpus_stats(dataset) -> dict:

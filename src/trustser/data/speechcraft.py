@@ -18,7 +18,8 @@ from typing import Iterator
 
 from ..descriptors import SED_FIELDS, map_emotion, normalize_sed_value
 from .schema import (
-    CorpusStats, build_dataset_dict, build_iterable_dataset_dict, file_manifest, make_row, require_dir, seeded_fraction,
+    CorpusStats, build_dataset_dict, build_iterable_dataset_dict, check_on_unknown, file_manifest, make_row, read_text, require_dir,
+    seeded_fraction,
 )
 
 logger = logging.getLogger("trustser.data")
@@ -41,7 +42,7 @@ def iter_records(path: Path, stats: CorpusStats | None = None) -> Iterator[tuple
         else:
             logger.warning("skipped %s:%d: %s", path, lineno, reason)
 
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text(path, stats, fallback="cp1252", universal_newlines=True)
     stripped = text.lstrip()
     first_line = stripped.split("\n", 1)[0].strip()
     if path.suffix.lower() == ".jsonl" or (stripped.startswith("{") and _is_json_object(first_line)
@@ -156,8 +157,8 @@ def record_to_row(rec: dict, where: str, resolve: _AudioResolver, stats: CorpusS
     try:
         emotion = map_emotion("speechcraft", raw_emotion or "")
     except KeyError:
-        stats.unknown_labels[raw_emotion or ""] += 1
-        _bad(stats, where, f"unknown SpeechCraft emotion {raw_emotion!r} for {key}")
+        path, _, line = where.rpartition(":")
+        stats.unknown_label(path, int(line), f"unknown SpeechCraft emotion {raw_emotion!r} for {key}", raw_emotion or "")
         return None
     stats.labelled += 1
     if emotion is None:
@@ -190,8 +191,9 @@ def _split_of(row_id: str, dev_fraction: float, seed: int) -> str:
     return "dev" if dev_fraction > 0 and seeded_fraction(seed, row_id) < dev_fraction else "train"
 
 
-def _stream_rows(files: list[str], audio_root: str, split: str, dev_fraction: float, seed: int, root: str) -> Iterator[dict]:
-    stats = CorpusStats("speechcraft", root)
+def _stream_rows(files: list[str], audio_root: str, split: str, dev_fraction: float, seed: int, root: str,
+                 on_unknown: str = "error") -> Iterator[dict]:
+    stats = CorpusStats("speechcraft", root, on_unknown=on_unknown)
     resolve = _AudioResolver(Path(audio_root))
     seen = set()
     for f in files:
@@ -214,10 +216,12 @@ def load_speechcraft(
     streaming: bool = False,
     dev_fraction: float = 0.0,
     seed: int = 0,
+    on_unknown: str = "error",
     cache_dir=None,
     num_proc: int | None = None,
 ):
-    """SpeechCraft records in the common schema.
+    """SpeechCraft records in the common schema. An emotion outside ``EMOTION_MAPS["speechcraft"]``
+    is a ValueError naming file and line (``on_unknown="skip"``: the record is skipped and counted).
 
     ``descriptions``: a description file or a list of them (relative to ``root`` or absolute);
     default every ``*.json``/``*.jsonl``/``*.txt``/``*.tsv`` directly in ``root``. ``audio_root``
@@ -245,14 +249,15 @@ def load_speechcraft(
     if not 0 <= dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
     options = {"descriptions": [str(f) for f in files], "audio_root": str(audio_root), "dev_fraction": dev_fraction, "seed": seed}
-    stats = CorpusStats("speechcraft", str(root), options)
+    stats = CorpusStats("speechcraft", str(root), options, on_unknown=check_on_unknown(on_unknown))
+    options["on_unknown"] = on_unknown
 
     if streaming:
         splits = ["train"] + (["dev"] if dev_fraction > 0 else [])
         stats.notes.append("streaming: skipped records are logged while iterating, not counted here")
         return build_iterable_dataset_dict(stats, {
             s: (_stream_rows, {"files": [str(f) for f in files], "audio_root": str(audio_root), "split": s,
-                               "dev_fraction": dev_fraction, "seed": seed, "root": str(root)})
+                               "dev_fraction": dev_fraction, "seed": seed, "root": str(root), "on_unknown": on_unknown})
             for s in splits
         })
 

@@ -734,24 +734,45 @@ def synthesize_corpus(
     return out
 
 
-def _read_metadata(path: Path) -> dict[str, list]:
-    """The columns of one split's metadata.csv; the offsets as floats, the rest as strings."""
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        rows = list(reader)
-    missing = [c for c in ("file_name", *LABEL_COLUMNS, *OFFSET_COLUMNS) if c not in header]
+def _read_metadata(path: Path, stats=None) -> dict[str, list]:
+    """One split's ``metadata.csv`` as columns. Errors name the file and line: text that is not
+    UTF-8, a missing column, an offset that is not a number, and (``stats.on_unknown="error"``) an
+    emotion or descriptor value outside the corpus' vocabulary; with ``"skip"`` such rows are
+    skipped and counted. Rows whose wav is missing are skipped and listed (``stats.missing_audio``)."""
+    from ..descriptors import EMOTION_LABELS, SED_FIELDS, normalize_sed_value
+    from .schema import CorpusStats, read_text
+
+    stats = stats if stats is not None else CorpusStats("synthetic", str(path.parent.parent), on_unknown="error")
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    needed = ["file_name", "id", *LABEL_COLUMNS[1:], *OFFSET_COLUMNS]
+    missing = [c for c in needed if c not in (reader.fieldnames or [])]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing}; regenerate the corpus with `trustser synth`")
-    extra = [c for c in header if c == TRUE_EMOTION_COLUMN]
+        raise ValueError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
+    emotions = set(EMOTION_LABELS["synthetic"])
+    extra = [c for c in (reader.fieldnames or []) if c == TRUE_EMOTION_COLUMN]
     cols: dict[str, list] = {c: [] for c in ("id", "audio", *LABEL_COLUMNS[1:], *OFFSET_COLUMNS, *extra)}
-    for r in rows:
+    for r in reader:
+        lineno = reader.line_num
+        unknown = [f"{c} {r[c]!r}" for c in ("emotion", *extra) if r[c] not in emotions]
+        unknown += [f"{f} {r[f]!r}" for f in SED_FIELDS if normalize_sed_value(f, r[f]) is None]
+        if unknown:
+            stats.unknown_label(path, lineno, f"unknown label(s) {', '.join(unknown)} (emotions: {sorted(emotions)})",
+                                r["emotion"] if r["emotion"] not in emotions else ",".join(unknown))
+            continue
+        audio = path.parent / r["file_name"]
+        if not audio.is_file():
+            stats.missing_audio.append(str(audio))
+            continue
+        try:
+            offsets = {c: float(r[c]) for c in OFFSET_COLUMNS}
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}:{lineno}: offsets {[r[c] for c in OFFSET_COLUMNS]} are not numbers") from None
         cols["id"].append(r["id"])
-        cols["audio"].append(str(path.parent / r["file_name"]))
+        cols["audio"].append(str(audio))
         for c in (*LABEL_COLUMNS[1:], *extra):
             cols[c].append(r[c])
-        for c in OFFSET_COLUMNS:
-            cols[c].append(float(r[c]))
+        for c, v in offsets.items():
+            cols[c].append(v)
     return cols
 
 
@@ -763,11 +784,17 @@ def load_synthetic(
     seed: int = 0,
     size: str = "default",
     num_proc: int | None = None,
+    on_unknown: str = "error",
 ):
     """The synthetic corpus as a ``datasets.DatasetDict`` (``audio`` cast to ``Audio(16000)``, labels
     as strings, ``*_z`` the exact speaker-relative offsets). ``generate=True`` synthesises it first
-    when absent or out of date."""
+    when absent or out of date. Metadata errors name file and line; an unknown label is an error
+    (``on_unknown="skip"``: skipped and counted); rows whose wav is missing are skipped and named
+    (``corpus_stats(...)["missing_audio"]``), so a damaged corpus fails or shrinks at load time,
+    not at the end of an annotation."""
     import datasets
+
+    from .schema import CorpusStats, _attach, check_on_unknown
 
     root = Path(root)
     if generate:
@@ -785,12 +812,19 @@ def load_synthetic(
         {"id": string, "audio": datasets.Audio(sampling_rate=TARGET_SR),
          **{c: string for c in LABEL_COLUMNS[1:]}, **{c: datasets.Value("float32") for c in OFFSET_COLUMNS}}
     )
+    stats = CorpusStats("synthetic", str(root), {"on_unknown": on_unknown}, on_unknown=check_on_unknown(on_unknown))
     out = {}
     for split in wanted:
         meta = root / split / "metadata.csv"
         if not meta.is_file():
             raise FileNotFoundError(f"{meta}: missing split {split!r} of the synthetic corpus; regenerate with `trustser synth {root}`")
-        cols = _read_metadata(meta)
+        cols = _read_metadata(meta, stats)
         feats = datasets.Features({**features, **({TRUE_EMOTION_COLUMN: string} if TRUE_EMOTION_COLUMN in cols else {})})
-        out[split] = datasets.Dataset.from_dict(cols, features=feats)
-    return datasets.DatasetDict(out)
+        out[split] = datasets.Dataset.from_dict(cols, features=feats, split=datasets.NamedSplit(split))
+    if stats.missing_audio:
+        stats.notes.append(f"{len(stats.missing_audio)} wav file(s) listed in the metadata are missing; regenerate with "
+                           f"`trustser synth {root}`")
+    stats.splits = {s: len(ds) for s, ds in out.items()}
+    dd = datasets.DatasetDict(out)
+    _attach(stats, dd)
+    return dd

@@ -1,5 +1,6 @@
-"""Loading guard shared by trustser's model classes: a checkpoint of another type is an error
-naming the directory, not a silently random-initialised model."""
+"""Loading guard shared by trustser's model classes: a checkpoint of another type, or one with
+missing or unexpected weights, is an error naming the directory, not a silently
+random-initialised model."""
 
 from __future__ import annotations
 
@@ -30,7 +31,25 @@ class CheckedFromPretrainedMixin:
                     f"{pretrained_model_name_or_path}: holds a {found!r} checkpoint, not a {cls.__name__} "
                     f"(model_type {wanted!r}); point to the right directory"
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        refuse_incomplete_weights(pretrained_model_name_or_path, info, cls.__name__)
+        return (model, info) if wants_info else model
+
+
+def refuse_incomplete_weights(path, info: dict, what: str) -> None:
+    """A checkpoint whose weights miss some of the model's parameters (left randomly initialised)
+    or hold ones the model does not have is a ValueError naming the directory and the keys.
+    ``transformers`` already leaves out what may be absent: tied weights (``_tied_weights_keys``),
+    non-persistent buffers and the class' ``_keys_to_ignore_on_load_*``."""
+    problems = []
+    for kind in ("missing", "unexpected"):
+        keys = sorted(info.get(f"{kind}_keys") or ())
+        if keys:
+            problems.append(f"{len(keys)} {kind} weight(s) {keys[:10]}{' ...' if len(keys) > 10 else ''}")
+    if problems:
+        raise ValueError(f"{path}: not a complete {what} checkpoint: {'; '.join(problems)} "
+                         "(a renamed, truncated or foreign weights file?)")
 
 
 def require_model_type(path, wanted: str, what: str) -> None:

@@ -9,6 +9,7 @@ descriptors, or the no-descriptor caption (``with_sed=False``), and masks the lo
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -28,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 SED_SOURCES = {"truth": "", "auto": "_auto", "pseudo": "_pseudo"}  # column suffix of each descriptor source
 CHECKPOINT_COMPLETE = "trustser_checkpoint.json"
+# per process: what the Trainer's checkpoint lacks for an exact resume (trainer._save_training_state)
+TRAINING_STATE = "trustser_training_state_{rank}.json"
+# a collated batch carries its augmentation generator's state after collating it (JSON), so the
+# checkpoint holds the state of the batches trained on, not of the one the dataloader prefetched
+AUGMENTATION_STATE = "augmentation_state"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MODEL_INPUTS = (
     "input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy", "f0", "labels", "sed_labels", "ctc_labels",
@@ -262,6 +268,8 @@ class SerSlmDataCollator:
                                     with_sed=self.with_sed, f0_tracks=f0_tracks))
         if self.aux_labels and self.caption_column is None:
             batch.update(self.processor.auxiliary_labels(features, SED_SOURCES[self.sed_source], with_sed=self.with_sed))
+        if hasattr(self.augmentation, "get_state"):
+            batch[AUGMENTATION_STATE] = json.dumps(self.augmentation.get_state())
         return batch
 
 
@@ -338,6 +346,58 @@ class SerSlmSFTTrainer(SFTTrainer):
                              "see the epoch that keys the augmentation draws; use non-persistent workers")
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
         self.add_callback(_CollatorEpoch(self))
+        self._augmentation_state: str | None = None
+        self._resume_checkpoint: str | None = None
+        self.add_callback(_RestoreTrainingState(self))
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        state = inputs.pop(AUGMENTATION_STATE, None) if isinstance(inputs, dict) else None
+        if state is not None:
+            self._augmentation_state = state
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def _save_training_state(self, output_dir: str) -> None:
+        """What the Trainer's checkpoint lacks for an exact resume, per process: the channel
+        augmentation's generator (as of the last batch trained on), the metrics accumulated since
+        the last log (TRL's ``_metrics``: lm/kl/aux losses, the rectification figures) and the
+        Trainer's loss accumulator, so the first log after a resume covers the same steps."""
+        from ..utils import atomic_write_json
+
+        state = {
+            "global_step": self.state.global_step,
+            "augmentation": json.loads(self._augmentation_state) if self._augmentation_state else None,
+            "metrics": {k: list(v) for k, v in self._metrics["train"].items()},
+            "total_train_tokens": int(getattr(self, "_total_train_tokens", 0)),
+            "tr_loss": float(self._tr_loss.item()) if torch.is_tensor(getattr(self, "_tr_loss", None)) else 0.0,
+            "total_loss_scalar": float(getattr(self, "_total_loss_scalar", 0.0)),
+            "globalstep_last_logged": int(getattr(self, "_globalstep_last_logged", self.state.global_step)),
+            "initial_global_step": int(getattr(self, "_initial_global_step", 0)),
+        }
+        atomic_write_json(os.path.join(output_dir, TRAINING_STATE.format(rank=self.accelerator.process_index)), state)
+
+    def _restore_training_state(self) -> None:
+        """Undoes ``_save_training_state`` of the checkpoint being resumed from (at train begin,
+        before the first batch is collated). Checkpoints written before it existed resume as before."""
+        checkpoint, self._resume_checkpoint = self._resume_checkpoint, None
+        path = os.path.join(checkpoint, TRAINING_STATE.format(rank=self.accelerator.process_index)) if checkpoint else None
+        if not path or not os.path.isfile(path):
+            if checkpoint:
+                logger.warning("%s has no %s: augmentation draws and the first log after the resume differ from an "
+                               "uninterrupted run", checkpoint, os.path.basename(str(path)))
+            return
+        with open(path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        augmentation = getattr(self.data_collator, "augmentation", None)
+        if state.get("augmentation") is not None and hasattr(augmentation, "set_state"):
+            augmentation.set_state(state["augmentation"])
+            self._augmentation_state = json.dumps(state["augmentation"])
+        self._metrics["train"].clear()
+        self._metrics["train"].update({k: list(v) for k, v in state["metrics"].items()})
+        self._total_train_tokens = state["total_train_tokens"]
+        self._tr_loss.fill_(state["tr_loss"])
+        self._total_loss_scalar = state["total_loss_scalar"]
+        self._globalstep_last_logged = state["globalstep_last_logged"]
+        self._initial_global_step = state["initial_global_step"]
 
     def _without_augmentation(self, build, *args, **kwargs):
         """Runs a dataloader builder with the collator's augmentation switched off (evaluation data
@@ -407,6 +467,7 @@ class SerSlmSFTTrainer(SFTTrainer):
         super()._save_checkpoint(model, trial)
         output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self._save_extra_state(output_dir)
+        self._save_training_state(output_dir)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             atomic_write_json(os.path.join(output_dir, CHECKPOINT_COMPLETE),
@@ -426,6 +487,7 @@ class SerSlmSFTTrainer(SFTTrainer):
         elif resume_from_checkpoint:
             if not os.path.isfile(os.path.join(resume_from_checkpoint, CHECKPOINT_COMPLETE)):
                 logger.warning("%s has no %s: it may have been interrupted while being saved", resume_from_checkpoint, CHECKPOINT_COMPLETE)
+        self._resume_checkpoint = str(resume_from_checkpoint) if resume_from_checkpoint else None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _unwrapped_config(self):
@@ -434,6 +496,18 @@ class SerSlmSFTTrainer(SFTTrainer):
         if not hasattr(cfg, "vib_beta") and hasattr(model, "get_base_model"):
             cfg = model.get_base_model().config
         return cfg
+
+
+class _RestoreTrainingState(TrainerCallback):
+    """Restores the resumed checkpoint's ``_save_training_state`` at train begin: after the Trainer
+    reset its loss accumulators, before the first batch is collated."""
+
+    def __init__(self, trainer: "SerSlmSFTTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._restore_training_state()
+        return control
 
 
 __all__ = ["SerSlmDataCollator", "SerSlmSFTConfig", "SerSlmSFTTrainer", "decode_audio", "read_rows", "last_complete_checkpoint",

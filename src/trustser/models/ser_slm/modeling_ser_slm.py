@@ -161,7 +161,16 @@ class SerSlmPreTrainedModel(PreTrainedModel):
             if found is not None and found != cls.config_class.model_type:
                 raise ValueError(f"{pretrained_model_name_or_path}: holds a {found!r} checkpoint, not a {cls.__name__} "
                                  f"(model_type {cls.config_class.model_type!r}); point to the right directory")
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # missing or unexpected weights (beyond the tied ones transformers leaves out) are an error
+        # too, not a partly random model (as trustser.models.loading.refuse_incomplete_weights)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        bad = {k: sorted(info.get(f"{k}_keys") or ()) for k in ("missing", "unexpected")}
+        if any(bad.values()):
+            raise ValueError(f"{pretrained_model_name_or_path}: not a complete {cls.__name__} checkpoint: "
+                             + "; ".join(f"{len(v)} {k} weight(s) {v[:10]}" for k, v in bad.items() if v)
+                             + " (a renamed, truncated or foreign weights file?)")
+        return (model, info) if wants_info else model
 
 
 def _audio_encoder_from_config(audio_config):
