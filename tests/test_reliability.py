@@ -479,14 +479,15 @@ def test_recipe_pretraining_skips_an_empty_wav_instead_of_dying_midway(tmp_path,
                        target_corpus="audiofolder", target_root=str(root), pretrain_split="reference",
                        pretrain_max_steps=3, per_device_batch_size=3, cpu_threads=1)
     caplog.set_level("WARNING", logger="trustser.data")
-    stage = stage_pretrain(StageRunner(tmp_path / "out" / "cache", SingleProcess()), cfg, get_system("sys1"), str(root), [])
+    stage = stage_pretrain(StageRunner(tmp_path / "out" / "cache", SingleProcess()), cfg, get_system("sys1"), str(root),
+                           annotated=None, sed_source="truth", upstream=[])
     assert (stage.path / "model" / "model.safetensors").is_file()
     assert any("empty.wav: empty file" in r.getMessage() for r in caplog.records)
     assert json.loads((stage.path / "log_history.json").read_text())[-1]["step"] == 3
 
 
 def _synthetic_layout(root: Path, rows: list[str], *, with_wavs: bool = True) -> Path:
-    header = "file_name,id,text,emotion,speaker,gender,age,pitch,volume,speed,pitch_z,volume_z,speed_z"
+    header = "file_name,id,text,emotion,speaker,group,gender,age,pitch,volume,speed,pitch_z,volume_z,speed_z"
     (root / "train" / "wav").mkdir(parents=True)
     (root / "manifest.json").write_text("{}")
     (root / "train" / "metadata.csv").write_bytes(("\n".join([header, *rows]) + "\n").encode("utf-8"))
@@ -495,7 +496,7 @@ def _synthetic_layout(root: Path, rows: list[str], *, with_wavs: bool = True) ->
     return root / "train" / "metadata.csv"
 
 
-ROW = "wav/u{i}.wav,u{i},Hello there.,{emotion},spk0,female,young adult,normal,high,slow,0.1,0.2,-0.3"
+ROW = "wav/u{i}.wav,u{i},Hello there.,{emotion},spk0,female/young adult,female,young adult,normal,high,slow,0.1,0.2,-0.3"
 
 
 def test_synthetic_loader_flags_missing_wavs_unknown_labels_and_bad_text(tmp_path):
