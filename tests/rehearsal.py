@@ -31,7 +31,7 @@ def launch_recipe(config: str, out: Path, inputs: dict, target: str, cwd: Path, 
            *STEPS, *extra]
     env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800,
                           preexec_fn=lambda: os.umask(0o022))
 
 

@@ -366,7 +366,8 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
         if trainer.accelerator.is_main_process:
             if spec.rectify:
                 trainer.controller.save_pretrained(str(out / "controller"))
-                if all(f in train.column_names for f in SED_FIELDS):  # ground truth known (synthetic): audit the repair
+                # ground truth known for some field (synthetic; IEMOCAP's gender): audit the repair (MELD has none)
+                if any(f in train.column_names and any(train[f]) for f in SED_FIELDS):
                     from .trainers.rectify import audit_controller
 
                     atomic_write_json(out / "controller_audit.json", audit_controller(trainer.controller, train, batch_size=cfg.eval_batch_size))

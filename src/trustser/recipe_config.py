@@ -73,8 +73,9 @@ class SerSlmModelArguments:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if isinstance(self.lora_target_modules, str):
-            self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
+        if self.lora_target_modules is not None:  # "q_proj v_proj", "q_proj,v_proj" or a list
+            items = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else self.lora_target_modules
+            self.lora_target_modules = [m for item in items for m in str(item).replace(",", " ").split() if m]
 
     def build_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``build_paper_ser_slm``."""
