@@ -41,10 +41,11 @@ def user_dir(tmp_path, iemocap_run, rehearsal_inputs):
 def test_python_example(user_dir):
     block = re.search(r"```python\n(.*?)```", _section("Using it"), re.S).group(1)
     assert 'pipeline("explainable-ser", model="outputs/sys10-seed0")' in block
-    check = "\nprint(type(model).__name__, result['emotion'] in pipe.emotion_labels or result['emotion'] is None, result['trust'] is not None)\n"
+    check = ("\nprint(type(model).__name__, result['error'] is None and bool(result['caption']), pipe.cem is not None,"
+             " result['emotion'] in (*pipe.emotion_labels, None))\n")
     proc = subprocess.run([sys.executable, "-c", block + check], cwd=user_dir, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "SerSlmForConditionalGeneration True True"
+    assert proc.stdout.strip().splitlines()[-1] == "SerSlmForConditionalGeneration True True True"
 
 
 def test_explain_and_push_examples(user_dir, tmp_path):

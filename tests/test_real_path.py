@@ -112,7 +112,7 @@ keys = ("input_ids", "attention_mask", "input_features", "feature_attention_mask
 inputs = {k: v for k, v in enc.items() if k in keys}
 with torch.no_grad():
     a, b = model(**inputs).logits, lora(**inputs).logits
-print(json.dumps({"type": type(model).__name__, "result": out, "cem_slm": pipe.cem_slm is not None,
+print(json.dumps({"type": type(model).__name__, "result": out, "cem": pipe.cem is not None, "cem_slm": pipe.cem_slm is not None,
                   "lora_maxdiff": float((a - b).abs().max()), "logit_scale": float(a.abs().max())}))
 """
 
@@ -128,10 +128,10 @@ def test_run_folder_loads_in_a_fresh_process(iemocap_run, rehearsal_inputs):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["type"] == "SerSlmForConditionalGeneration"
     r = got["result"]
-    assert r["error"] is None and isinstance(r["caption"], str)
-    assert set(r["emotion_probabilities"]) == {"neutral", "happy", "angry", "sad"}
-    assert set(r["confidence"]) == {"pitch", "volume", "speed", "gender", "age"} and 0.0 <= r["trust"] <= 1.0
-    assert got["cem_slm"]  # the CEM reads the pre-trained SLM it was trained on (pretrained/)
+    # a 2-step model writes no parseable caption yet, so emotion/trust may be None; the parts are there
+    assert r["error"] is None and isinstance(r["caption"], str) and r["caption"]
+    assert {"emotion", "probabilities", "descriptors", "confidence", "trust", "transcription"} <= set(r)
+    assert got["cem"] and got["cem_slm"]  # cem/ found, and the pre-trained SLM it was trained on (pretrained/)
     # merged bf16 weights vs base + adapter: equal up to bf16 rounding
     assert got["lora_maxdiff"] <= 0.02 * max(1.0, got["logit_scale"])
 
@@ -155,7 +155,8 @@ def test_moved_output_folder_explains_from_another_directory(iemocap_run, rehear
                               capture_output=True, text=True, env=ENV, timeout=300, cwd=cwd)
         assert proc.returncode == 0, proc.stderr[-3000:]
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert row["error"] is None and row["emotion"] in {"neutral", "happy", "angry", "sad", None} and row["trust"] is not None
+        assert row["error"] is None and row["caption"] and row["emotion"] in {"neutral", "happy", "angry", "sad", None}
+        assert "trust" in row and "explained" in proc.stderr
         proc = subprocess.run([*cli, "push", str(moved), "you/trustser-sys10-iemocap", "--export-dir", str(tmp_path / "release")],
                               capture_output=True, text=True, env=ENV, timeout=300, cwd=cwd)
         assert proc.returncode == 0, proc.stderr[-3000:]
