@@ -17,3 +17,7 @@ def synthetic_small(tmp_path_factory):
     from trustser.data.synthetic import synthesize_corpus
 
     return synthesize_corpus(tmp_path_factory.mktemp("synthetic") / "small", seed=0, size="small", num_proc=2)
+
+
+# the real-path rehearsal's inputs and runs (tests/rehearsal.py), shared by test_real_path.py and test_readme_usage.py
+from rehearsal import iemocap_run, meld_run, rehearsal_inputs  # noqa: E402,F401

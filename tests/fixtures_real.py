@@ -249,3 +249,208 @@ def _write_meta(path: Path, rows, with_split: bool) -> None:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# ------------------------------------------------------------------------------------------
+# Rehearsal: the real layouts filled with synthetic speech, and local stand-ins for the Hub models
+# ------------------------------------------------------------------------------------------
+_IEMOCAP_CODES = {"neutral": "neu", "happy": "hap", "angry": "ang", "sad": "sad"}
+_MELD_CODES = {"neutral": "neutral", "happy": "joy", "angry": "anger", "sad": "sadness"}
+_SC_WORDS = {"young adult": "Young Adult", "middle-aged": "Middle-aged", "elderly": "Elderly",
+             "teenager": "Teenager", "child": "Child"}
+
+
+def speech_rows(corpus_root: Path | None, n: int, seed: int = 0) -> list[dict]:
+    """``n`` utterances of synthetic speech with their labels: from a trustser synthetic corpus
+    (espeak-ng speech, all splits) when ``corpus_root`` is given, else harmonic tones whose pitch
+    and level follow the descriptors (for machines without espeak-ng)."""
+    if corpus_root is not None:
+        rows = []
+        for split in ("reference", "train", "dev", "test"):
+            meta = Path(corpus_root) / split / "metadata.csv"
+            with open(meta, newline="", encoding="utf-8") as fh:
+                for r in csv.DictReader(fh):
+                    wav, sr = sf.read(str(meta.parent / r["file_name"]), dtype="float32")
+                    rows.append({**{k: r[k] for k in ("text", "emotion", "speaker", "gender", "age", "pitch", "volume", "speed")},
+                                 "wav": wav, "sr": sr})
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(rows))
+        return [rows[i] for i in order[:n]]
+    from ser_slm_fixtures import make_rows
+
+    out = []
+    for r in make_rows(n, seed):
+        out.append({**{k: r[k] for k in ("text", "emotion", "speaker", "gender", "age", "pitch", "volume", "speed")},
+                    "wav": r["audio"]["array"], "sr": r["audio"]["sampling_rate"]})
+    return out
+
+
+def _resampled(wav: np.ndarray, sr: int, target: int) -> np.ndarray:
+    if sr == target:
+        return wav
+    import torch
+    import torchaudio.functional as AF
+
+    return AF.resample(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)), sr, target).numpy()
+
+
+def build_speechcraft_recipe_tree(root: Path, rows: list[dict]) -> Path:
+    """What ``pretrain_root`` of the real configs points at: SpeechCraft description records (JSON
+    lines, SpeechCraft's capitalised values) next to their audio in the GigaSpeech layout
+    (``audio/<source>/P0000/<segment>.wav``, 16 kHz)."""
+    root = Path(root) / "speechcraft"
+    lines = []
+    for i, r in enumerate(rows):
+        key = f"{('POD', 'YOU', 'AUD')[i % 3]}{i // 3:010d}_S{i:07d}"
+        rel = f"audio/{key[:3].lower()}/P0000/{key}.wav"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(root / rel), _resampled(r["wav"], r["sr"], 16000), 16000, subtype="PCM_16")
+        lines.append(json.dumps({"key": key, "path": rel, "age": _SC_WORDS.get(r["age"], r["age"].title()),
+                                 "gender": r["gender"].title(), "pitch": r["pitch"].title(), "volume": r["volume"].title(),
+                                 "speed": r["speed"].title(), "emotion": r["emotion"].title(), "transcription": r["text"],
+                                 "speaker": r["speaker"]}))
+    (root / "records.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def build_iemocap_recipe_tree(root: Path, rows: list[dict], *, per_dialog: int = 4) -> Path:
+    """``IEMOCAP_full_release``: five sessions of dialogs, EmoEvaluation lines with evaluator
+    comments, transcriptions, and each utterance's wav (16 kHz PCM, readable by soundfile without
+    FFmpeg) under ``sentences/wav/<dialog>/``; every fifth utterance is labelled ``fru`` (dropped)."""
+    root = Path(root) / "IEMOCAP_full_release"
+    per_session = max(1, len(rows) // 5)
+    for n in range(1, 6):
+        sdir = root / f"Session{n}"
+        chunk = rows[(n - 1) * per_session: n * per_session]
+        dialogs = [chunk[i:i + per_dialog] for i in range(0, len(chunk), per_dialog)]
+        for d, utts in enumerate(dialogs):
+            dialog = f"Ses{n:02d}{'F' if d % 2 == 0 else 'M'}_{'impro' if d % 2 == 0 else 'script'}{d + 1:02d}"
+            eval_lines, tr_lines, t = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""], [], 4.0
+            for i, r in enumerate(utts):
+                letter = "F" if r["gender"] == "female" else "M"
+                uid = f"{dialog}_{letter}{i:03d}"
+                wav = _resampled(r["wav"], r["sr"], 16000)
+                start, end = t, t + len(wav) / 16000
+                code = "fru" if (n + i) % 5 == 0 else _IEMOCAP_CODES[r["emotion"]]
+                eval_lines += [f"[{start:.4f} - {end:.4f}]\t{uid}\t{code}\t[2.5000, 3.0000, 2.5000]",
+                               "C-E2:\tNeutral;\t()", "A-E3:\tval 3; act 2; dom  2;\t()", ""]
+                tr_lines.append(f"{uid} [{start:08.4f}-{end:08.4f}]: {r['text']}")
+                t = end + 0.7
+                path = sdir / "sentences" / "wav" / dialog / f"{uid}.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(str(path), wav, 16000, subtype="PCM_16")
+            eva = sdir / "dialog" / "EmoEvaluation"
+            for sub in ("Categorical", "Attribute", "Self-evaluation"):
+                (eva / sub).mkdir(parents=True, exist_ok=True)
+            (eva / f"{dialog}.txt").write_text("\n".join(eval_lines) + "\n")
+            tdir = sdir / "dialog" / "transcriptions"
+            tdir.mkdir(parents=True, exist_ok=True)
+            (tdir / f"{dialog}.txt").write_text("\n".join(tr_lines) + "\n")
+    return root
+
+
+def build_meld_recipe_tree(root: Path, rows: dict[str, list[dict]]) -> Path:
+    """``MELD.Raw``: the three ``*_sent_emo.csv`` files (MELD's columns) and one mp4 per utterance
+    in the split folders, as the release has them: an H.264 picture and 48 kHz six-channel AAC."""
+    root = Path(root) / "MELD.Raw"
+    for split, split_rows in rows.items():
+        parent, folder = _MELD_DIRS[split]
+        clip_dir = root / parent / folder
+        clip_dir.mkdir(parents=True, exist_ok=True)
+        with open(root / f"{split}_sent_emo.csv", "w", encoding="utf-8", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(MELD_HEADER)
+            for i, r in enumerate(split_rows):
+                dia, utt = i // 3, i % 3
+                w.writerow([i + 1, r["text"], r["speaker"], _MELD_CODES[r["emotion"]], "neutral", dia, utt, 1, 1,
+                            "00:00:01,000", "00:00:03,000"])
+                wav = _resampled(r["wav"], r["sr"], 48000)
+                src = clip_dir / f"dia{dia}_utt{utt}.src.wav"
+                sf.write(str(src), np.repeat(wav[:, None], 6, axis=1), 48000, subtype="PCM_16")
+                subprocess.run(
+                    ["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=black:s=32x32:r=5", "-i", str(src),
+                     "-shortest", "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                     "-ac", "6", "-ar", "48000", str(clip_dir / f"dia{dia}_utt{utt}.mp4")],
+                    check=True,
+                )
+                src.unlink()
+    return root
+
+
+def save_stand_ins(root: Path, texts: list[str], *, seed: int = 0) -> dict[str, str]:
+    """Tiny randomly initialised models saved where the real configs' Hub ids would be fetched
+    from, in the same architectures and file layouts: HuBERT with its feature extractor, a
+    Llama-architecture LM with a byte-level BPE tokenizer (no ``<audio>`` token: the preset adds
+    it), a wav2vec2 ``audio-classification`` gender model (SpeechCraft's layout) and an
+    audEERING-style age/gender model. Returns ``{setting: folder}``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                              Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification)
+
+    from trustser.annotation.classifiers import _age_gender_classes
+    from trustser.descriptors import build_caption
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                  return_attention_mask=True)
+    out = {}
+    # facebook/hubert-large-ll60k
+    hub = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       conv_dim=(16,) * 7, feat_extract_norm="layer", num_conv_pos_embeddings=16,
+                       num_conv_pos_embedding_groups=2, do_stable_layer_norm=True)
+    HubertModel(hub).save_pretrained(root / "hubert-large-ll60k")
+    fe.save_pretrained(root / "hubert-large-ll60k")
+    out["audio_model"] = str(root / "hubert-large-ll60k")
+    # meta-llama/Llama-3.1-8B-Instruct
+    samples = [build_caption(t, "neutral", {"pitch": "high", "volume": "low", "speed": "normal", "gender": "female",
+                                           "age": "young adult"}) for t in texts] + list(texts)
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(samples * 2, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  clean_up_tokenization_spaces=False)
+    llama = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(llama).save_pretrained(root / "Llama-3.1-8B-Instruct")
+    tok.save_pretrained(root / "Llama-3.1-8B-Instruct")
+    out["text_model"] = str(root / "Llama-3.1-8B-Instruct")
+    w2v = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(16, 16),
+               conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, vocab_size=10)
+    # alefiury/wav2vec2-large-xlsr-53-gender-recognition-librispeech
+    gender = Wav2Vec2ForSequenceClassification(Wav2Vec2Config(num_labels=2, id2label={0: "female", 1: "male"},
+                                                              label2id={"female": 0, "male": 1}, **w2v))
+    gender.save_pretrained(root / "wav2vec2-large-xlsr-53-gender-recognition-librispeech")
+    fe.save_pretrained(root / "wav2vec2-large-xlsr-53-gender-recognition-librispeech")
+    out["gender_model"] = str(root / "wav2vec2-large-xlsr-53-gender-recognition-librispeech")
+    # audeering/wav2vec2-large-robust-24-ft-age-gender
+    age = _age_gender_classes()(Wav2Vec2Config(**w2v))
+    age.save_pretrained(root / "wav2vec2-large-robust-24-ft-age-gender")
+    fe.save_pretrained(root / "wav2vec2-large-robust-24-ft-age-gender")
+    out["age_model"] = str(root / "wav2vec2-large-robust-24-ft-age-gender")
+    return out
+
+
+def build_rehearsal(root: Path, corpus_root: Path | None = None, *, meld: bool = True) -> dict:
+    """Everything the rehearsal of the real configs reads: the SpeechCraft, IEMOCAP and (with
+    ``meld``) MELD trees filled with synthetic speech, and the stand-in models. Returns the paths."""
+    root = Path(root)
+    rows = speech_rows(corpus_root, 32 + 40 + (26 if meld else 0))
+    out = {"speechcraft": str(build_speechcraft_recipe_tree(root, rows[:32])),
+           "iemocap": str(build_iemocap_recipe_tree(root, rows[32:72]))}
+    if meld:
+        m = rows[72:]
+        out["meld"] = str(build_meld_recipe_tree(root, {"train": m[:16], "dev": m[16:20], "test": m[20:26]}))
+    out["models"] = save_stand_ins(root / "stand-ins", [r["text"] for r in rows])
+    return out
+
+
+if __name__ == "__main__":  # python tests/fixtures_real.py OUT [SYNTHETIC_CORPUS] [--no-meld]: the rehearsal inputs
+    import sys
+
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    print(json.dumps(build_rehearsal(Path(args[0]), Path(args[1]) if len(args) > 1 else None, meld="--no-meld" not in sys.argv)))

@@ -78,11 +78,11 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
     assert saved["settings"]["controller_scale_rewards"] == "none" and saved["num_processes"] == 1
     assert saved["torch_threads_per_process"] == 1
     # the auxiliary heads and channel augmentation belong to pre-training only
-    pre = Path(next(s["path"] for s in saved["stages"] if s["name"] == "pretrain"))
+    pre = run_dir / next(s["path"] for s in saved["stages"] if s["name"] == "pretrain")  # relative to the run folder
     pre_logs = json.loads((pre / "log_history.json").read_text())
     assert any("aux_sed_loss" in h and "aux_ctc_loss" in h for h in pre_logs)
     assert json.loads((pre / "model" / "config.json").read_text())["aux_sed_loss_weight"] == 1.0
-    post = Path(next(s["path"] for s in saved["stages"] if s["name"] == "posttrain"))
+    post = run_dir / next(s["path"] for s in saved["stages"] if s["name"] == "posttrain")
     assert not any("aux_sed_loss" in h for h in json.loads((post / "log_history.json").read_text()))
     assert (post / "controller" / "model.safetensors").exists() or any((post / "controller").glob("*.safetensors"))
     # Sys. 4 shares the annotation and the pre-trained SLM: only its own post-training runs

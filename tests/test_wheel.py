@@ -113,6 +113,10 @@ def workdir(tmp_path_factory, wheel, explain_model_dir, explain_clips):
                "stages": [{"name": "corpus", "key": "k0", "path": str(corpus.parent)},
                           {"name": "cem", "key": "k2", "path": str(cem)}, {"name": "posttrain", "key": "k1", "path": str(post)}]}
     (run / "results.json").write_text(json.dumps(results))
+    for f in (post / "model").iterdir():  # the run folder is the model (recipe.export_model_folder's layout)
+        if f.is_file():
+            shutil.copy2(f, run / f.name)
+    shutil.copytree(cem / "cem", run / "cem")
     return d
 
 

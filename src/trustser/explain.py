@@ -167,6 +167,8 @@ class ExplainableSerPipeline(Pipeline):
         self.model.eval()
         if cem is None:
             cem = _default_cem_path(model.name_or_path)
+            if cem is not None and cem_slm is None:  # a run folder: the SLM its CEM was trained on
+                cem_slm = _default_cem_slm_path(model.name_or_path)
         self.cem = _load_cem(cem, self.device)
         if isinstance(cem_slm, (str, os.PathLike)):
             from .models.ser_slm import SerSlmForConditionalGeneration
@@ -403,6 +405,13 @@ def _default_cem_path(name_or_path) -> str | None:
     return None
 
 
+def _default_cem_slm_path(name_or_path) -> str | None:
+    """The ``pretrained/`` subfolder of a trustser run folder: the SER-SLM whose hidden states its
+    CEM was trained on (a released folder has none: the explaining model is used)."""
+    p = Path(str(name_or_path or ""))
+    return str(p / "pretrained") if p.is_dir() and (p / "pretrained" / "config.json").is_file() else None
+
+
 def register_pipeline() -> None:
     """Registers the ``explainable-ser`` task with transformers (idempotent)."""
     from transformers.pipelines import PIPELINE_REGISTRY
@@ -440,7 +449,16 @@ def resolve_model_dir(model: str | os.PathLike) -> dict[str, Any]:
     if results is None:
         return {"model": str(model), "cem": None, "cem_slm": None, "emotion_labels": None}
     data = json.loads(results.read_text())
-    stages = {s["name"]: Path(s["path"]) for s in data.get("stages", [])}
+    corpus = data.get("target_corpus") or data.get("settings", {}).get("target_corpus")
+    labels = data.get("settings", {}).get("emotion_labels") or EMOTION_LABELS.get(corpus)
+    run = results.parent
+    if (run / "config.json").is_file():  # the run folder is the model (cem/, pretrained/ inside)
+        cem_dir = run / "cem" if (run / "cem" / "config.json").is_file() else None
+        pre = run / "pretrained" if cem_dir is not None and (run / "pretrained" / "config.json").is_file() else None
+        return {"model": str(run), "cem": str(cem_dir) if cem_dir else None, "cem_slm": str(pre) if pre else None,
+                "emotion_labels": tuple(labels) if labels else None}
+    # older run folders: the stages' paths (relative to the run folder)
+    stages = {s["name"]: run / s["path"] for s in data.get("stages", [])}
     model_dir = stages.get("posttrain", stages.get("pretrain"))
     if model_dir is None or not (model_dir / "model" / "config.json").exists():
         raise FileNotFoundError(f"{results}: no trained model found under its stages ({sorted(stages)})")
@@ -448,8 +466,6 @@ def resolve_model_dir(model: str | os.PathLike) -> dict[str, Any]:
     cem_dir = cem / "cem" if cem is not None and (cem / "cem" / "config.json").exists() else None
     pre = stages.get("pretrain")
     cem_slm = pre / "model" if cem_dir is not None and pre is not None and pre != model_dir else None
-    corpus = data.get("target_corpus") or data.get("settings", {}).get("target_corpus")
-    labels = data.get("settings", {}).get("emotion_labels") or EMOTION_LABELS.get(corpus)
     return {"model": str(model_dir / "model"), "cem": str(cem_dir) if cem_dir else None,
             "cem_slm": str(cem_slm) if cem_slm else None, "emotion_labels": tuple(labels) if labels else None}
 

@@ -224,7 +224,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             "cem": recipe._read_json(cem.path / "cem" / "cem_metrics.json") if cem else None,
             "selection": recipe._read_json(selected.path / "data" / "selection_stats.json") if selected else None,
             "rectification": recipe._rectification_summary(recipe._read_json(post.path / "log_history.json")) if cfg.rectify else None,
-            "settings": {**asdict(rcfg), "emotion_labels": labels, "base_model": cfg.model, "num_policies_used": cfg.num_policies,
+            "settings": {**rcfg.to_dict(), "emotion_labels": labels, "base_model": cfg.model, "num_policies_used": cfg.num_policies,
                          "finetune": asdict(cfg)},
             "seed": cfg.seed,
             "stages": [{"name": s.name, "key": s.key, "reused": s.reused, "path": str(s.path), "seconds": s.record().get("seconds")}

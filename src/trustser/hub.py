@@ -49,7 +49,14 @@ def find_run(output_dir: str | os.PathLike) -> tuple[Path, dict]:
 def run_artifacts(output_dir: str | os.PathLike) -> dict[str, Any]:
     """Paths of the evaluated SER-SLM, its CEM and controller (None when the system has none)."""
     run, results = find_run(output_dir)
-    stages = {s["name"]: Path(s["path"]) for s in results.get("stages", [])}
+    if (run / "config.json").is_file():  # the run folder is the model (recipe.export_model_folder)
+        return {
+            "run_dir": run, "results": results, "model": run,
+            "cem": run / "cem" if (run / "cem" / "config.json").is_file() else None,
+            "controller": run / "controller" if (run / "controller" / "config.json").is_file() else None,
+        }
+    # older run folders: the stages' paths (relative to the run folder)
+    stages = {s["name"]: run / s["path"] for s in results.get("stages", [])}
     model_stage = stages.get("posttrain", stages.get("pretrain"))
     if model_stage is None or not (model_stage / "model" / "config.json").is_file():
         raise FileNotFoundError(f"{run}/results.json: no saved model under the posttrain/pretrain stage ({sorted(stages)})")
@@ -229,7 +236,9 @@ def export_release(output_dir: str | os.PathLike, dest: str | os.PathLike, repo_
     art = run_artifacts(output_dir)
     cards = build_model_cards(art, repo_id, license=license)
     with atomic_directory(dest) as tmp:
-        _copy_files(Path(art["model"]), tmp, skip=("README.md", "training_args.bin"))
+        # a run folder's own results/report/plots are not part of the model (trustser_results.json is)
+        _copy_files(Path(art["model"]), tmp, skip=("README.md", "training_args.bin", "results.json", "report.md",
+                                                   "confusion_matrix.png", "tsne.png", "rectification.png"))
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["emotion_labels"] = emotion_labels_of(art["results"])

@@ -20,6 +20,9 @@ def _save(fig, path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    from .utils import honour_umask
+
+    honour_umask(tmp)
     os.replace(tmp, path)
     return path
 

@@ -10,8 +10,10 @@ Sys. 10 re-runs only its own post-training and evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,28 +54,70 @@ def _audio_window(processor) -> float | None:
     return fe.n_samples / fe.sampling_rate if getattr(fe, "n_samples", None) and getattr(fe, "sampling_rate", None) else None
 
 
-def _training_args(cfg: RecipeConfig, output_dir: Path, *, max_steps: int, epochs: float, lr: float, cls=None, **extra):
+def _training_args(cfg: RecipeConfig, output_dir: Path, *, stage: str, max_steps: int, epochs: float, lr: float, cls=None, **extra):
+    """The trainer config of an SER-SLM training ``stage`` ('pretrain' or 'posttrain'): the
+    recipe's fields (steps, learning rate, batch, seed, checkpointing), then the trainer fields
+    set for all stages or for this one (``RecipeConfig.stage_training_args``), which win."""
     from .trainers.sft import SerSlmSFTConfig
 
     cls = cls or SerSlmSFTConfig
-    return cls(
+    kwargs = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.per_device_batch_size,
         learning_rate=lr,
         num_train_epochs=epochs,
         max_steps=max_steps,
         warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type="cosine",
-        logging_steps=10,
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
-        save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        dataloader_num_workers=cfg.dataloader_num_workers,
-        disable_tqdm=False,
         **extra,
     )
+    kwargs.update(cfg.stage_training_args(stage))
+    strategy = str(getattr(kwargs.get("eval_strategy", "no"), "value", kwargs.get("eval_strategy", "no")))
+    if stage == "posttrain" and strategy != "no":
+        raise ValueError(f"eval_strategy={strategy!r} in post-training: the recipe evaluates the post-trained model on "
+                         f"test_split afterwards; evaluation during training is for pre-training (pretrain_training_args "
+                         f"with pretrain_eval_split)")
+    return cls(**kwargs)
+
+
+def _with_lora(model, cfg: RecipeConfig):
+    """The paper preset trains LoRA adapters on the LLM (plus the new VIB/projector modules in
+    full); a loaded (merged) SER-SLM gets a fresh adapter for its next training stage."""
+    if cfg.preset != "paper" or not cfg.model_args.use_peft:
+        return model
+    from peft import PeftModel, get_peft_model
+
+    from .models.ser_slm.presets import lora_config_for_llm
+
+    if isinstance(model, PeftModel):
+        return model
+    m = cfg.model_args
+    return get_peft_model(model, lora_config_for_llm(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules))
+
+
+def _save_trained(trainer, processor, model_dir: Path, base) -> None:
+    """Saves a training stage's SER-SLM as a full checkpoint in ``model_dir`` (loadable by
+    ``from_pretrained`` everywhere). With LoRA the adapter (with the trained VIB/projector copies)
+    is saved to ``model_dir/adapter`` first, on every process (DeepSpeed/FSDP gather there), and
+    the main process merges it into ``base()``, the untrained model the stage started from."""
+    from peft import PeftModel
+
+    if trainer.is_fsdp_enabled:  # a loadable checkpoint, not per-rank shards
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    lora = isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel)
+    trainer.save_model(str(model_dir / "adapter" if lora else model_dir))
+    if trainer.accelerator.is_main_process:
+        if lora:
+            merged = PeftModel.from_pretrained(base(), str(model_dir / "adapter")).merge_and_unload()
+            merged.save_pretrained(str(model_dir))
+            for junk in ("training_args.bin",):
+                (model_dir / "adapter" / junk).unlink(missing_ok=True)
+        (model_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in STAGE.json
+        processor.save_pretrained(str(model_dir))
+    trainer.accelerator.wait_for_everyone()
 
 
 def _train(trainer, cfg: RecipeConfig, trainer_dir: Path) -> None:
@@ -144,7 +188,8 @@ def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, ups
                          and all(f in reference.column_names and any(reference[f]) for f in ("pitch", "volume", "speed")))
         annotated = annotate(datasets.DatasetDict(splits), method=cfg.annotation_method, reference=reference, seed=cfg.corpus_seed,
                              calibrate=calibrate,
-                             num_proc=cfg.annotation_num_proc or max(1, (os.cpu_count() or 1) // state.num_processes))
+                             num_proc=cfg.annotation_num_proc or max(1, (os.cpu_count() or 1) // state.num_processes),
+                             gender_backend=_annotation_backend(cfg, "gender"), age_backend=_annotation_backend(cfg, "age"))
         if state.is_main_process:
             annotated.save_to_disk(str(out / "data"))
             atomic_write_json(out / "annotation_report.json", {s: annotation_report(annotated[s]) for s in annotated})
@@ -152,6 +197,7 @@ def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, ups
     settings = {"corpus": cfg.target_corpus, "root": target_root, "options": cfg.target_options, "method": cfg.annotation_method,
                 "seed": cfg.corpus_seed, "calibrate": cfg.annotation_calibrate, "with_pretrain_split": with_pretrain}
     settings.update(runner.input_settings(target_root))  # an edited corpus is annotated afresh
+    settings.update({f"{f}_model": getattr(cfg, f"{f}_model") for f in ("gender", "age") if getattr(cfg, f"{f}_model") != "auto"})
     # every process annotates its shard (trustser.annotation gathers them)
     return runner.run("annotate", settings, run, upstream, all_processes=True)
 
@@ -174,6 +220,39 @@ def _pretrain_split(cfg: RecipeConfig, pretrain_root: str, annotated: Stage, sed
     return split
 
 
+def _build_slm(cfg: RecipeConfig, corpus, train, *, use_lora: bool = True):
+    """A fresh SER-SLM of ``cfg.preset``: the tiny random-init model (tokenizer trained on the
+    corpus' transcripts) or the paper's (``cfg.model_args``: encoder, LLM, dtype, LoRA)."""
+    from .models.ser_slm import build_paper_ser_slm, build_tiny_ser_slm
+
+    set_seed(cfg.seed)
+    if cfg.preset == "tiny":
+        texts = list(train["text"])
+        if cfg.target_corpus == cfg.pretrain_corpus and "train" in corpus:
+            texts += list(corpus["train"]["text"])
+        return build_tiny_ser_slm(
+            texts, emotion_labels=_emotion_labels(cfg.pretrain_corpus, train), seed=cfg.seed, sed_f0_stream=cfg.f0_stream,
+            aux_sed_loss_weight=cfg.aux_sed_loss_weight, aux_ctc_loss_weight=cfg.aux_ctc_loss_weight,
+        )
+    if cfg.preset == "paper":
+        kwargs = cfg.model_args.build_kwargs()
+        kwargs["use_lora"] = kwargs["use_lora"] and use_lora
+        return build_paper_ser_slm(**kwargs)
+    raise ValueError(f"unknown preset {cfg.preset!r}: 'tiny' or 'paper'")
+
+
+def _annotation_backend(cfg: RecipeConfig, field: str):
+    """``gender_model`` / ``age_model`` as an annotate() backend: 'auto', 'reference' and
+    OfflineClassifier .json files as they are, a Hub id or model folder as a HubAudioClassifier
+    on ``annotation_device`` with ``annotation_batch_size``."""
+    spec = getattr(cfg, f"{field}_model")
+    if spec in ("auto", "reference", None) or str(spec).endswith(".json"):
+        return spec
+    from .annotation.classifiers import HubAudioClassifier
+
+    return HubAudioClassifier(spec, field, device=cfg.annotation_device, batch_size=cfg.annotation_batch_size)
+
+
 def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pretrain_root: str, annotated: Stage,
                    sed_source: str, upstream: list[Stage]) -> Stage:
     """SER-SLM pre-training on the pre-training corpus (SpeechCraft's role), with its automatic
@@ -181,37 +260,23 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
 
     def run(out: Path):
         from .data import load_corpus, validate_audio
-        from .models.ser_slm import build_paper_ser_slm, build_tiny_ser_slm
         from .trainers.sft import SerSlmSFTTrainer
 
-        set_seed(cfg.seed)
         with runner.state.main_process_first():
             corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
             train = _pretrain_split(cfg, pretrain_root, annotated, sed_source)
-        labels = _emotion_labels(cfg.pretrain_corpus, train)
-        if cfg.preset == "tiny":
-            texts = list(train["text"])
-            if cfg.target_corpus == cfg.pretrain_corpus and "train" in corpus:
-                texts += list(corpus["train"]["text"])
-            model, processor = build_tiny_ser_slm(
-                texts, emotion_labels=labels, seed=cfg.seed, sed_f0_stream=cfg.f0_stream,
-                aux_sed_loss_weight=cfg.aux_sed_loss_weight, aux_ctc_loss_weight=cfg.aux_ctc_loss_weight,
-            )
-        elif cfg.preset == "paper":
-            model, processor = build_paper_ser_slm()
-        else:
-            raise ValueError(f"unknown preset {cfg.preset!r}: 'tiny' or 'paper'")
+        model, processor = _build_slm(cfg, corpus, train)
         train = validate_audio(train, max_seconds=_audio_window(processor))  # bad clips named and skipped now, not mid-run
         args = _training_args(
-            cfg, out / "trainer", max_steps=cfg.pretrain_max_steps, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_learning_rate,
-            sed_source=sed_source, with_sed=spec.with_sed, kl_warmup_steps=cfg.kl_warmup_steps,
+            cfg, out / "trainer", stage="pretrain", max_steps=cfg.pretrain_max_steps, epochs=cfg.pretrain_epochs,
+            lr=cfg.pretrain_learning_rate, sed_source=sed_source, with_sed=spec.with_sed, kl_warmup_steps=cfg.kl_warmup_steps,
             channel_augmentation=cfg.channel_augmentation,
         )
-        trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+        eval_dataset = _eval_split(corpus, cfg.pretrain_eval_split, args, "pretrain_eval_split", cfg.pretrain_corpus)
+        trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_dataset, processing_class=processor)
         _train(trainer, cfg, out / "trainer")
+        _save_trained(trainer, processor, out / "model", base=lambda: _build_slm(cfg, corpus, train, use_lora=False)[0])
         if trainer.accelerator.is_main_process:
-            trainer.save_model(str(out / "model"))
-            processor.save_pretrained(str(out / "model"))
             atomic_write_json(out / "log_history.json", trainer.state.log_history)
 
     settings = {
@@ -223,8 +288,27 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
     }
     if cfg.preset == "tiny":
         settings.update(aux_sed=cfg.aux_sed_loss_weight, aux_ctc=cfg.aux_ctc_loss_weight)
+    else:  # the tiny preset reads no model setting (and keeps the keys it had before they existed)
+        settings["model"] = dataclasses.asdict(cfg.model_args)
+    # only when set, so that the stages cached before these settings existed keep their keys
+    for name, value in (("training", cfg.stage_training_key("pretrain")), ("eval_split", cfg.pretrain_eval_split)):
+        if value:
+            settings[name] = value
     settings.update(runner.input_settings(pretrain_root))
     return runner.run("pretrain", settings, run, upstream, all_processes=True, resume=cfg.resume_from_checkpoint)
+
+
+def _eval_split(corpus, split: str | None, args, setting: str, corpus_name: str):
+    """The evaluation split of a training stage, or None; an ``eval_strategy`` without one is an
+    error naming the setting to add."""
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if split is None:
+        if strategy != "no":
+            raise ValueError(f"eval_strategy={strategy!r} needs an evaluation split: set {setting} (a split of the {corpus_name} corpus)")
+        return None
+    if split not in corpus:
+        raise ValueError(f"{setting}={split!r}: the {corpus_name} corpus has splits {sorted(corpus)}")
+    return corpus[split]
 
 
 def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretrain: Stage, annotated: Stage, sed_source: str) -> Stage:
@@ -255,12 +339,14 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
             feats[n_eval:], labels[n_eval:], eval_features=feats[:n_eval], eval_labels=labels[:n_eval],
             output_dir=out / "cem", feature_pooling=cfg.cem_pooling,
             slm_hidden_size=slm.config.text_config.hidden_size, learning_rate=cfg.cem_learning_rate,
-            seed=cfg.seed, training_args={"max_steps": cfg.cem_max_steps},
+            seed=cfg.seed, training_args={"max_steps": cfg.cem_max_steps, **cfg.stage_training_args("cem")},
         )
 
     settings = {"pooling": cfg.cem_pooling, "steps": cfg.cem_max_steps, "lr": cfg.cem_learning_rate, "seed": cfg.seed, "samples": cfg.cem_max_samples, "eval_share": 0.2,
                 "captions": cfg.cem_training_captions, "corrupt": cfg.cem_corrupt_prob if cfg.cem_training_captions == "perturbed" else None,
                 "sed_source": sed_source}
+    if cfg.stage_training_key("cem"):  # only when set: earlier cached stages keep their keys
+        settings["training"] = cfg.stage_training_key("cem")
     # all processes: the CEM's Trainer joins the process group (the features are computed on each)
     return runner.run("cem", settings, run, [pretrain, annotated] if sed_source == "auto" else [pretrain], all_processes=True)
 
@@ -368,6 +454,7 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
         if len(train) == 0:
             raise ValueError(f"{data.path / data_subdir}: split {cfg.train_split!r} has no utterances to train on")
         model, processor = _load_model(pretrain.path / "model")
+        model = _with_lora(model, cfg)
         # captions only: the auxiliary heads are a pre-training device (and rectification has no equivalent)
         common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source=spec.sed_labels,
                       with_sed=spec.with_sed, aux_losses=False)
@@ -375,18 +462,18 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
             from .trainers.rectify import SEDRectifyTrainer
             from .trainers.rectify_config import SEDRectifyConfig
 
-            args = _training_args(cfg, out / "trainer", cls=SEDRectifyConfig, num_policies=k, **_controller_settings(cfg), **common)
+            args = _training_args(cfg, out / "trainer", stage="posttrain", cls=SEDRectifyConfig, num_policies=k, **_controller_settings(cfg), **common)
             trainer = SEDRectifyTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
         else:
-            args = _training_args(cfg, out / "trainer", **common)
+            args = _training_args(cfg, out / "trainer", stage="posttrain", **common)
             trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
         _train(trainer, cfg, out / "trainer")
+        _save_trained(trainer, processor, out / "model", base=lambda: _load_model(pretrain.path / "model")[0])
         if trainer.accelerator.is_main_process:
-            trainer.save_model(str(out / "model"))
-            processor.save_pretrained(str(out / "model"))
             if spec.rectify:
                 trainer.controller.save_pretrained(str(out / "controller"))
-                if all(f in train.column_names for f in SED_FIELDS):  # ground truth known (synthetic): audit the repair
+                # ground truth known for some field (synthetic; IEMOCAP's gender): audit the repair (MELD has none)
+                if any(f in train.column_names and any(train[f]) for f in SED_FIELDS):
                     from .trainers.rectify import audit_controller
 
                     atomic_write_json(out / "controller_audit.json", audit_controller(trainer.controller, train, batch_size=cfg.eval_batch_size))
@@ -398,6 +485,8 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
         "batch": cfg.per_device_batch_size, "seed": cfg.seed, "split": cfg.train_split,
         **({"sed_labels": spec.sed_labels} if spec.sed_labels != "auto" else {}),
     }
+    if cfg.stage_training_key("posttrain"):  # only when set: earlier cached stages keep their keys
+        settings["training"] = cfg.stage_training_key("posttrain")
     return runner.run("posttrain", settings, run, [data, pretrain], all_processes=True, resume=cfg.resume_from_checkpoint)
 
 
@@ -541,6 +630,7 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
     state = distributed_state()
     threads = use_cpu_cores(state.num_processes, cfg.cpu_threads)
     spec = get_system(cfg.system)
+    check_model_sources(cfg)  # a missing or unreachable model fails now, not after hours of earlier stages
     started = time.time()
     out_root = Path(cfg.output_dir)
     runner = StageRunner(out_root / "cache", state)
@@ -571,6 +661,7 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
         post = stage_posttrain(runner, cfg, spec, data_stage, subdir, pretrain)
     else:
         post = None
+    model_dir = (post or pretrain).path / "model"
     evaluated = stage_evaluate(runner, cfg, spec, post or pretrain, annotated)
 
     results: dict[str, Any] = {}
@@ -582,8 +673,6 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
         for name in EVALUATION_FILES:
             shutil.copy2(evaluated.path / name, run_dir / name)
         metrics = _read_json(evaluated.path / "metrics.json")
-        from dataclasses import asdict
-
         results = {
             "system": spec.to_dict(),
             "target_corpus": cfg.target_corpus,
@@ -595,11 +684,11 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
             "selection": _read_json(selected.path / "data" / "selection_stats.json") if selected else None,
             "rectification": _rectification_summary(_read_json(post.path / "log_history.json")) if post and spec.rectify else None,
             "controller_audit": _read_json(post.path / "controller_audit.json") if post and spec.rectify else None,
-            "settings": {**asdict(cfg), "num_policies_used": cfg.num_policies or spec.num_policies},
+            "settings": {**cfg.to_dict(), "num_policies_used": cfg.num_policies or spec.num_policies},
             "seed": cfg.seed,
             "num_processes": state.num_processes,
             "torch_threads_per_process": threads,
-            "stages": [{"name": s.name, "key": s.key, "reused": s.reused, "path": str(s.path), "seconds": s.record().get("seconds")} for s in runner.stages],
+            "stages": [{"name": s.name, "key": s.key, "reused": s.reused, "path": os.path.relpath(s.path, run_dir), "seconds": s.record().get("seconds")} for s in runner.stages],
             "wall_seconds": round(time.time() - started, 1),
         }
         if post is not None and spec.rectify:
@@ -607,7 +696,15 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
 
             plot_rectification(_read_json(post.path / "log_history.json") or [], run_dir / "rectification.png",
                                title=f"{spec.name}: on-the-fly SED rectification")
+        results["model_folder"] = export_model_folder(
+            run_dir, model_dir, pretrained=pretrain.path / "model" if post is not None else None,
+            cem=cem.path / "cem" if cem else None, controller=post.path / "controller" if post is not None and spec.rectify else None,
+            emotion_labels=_evaluated_labels(metrics, cfg))
         atomic_write_json(run_dir / "results.json", results)
+        from .utils import honour_umask_tree
+
+        for folder in [run_dir, *(s.path for s in runner.stages)]:  # readable as the umask says (also the linked stage files)
+            honour_umask_tree(folder)
         write_report(results, run_dir / "report.md")
         logger.info("results written to %s", run_dir)
         print(f"[trustser] {spec.name}: WA {metrics['wa']:.4f}  UA {metrics['ua']:.4f}  wF1 {metrics['weighted_f1']:.4f}  -> {run_dir}/results.json")
@@ -615,16 +712,35 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
     return results
 
 
-def main(system: str | None = None, argv: list[str] | None = None) -> dict:
-    """Entry point of ``recipes/sysN.py``: parses ``--config FILE`` and overrides with TrlParser."""
+def parse_recipe_args(argv: list[str] | None = None, system: str | None = None) -> RecipeConfig:
+    """``TrlParser`` over the recipe's settings, the model settings and the trainer fields, from
+    ``--config FILE`` and the command line (which wins); the latter two land in
+    ``cfg.model_args`` and ``cfg.training_args``."""
+    import sys
+
     from trl import TrlParser
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = TrlParser((RecipeConfig,))
-    (cfg,) = parser.parse_args_and_config(args=argv)
-    if system is not None and not _system_given(argv):
+    from .recipe_config import SerSlmModelArguments, training_settings_class
+
+    args = list(argv if argv is not None else sys.argv[1:])
+    parser = TrlParser((RecipeConfig, SerSlmModelArguments, training_settings_class()))
+    cfg, model_args, training_args = parser.parse_args_and_config(args=args)
+    cfg.model_args, cfg.training_args = model_args, training_args
+    cfg._origins = _setting_origins(args)
+    if system is not None and not _system_given(args):
         cfg.system = system
-    return run_system(cfg)
+    return cfg
+
+
+def main(system: str | None = None, argv: list[str] | None = None) -> dict:
+    """Entry point of ``recipes/sysN.py`` (``parse_recipe_args``, then ``run_system``); a model
+    that cannot be found or fetched ends the run with one line saying which and how to fix it."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_recipe_args(argv, system)
+    try:
+        return run_system(cfg)
+    except ModelSourceError as exc:
+        raise SystemExit(f"trustser: {exc}") from None
 
 
 def _system_given(argv: list[str] | None) -> bool:
@@ -632,3 +748,169 @@ def _system_given(argv: list[str] | None) -> bool:
 
     args = argv if argv is not None else sys.argv[1:]
     return any(a == "--system" or a.startswith("--system=") for a in args)
+
+
+def _setting_origins(args: list[str]) -> dict[str, str]:
+    """Where each setting given came from ('the command line' or the YAML file), for error messages."""
+    origins: dict[str, str] = {}
+    if "--config" in args:
+        import yaml
+
+        path = args[args.index("--config") + 1]
+        with open(path) as fh:
+            origins.update({k: path for k in (yaml.safe_load(fh) or {})})
+    for a in args:
+        if a.startswith("--") and a != "--config":
+            origins[a[2:].split("=", 1)[0].replace("-", "_")] = "the command line"
+    return origins
+
+
+# ----------------------------------------------------------------------------------------------
+# models named by the settings: checked before any stage runs
+# ----------------------------------------------------------------------------------------------
+class ModelSourceError(OSError):
+    """A model a setting names cannot be found locally nor fetched from the Hub (one line)."""
+
+
+def _models_needed(cfg: RecipeConfig) -> list[tuple[str, str]]:
+    """``(setting, id_or_path)`` of every pretrained model the run would load."""
+    from .annotation.classifiers import DEFAULT_AGE_MODEL, DEFAULT_GENDER_MODEL
+
+    needed = []
+    if cfg.preset == "paper":
+        needed += [("audio_model", cfg.model_args.audio_model), ("text_model", cfg.model_args.text_model)]
+    # 'auto' falls back to SpeechCraft's classifiers where the target corpus has no labelled reference split
+    defaults = {"gender": DEFAULT_GENDER_MODEL, "age": DEFAULT_AGE_MODEL}
+    for f in ("gender", "age"):
+        spec = getattr(cfg, f"{f}_model")
+        if spec == "auto" and cfg.target_corpus != "synthetic":
+            spec = defaults[f]
+        if spec not in ("auto", "reference") and not str(spec).endswith(".json"):
+            needed.append((f"{f}_model", spec))
+    return needed
+
+
+def check_model_sources(cfg: RecipeConfig) -> None:
+    """Every model the settings name is a local folder with a ``config.json``, or a Hub id whose
+    config can be fetched (or is in the local Hugging Face cache); else a ModelSourceError naming
+    the id, the setting that chose it and how to point that setting at a local copy."""
+    origins = getattr(cfg, "_origins", {})
+    for setting, name in _models_needed(cfg):
+        origin = origins.get(setting, "the default")
+        where = f"set by {setting} ({'default' if origin == 'the default' else 'from ' + origin})"
+        fix = (f"to use a local copy, download it where the Hub is reachable (`hf download {name} --local-dir DIR`), "
+               f"then pass --{setting} DIR or set `{setting}: DIR` in the YAML")
+        path = Path(str(name)).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelSourceError(f"model folder {str(name)!r} ({where}) has no config.json: point {setting} at a folder written by save_pretrained")
+            continue
+        if str(name).startswith((".", "/", "~")) or str(name).count("/") > 1 or (os.sep != "/" and os.sep in str(name)):
+            raise ModelSourceError(f"model folder {str(name)!r} ({where}) does not exist; point {setting} at a folder written by save_pretrained or a Hub id")
+        problem = _hub_problem(str(name), cfg.model_args.model_revision if setting in ("audio_model", "text_model") else None)
+        if problem:
+            raise ModelSourceError(f"cannot load {str(name)!r} ({where}): {problem}; {fix}")
+
+
+def _hub_problem(repo_id: str, revision: str | None) -> str | None:
+    """Why the Hub model ``repo_id`` cannot be used here (None: its config is fetched or cached)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        hf_hub_download(repo_id, "config.json", revision=None if revision in (None, "main") else revision)
+    except GatedRepoError:
+        return f"the Hub repository is gated: accept its licence at https://huggingface.co/{repo_id} and log in (`hf auth login`)"
+    except RepositoryNotFoundError:
+        return "no such Hub repository (or a private one: log in with `hf auth login`) and no such local folder"
+    except HFValidationError:
+        return "neither a local folder nor a valid Hub id"
+    except LocalEntryNotFoundError:
+        return "not in the local Hugging Face cache and the Hub cannot be reached (offline)"
+    except (OSError, ValueError) as exc:  # connection errors, missing revision, ...
+        return f"the Hub cannot serve it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the run folder as a model
+# ----------------------------------------------------------------------------------------------
+# files a run folder holds besides the model (never part of the SER-SLM's checkpoint)
+RUN_FILES = ("results.json", "report.md", "confusion_matrix.png", "tsne.png", "rectification.png")
+MODEL_SUBFOLDERS = ("cem", "controller", "pretrained", "adapter")
+
+
+def _evaluated_labels(metrics: dict, cfg: RecipeConfig) -> list[str]:
+    labels = (metrics.get("confusion_matrix") or {}).get("labels") or list(EMOTION_LABELS.get(cfg.target_corpus, ()))
+    return [l for l in labels if not str(l).startswith("<")]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows (no second copy of an 8B checkpoint; stage files
+    are never rewritten in place), else a copy; atomic either way."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _place_folder(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    from .utils import atomic_directory
+
+    with atomic_directory(dst) as tmp:
+        for f in sorted(src.rglob("*")):
+            rel = f.relative_to(src)
+            if any(part in skip or part.startswith(".") for part in rel.parts):
+                continue
+            if f.is_dir():
+                (tmp / rel).mkdir(parents=True, exist_ok=True)
+            elif f.is_file():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(f, tmp / rel)
+
+
+def export_model_folder(run_dir: Path, model_dir: Path, *, pretrained: Path | None = None, cem: Path | None = None,
+                        controller: Path | None = None, emotion_labels: list[str] | None = None) -> dict[str, Any]:
+    """Makes ``run_dir`` (``<output_dir>/<system>-seed<N>/``) the run's model: the evaluated
+    SER-SLM with its processor at the root (``config.json`` gains ``emotion_labels``), ``cem/``,
+    ``controller/``, ``pretrained/`` (the pre-trained SER-SLM: the one the CEM reads, and the base
+    of the post-training adapter) and, after LoRA training, ``adapter/`` (the final stage's LoRA
+    adapter). The root holds merged weights, so ``from_pretrained``, ``pipeline(...)``,
+    ``trustser explain`` and ``trustser push`` need nothing else. Returns the layout (relative
+    paths) that results.json records."""
+    import glob
+
+    run_dir = Path(run_dir)
+    for stale in [*glob.glob(str(run_dir / "*.safetensors")), *glob.glob(str(run_dir / "*.safetensors.index.json"))]:
+        os.unlink(stale)  # a previous run's (possibly differently sharded) weights
+    for name in MODEL_SUBFOLDERS:
+        import shutil
+
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.name not in RUN_FILES + ("README.md", "training_args.bin"):
+            _link_or_copy(f, run_dir / f.name)
+    if emotion_labels:
+        config = json.loads((run_dir / "config.json").read_text())
+        config["emotion_labels"] = list(emotion_labels)
+        atomic_write_json(run_dir / "config.json", config)
+    layout: dict[str, Any] = {"model": ".", "lora": (model_dir / "adapter" / "adapter_config.json").is_file()}
+    for name, src in (("cem", cem), ("controller", controller), ("pretrained", pretrained),
+                      ("adapter", model_dir / "adapter" if layout["lora"] else None)):
+        if src is not None and src.is_dir():
+            _place_folder(src, run_dir / name, skip=("trainer", "adapter", "controller", "README.md", "training_args.bin")
+                          if name != "controller" else ("README.md",))
+            layout[name] = name
+        else:
+            layout[name] = None
+    if layout["adapter"]:  # the adapter's base, relative to the run folder (None: the preset's build from the model ids)
+        adapter_cfg = run_dir / "adapter" / "adapter_config.json"
+        data = json.loads(adapter_cfg.read_text())
+        data["base_model_name_or_path"] = "../pretrained" if layout["pretrained"] else None
+        atomic_write_json(adapter_cfg, data)
+    return layout

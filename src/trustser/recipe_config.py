@@ -1,11 +1,186 @@
 """Settings of a system run (one recipe), parsed by ``trl.TrlParser`` from a YAML file
-(``--config``) and the command line. The defaults are the embedded default: the synthetic corpus
-and the tiny preset, sized to finish on 2 CPU cores."""
+(``--config``) and the command line, as TRL's and open-r1's scripts do:
+
+* ``RecipeConfig``: corpora, stages, the paper's hyper-parameters (one field each);
+* ``SerSlmModelArguments``: TRL ``ModelConfig``-style model settings (encoder and LLM by Hub id or
+  local path, dtype, attention implementation, LoRA);
+* ``TrainingSettings``: every ``SEDRectifyConfig`` / ``SerSlmSFTConfig`` / ``TrainingArguments``
+  field the recipe does not set itself (``bf16``, ``gradient_accumulation_steps``,
+  ``gradient_checkpointing``, ``dataloader_num_workers``, ``eval_strategy``, ``report_to``,
+  ``hub_model_id``, ...): a top-level YAML key applies to every training stage, and
+  ``pretrain_training_args`` / ``cem_training_args`` / ``posttrain_training_args`` override any
+  field for one stage.
+
+The defaults are the embedded default: the synthetic corpus and the tiny preset, sized to finish
+on 2 CPU cores. Each default is written once: in a field below, in ``TRAINING_DEFAULTS`` (the
+recipe's choices for trainer fields), else the trainer config's own default."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+# The recipe's own defaults for trainer fields (everything else: the trainer config's default).
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "lr_scheduler_type": "cosine",
+    "logging_steps": 10,
+    "save_total_limit": 2,
+    "dataloader_num_workers": 0,
+    "disable_tqdm": False,
+    "report_to": "none",
+}
+# Trainer fields each stage sets from the recipe (its learning rate, steps, batch, seed, ...), so
+# they are not top-level settings; a stage's ``*_training_args`` may still override them.
+STAGE_OWNED = ("output_dir", "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
+               "warmup_steps", "data_seed", "sed_source", "with_sed", "aux_losses", "dataset_kwargs",
+               "remove_unused_columns")
+# Trainer fields that do not change what a stage computes (not part of its cache key).
+NOT_IN_STAGE_KEY = frozenset({
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "logging_nan_inf_filter", "log_level",
+    "log_level_replica", "log_on_each_node", "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm",
+    "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_persistent_workers", "dataloader_pin_memory",
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node", "push_to_hub",
+    "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision",
+    "eval_strategy", "eval_steps", "eval_delay", "per_device_eval_batch_size", "eval_on_start",
+    "include_num_input_tokens_seen", "skip_memory_metrics", "ddp_timeout",
+})
+# never written to results.json
+SECRET_FIELDS = ("hub_token",)
+# trainer fields meaningful for the SER-SLM only (not for the CEM's small MLP)
+SLM_ONLY = frozenset({"gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing", "activation_checkpointing_kwargs"})
+
+
+@dataclass
+class SerSlmModelArguments:
+    """Model settings of the ``paper`` preset, named as in TRL's ``ModelConfig`` where it has the
+    setting. The tiny preset (random init) reads none of them."""
+
+    audio_model: str = field(default="facebook/hubert-large-ll60k", metadata={"help": "Speech encoder: a Hub id or a local folder (AutoModel + AutoFeatureExtractor); the paper: HuBERT-large, frozen."})
+    text_model: str = field(default="meta-llama/Llama-3.1-8B-Instruct", metadata={"help": "LLM: a Hub id or a local folder (AutoModelForCausalLM + AutoTokenizer); the paper: Llama-3.1-8B-Instruct."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit) of both models."})
+    dtype: str = field(default="bfloat16", metadata={"help": "Weights dtype of the pretrained parts: 'bfloat16', 'float16', 'float32' or 'auto' (the checkpoints' own)."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention implementation of both models ('sdpa', 'eager', 'flash_attention_2', ...); None: transformers' choice."})
+    use_peft: bool = field(default=True, metadata={"help": "LoRA on the LLM (the paper); False trains the LLM fully."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "LLM module names LoRA adapts (e.g. q_proj v_proj), matched inside the LLM only; None: every attention and MLP projection."})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.lora_target_modules is not None:  # "q_proj v_proj", "q_proj,v_proj" or a list
+            items = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else self.lora_target_modules
+            self.lora_target_modules = [m for item in items for m in str(item).replace(",", " ").split() if m]
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``build_paper_ser_slm``."""
+        import torch
+
+        return dict(audio_model=self.audio_model, text_model=self.text_model, revision=self.model_revision,
+                    dtype=None if self.dtype == "auto" else getattr(torch, self.dtype),
+                    attn_implementation=self.attn_implementation, use_lora=self.use_peft, lora_r=self.lora_r,
+                    lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules)
+
+
+DTYPES = ("bfloat16", "float16", "float32", "auto")
+
+
+def _training_settings_class():
+    """A dataclass of every ``SEDRectifyConfig`` field the recipe does not own, with the recipe's
+    default (``TRAINING_DEFAULTS``) or the config's own, so that ``TrlParser`` parses them next to
+    ``RecipeConfig`` without clashing names."""
+    from .trainers.rectify_config import SEDRectifyConfig
+
+    owned = {f.name for f in dataclasses.fields(RecipeConfig)} | set(STAGE_OWNED)
+    hints = typing.get_type_hints(SEDRectifyConfig)
+    fields = []
+    for f in dataclasses.fields(SEDRectifyConfig):
+        if not f.init or f.name in owned:
+            continue
+        if f.name in TRAINING_DEFAULTS:
+            default = TRAINING_DEFAULTS[f.name]
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        spec = field(default_factory=lambda v=default: copy.deepcopy(v)) if isinstance(default, (list, dict, set)) else field(default=default)
+        spec.metadata = f.metadata  # help texts of the trainer config
+        fields.append((f.name, _parsable_type(SEDRectifyConfig, f.name, hints[f.name]), spec))
+    cls = dataclasses.make_dataclass("TrainingSettings", fields)
+    cls.__module__ = __name__
+    cls.__doc__ = "Trainer fields settable for every training stage (see the module docstring)."
+    return cls
+
+
+def _parsable_type(cls, name, hint):
+    """A field typed ``Any`` (``report_to`` in SerSlmSFTConfig) takes a base class' type, which
+    argparse can parse."""
+    if hint is not Any:
+        return hint
+    for base in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(base) and name in getattr(base, "__dataclass_fields__", {}):
+            base_hint = typing.get_type_hints(base).get(name, Any)
+            if base_hint is not Any:
+                return base_hint
+    return str
+
+
+_TRAINING_SETTINGS = None
+
+
+def training_settings_class():
+    global _TRAINING_SETTINGS
+    if _TRAINING_SETTINGS is None:
+        _TRAINING_SETTINGS = _training_settings_class()
+    return _TRAINING_SETTINGS
+
+
+def explicit_training_settings(settings) -> dict[str, Any]:
+    """The fields of a ``TrainingSettings`` the user set: those that differ from their default
+    both as declared and as the parser renders it (argparse turns some defaults, e.g. ``debug=""``,
+    into equivalent values)."""
+    if settings is None:
+        return {}
+    parsed = _parsed_defaults(type(settings))
+    out = {}
+    for f in dataclasses.fields(settings):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = getattr(settings, f.name)
+        if value != default and value != getattr(parsed, f.name):
+            out[f.name] = value
+    return out
+
+
+_PARSED_DEFAULTS: dict = {}
+
+
+def _parsed_defaults(cls):
+    if cls not in _PARSED_DEFAULTS:
+        from transformers import HfArgumentParser
+
+        _PARSED_DEFAULTS[cls] = HfArgumentParser(cls).parse_args_into_dataclasses(args=[])[0]
+    return _PARSED_DEFAULTS[cls]
+
+
+def _json_setting(name: str, value):
+    """A dict setting given as a YAML mapping or (command line) a JSON object."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--{name}: not a JSON object ({exc}); e.g. --{name} '{{\"gradient_accumulation_steps\": 4}}'") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: expected a mapping, got {type(value).__name__}")
+    return dict(value)
 
 
 @dataclass
@@ -20,13 +195,19 @@ class RecipeConfig:
     pretrain_split: str = field(default="reference", metadata={"help": "Split of the pre-training corpus used for pre-training and CEM training."})
     target_corpus: str = field(default="synthetic", metadata={"help": "Target emotion corpus for domain post-training and testing: 'synthetic', 'iemocap', 'meld' or 'audiofolder'."})
     target_root: str | None = field(default=None, metadata={"help": "Root of the target corpus; None with 'synthetic' uses the synthesised corpus."})
-    target_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra load_corpus options for the target corpus (e.g. {'protocol': 'session5'})."})
+    target_options: dict | str | None = field(default_factory=dict, metadata={"help": "Extra load_corpus options for the target corpus (a YAML mapping, or JSON on the command line: '{\"protocol\": \"session5\"}')."})
     train_split: str = field(default="train", metadata={"help": "Target split used for post-training."})
     test_split: str = field(default="test", metadata={"help": "Target split used for evaluation."})
     synth_size: str = field(default="default", metadata={"help": "Size of the synthetic corpus: 'small' or 'default'."})
     annotation_method: str = field(default="unified", metadata={"help": "Automatic SED annotation of the target corpus: 'speechcraft', 'unified' or 'speaker_adaptive'."})
     annotation_calibrate: bool = field(default=True, metadata={"help": "Calibrate the unified thresholds (pitch per gender) / speaker-adaptive cut points once on the pre-training split's labels, as a released tool is calibrated on its population, when the annotated corpus has that split (the embedded default); otherwise the tool's fixed defaults."})
     pretrain_sed_source: str | None = field(default=None, metadata={"help": "Descriptor labels of pre-training and CEM training: 'auto' (the annotation tool's labels of the pre-training split, as SpeechCraft's come from its tool; needs that split in the annotated corpus) or 'truth' (the corpus' own label columns, e.g. SpeechCraft's shipped labels). None: 'auto' when the pre-training split is part of the annotated corpus (the embedded default), else 'truth'."})
+    pretrain_eval_split: str | None = field(default=None, metadata={"help": "Split of the pre-training corpus evaluated during pre-training when eval_strategy is not 'no' (None: no evaluation during training)."})
+    # ---- annotation
+    gender_model: str = field(default="auto", metadata={"help": "Gender classifier of the annotation: a Hub id or local folder (audio-classification or audEERING age/gender layout), an OfflineClassifier .json, 'reference' (fitted on the target's reference split) or 'auto' (the reference fit when the target corpus has a labelled reference split, else SpeechCraft's alefiury/wav2vec2-large-xlsr-53-gender-recognition-librispeech)."})
+    age_model: str = field(default="auto", metadata={"help": "Age classifier of the annotation, as gender_model ('auto' without a reference split: SpeechCraft's audeering/wav2vec2-large-robust-24-ft-age-gender)."})
+    annotation_batch_size: int = field(default=8, metadata={"help": "Batch size of the Hub gender/age classifiers."})
+    annotation_device: str | None = field(default=None, metadata={"help": "Device of the Hub gender/age classifiers (e.g. 'cuda:0', 'cpu'); None: the process' GPU if any, else CPU."})
     # ---- model
     preset: str = field(default="tiny", metadata={"help": "SER-SLM preset: 'tiny' (random init, CPU) or 'paper' (HuBERT-large + Llama-3.1-8B-Instruct with LoRA)."})
     # ---- pre-training
@@ -51,7 +232,6 @@ class RecipeConfig:
     # ---- post-training
     posttrain_max_steps: int = field(default=200, metadata={"help": "Domain post-training steps (the paper: 20k)."})
     posttrain_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for post-training (all systems; chosen on the synthetic dev split, the real configs set 1e-4)."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loader worker processes of the training stages: per-utterance decoding, resampling and Praat F0 run there instead of on the training process (batches identical to 0 workers)."})
     cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process on a machine without an accelerator (0: the cores divided among the processes; `accelerate launch` alone would set 1)."})
     annotation_num_proc: int | None = field(default=None, metadata={"help": "Processes for annotation feature extraction (None: all cores)."})
     num_policies: int | None = field(default=None, metadata={"help": "Override the system's K (policies per utterance)."})
@@ -61,6 +241,13 @@ class RecipeConfig:
     controller_entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus on the controller's retain/modify distributions (keeps it exploring)."})
     controller_head_hidden_size: int = field(default=64, metadata={"help": "Controller head: 0 = one Linear layer (the paper's), > 0 = a tanh hidden layer of this size first."})
     reward_timing: str = field(default="after_update", metadata={"help": "'after_update' (reward from the updated SLM, the paper) or 'reuse_forward' (from the loss forward)."})
+    # ---- trainer fields for one stage (any SEDRectifyConfig / SerSlmSFTConfig / TrainingArguments field)
+    pretrain_training_args: dict | str | None = field(default_factory=dict, metadata={"help": "Trainer fields for pre-training only (a YAML mapping, or JSON on the command line); they win over the top-level ones and the recipe's."})
+    cem_training_args: dict | str | None = field(default_factory=dict, metadata={"help": "TrainingArguments fields for the CEM's Trainer only."})
+    posttrain_training_args: dict | str | None = field(default_factory=dict, metadata={"help": "Trainer fields for post-training only (SEDRectifyConfig with rectification, else SerSlmSFTConfig)."})
+    # ---- set by the parser from the other two dataclasses (recipe.main); not command-line options
+    model_args: Any = field(default=None, metadata={"help": "SerSlmModelArguments (set from the model settings; a YAML mapping also works)."})
+    training_args: Any = field(default=None, metadata={"help": "TrainingSettings (set from the top-level trainer fields)."})
     # ---- interruption
     save_steps: int = field(default=0, metadata={"help": "Checkpoint the training stages (pre- and post-training) every N optimizer steps inside their unfinished stage folder (0: no checkpoints; the last two are kept). Does not change the stage keys or the results."})
     resume_from_checkpoint: bool = field(default=False, metadata={"help": "Resume an interrupted training stage from the newest complete checkpoint in its unfinished stage folder (needs save_steps > 0 in the interrupted run), instead of starting it over."})
@@ -68,3 +255,57 @@ class RecipeConfig:
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of caption generation at evaluation."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many test utterances."})
     tsne_samples: int = field(default=600, metadata={"help": "Utterances in the t-SNE plot of last hidden states."})
+
+    def __post_init__(self):
+        self.target_options = _json_setting("target_options", self.target_options)
+        for name in ("pretrain_training_args", "cem_training_args", "posttrain_training_args"):
+            setattr(self, name, _json_setting(name, getattr(self, name)))
+        if self.model_args is None or isinstance(self.model_args, dict):
+            self.model_args = SerSlmModelArguments(**(self.model_args or {}))
+        if self.training_args is None or isinstance(self.training_args, dict):
+            self.training_args = training_settings_class()(**(self.training_args or {}))
+        _check_stage_fields(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as results.json records them: the recipe's fields, the model settings and
+        the trainer fields that were set (secrets left out)."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("model_args", "training_args")}
+        out["model_args"] = dataclasses.asdict(self.model_args)
+        out["training_args"] = {k: v for k, v in explicit_training_settings(self.training_args).items() if k not in SECRET_FIELDS}
+        for name in ("pretrain_training_args", "cem_training_args", "posttrain_training_args"):
+            out[name] = {k: v for k, v in out[name].items() if k not in SECRET_FIELDS}
+        return out
+
+    def stage_training_args(self, stage: str) -> dict[str, Any]:
+        """Trainer fields for ``stage`` ('pretrain', 'posttrain' or 'cem'): the recipe's defaults
+        (SER-SLM stages only), then the top-level settings that were set, then the stage's own."""
+        explicit = explicit_training_settings(self.training_args)
+        own = getattr(self, f"{stage}_training_args")
+        if stage == "cem":
+            from transformers import TrainingArguments
+
+            allowed = {f.name for f in dataclasses.fields(TrainingArguments)} - SLM_ONLY
+            return {**{k: v for k, v in explicit.items() if k in allowed}, **own}
+        return {**TRAINING_DEFAULTS, **explicit, **own}
+
+    def stage_training_key(self, stage: str) -> dict[str, Any]:
+        """The part of ``stage_training_args`` that changes results (the stage's cache key); empty
+        when nothing beyond the recipe's defaults is set, so earlier cached stages keep their keys."""
+        args = self.stage_training_args(stage)
+        base = {} if stage == "cem" else TRAINING_DEFAULTS
+        return {k: v for k, v in sorted(args.items()) if k not in NOT_IN_STAGE_KEY and not (k in base and base[k] == v)}
+
+
+def _check_stage_fields(cfg: RecipeConfig) -> None:
+    """Unknown trainer fields in a stage's overrides are an error naming the setting."""
+    from transformers import TrainingArguments
+
+    from .trainers.rectify_config import SEDRectifyConfig
+
+    for name, cls in (("pretrain_training_args", SEDRectifyConfig), ("posttrain_training_args", SEDRectifyConfig),
+                      ("cem_training_args", TrainingArguments)):
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(getattr(cfg, name)) - known)
+        if unknown:
+            raise ValueError(f"{name}: {unknown} {'is not a' if len(unknown) == 1 else 'are not'} {cls.__name__} field"
+                             f"{'' if len(unknown) == 1 else 's'}; see `python recipes/sys10.py --help` for the fields")

@@ -22,6 +22,29 @@ class AudioError(ValueError):
 # ------------------------------------------------------------------------------------------
 # Atomic outputs: a reader never sees a half-written file or directory.
 # ------------------------------------------------------------------------------------------
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """``mkstemp``/``mkdtemp`` create 0600/0700 entries whatever the umask; outputs get the mode an
+    ordinary ``open``/``mkdir`` would give them, so lab-mates in the group can read them."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def honour_umask_tree(root: str | os.PathLike) -> None:
+    """``honour_umask`` for a folder and everything in it (libraries that write through temporary
+    files, e.g. safetensors shards, leave 0600 files)."""
+    root = Path(root)
+    mask = current_umask()
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +54,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -66,6 +90,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
+        honour_umask(tmp, directory=True)
         yield tmp
         if path.exists():
             # a name of its own: two writers of one path never remove each other's old copy

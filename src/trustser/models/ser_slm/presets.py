@@ -164,10 +164,13 @@ def build_ser_slm(
     sed_f0_stream: bool = False,
     frame_downsample: int = 4,
     freeze_audio_tower: bool = True,
+    attn_implementation: str | None = None,
     **from_pretrained_kwargs,
 ):
     """Pretrained encoder (Hub id or local path, ``AutoModel``) + pretrained causal LM
-    (``AutoModelForCausalLM``) joined by freshly initialised VIB branches and projector."""
+    (``AutoModelForCausalLM``) joined by freshly initialised VIB branches and projector.
+    ``from_pretrained_kwargs`` (``revision``, ``token``, ``cache_dir``, ...) go to every loader;
+    ``attn_implementation`` to the two models only."""
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(text_model, **from_pretrained_kwargs)
@@ -184,12 +187,13 @@ def build_ser_slm(
     )
     with torch.device("meta"):
         model = SerSlmForConditionalGeneration(config)
-    encoder = AutoModel.from_pretrained(audio_model, dtype=dtype, **from_pretrained_kwargs)
+    model_kwargs = dict(from_pretrained_kwargs, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
+    encoder = AutoModel.from_pretrained(audio_model, dtype=dtype, **model_kwargs)
     if getattr(encoder.config, "layerdrop", 0.0):  # see SerSlmModel: a fixed set of layers is weighed
         encoder.config.layerdrop = 0.0
     if getattr(encoder.config, "is_encoder_decoder", False) and hasattr(encoder, "get_encoder"):
         encoder = encoder.get_encoder()
-    lm = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype, **from_pretrained_kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype, **model_kwargs)
     model.model.audio_tower = encoder
     model.model.language_model = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
     model.lm_head = lm.get_output_embeddings()
@@ -219,12 +223,30 @@ def build_ser_slm(
     return model, processor
 
 
-def lora_config_for_llm(r: int = 16, alpha: int = 32, dropout: float = 0.05):
-    """PEFT LoRA on the LLM's projections only; VIB branches and projector train fully."""
+def llm_lora_targets(modules: Sequence[str] | str | None = None) -> str:
+    """PEFT ``target_modules`` regex for LoRA inside the LLM only: ``None`` -> every attention and
+    MLP projection; a list of module names (``["q_proj", "v_proj"]``) -> those names under
+    ``language_model`` (a bare list would also match the speech encoder's ``q_proj``); a string is
+    taken as the regex itself."""
+    import re
+
+    if modules is None:
+        return LLM_LORA_TARGETS
+    if isinstance(modules, str):
+        return modules
+    names = [str(m) for m in modules if str(m)]
+    if not names:
+        raise ValueError("lora_target_modules: an empty list (None adapts every LLM projection)")
+    return r".*language_model.*\.(" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def lora_config_for_llm(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] | str | None = None):
+    """PEFT LoRA on the LLM's projections only; VIB branches and projector train fully
+    (``modules_to_save``, so the adapter holds their trained copies)."""
     from peft import LoraConfig
 
     return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LLM_LORA_TARGETS,
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=llm_lora_targets(target_modules),
         modules_to_save=list(NEW_MODULES), task_type="CAUSAL_LM",
     )
 
@@ -236,22 +258,30 @@ def build_paper_ser_slm(
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.05,
+    lora_target_modules: Sequence[str] | str | None = None,
     use_lora: bool = True,
     dtype: torch.dtype | None = torch.bfloat16,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
     **kwargs,
 ):
-    """The paper's SER-SLM: frozen HuBERT-large, Llama-3.1-8B-Instruct with LoRA on the LLM only.
-    Returns ``(peft_model, processor)`` (plain model when ``use_lora=False``, e.g. to hand the
-    LoRA config to ``SerSlmSFTTrainer(peft_config=...)`` instead)."""
-    model, processor = build_ser_slm(audio_model, text_model, dtype=dtype, freeze_audio_tower=True, **kwargs)
+    """The paper's SER-SLM: frozen HuBERT-large, Llama-3.1-8B-Instruct with LoRA on the LLM only;
+    any encoder/LLM (Hub id or local folder) in their place. The recipe passes its model settings
+    (``SerSlmModelArguments.build_kwargs()``). Returns ``(peft_model, processor)`` (plain model
+    when ``use_lora=False``, e.g. to hand the LoRA config to ``SerSlmSFTTrainer(peft_config=...)``
+    instead)."""
+    if revision not in (None, "main"):
+        kwargs["revision"] = revision
+    model, processor = build_ser_slm(audio_model, text_model, dtype=dtype, freeze_audio_tower=True,
+                                     attn_implementation=attn_implementation, **kwargs)
     if use_lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config_for_llm(lora_r, lora_alpha, lora_dropout))
+        model = get_peft_model(model, lora_config_for_llm(lora_r, lora_alpha, lora_dropout, lora_target_modules))
     return model, processor
 
 
 __all__ = [
     "build_tiny_ser_slm", "build_paper_ser_slm", "build_ser_slm", "train_caption_tokenizer",
-    "lora_config_for_llm", "LLM_LORA_TARGETS",
+    "lora_config_for_llm", "llm_lora_targets", "LLM_LORA_TARGETS",
 ]

@@ -1,0 +1,113 @@
+"""Recipe settings from YAML and the command line (TrlParser over the recipe, model and trainer
+dataclasses), the one-line missing-model error, and outputs that honour the umask."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from trustser.recipe import _models_needed, _training_args, check_model_sources, parse_recipe_args, ModelSourceError
+from trustser.recipe_config import RecipeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+IEMOCAP = str(REPO / "recipes/configs/iemocap_sys10.yaml")
+
+
+def test_yaml_and_command_line_reach_every_trainer_field(tmp_path):
+    from trustser.trainers.rectify_config import SEDRectifyConfig
+
+    cfg = parse_recipe_args(["--config", IEMOCAP, "--gradient_accumulation_steps", "4", "--report_to", "tensorboard",
+                             "--hub_model_id", "me/sys10", "--posttrain_training_args", '{"logging_steps": 3, "max_grad_norm": 0.5}',
+                             "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "8"], system="sys10")
+    assert cfg.system == "sys10" and cfg.target_options == {"protocol": "session5"} and cfg.pretrain_max_steps == -1
+    m = cfg.model_args
+    assert (m.audio_model, m.text_model, m.dtype, m.attn_implementation) == (
+        "facebook/hubert-large-ll60k", "meta-llama/Llama-3.1-8B-Instruct", "bfloat16", "sdpa")
+    assert (m.lora_r, m.lora_alpha, m.lora_target_modules) == (8, 32, ["q_proj", "v_proj"])
+    assert cfg.gender_model.startswith("alefiury/") and cfg.age_model.startswith("audeering/")
+    pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=cfg.pretrain_max_steps, epochs=2.0, lr=1e-4)
+    post = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
+    for args in (pre, post):  # YAML (all stages), command line (all stages)
+        assert args.bf16 and args.gradient_checkpointing and args.dataloader_num_workers == 2
+        assert args.gradient_accumulation_steps == 4 and args.report_to == ["tensorboard"] and args.hub_model_id == "me/sys10"
+        assert args.lr_scheduler_type == "cosine" and args.per_device_train_batch_size == 8
+    assert (pre.logging_steps, pre.max_grad_norm) == (10, 1.0) and (post.logging_steps, post.max_grad_norm) == (3, 0.5)
+    assert post.max_steps == 5 and pre.num_train_epochs == 2.0
+    # the CEM's small Trainer gets what was set explicitly, minus the SER-SLM-only fields
+    cem = cfg.stage_training_args("cem")
+    assert cem["gradient_accumulation_steps"] == 4 and cem["bf16"] is True and "gradient_checkpointing" not in cem
+    # what changes results is in the stage keys; logging/hub/report settings are not
+    assert cfg.stage_training_key("posttrain") == {"bf16": True, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
+                                                  "max_grad_norm": 0.5}
+    saved = cfg.to_dict()
+    assert saved["training_args"]["hub_model_id"] == "me/sys10" and saved["model_args"]["lora_r"] == 8
+    json.dumps(saved)
+
+
+def test_defaults_keep_the_stage_keys_and_unknown_fields_are_errors():
+    cfg = RecipeConfig()
+    assert all(cfg.stage_training_key(s) == {} for s in ("pretrain", "posttrain", "cem"))
+    assert cfg.stage_training_args("cem") == {}
+    with pytest.raises(ValueError, match=r"posttrain_training_args: \['grad_acc'\] is not a SEDRectifyConfig field"):
+        RecipeConfig(posttrain_training_args={"grad_acc": 2})
+    with pytest.raises(ValueError, match="--cem_training_args: not a JSON object"):
+        RecipeConfig(cem_training_args="{bad")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        parse_recipe_args(["--dtype", "float8"])
+    with pytest.raises(ValueError, match="post-training"):
+        _training_args(RecipeConfig(posttrain_training_args={"eval_strategy": "steps"}), Path("x"), stage="posttrain",
+                       max_steps=1, epochs=1.0, lr=1e-3)
+
+
+def test_missing_model_errors_name_the_id_the_setting_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = parse_recipe_args(["--config", IEMOCAP])
+    assert [s for s, _ in _models_needed(cfg)] == ["audio_model", "text_model", "gender_model", "age_model"]
+    with pytest.raises(ModelSourceError) as err:
+        check_model_sources(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "'facebook/hubert-large-ll60k'" in msg and f"set by audio_model (from {IEMOCAP})" in msg
+    assert "offline" in msg and "--audio_model DIR" in msg and "`audio_model: DIR` in the YAML" in msg
+    (tmp_path / "empty").mkdir()
+    for given, expected in ((str(tmp_path / "nope"), "does not exist"), (str(tmp_path / "empty"), "has no config.json")):
+        cfg = parse_recipe_args(["--config", IEMOCAP, "--audio_model", given])
+        with pytest.raises(ModelSourceError, match=expected) as err:
+            check_model_sources(cfg)
+        assert "set by audio_model (from the command line)" in str(err.value)
+    # the embedded default (tiny preset, reference-fitted classifiers) needs no model at all
+    assert _models_needed(RecipeConfig()) == []
+
+
+def test_paper_preset_from_model_settings(tmp_path):
+    from fixtures_real import save_stand_ins
+    from trustser.recipe import _build_slm
+
+    models = save_stand_ins(tmp_path, ["hello there", "what a day"])
+    cfg = parse_recipe_args(["--config", IEMOCAP, "--audio_model", models["audio_model"], "--text_model", models["text_model"],
+                             "--lora_target_modules", "q_proj,v_proj", "--lora_r", "4", "--dtype", "float32",
+                             "--attn_implementation", "eager"])
+    import datasets
+
+    model, processor = _build_slm(cfg, None, datasets.Dataset.from_dict({"text": ["hi"], "emotion": ["happy"]}))
+    lora = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert lora and all(".language_model." in n and (".q_proj." in n or ".v_proj." in n) for n in lora)
+    assert model.peft_config["default"].r == 4
+    base = model.get_base_model()
+    assert base.model.language_model.config._attn_implementation == "eager"
+    assert next(base.model.audio_tower.parameters()).dtype.is_floating_point and "<audio>" in processor.tokenizer.get_vocab()
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    from trustser.utils import atomic_directory, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        f = atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "d") as d:
+            (d / "inner").write_text("y")
+        assert f.stat().st_mode & 0o777 == 0o640 and (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(old)
