@@ -157,22 +157,24 @@ def _quick(tmp_path, corpus, **kw):
 
 def test_brackets_train_on_true_labels_pseudo_labels_and_the_cleanest_rows(tmp_path, synthetic_small):
     cfg = _quick(tmp_path, synthetic_small)
+    out = tmp_path / "out"
     res = run_system(cfg.__class__(**{**cfg.__dict__, "system": "oracle_labels"}))
-    post = next(s for s in res["stages"] if s["name"] == "posttrain")
-    assert json.loads((Path(post["path"]) / "STAGE.json").read_text())["settings"]["sed_labels"] == "truth"
+    post = next(s for s in res["stages"] if s["name"] == "posttrain")  # stage paths are relative to the run folder
+    assert json.loads((out / "oracle_labels-seed0" / post["path"] / "STAGE.json").read_text())["settings"]["sed_labels"] == "truth"
 
     res = run_system(cfg.__class__(**{**cfg.__dict__, "system": "pseudo_labels"}))
     assert [s["name"] for s in res["stages"]] == ["annotate", "pretrain", "pseudo-labels", "posttrain", "evaluate"]
-    pseudo = datasets.load_from_disk(str(Path(res["stages"][2]["path"]) / "data"))
+    pseudo = datasets.load_from_disk(str(out / "pseudo_labels-seed0" / res["stages"][2]["path"] / "data"))
     for f in SED_FIELDS:
         assert f"{f}_pseudo" in pseudo.column_names and all(pseudo[f"{f}_pseudo"])
     assert res["stages"][1]["reused"]  # the same pre-trained SLM as the oracle-labels run
 
     res = run_system(cfg.__class__(**{**cfg.__dict__, "system": "oracle_sel80"}))
     assert res["selection"]["n_selected"] == 64  # 80% of the 80 training utterances
-    annotated = datasets.load_from_disk(str(Path(res["stages"][0]["path"]) / "data"))["train"]
+    run_dir = out / "oracle_sel80-seed0"
+    annotated = datasets.load_from_disk(str(run_dir / res["stages"][0]["path"] / "data"))["train"]
     n_right = annotation_correctness(annotated).sum(1)
-    kept = set(datasets.load_from_disk(str(Path(res["stages"][2]["path"]) / "data"))["id"])
+    kept = set(datasets.load_from_disk(str(run_dir / res["stages"][2]["path"] / "data"))["id"])
     kept_mask = np.array([i in kept for i in annotated["id"]])
     assert n_right[kept_mask].min() >= n_right[~kept_mask].max()  # the cleanest rows, ties at random
     assert res["selection"]["annotation_accuracy_selected"]["mean_field"] > res["selection"]["annotation_accuracy_all"]["mean_field"]

@@ -66,7 +66,7 @@ def test_explain_and_push_examples(user_dir, tmp_path):
     proc = subprocess.run([*cli, *explain, "--no-progress"], cwd=user_dir, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout
-    assert all(name in table for name in os.listdir(user_dir / "clips")) and "2 explained, 0 failed" in proc.stderr
+    assert all(name in table for name in os.listdir(user_dir / "clips")) and "3 explained, 0 failed" in proc.stderr
     # pushing needs the Hub: the same command writes the repository's content with --export-dir
     proc = subprocess.run([*cli, *push, "--export-dir", str(tmp_path / "repo")], cwd=user_dir, env=ENV,
                           capture_output=True, text=True, timeout=300)

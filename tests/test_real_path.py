@@ -20,7 +20,7 @@ from rehearsal import REPO, launch_recipe
 pytestmark = pytest.mark.real_path
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-ALL_STAGES = ["annotate", "pretrain", "cem", "select", "posttrain"]
+ALL_STAGES = ["annotate", "pretrain", "cem", "select", "posttrain", "evaluate"]
 
 
 def _check_run(run: dict, corpus: str, target_root: str, inputs: dict) -> dict:

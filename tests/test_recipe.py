@@ -52,7 +52,7 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
     assert "Annotation accuracy against the ground truth" in (run_dir / "report.md").read_text()
     # pre-training read the tool's labels of the pre-training split (SpeechCraft's regime)
     pre_stage = next(st for st in saved["stages"] if st["name"] == "pretrain")
-    assert json.loads((Path(pre_stage["path"]) / "STAGE.json").read_text())["settings"]["sed_source"] == "auto"
+    assert json.loads((run_dir / pre_stage["path"] / "STAGE.json").read_text())["settings"]["sed_source"] == "auto"
     # per-utterance predictions for paired comparisons
     preds = json.loads((run_dir / "predictions.json").read_text())
     assert len(preds) == 12 and {"id", "emotion", "prediction", "group"} <= set(preds[0])
