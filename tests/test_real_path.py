@@ -76,7 +76,7 @@ def test_meld_config_every_stage(meld_run, rehearsal_inputs):
     res = _check_run(meld_run, "meld", rehearsal_inputs["meld"], rehearsal_inputs)
     # the SpeechCraft pre-training and the CEM are the IEMOCAP run's (same settings, shared cache)
     assert {s["name"]: s["reused"] for s in res["stages"]} == {"annotate": False, "pretrain": True, "cem": True,
-                                                               "select": False, "posttrain": False}
+                                                               "select": False, "posttrain": False, "evaluate": False}
 
 
 def test_iemocap_fixture_audio_decodes_without_ffmpeg(rehearsal_inputs):
