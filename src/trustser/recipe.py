@@ -140,9 +140,10 @@ def stage_corpus(runner: StageRunner, cfg: RecipeConfig) -> tuple[str | None, St
         return None, None
     if cfg.target_root and cfg.pretrain_root:
         return None, None
-    from .data.synthetic import synthesize_corpus
+    from .data.synthetic import GENERATOR_VERSION, synthesize_corpus
 
-    settings = {"seed": cfg.corpus_seed, "size": cfg.synth_size}
+    # the generator's version is part of the key: a cache from another version of the corpus is not reused
+    settings = {"seed": cfg.corpus_seed, "size": cfg.synth_size, "generator": GENERATOR_VERSION}
     stage = runner.run("corpus", settings, lambda out: synthesize_corpus(out / "corpus", seed=cfg.corpus_seed, size=cfg.synth_size))
     return str(stage.path / "corpus"), stage
 
