@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -92,14 +93,23 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         honour_umask(tmp, directory=True)
         yield tmp
-        if path.exists():
-            # a name of its own: two writers of one path never remove each other's old copy
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "previous")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        for attempt in range(8):  # another writer may put the path in place between our check and our rename
+            try:
+                if path.exists():
+                    # a name of its own: two writers of one path never remove each other's old copy
+                    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                    try:
+                        os.replace(path, old / "previous")
+                    except FileNotFoundError:  # the other writer moved it first
+                        pass
+                    os.replace(tmp, path)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, path)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 7:
+                    raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
