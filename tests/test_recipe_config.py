@@ -62,6 +62,24 @@ def test_defaults_keep_the_stage_keys_and_unknown_fields_are_errors():
                        max_steps=1, epochs=1.0, lr=1e-3)
 
 
+def test_controller_settings_reach_only_the_rectification_trainer(tmp_path):
+    """A controller field given for all stages must not reach (or re-key) pre-training, and the plain
+    SFT post-training of Sys. 4-8 must not fail on it."""
+    from trustser.trainers.rectify_config import SEDRectifyConfig
+    from trustser.trainers.sft import SerSlmSFTConfig
+
+    cfg = parse_recipe_args(["--controller_frame_stride", "4", "--max_grad_norm", "0.5"], system="sys10")
+    assert cfg.stage_training_key("pretrain") == {"max_grad_norm": 0.5}
+    assert cfg.stage_training_key("posttrain") == {"controller_frame_stride": 4, "max_grad_norm": 0.5}
+    pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=1, epochs=1.0, lr=1e-3)
+    sft = _training_args(cfg, tmp_path, stage="posttrain", max_steps=1, epochs=1.0, lr=1e-3)
+    rect = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=1, epochs=1.0, lr=1e-3)
+    assert type(pre) is SerSlmSFTConfig and type(sft) is SerSlmSFTConfig and pre.max_grad_norm == sft.max_grad_norm == 0.5
+    assert rect.controller_frame_stride == 4 and rect.max_grad_norm == 0.5
+    with pytest.raises(ValueError, match=r"pretrain_training_args: \['num_policies'\] is not a SerSlmSFTConfig field"):
+        RecipeConfig(pretrain_training_args={"num_policies": 2})
+
+
 def test_missing_model_errors_name_the_id_the_setting_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = parse_recipe_args(["--config", IEMOCAP])

@@ -58,6 +58,8 @@ def _training_args(cfg: RecipeConfig, output_dir: Path, *, stage: str, max_steps
     """The trainer config of an SER-SLM training ``stage`` ('pretrain' or 'posttrain'): the
     recipe's fields (steps, learning rate, batch, seed, checkpointing), then the trainer fields
     set for all stages or for this one (``RecipeConfig.stage_training_args``), which win."""
+    from .recipe_config import rectify_only_fields
+    from .trainers.rectify_config import SEDRectifyConfig
     from .trainers.sft import SerSlmSFTConfig
 
     cls = cls or SerSlmSFTConfig
@@ -74,7 +76,10 @@ def _training_args(cfg: RecipeConfig, output_dir: Path, *, stage: str, max_steps
         data_seed=cfg.seed,
         **extra,
     )
-    kwargs.update(cfg.stage_training_args(stage))
+    overrides = cfg.stage_training_args(stage)
+    if not issubclass(cls, SEDRectifyConfig):  # Sys. 4-8 post-train without a controller
+        overrides = {k: v for k, v in overrides.items() if k not in rectify_only_fields()}
+    kwargs.update(overrides)
     strategy = str(getattr(kwargs.get("eval_strategy", "no"), "value", kwargs.get("eval_strategy", "no")))
     if stage == "posttrain" and strategy != "no":
         raise ValueError(f"eval_strategy={strategy!r} in post-training: the recipe evaluates the post-trained model on "

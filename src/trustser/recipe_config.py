@@ -286,6 +286,8 @@ class RecipeConfig:
 
             allowed = {f.name for f in dataclasses.fields(TrainingArguments)} - SLM_ONLY
             return {**{k: v for k, v in explicit.items() if k in allowed}, **own}
+        if stage == "pretrain":  # pre-training never rectifies: the controller's fields are not its settings
+            explicit = {k: v for k, v in explicit.items() if k not in rectify_only_fields()}
         return {**TRAINING_DEFAULTS, **explicit, **own}
 
     def stage_training_key(self, stage: str) -> dict[str, Any]:
@@ -296,13 +298,24 @@ class RecipeConfig:
         return {k: v for k, v in sorted(args.items()) if k not in NOT_IN_STAGE_KEY and not (k in base and base[k] == v)}
 
 
+def rectify_only_fields() -> frozenset[str]:
+    """SEDRectifyConfig's own fields (the controller, K, the reward): settings of the rectification
+    trainer only, which the plain SFT trainers of pre-training and of Sys. 4-8 do not take."""
+    from .trainers.rectify_config import SEDRectifyConfig
+    from .trainers.sft import SerSlmSFTConfig
+
+    return frozenset(f.name for f in dataclasses.fields(SEDRectifyConfig)) - {f.name for f in dataclasses.fields(SerSlmSFTConfig)}
+
+
 def _check_stage_fields(cfg: RecipeConfig) -> None:
     """Unknown trainer fields in a stage's overrides are an error naming the setting."""
     from transformers import TrainingArguments
 
     from .trainers.rectify_config import SEDRectifyConfig
 
-    for name, cls in (("pretrain_training_args", SEDRectifyConfig), ("posttrain_training_args", SEDRectifyConfig),
+    from .trainers.sft import SerSlmSFTConfig
+
+    for name, cls in (("pretrain_training_args", SerSlmSFTConfig), ("posttrain_training_args", SEDRectifyConfig),
                       ("cem_training_args", TrainingArguments)):
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(getattr(cfg, name)) - known)
