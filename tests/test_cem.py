@@ -13,18 +13,10 @@ from torch import nn
 
 from trustser.descriptors import SED_FIELDS
 from trustser.models.cem import CemConfig, ConfidenceEstimationModel
-from trustser.trainers.cem import (
-    balanced_sample,
-    binary_auc,
-    calibration_bins,
-    cem_metrics,
-    correctness_labels,
-    expected_calibration_error,
-    normalized_cross_entropy,
-    predict_cem,
-    reliability_diagram,
-    train_cem,
-)
+from trustser.cem_features import predict_cem
+from trustser.evaluation import binary_auc, calibration_bins, cem_metrics, expected_calibration_error, normalized_cross_entropy
+from trustser.plots import reliability_diagram
+from trustser.trainers.cem import balanced_sample, correctness_labels, train_cem
 
 
 def _cem(d=7, h=6, **kw):
@@ -286,7 +278,7 @@ def tiny_ds():
 
 def test_feature_extraction_shapes_and_positions(tiny_slm, tiny_ds):
     from trustser.descriptors import build_caption, sed_from_row
-    from trustser.trainers.cem import extract_cem_features
+    from trustser.cem_features import extract_cem_features
 
     slm, proc = tiny_slm
     h = slm.config.text_config.hidden_size
