@@ -16,25 +16,11 @@ from .descriptors import SED_FIELDS
 
 def save_figure(fig, path: str | Path, *, bbox_inches: str | None = "tight") -> Path:
     """A matplotlib figure as a PNG (120 dpi), written atomically with the umask's mode."""
-    import contextlib
-    import os
-    import tempfile
+    from .utils import atomic_file
 
-    from .utils import honour_umask
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches=bbox_inches)
-        honour_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, title: str = "") -> Path:
