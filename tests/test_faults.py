@@ -411,7 +411,7 @@ def test_evaluate_cli_user_errors_name_the_path(bad, tmp_path, capsys):
     cases = [
         ([str(tmp_path / "nomodel"), str(bad["root"]), *base, "--emotion-labels", "happy,sad"], f"{tmp_path / 'nomodel'}: not a saved model"),
         ([str(bad["model"]), str(tmp_path / "nocorpus"), *base, "--emotion-labels", "happy,sad"], f"{tmp_path / 'nocorpus'} does not exist"),
-        ([str(cem), str(bad["root"]), *base, "--emotion-labels", "happy,sad"], f"{cem}: holds a 'trustser_cem' checkpoint, not a SER-SLM"),
+        ([str(cem), str(bad["root"]), *base, "--emotion-labels", "happy,sad"], f"{cem}: holds a 'cem' checkpoint, not a SER-SLM"),
         ([str(bad["model"]), str(bad["root"]), *base, "--emotion-labels", "calm,excited"], "reference emotions ['angry', 'happy', 'neutral', 'sad'] (rows good0"),
     ]
     only_bad = tmp_path / "onlybad"

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from .descriptors import SED_FIELDS, SED_SOURCES, build_caption, sed_from_row
+from .models.cem import CEM_POOLINGS, DEFAULT_POOLING
 
 logger = logging.getLogger(__name__)
 
 # where the claimed descriptors come from: a column source (SED_SOURCES) or given per row (sed=)
 FEATURE_SED_SOURCES: tuple[str, ...] = (*SED_SOURCES, "predicted")
-DEFAULT_POOLING = "sed_tokens"
 
 
 def cem_features(states: torch.Tensor, enc, pooling: str) -> torch.Tensor:
@@ -64,7 +64,6 @@ def extract_cem_features(
     NaN row, so callers keep row alignment and can flag them.
     """
     from .audio import read_rows
-    from .models.cem import CEM_POOLINGS
 
     if sed_source not in FEATURE_SED_SOURCES:
         raise ValueError(f"sed_source must be one of {FEATURE_SED_SOURCES}, got {sed_source!r}")
