@@ -20,7 +20,7 @@ import numpy as np
 
 
 def espeak_clips(n: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
-    from trustser.utils import load_audio
+    from trustser.audio import load_audio
 
     rng = np.random.default_rng(seed)
     words = "the meeting is on Tuesday at noon and the train leaves from platform four after lunch".split()

@@ -119,7 +119,9 @@ def _tag(args) -> str:
 
 def cem_training_data(args, work: Path, slm, proc, reference):
     from trustser.descriptors import SED_FIELDS
-    from trustser.trainers.cem import correctness_labels, extract_cem_features, generate_sed_predictions
+    from trustser.cem_features import extract_cem_features
+    from trustser.generation import generate_sed_predictions
+    from trustser.trainers.cem import correctness_labels
 
     path = work / f"cem_data_{_tag(args)}_{args.ref_rows}.npz"
     if not path.exists():
@@ -157,7 +159,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     from trustser.descriptors import SED_FIELDS
     from trustser.selection import select_indices
-    from trustser.trainers.cem import cem_metrics, extract_cem_features, predict_cem, reliability_diagram, train_cem
+    from trustser.cem_features import extract_cem_features, predict_cem
+    from trustser.evaluation import cem_metrics
+    from trustser.plots import reliability_diagram
+    from trustser.trainers.cem import train_cem
     from trustser.utils import atomic_write_json, set_seed
 
     t0 = time.time()
@@ -238,14 +243,12 @@ def main(argv=None):
 
 
 def _plot_selection(results, path):
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trustser.trainers.cem import _atomic_write_bytes
+    from trustser.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for pooling, r in results["poolings"].items():
@@ -258,10 +261,8 @@ def _plot_selection(results, path):
     ax.set_ylabel("true accuracy of annotated descriptors")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    save_figure(fig, path, bbox_inches=None)
     plt.close(fig)
-    _atomic_write_bytes(path, buf.getvalue())
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def main():
     from trustser.descriptors import SED_FIELDS
     from trustser.recipe import _load_model
     from trustser.selection import score_confidence
-    from trustser.trainers.cem import binary_auc, prepare_cem_data, prepare_cem_data_perturbed, train_cem
+    from trustser.evaluation import binary_auc
+    from trustser.trainers.cem import prepare_cem_data, prepare_cem_data_perturbed, train_cem
 
     torch.manual_seed(args.seed)
     cache = f"{args.output_dir}/cache"

@@ -53,7 +53,7 @@ def make_arrays(n: int) -> list[dict]:
 
 
 def _load(x):
-    from trustser.utils import load_audio
+    from trustser.audio import load_audio
 
     return x["array"] if isinstance(x, dict) else load_audio(x)
 

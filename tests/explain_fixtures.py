@@ -113,7 +113,7 @@ CAPTIONS = [build_caption(t, e, s) for t, e, s in zip(TEXTS, EMOS, SEDS)]
 @pytest.fixture(scope="session")
 def explain_model_dir(tmp_path_factory, explain_clips):
     """The tiny SER-SLM that has memorised the four clips' captions, with a CEM in ``cem/``."""
-    from trustser.utils import load_audio
+    from trustser.audio import load_audio
 
     return train_explainer(tmp_path_factory.mktemp("model"), [load_audio(p) for p in explain_clips], CAPTIONS)
 
@@ -122,7 +122,7 @@ def explain_model_dir(tmp_path_factory, explain_clips):
 def segment_model_dir(tmp_path_factory, explain_clips):
     """As explain_model_dir, also taught the speech-only cut of each clip (what the VAD hands it
     out of a recording), so it knows each utterance either way."""
-    from trustser.utils import load_audio
+    from trustser.audio import load_audio
 
     audio = [load_audio(p) for p in explain_clips]
     return train_explainer(tmp_path_factory.mktemp("segmodel"), audio + [speech_only(w) for w in audio] + [speech_only(w, pad=0.15) for w in audio],

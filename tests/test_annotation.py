@@ -34,7 +34,7 @@ def pulse_train(f0=200.0, seconds=1.0, sr=SR, amp=0.5):
 
 
 def espeak_clip(tmp_path, text, pitch=50, speed=160, voice="en-us"):
-    from trustser.utils import load_audio
+    from trustser.audio import load_audio
 
     path = tmp_path / f"clip_{pitch}_{speed}.wav"
     subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-w", str(path), text], check=True)
@@ -196,7 +196,7 @@ def _wav_bytes(wav, sr=SR):
 
 @pytest.mark.faults
 def test_bad_audio_gets_a_reason_not_an_exception():
-    from trustser.annotation import _feature_batch
+    from trustser.annotation.annotator import _feature_batch
 
     good = pulse_train(150.0)
     clipped = np.clip(pulse_train(150.0, amp=1.0) * 5, -1, 1)

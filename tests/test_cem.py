@@ -13,18 +13,10 @@ from torch import nn
 
 from trustser.descriptors import SED_FIELDS
 from trustser.models.cem import CemConfig, ConfidenceEstimationModel
-from trustser.trainers.cem import (
-    balanced_sample,
-    binary_auc,
-    calibration_bins,
-    cem_metrics,
-    correctness_labels,
-    expected_calibration_error,
-    normalized_cross_entropy,
-    predict_cem,
-    reliability_diagram,
-    train_cem,
-)
+from trustser.cem_features import predict_cem
+from trustser.evaluation import binary_auc, calibration_bins, cem_metrics, expected_calibration_error, normalized_cross_entropy
+from trustser.plots import reliability_diagram
+from trustser.trainers.cem import balanced_sample, correctness_labels, train_cem
 
 
 def _cem(d=7, h=6, **kw):
@@ -116,6 +108,27 @@ def test_bad_input_and_config_errors():
     CemConfig(input_size=3, slm_hidden_size=3, feature_pooling="mean")  # consistent: fine
 
 
+def test_checkpoint_saved_under_the_old_model_type_loads(tmp_path):
+    """model_type was "trustser_cem" before the model types followed the folder names: such a
+    checkpoint loads through AutoConfig/AutoModel and from_pretrained, with the same weights, and
+    is saved again under the current name."""
+    from transformers import AutoConfig, AutoModel
+
+    m = _cem(d=7, h=6, feature_pooling="mean").eval()
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "trustser_cem"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, CemConfig) and config.model_type == "cem" and config.feature_pooling == "mean"
+    x = torch.randn(5, 7)
+    for loaded in (AutoModel.from_pretrained(tmp_path), ConfidenceEstimationModel.from_pretrained(tmp_path)):
+        assert isinstance(loaded, ConfidenceEstimationModel)
+        assert torch.allclose(loaded.eval()(x).field_confidence, m(x).field_confidence)
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "cem"
+
+
 def test_save_load_round_trip(tmp_path):
     from transformers import AutoConfig, AutoModel
 
@@ -126,8 +139,8 @@ def test_save_load_round_trip(tmp_path):
     m.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == "trustser_cem" and cfg["feature_pooling"] == "mean"
-    assert AutoConfig.from_pretrained(tmp_path).model_type == "trustser_cem"
+    assert cfg["model_type"] == "cem" and cfg["feature_pooling"] == "mean"
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "cem"
     loaded = AutoModel.from_pretrained(tmp_path)
     assert isinstance(loaded, ConfidenceEstimationModel)
     loaded.eval()
@@ -286,7 +299,7 @@ def tiny_ds():
 
 def test_feature_extraction_shapes_and_positions(tiny_slm, tiny_ds):
     from trustser.descriptors import build_caption, sed_from_row
-    from trustser.trainers.cem import extract_cem_features
+    from trustser.cem_features import extract_cem_features
 
     slm, proc = tiny_slm
     h = slm.config.text_config.hidden_size

@@ -9,7 +9,9 @@ import torch
 
 import trustser  # noqa: F401
 from trustser.descriptors import build_caption, sed_from_row
-from trustser.evaluation import UNPARSED, evaluate_ser, generate_captions, ser_metrics
+from trustser.descriptors import UNPARSED
+from trustser.evaluation import evaluate_ser, ser_metrics
+from trustser.generation import generate_captions
 
 from ser_slm_fixtures import LABELS, TEXTS, make_dataset
 

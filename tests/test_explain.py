@@ -70,8 +70,8 @@ def test_cem_scores_equal_the_cem_helpers_features(pipe, batched, clips):
     """The pipeline pools the CEM input exactly as trainers.cem.extract_cem_features does."""
     import datasets
 
-    from trustser.trainers.cem import extract_cem_features, predict_cem
-    from trustser.utils import load_audio
+    from trustser.cem_features import extract_cem_features, predict_cem
+    from trustser.audio import load_audio
 
     rows = [(r, p) for r, p in zip(batched, clips) if r["confidence"]]
     ds = datasets.Dataset.from_dict({
@@ -132,7 +132,7 @@ def test_bad_files_are_named_and_skipped(pipe, clips, tmp_path):
 
 @pytest.mark.faults
 def test_pipeline_raises_naming_the_file(pipe, tmp_path):
-    from trustser.utils import AudioError
+    from trustser.audio import AudioError
 
     sf.write(tmp_path / "quiet.wav", np.zeros(8000, dtype=np.float32), 16000)
     with pytest.raises(AudioError, match="quiet.wav: silent"):
@@ -140,7 +140,7 @@ def test_pipeline_raises_naming_the_file(pipe, tmp_path):
 
 
 def test_long_audio_truncate(pipe, clips, tmp_path):
-    from trustser.utils import load_audio
+    from trustser.audio import load_audio
 
     wav = np.concatenate([load_audio(clips[1])] * 4)
     assert wav.size > 4 * 16000

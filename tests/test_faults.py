@@ -411,7 +411,7 @@ def test_evaluate_cli_user_errors_name_the_path(bad, tmp_path, capsys):
     cases = [
         ([str(tmp_path / "nomodel"), str(bad["root"]), *base, "--emotion-labels", "happy,sad"], f"{tmp_path / 'nomodel'}: not a saved model"),
         ([str(bad["model"]), str(tmp_path / "nocorpus"), *base, "--emotion-labels", "happy,sad"], f"{tmp_path / 'nocorpus'} does not exist"),
-        ([str(cem), str(bad["root"]), *base, "--emotion-labels", "happy,sad"], f"{cem}: holds a 'trustser_cem' checkpoint, not a SER-SLM"),
+        ([str(cem), str(bad["root"]), *base, "--emotion-labels", "happy,sad"], f"{cem}: holds a 'cem' checkpoint, not a SER-SLM"),
         ([str(bad["model"]), str(bad["root"]), *base, "--emotion-labels", "calm,excited"], "reference emotions ['angry', 'happy', 'neutral', 'sad'] (rows good0"),
     ]
     only_bad = tmp_path / "onlybad"
@@ -492,8 +492,7 @@ def test_explain_wrong_model_directory(bad, tmp_path, capsys):
 def test_decode_audio_names_row_file_and_problem(cell, message, tmp_path):
     """The audio decoder behind training, evaluation and CEM scoring (Python API): a clear
     AudioError naming the row (and file) and the problem."""
-    from trustser.trainers.sft import decode_audio
-    from trustser.utils import AudioError
+    from trustser.audio import AudioError, decode_audio
 
     if cell == "MISSING":
         cell = {"path": str(tmp_path / "gone.wav")}
@@ -505,7 +504,7 @@ def test_decode_audio_names_row_file_and_problem(cell, message, tmp_path):
 def test_decode_audio_resamples_and_downmixes_any_layout():
     """Wrong sample rate and multi-channel input are not errors: resampled to 16 kHz, down-mixed."""
     from ser_slm_fixtures import tone
-    from trustser.trainers.sft import decode_audio
+    from trustser.audio import decode_audio
 
     wav8k = tone(1.0, 150.0, 0.3, sr=8000)
     assert abs(decode_audio({"array": wav8k, "sampling_rate": 8000.0}, "a").size - 16000) <= 2

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from trustser.segments import fit_segments, segment_recording
-from trustser.utils import TARGET_SR, AudioError, load_audio
+from trustser.audio import TARGET_SR, AudioError, load_audio
 
 from explain_fixtures import EMOS, LABELS, TEXTS, one_thread, speech_only  # noqa: F401  (one_thread: autouse)
 

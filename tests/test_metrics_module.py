@@ -8,7 +8,8 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 from trustser.descriptors import SED_FIELDS, SED_VOCAB, build_caption
-from trustser.evaluation import UNPARSED, evaluate_ser, ser_metrics_path
+from trustser.descriptors import UNPARSED
+from trustser.evaluation import evaluate_ser, ser_metrics_path
 
 LABELS = ["neutral", "happy", "angry", "sad"]
 

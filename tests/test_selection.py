@@ -117,7 +117,7 @@ def annotated():
 
 
 def test_score_confidence_matches_cem_on_features(models, annotated):
-    from trustser.trainers.cem import extract_cem_features, predict_cem
+    from trustser.cem_features import extract_cem_features, predict_cem
 
     slm, proc, cem, _ = models
     scores, fields = score_confidence(cem, slm, proc, annotated, batch_size=4, return_field_scores=True)

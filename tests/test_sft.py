@@ -9,8 +9,8 @@ import torch
 import trustser  # noqa: F401
 from trustser.descriptors import build_caption, parse_caption, sed_from_row
 from trustser.models.ser_slm import build_tiny_ser_slm
-from trustser.trainers.sft import SerSlmDataCollator, SerSlmSFTConfig, SerSlmSFTTrainer, decode_audio
-from trustser.utils import AudioError
+from trustser.audio import AudioError, decode_audio
+from trustser.trainers.sft import SerSlmDataCollator, SerSlmSFTConfig, SerSlmSFTTrainer
 
 from ser_slm_fixtures import LABELS, TEXTS, make_dataset, make_rows, train_tiny
 

@@ -108,7 +108,7 @@ def test_wrong_model_directory_is_a_clear_error(tmp_path):
     torch.manual_seed(0)
     cem_dir = tmp_path / "cem"
     ConfidenceEstimationModel(CemConfig(input_size=8)).save_pretrained(cem_dir)
-    with pytest.raises(ValueError, match=r"cem.*holds a 'trustser_cem' checkpoint, not a SerSlmForConditionalGeneration"):
+    with pytest.raises(ValueError, match=r"cem.*holds a 'cem' checkpoint, not a SerSlmForConditionalGeneration"):
         SerSlmForConditionalGeneration.from_pretrained(cem_dir)
     with pytest.raises(ValueError, match="not a SedController"):
         SedController.from_pretrained(cem_dir)

@@ -37,7 +37,7 @@ _EXPORTS: dict[str, str] = {
     "SerSlmSFTConfig": "trustser.trainers.sft",
     "ChannelAugmentation": "trustser.data.augmentation",
     # evaluation
-    "generate_captions": "trustser.evaluation",
+    "generate_captions": "trustser.generation",
     "evaluate_ser": "trustser.evaluation",
     # CEM and selection
     "CemConfig": "trustser.models.cem",

@@ -138,7 +138,7 @@ def build_demo(model, *, examples: Sequence[str] | str | None = None, cem=None, 
     def run(path):
         if not path:
             raise gr.Error("upload or record a clip first")
-        from .utils import TARGET_SR, load_audio
+        from .audio import TARGET_SR, load_audio
 
         try:
             wav = load_audio(path)

@@ -22,6 +22,10 @@ SED_VOCAB: dict[str, tuple[str, ...]] = {
     "gender": ("male", "female"),
     "age": ("child", "teenager", "young adult", "middle-aged", "elderly"),
 }
+# Where a row's descriptors come from -> the suffix of their columns (``pitch``, ``pitch_auto``, ...):
+# the reliable labels, the automatic annotation, the controller's pseudo-labels.
+SED_SOURCES: dict[str, str] = {"truth": "", "auto": "_auto", "pseudo": "_pseudo"}
+
 # Fields whose values are ordered (low < normal < high): "adjacent value" is meaningful there.
 ORDINAL_FIELDS: tuple[str, ...] = ("pitch", "volume", "speed", "age")
 
@@ -79,7 +83,9 @@ def normalize_sed_value(field_name: str, value: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Caption template
 # --------------------------------------------------------------------------------------------
-_EMO_SUFFIX = ". Based on the audio caption, the emotional state of this speaker is "
+# The words just before the emotion label: the LM's distribution after them is the emotion's.
+EMOTION_PREFIX = "the emotional state of this speaker is "
+_EMO_SUFFIX = ". Based on the audio caption, " + EMOTION_PREFIX
 SED_TEMPLATE = (
     "The {age} {gender} speaks with a {speed} speed, a {pitch} pitch and a {volume} volume, "
     "saying '{text}'" + _EMO_SUFFIX + "{emotion}."
@@ -124,6 +130,10 @@ def build_caption(
         pos += len(s)
     caption = "".join(out)
     return (caption, spans) if return_spans else caption
+
+
+# The emotion label an unparseable caption is scored as (a class of its own in the confusion matrix).
+UNPARSED = "<unparsed>"
 
 
 @dataclass

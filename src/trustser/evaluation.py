@@ -1,78 +1,21 @@
-"""SER evaluation of a SER-SLM from its generated captions: WA, UA, weighted F1, per-field SED
-accuracy (how trustworthy the explanation is) and the rate of captions that could not be parsed."""
+"""Evaluation metrics. SER of a SER-SLM from its generated captions: WA, UA, weighted F1, per-field
+SED accuracy (how trustworthy the explanation is) and the rate of captions that could not be parsed
+(computed by the packaged ``evaluate`` module ``metrics/ser_metrics``). CEM confidence quality:
+AUC, NCE and ECE against 0/1 correctness, per field, per utterance and pooled."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from .descriptors import SED_FIELDS, parse_caption
+from .descriptors import SED_FIELDS, UNPARSED, parse_caption
+from .generation import generate_captions
 
 logger = logging.getLogger(__name__)
-
-UNPARSED = "<unparsed>"
-
-
-@torch.no_grad()
-def generate_captions(
-    model,
-    processor,
-    dataset,
-    *,
-    batch_size: int = 16,
-    max_new_tokens: int | None = None,
-    audio_column: str = "audio",
-    progress: bool = False,
-    errors: str = "raise",
-    return_errors: bool = False,
-):
-    """Greedy, batched caption generation (left-padded prompts) for every row of ``dataset``.
-
-    A row whose audio cannot be used (unreadable or empty file, NaN samples, invalid sampling
-    rate) raises AudioError naming the row and file (``errors="raise"``), or, with
-    ``errors="skip"``, gets the caption None and the run continues. ``return_errors``: also return
-    ``{row index: message}`` of the skipped rows."""
-    from .trainers.sft import read_rows
-    from .utils import AudioError
-
-    if errors not in ("raise", "skip"):
-        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
-    model.eval()
-    device = next(model.parameters()).device
-    max_new_tokens = max_new_tokens or getattr(model.generation_config, "max_new_tokens", None) or 96
-    tok = processor.tokenizer
-    out: list[str | None] = []
-    failed: dict[int, str] = {}
-    starts = range(0, len(dataset), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="generate", unit="batch")
-    for s in starts:
-        idx = list(range(s, min(len(dataset), s + batch_size)))
-        _, audio, errs = read_rows(dataset, idx, audio_column)
-        for i, e in zip(idx, errs):
-            if e is not None:
-                if errors == "raise":
-                    raise AudioError(e)
-                logger.warning("skipped: %s", e)
-                failed[i] = e
-        good = [a for a in audio if a is not None]
-        texts = iter([])
-        if good:
-            inputs = processor(audio=good, padding_side="left")
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            gen = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )
-            texts = iter(tok.batch_decode(gen[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-        out.extend(None if a is None else next(texts).strip() for a in audio)
-    return (out, failed) if return_errors else out
 
 
 def ser_metrics_path() -> str:
@@ -174,4 +117,103 @@ def evaluate_ser(
     return result
 
 
-__all__ = ["generate_captions", "evaluate_ser", "ser_metrics", "load_ser_metric", "ser_metrics_path", "UNPARSED"]
+
+# ------------------------------------------------------------------------------------------
+# CEM metrics (AUC, NCE, ECE)
+# ------------------------------------------------------------------------------------------
+def _clean(scores, labels):
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in size: {s.shape} vs {y.shape}")
+    keep = np.isfinite(s) & (y >= 0)
+    return s[keep], y[keep]
+
+
+def binary_auc(scores, labels) -> float:
+    """ROC AUC of confidence scores against 0/1 correctness; NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    s, y = _clean(scores, labels)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def normalized_cross_entropy(scores, labels, eps: float = 1e-12) -> float:
+    """NCE = (H(c) - H(c|p)) / H(c): the share of the correctness entropy the confidences explain
+    (1 perfect, 0 = as good as the constant prior, negative = worse than the prior)."""
+    s, y = _clean(scores, labels)
+    if len(y) == 0:
+        return float("nan")
+    p_c = y.mean()
+    if p_c in (0.0, 1.0):
+        return float("nan")
+    h_c = -(p_c * math.log(p_c) + (1 - p_c) * math.log(1 - p_c))
+    s = np.clip(s, eps, 1 - eps)
+    h_cp = -np.mean(y * np.log(s) + (1 - y) * np.log(1 - s))
+    return float((h_c - h_cp) / h_c)
+
+
+def calibration_bins(scores, labels, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Equal-width confidence bins: count, mean confidence and accuracy per bin."""
+    s, y = _clean(scores, labels)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(s, edges[1:-1], right=True), 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(np.int64)
+    conf_sum = np.bincount(idx, weights=s, minlength=n_bins)
+    acc_sum = np.bincount(idx, weights=y, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.where(count > 0, conf_sum / np.maximum(count, 1), np.nan)
+        acc = np.where(count > 0, acc_sum / np.maximum(count, 1), np.nan)
+    return {"edges": edges, "count": count, "confidence": conf, "accuracy": acc}
+
+
+def expected_calibration_error(scores, labels, n_bins: int = 10) -> float:
+    """ECE = sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)| over equal-width bins."""
+    b = calibration_bins(scores, labels, n_bins)
+    n = b["count"].sum()
+    if n == 0:
+        return float("nan")
+    used = b["count"] > 0
+    return float(np.sum(b["count"][used] / n * np.abs(b["accuracy"][used] - b["confidence"][used])))
+
+
+def cem_metrics(scores, labels, *, field_names: Sequence[str] = SED_FIELDS, n_bins: int = 10) -> dict[str, Any]:
+    """Per-field AUC/NCE/ECE for ``scores``/``labels`` of shape (N, 5), plus the utterance level:
+    the mean confidence against "all five fields right" (``utterance``) and the field-pooled figures
+    (``pooled``). Label entries < 0 are ignored."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    if s.ndim != 2 or s.shape != y.shape or s.shape[1] != len(field_names):
+        raise ValueError(f"cem_metrics expects two (N, {len(field_names)}) arrays, got {s.shape} and {y.shape}")
+    out: dict[str, Any] = {"n": int(s.shape[0])}
+    for j, f in enumerate(field_names):
+        out[f] = {
+            "auc": binary_auc(s[:, j], y[:, j]),
+            "nce": normalized_cross_entropy(s[:, j], y[:, j]),
+            "ece": expected_calibration_error(s[:, j], y[:, j], n_bins),
+            "accuracy": float(np.mean(y[:, j][y[:, j] >= 0])) if np.any(y[:, j] >= 0) else float("nan"),
+        }
+    complete = np.all(y >= 0, axis=1)
+    utt_score = s[complete].mean(axis=1)
+    utt_label = np.all(y[complete] == 1, axis=1).astype(np.float64)
+    out["utterance"] = {
+        "auc": binary_auc(utt_score, utt_label),
+        "nce": normalized_cross_entropy(utt_score, utt_label),
+        "ece": expected_calibration_error(utt_score, utt_label, n_bins),
+        "all_correct_rate": float(utt_label.mean()) if len(utt_label) else float("nan"),
+    }
+    out["pooled"] = {
+        "auc": binary_auc(s, y),
+        "nce": normalized_cross_entropy(s, y),
+        "ece": expected_calibration_error(s, y, n_bins),
+    }
+    out["mean_field_auc"] = float(np.nanmean([out[f]["auc"] for f in field_names]))
+    return out
+
+
+__all__ = [
+    "generate_captions", "evaluate_ser", "ser_metrics", "load_ser_metric", "ser_metrics_path", "UNPARSED",
+    "binary_auc", "normalized_cross_entropy", "calibration_bins", "expected_calibration_error", "cem_metrics",
+]

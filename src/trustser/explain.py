@@ -33,8 +33,10 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .descriptors import EMOTION_LABELS, EMOTIONS, SED_FIELDS, build_caption, parse_caption
-from .utils import TARGET_SR, AudioError, audio_problem, load_audio, resample, to_mono_float
+from .audio import TARGET_SR, AudioError, audio_problem, load_audio, resample, to_mono_float
+from .cem_features import cem_features
+from .descriptors import EMOTION_LABELS, EMOTION_PREFIX, EMOTIONS, SED_FIELDS, build_caption, parse_caption
+from .generation import greedy_captions, max_new_tokens_of
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,6 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".mp4", ".
 # audio_problem() reasons that make an explanation meaningless; "clipping" only warns
 _FATAL_PROBLEMS = {"empty": "no samples", "nan": "non-finite (NaN/inf) samples",
                    "too_short": "shorter than 0.3 s", "silence": "silent (below -60 dBFS)"}
-_EMOTION_PREFIX = "the emotional state of this speaker is "
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,8 +62,8 @@ def label_first_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
     """Id of each label's first token as it occurs in the caption (after "... speaker is ")."""
     ids = []
     for label in labels:
-        enc = tokenizer(_EMOTION_PREFIX + label, add_special_tokens=False, return_offsets_mapping=True)
-        start = len(_EMOTION_PREFIX)
+        enc = tokenizer(EMOTION_PREFIX + label, add_special_tokens=False, return_offsets_mapping=True)
+        start = len(EMOTION_PREFIX)
         first = [t for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if e > start and e > s]
         if not first:
             raise ValueError(f"emotion label {label!r} produces no token")
@@ -289,19 +290,14 @@ class ExplainableSerPipeline(Pipeline):
 
     # ---------------------------------------------------------------------------- the work
     def _explain(self, audio: list[np.ndarray], max_new_tokens: int | None) -> list[dict]:
-        model, proc, tok = self.model, self.processor, self.processor.tokenizer
+        model, proc = self.model, self.processor
         device = self.device
         prompts = proc(audio=audio, padding_side="left").to(device)
         audio_embeds = model.get_audio_features(
             prompts["input_features"], prompts["feature_attention_mask"], prompts.get("energy"), prompts.get("f0")
         ).pooler_output
-        max_new = max_new_tokens or getattr(model.generation_config, "max_new_tokens", None) or 96
-        gen = model.generate(
-            input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], audio_embeds=audio_embeds,
-            max_new_tokens=max_new, do_sample=False, num_beams=1,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )
-        captions = [c.strip() for c in tok.batch_decode(gen[:, prompts["input_ids"].shape[1]:], skip_special_tokens=True)]
+        captions = greedy_captions(model, proc, prompts, max_new_tokens=max_new_tokens_of(model, max_new_tokens),
+                                   audio_embeds=audio_embeds)
         out = []
         teacher: dict[bool, list[int]] = {True: [], False: []}
         canon: dict[int, str] = {}
@@ -361,21 +357,6 @@ class ExplainableSerPipeline(Pipeline):
         for j, b in enumerate(torch.nonzero(ok).flatten().tolist()):
             out[rows[b]]["confidence"] = {f: float(v) for f, v in zip(self.cem.config.field_names, fc[j])}
             out[rows[b]]["trust"] = float(conf[j])
-
-
-def cem_features(states: torch.Tensor, enc, pooling: str) -> torch.Tensor:
-    """The CEM's input pooled from (B, L, H) teacher-forced hidden states, exactly as
-    ``trainers.cem.extract_cem_features`` pools them; rows lacking a descriptor token are NaN."""
-    if pooling == "sed_tokens":
-        idx = enc["sed_token_index"].to(states.device)
-        gathered = torch.gather(states, 1, idx.clamp(min=0)[..., None].expand(-1, -1, states.shape[-1]))
-        feats = gathered.reshape(states.shape[0], -1).clone()
-        feats[(idx < 0).any(dim=1)] = float("nan")
-        return feats
-    if pooling == "mean":
-        m = (enc["labels"] != -100).to(states.device)
-        return (states * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-    raise ValueError(f"unknown CEM feature pooling {pooling!r}")
 
 
 def _empty_result(name: str, error: str | None) -> dict:

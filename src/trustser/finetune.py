@@ -21,7 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .explain import _EMOTION_PREFIX, label_first_token_ids
+from .descriptors import EMOTION_PREFIX as _EMOTION_PREFIX
+from .explain import label_first_token_ids
 
 logger = logging.getLogger("trustser.finetune")
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from .descriptors import EMOTION_LABELS, SED_FIELDS, build_caption
+from .descriptors import EMOTION_LABELS, SED_FIELDS, UNPARSED, build_caption
 from .utils import atomic_directory, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 PAPER_BASE_MODELS = ["facebook/hubert-large-ll60k", "meta-llama/Llama-3.1-8B-Instruct"]
 CORPUS_NAMES = {"iemocap": "IEMOCAP", "meld": "MELD", "synthetic": "trustser synthetic SED corpus",
                 "speechcraft": "SpeechCraft", "audiofolder": "audiofolder corpus", "csv": "CSV corpus"}
-UNPARSED = "<unparsed>"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Report figures: the confusion matrix, the t-SNE of last hidden states (the paper's Figure 2) and the
-emotion/descriptor timeline of a segmented recording."""
+"""Report figures: the confusion matrix, the t-SNE of last hidden states (the paper's Figure 2), the
+CEM reliability diagram, the rectification curves and the emotion/descriptor timeline of a
+segmented recording."""
 
 from __future__ import annotations
 
@@ -10,21 +11,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .descriptors import SED_FIELDS
 
-def _save(fig, path: str | Path) -> Path:
-    import os
-    import tempfile
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    from .utils import honour_umask
+def save_figure(fig, path: str | Path, *, bbox_inches: str | None = "tight") -> Path:
+    """A matplotlib figure as a PNG (120 dpi), written atomically with the umask's mode."""
+    from .utils import atomic_file
 
-    honour_umask(tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches=bbox_inches)
+    return Path(path)
 
 
 def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, title: str = "") -> Path:
@@ -48,7 +44,7 @@ def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, ti
     ax.set_xlabel("predicted")
     ax.set_ylabel("reference")
     ax.set_title(title)
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
@@ -59,7 +55,7 @@ def prompt_hidden_states(model, processor, dataset, *, batch_size: int = 32, ret
     what the LM knows about the utterance before it writes the caption (no label leakage).
     Rows whose audio cannot be used are skipped (logged); ``return_rows``: also the indices of
     the rows the features belong to."""
-    from .trainers.sft import read_rows
+    from .audio import read_rows
 
     model.eval()
     device = next(model.parameters()).device
@@ -105,7 +101,7 @@ def plot_tsne(model, processor, dataset, path: str | Path, *, max_samples: int =
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
@@ -137,7 +133,7 @@ def plot_rectification(log_history: Sequence[dict], path: str | Path, *, title: 
     a2.set_ylabel("modify rate")
     a2.legend(fontsize=8)
     fig.suptitle(title)
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
@@ -151,8 +147,6 @@ def plot_timeline(segments: Sequence[dict], path: str | Path, *, title: str = ""
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .descriptors import SED_FIELDS
 
     segs = [s for s in segments if s.get("start") is not None and not s.get("error")]
     if not segs:
@@ -181,6 +175,41 @@ def plot_timeline(segments: Sequence[dict], path: str | Path, *, title: str = ""
     ax.set_xlim(0, segs[-1]["end"] + 0.2)
     ax.set_xlabel("time (s)")
     ax.set_title(title)
-    out = _save(fig, path)
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def reliability_diagram(scores, labels, path, *, field_names: Sequence[str] = SED_FIELDS, n_bins: int = 10, title: str = "CEM reliability") -> Path:
+    """Accuracy against mean confidence per bin, one line per field plus the utterance level; PNG,
+    written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluation import calibration_bins, expected_calibration_error
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    curves = [(f, s[:, j], y[:, j]) for j, f in enumerate(field_names)]
+    complete = np.all(y >= 0, axis=1)
+    curves.append(("utterance", s[complete].mean(axis=1), np.all(y[complete] == 1, axis=1).astype(float)))
+    for name, sc, lb in curves:
+        b = calibration_bins(sc, lb, n_bins)
+        used = b["count"] > 0
+        ece = expected_calibration_error(sc, lb, n_bins)
+        ax.plot(b["confidence"][used], b["accuracy"][used], marker="o", ms=3,
+                lw=2.2 if name == "utterance" else 1.2, label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence")
+    ax.set_ylabel("accuracy (share correct)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    out = save_figure(fig, path, bbox_inches=None)
     plt.close(fig)
     return out

@@ -404,7 +404,7 @@ def stage_pseudo_labels(runner: StageRunner, cfg: RecipeConfig, annotated: Stage
         import datasets
 
         from .descriptors import normalize_sed_value
-        from .trainers.cem import generate_sed_predictions
+        from .generation import generate_sed_predictions
 
         slm, processor = _load_model(pretrain.path / "model")
         train = datasets.load_from_disk(str(annotated.path / "data"))[cfg.train_split]

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from .utils import TARGET_SR, AudioError
+from .audio import TARGET_SR, AudioError
 
 # a recording longer than this is refused up front (decoding it alone would take GBs of memory)
 MAX_RECORDING_SECONDS = 4 * 3600.0

@@ -45,7 +45,7 @@ def score_confidence(
     descriptors); with ``return_field_scores`` also the (N, 5) per-field confidences. Rows that
     cannot be captioned (failed annotation) score NaN. The features are pooled the way the CEM was
     trained (``cem.config.feature_pooling``)."""
-    from .trainers.cem import extract_cem_features, predict_cem
+    from .cem_features import extract_cem_features, predict_cem
 
     n = len(dataset)
     state = _distributed_state()
@@ -137,7 +137,7 @@ def selection_quality(dataset, scores, field_scores=None, *, shares=KEPT_SHARES,
     truth: AUC of each field's score for "this label is right", AUC of the utterance score for "all
     five are right", and the kept-share curve (mean label accuracy of the top share) of the scores
     beside oracle selection and the full set. None without ground truth."""
-    from .trainers.cem import binary_auc
+    from .evaluation import binary_auc
 
     correct = annotation_correctness(dataset)
     if correct is None:

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file writes, seeding, audio loading and validation."""
+"""Small shared helpers: atomic file writes, the --overwrite guard, seeding, processes and cores.
+(Audio reading and validation live in ``trustser.audio``; its names stay importable from here.)"""
 
 from __future__ import annotations
 
@@ -13,11 +14,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-TARGET_SR = 16000
-
-
-class AudioError(ValueError):
-    """Bad or unusable audio; the message names the file and the problem."""
+# moved to trustser.audio; importable from here as before
+from .audio import TARGET_SR, AudioError, audio_problem, load_audio, read_encoded_audio, resample, to_mono_float  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------
@@ -46,22 +44,30 @@ def honour_umask_tree(root: str | os.PathLike) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yields a temporary sibling of ``path`` to write; on success it replaces ``path`` in one rename
+    (with the mode the umask gives), on an exception it is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield Path(tmp)
         honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, **kwargs) -> Path:
@@ -152,84 +158,6 @@ def set_seed(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover
         pass
-
-
-# ------------------------------------------------------------------------------------------
-# Audio
-# ------------------------------------------------------------------------------------------
-def to_mono_float(wav: np.ndarray) -> np.ndarray:
-    """(samples,) or (samples, channels)/(channels, samples) -> float32 mono by averaging channels."""
-    wav = np.asarray(wav)
-    if wav.ndim == 2:
-        # the channel axis is the short one
-        axis = 0 if wav.shape[0] < wav.shape[1] else 1
-        wav = wav.mean(axis=axis)
-    elif wav.ndim != 1:
-        raise AudioError(f"audio array has {wav.ndim} dimensions, expected 1 or 2")
-    return wav.astype(np.float32, copy=False)
-
-
-def resample(wav: np.ndarray, orig_sr: int, target_sr: int = TARGET_SR) -> np.ndarray:
-    if orig_sr == target_sr:
-        return wav
-    import torch
-    import torchaudio.functional as AF
-
-    return AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), orig_sr, target_sr).numpy()
-
-
-def read_encoded_audio(source: str | os.PathLike | bytes) -> tuple[np.ndarray, int]:
-    """Encoded audio from a path or bytes -> ``(samples (channels, frames) float32, rate)``:
-    soundfile (wav/flac/ogg), else torchcodec + FFmpeg (mp3/mp4/m4a). The backends' own
-    exceptions propagate; callers turn them into an AudioError naming the row or file."""
-    import io
-
-    try:
-        import soundfile as sf
-
-        wav, sr = sf.read(io.BytesIO(source) if isinstance(source, bytes) else str(source), dtype="float32", always_2d=True)
-        return wav.T, int(sr)
-    except Exception:
-        from torchcodec.decoders import AudioDecoder
-
-        samples = AudioDecoder(source if isinstance(source, bytes) else str(source)).get_all_samples()
-        return samples.data.numpy(), int(samples.sample_rate)
-
-
-def load_audio(path: str | os.PathLike, target_sr: int = TARGET_SR) -> np.ndarray:
-    """Any common format (``read_encoded_audio``), down-mixed to mono and resampled to
-    ``target_sr``. Raises AudioError naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise AudioError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise AudioError(f"{path}: empty file")
-    try:
-        wav, sr = read_encoded_audio(path)
-    except Exception as exc:
-        raise AudioError(f"{path}: unreadable audio ({type(exc).__name__}: {exc})") from exc
-    wav = to_mono_float(wav)
-    if wav.size == 0:
-        raise AudioError(f"{path}: no samples")
-    return resample(wav, int(sr), target_sr)
-
-
-def audio_problem(wav: np.ndarray, sr: int, *, min_seconds: float = 0.3, silence_dbfs: float = -60.0) -> str | None:
-    """Why this waveform cannot be analysed, or None. Short reason strings, stable for tests:
-    'empty', 'nan', 'too_short', 'silence', 'clipping'."""
-    wav = np.asarray(wav)
-    if wav.size == 0:
-        return "empty"
-    if not np.all(np.isfinite(wav)):
-        return "nan"
-    if wav.shape[-1] < int(min_seconds * sr):
-        return "too_short"
-    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64))))
-    if rms <= 10 ** (silence_dbfs / 20):
-        return "silence"
-    if np.mean(np.abs(wav) >= 0.999) > 0.01:
-        return "clipping"
-    return None
 
 
 def distributed_state():

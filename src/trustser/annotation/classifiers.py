@@ -24,7 +24,8 @@ from typing import Sequence
 import numpy as np
 
 from ..descriptors import SED_VOCAB, normalize_sed_value
-from ..utils import TARGET_SR, atomic_write_json
+from ..audio import TARGET_SR
+from ..utils import atomic_write_json
 from .binning import age_bucket
 
 DEFAULT_GENDER_MODEL = "alefiury/wav2vec2-large-xlsr-53-gender-recognition-librispeech"

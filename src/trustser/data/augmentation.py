@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..utils import TARGET_SR
+from ..audio import TARGET_SR
 
 
 @dataclass

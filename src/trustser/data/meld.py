@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import TARGET_SR
+from ..audio import TARGET_SR
 from .schema import CorpusStats, build_dataset_dict, check_on_unknown, file_manifest, make_row, read_text, require_dir, wav_bytes
 
 logger = logging.getLogger("trustser.data")

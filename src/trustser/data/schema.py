@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import datasets
 import numpy as np
 
-from ..utils import TARGET_SR
+from ..audio import TARGET_SR
 
 logger = logging.getLogger("trustser.data")
 
@@ -210,7 +210,7 @@ def audio_problem_of(cell, max_seconds: float | None = None, silence_dbfs: float
     """Why an undecoded ``audio`` cell (``{"bytes", "path"}``) cannot be trained on, or None: no
     such file, empty file, unreadable, no samples, non-finite samples, silent, longer than
     ``max_seconds``."""
-    from ..utils import read_encoded_audio
+    from ..audio import read_encoded_audio
 
     data, path = (cell.get("bytes"), cell.get("path")) if isinstance(cell, Mapping) else (None, cell)
     if isinstance(cell, Mapping) and cell.get("array") is not None:  # decoded in memory

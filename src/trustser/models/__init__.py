@@ -7,11 +7,20 @@ _MODEL_FOLDERS = ("ser_slm", "cem", "sed_controller")
 
 
 def register_config_and_model(config_cls, model_cls) -> None:
-    """AutoConfig + AutoModel registration of one model folder (idempotent)."""
+    """AutoConfig + AutoModel registration of one model folder (idempotent); the config's
+    ``model_type_aliases`` (earlier names of its model type) load as the same config."""
     from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    for alias in getattr(config_cls, "model_type_aliases", ()):
+        CONFIG_MAPPING.register(alias, config_cls, exist_ok=True)
     AutoModel.register(config_cls, model_cls, exist_ok=True)
+
+
+def accepted_model_types(config_cls) -> tuple[str, ...]:
+    """The config's ``model_type`` and its earlier names (``model_type_aliases``)."""
+    return (config_cls.model_type, *getattr(config_cls, "model_type_aliases", ()))
 
 
 def register_auto_classes() -> None:

@@ -24,9 +24,11 @@ class CheckedFromPretrainedMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            from . import accepted_model_types
+
             found = checkpoint_model_type(pretrained_model_name_or_path, **kwargs)
             wanted = cls.config_class.model_type
-            if found is not None and found != wanted:
+            if found is not None and found not in accepted_model_types(cls.config_class):
                 raise ValueError(
                     f"{pretrained_model_name_or_path}: holds a {found!r} checkpoint, not a {cls.__name__} "
                     f"(model_type {wanted!r}); point to the right directory"

@@ -1,4 +1,6 @@
-"""CEM training data, feature extraction, training (HF ``Trainer``) and quality metrics.
+"""CEM training: its data (correctness labels, balanced pairs) and the training itself (HF ``Trainer``).
+The features and the CEM's scores for them are ``trustser.cem_features``, the metrics
+``trustser.evaluation.cem_metrics``, the reliability diagram ``trustser.plots``.
 
 Paper section 2.2: the pre-trained SER-SLM captions the reference corpus (reliable labels); each of
 its five predicted descriptors is labelled correct (1) or wrong (0); the CEM learns these labels from
@@ -10,173 +12,22 @@ the CEM judges whichever descriptor values a caption claims.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..descriptors import SED_FIELDS, SED_VOCAB, build_caption, normalize_sed_value, parse_caption, sed_from_row
+from ..cem_features import DEFAULT_POOLING, extract_cem_features, predict_cem
+from ..descriptors import SED_FIELDS, SED_VOCAB, normalize_sed_value
+from ..evaluation import cem_metrics
+from ..generation import generate_sed_predictions
+from ..plots import reliability_diagram
 from ..utils import has_accelerator
 
 logger = logging.getLogger(__name__)
 
-SED_SOURCES = ("truth", "auto", "predicted")
 BALANCE_MODES = ("utterance", "field", "none")
-DEFAULT_POOLING = "sed_tokens"
-
-
-# ------------------------------------------------------------------------------------------
-# Metrics (AUC, NCE, ECE) and the reliability diagram
-# ------------------------------------------------------------------------------------------
-def _clean(scores, labels):
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    if s.shape != y.shape:
-        raise ValueError(f"scores and labels differ in size: {s.shape} vs {y.shape}")
-    keep = np.isfinite(s) & (y >= 0)
-    return s[keep], y[keep]
-
-
-def binary_auc(scores, labels) -> float:
-    """ROC AUC of confidence scores against 0/1 correctness; NaN when only one class is present."""
-    from sklearn.metrics import roc_auc_score
-
-    s, y = _clean(scores, labels)
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    return float(roc_auc_score(y, s))
-
-
-def normalized_cross_entropy(scores, labels, eps: float = 1e-12) -> float:
-    """NCE = (H(c) - H(c|p)) / H(c): the share of the correctness entropy the confidences explain
-    (1 perfect, 0 = as good as the constant prior, negative = worse than the prior)."""
-    s, y = _clean(scores, labels)
-    if len(y) == 0:
-        return float("nan")
-    p_c = y.mean()
-    if p_c in (0.0, 1.0):
-        return float("nan")
-    h_c = -(p_c * math.log(p_c) + (1 - p_c) * math.log(1 - p_c))
-    s = np.clip(s, eps, 1 - eps)
-    h_cp = -np.mean(y * np.log(s) + (1 - y) * np.log(1 - s))
-    return float((h_c - h_cp) / h_c)
-
-
-def calibration_bins(scores, labels, n_bins: int = 10) -> dict[str, np.ndarray]:
-    """Equal-width confidence bins: count, mean confidence and accuracy per bin."""
-    s, y = _clean(scores, labels)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.digitize(s, edges[1:-1], right=True), 0, n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins).astype(np.int64)
-    conf_sum = np.bincount(idx, weights=s, minlength=n_bins)
-    acc_sum = np.bincount(idx, weights=y, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        conf = np.where(count > 0, conf_sum / np.maximum(count, 1), np.nan)
-        acc = np.where(count > 0, acc_sum / np.maximum(count, 1), np.nan)
-    return {"edges": edges, "count": count, "confidence": conf, "accuracy": acc}
-
-
-def expected_calibration_error(scores, labels, n_bins: int = 10) -> float:
-    """ECE = sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)| over equal-width bins."""
-    b = calibration_bins(scores, labels, n_bins)
-    n = b["count"].sum()
-    if n == 0:
-        return float("nan")
-    used = b["count"] > 0
-    return float(np.sum(b["count"][used] / n * np.abs(b["accuracy"][used] - b["confidence"][used])))
-
-
-def cem_metrics(scores, labels, *, field_names: Sequence[str] = SED_FIELDS, n_bins: int = 10) -> dict[str, Any]:
-    """Per-field AUC/NCE/ECE for ``scores``/``labels`` of shape (N, 5), plus the utterance level:
-    the mean confidence against "all five fields right" (``utterance``) and the field-pooled figures
-    (``pooled``). Label entries < 0 are ignored."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.float64)
-    if s.ndim != 2 or s.shape != y.shape or s.shape[1] != len(field_names):
-        raise ValueError(f"cem_metrics expects two (N, {len(field_names)}) arrays, got {s.shape} and {y.shape}")
-    out: dict[str, Any] = {"n": int(s.shape[0])}
-    for j, f in enumerate(field_names):
-        out[f] = {
-            "auc": binary_auc(s[:, j], y[:, j]),
-            "nce": normalized_cross_entropy(s[:, j], y[:, j]),
-            "ece": expected_calibration_error(s[:, j], y[:, j], n_bins),
-            "accuracy": float(np.mean(y[:, j][y[:, j] >= 0])) if np.any(y[:, j] >= 0) else float("nan"),
-        }
-    complete = np.all(y >= 0, axis=1)
-    utt_score = s[complete].mean(axis=1)
-    utt_label = np.all(y[complete] == 1, axis=1).astype(np.float64)
-    out["utterance"] = {
-        "auc": binary_auc(utt_score, utt_label),
-        "nce": normalized_cross_entropy(utt_score, utt_label),
-        "ece": expected_calibration_error(utt_score, utt_label, n_bins),
-        "all_correct_rate": float(utt_label.mean()) if len(utt_label) else float("nan"),
-    }
-    out["pooled"] = {
-        "auc": binary_auc(s, y),
-        "nce": normalized_cross_entropy(s, y),
-        "ece": expected_calibration_error(s, y, n_bins),
-    }
-    out["mean_field_auc"] = float(np.nanmean([out[f]["auc"] for f in field_names]))
-    return out
-
-
-def reliability_diagram(scores, labels, path, *, field_names: Sequence[str] = SED_FIELDS, n_bins: int = 10, title: str = "CEM reliability") -> Path:
-    """Accuracy against mean confidence per bin, one line per field plus the utterance level; PNG,
-    written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-    curves = [(f, s[:, j], y[:, j]) for j, f in enumerate(field_names)]
-    complete = np.all(y >= 0, axis=1)
-    curves.append(("utterance", s[complete].mean(axis=1), np.all(y[complete] == 1, axis=1).astype(float)))
-    for name, sc, lb in curves:
-        b = calibration_bins(sc, lb, n_bins)
-        used = b["count"] > 0
-        ece = expected_calibration_error(sc, lb, n_bins)
-        ax.plot(b["confidence"][used], b["accuracy"][used], marker="o", ms=3,
-                lw=2.2 if name == "utterance" else 1.2, label=f"{name} (ECE {ece:.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("mean confidence")
-    ax.set_ylabel("accuracy (share correct)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return _atomic_write_bytes(path, buf.getvalue())
-
-
-def _atomic_write_bytes(path, data: bytes) -> Path:
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        from ..utils import honour_umask
-
-        honour_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,163 +232,9 @@ def train_cem(
     return model, report
 
 
-@torch.no_grad()
-def predict_cem(cem, features, batch_size: int = 1024) -> np.ndarray:
-    """(N, 5) field confidences for (N, D) features; rows with non-finite features give NaN."""
-    x = np.asarray(features, dtype=np.float32)
-    out = np.full((len(x), cem.config.num_fields), np.nan, dtype=np.float32)
-    ok = np.flatnonzero(np.all(np.isfinite(x), axis=1))
-    was_training = cem.training
-    cem.eval()
-    device = next(cem.parameters()).device
-    for start in range(0, len(ok), batch_size):
-        rows = ok[start:start + batch_size]
-        res = cem(torch.from_numpy(x[rows]).to(device))
-        out[rows] = res.field_confidence.float().cpu().numpy()
-    cem.train(was_training)
-    return out
-
-
 # ------------------------------------------------------------------------------------------
-# Features from the SER-SLM
+# Training data from the SER-SLM
 # ------------------------------------------------------------------------------------------
-def _audio_arrays(rows: Sequence[Mapping]) -> list[np.ndarray]:
-    from .sft import decode_audio
-
-    return [decode_audio(r["audio"], r.get("id", "?")) for r in rows]
-
-
-def _slm_device(slm):
-    return next(slm.parameters()).device
-
-
-def _rows(batch: Mapping[str, list]) -> list[dict]:
-    n = len(next(iter(batch.values())))
-    return [{k: batch[k][i] for k in batch} for i in range(n)]
-
-
-@torch.no_grad()
-def extract_cem_features(
-    slm,
-    processor,
-    dataset,
-    *,
-    sed_source: str = "truth",
-    pooling: str = DEFAULT_POOLING,
-    batch_size: int = 16,
-    sed: Sequence[Mapping[str, str | None]] | None = None,
-    indices: Sequence[int] | None = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """SER-SLM last-layer hidden states (before the LM head) for each utterance teacher-forced with
-    the caption "transcription + emotion + descriptors", pooled to one vector:
-
-    - ``sed_tokens``: the states at the first token of each of the five descriptor values,
-      concatenated in SED_FIELDS order (5*H); each state has seen the audio and the claimed value;
-    - ``mean``: the mean over the caption tokens (H).
-
-    Descriptors come from the reliable columns (``truth``), the annotation (``auto``, columns
-    ``<field>_auto``) or ``sed`` (``predicted``: a list of per-row dicts, e.g. parsed SLM output).
-    Rows whose descriptors are missing/invalid (failed annotation, unparseable prediction) get a
-    NaN row, so callers keep row alignment and can flag them.
-    """
-    from ..models.cem import CEM_POOLINGS
-    from .sft import read_rows
-
-    if sed_source not in SED_SOURCES:
-        raise ValueError(f"sed_source must be one of {SED_SOURCES}, got {sed_source!r}")
-    if pooling not in CEM_POOLINGS:
-        raise ValueError(f"pooling must be one of {CEM_POOLINGS}, got {pooling!r}")
-    if sed_source == "predicted" and (sed is None or len(sed) != len(dataset)):
-        raise ValueError("sed_source='predicted' needs sed= with one descriptor dict per dataset row")
-    if sed_source == "auto":
-        missing = [f + "_auto" for f in SED_FIELDS if f + "_auto" not in dataset.column_names]
-        if missing:
-            raise ValueError(f"dataset has no annotation columns {missing}; run `trustser annotate` first")
-    order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
-    hidden = slm.config.text_config.hidden_size
-    dim = hidden * (len(SED_FIELDS) if pooling == "sed_tokens" else 1)
-    out = np.full((len(order), dim), np.nan, dtype=np.float32)
-    device = _slm_device(slm)
-    was_training = slm.training
-    slm.eval()
-    steps = range(0, len(order), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc=f"CEM features ({sed_source})")
-    for start in steps:
-        pos = order[start:start + batch_size]
-        rows, wavs, errors = read_rows(dataset, pos)  # one unreadable file only flags its own row
-        if sed_source == "predicted":
-            seds = [dict(sed[i]) for i in pos]
-        else:
-            seds = [sed_from_row(r, "_auto" if sed_source == "auto" else "") for r in rows]
-        captions, keep, audio = [], [], []
-        for j, (row, s) in enumerate(zip(rows, seds)):
-            if errors[j] is not None:  # a corpus run continues: NaN row, logged
-                logger.warning("CEM features: %s", errors[j])
-                continue
-            try:
-                caption = build_caption(row["text"], row["emotion"], s)
-            except ValueError:
-                continue  # invalid/missing descriptor (failed annotation, unparseable prediction): NaN row
-            wav = wavs[j]
-            captions.append(caption)
-            audio.append(wav)
-            keep.append(j)
-        if not keep:
-            continue
-        enc = processor(audio=audio, captions=captions)
-        model_inputs = {k: v.to(device) for k, v in enc.items() if k not in ("labels", "sed_token_index", "emotion_token_mask")}
-        res = slm(**model_inputs, output_hidden_states=True, logits_to_keep=1, return_dict=True)
-        states = res.hidden_states[-1].float()  # (B, L, H), last decoder layer (normed), before the LM head
-        if pooling == "sed_tokens":
-            idx = enc["sed_token_index"].to(device)
-            if (idx < 0).any():
-                bad = [keep[b] for b in torch.nonzero((idx < 0).any(dim=1)).flatten().tolist()]
-                logger.warning("descriptor tokens not found for %d rows: left as NaN", len(bad))
-            safe = idx.clamp(min=0)
-            gathered = torch.gather(states, 1, safe[..., None].expand(-1, -1, states.shape[-1]))  # (B, 5, H)
-            feats = gathered.reshape(len(keep), -1)
-            feats[(idx < 0).any(dim=1)] = float("nan")
-        else:
-            cap_mask = (enc["labels"] != -100).to(device)
-            feats = (states * cap_mask[..., None]).sum(1) / cap_mask.sum(1, keepdim=True).clamp(min=1)
-        out[[start + j for j in keep]] = feats.cpu().numpy()
-    slm.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def generate_sed_predictions(slm, processor, dataset, *, batch_size: int = 16, max_new_tokens: int = 96,
-                             indices: Sequence[int] | None = None) -> tuple[list[str], list[dict]]:
-    """Greedy captions from the SER-SLM and the descriptors parsed from them (a field that could
-    not be parsed is ``None``)."""
-    order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
-    device = _slm_device(slm)
-    was_training = slm.training
-    slm.eval()
-    tok = processor.tokenizer
-    captions: list[str] = []
-    parsed: list[dict] = []
-    for start in range(0, len(order), batch_size):
-        pos = order[start:start + batch_size]
-        rows = _rows(dataset[pos])
-        enc = processor(audio=_audio_arrays(rows))
-        enc = {k: v.to(device) for k, v in enc.items()}
-        gen = slm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for t in texts:
-            t = t.strip()
-            captions.append(t)
-            p = parse_caption(t)
-            parsed.append({f: p.fields.get(f) for f in SED_FIELDS})
-    slm.train(was_training)
-    return captions, parsed
-
-
 def prepare_cem_data(slm, processor, dataset, *, pooling: str = DEFAULT_POOLING, batch_size: int = 16,
                      max_new_tokens: int = 96) -> dict[str, Any]:
     """CEM training data from a corpus with reliable descriptors (paper section 2.2): the SLM's

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from ..descriptors import SED_FIELDS, SED_VOCAB, normalize_sed_value
+from ..audio import TARGET_SR, AudioError, decode_audio, read_rows
+from ..descriptors import SED_FIELDS, SED_SOURCES, SED_VOCAB, normalize_sed_value
 from ..models.sed_controller import (
     SedController,
     SedControllerConfig,
@@ -48,9 +49,9 @@ from ..models.sed_controller import (
     sample_policies,
     sed_to_ids,
 )
-from ..utils import TARGET_SR, AudioError, atomic_directory, atomic_write_json
+from ..utils import atomic_directory, atomic_write_json
 from .rectify_config import SEDRectifyConfig
-from .sft import SED_SOURCES, SerSlmDataCollator, SerSlmSFTTrainer, caption_token_nll, decode_audio, read_rows
+from .sft import SerSlmDataCollator, SerSlmSFTTrainer, caption_token_nll
 
 CONTROLLER_DIR = "controller"
 CONTROLLER_OPTIMIZER = "controller_optimizer"

@@ -22,12 +22,13 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from ..audio import TARGET_SR, decode_audio
+from ..descriptors import SED_SOURCES
 from ..models.ser_slm.modeling_ser_slm import weighted_auxiliary_loss
-from ..utils import TARGET_SR, AudioError, has_accelerator, load_audio, read_encoded_audio, resample, to_mono_float
+from ..utils import has_accelerator
 
 logger = logging.getLogger(__name__)
 
-SED_SOURCES = {"truth": "", "auto": "_auto", "pseudo": "_pseudo"}  # column suffix of each descriptor source
 CHECKPOINT_COMPLETE = "trustser_checkpoint.json"
 # per process: what the Trainer's checkpoint lacks for an exact resume (trainer._save_training_state)
 TRAINING_STATE = "trustser_training_state_{rank}.json"
@@ -38,102 +39,6 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MODEL_INPUTS = (
     "input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy", "f0", "labels", "sed_labels", "ctc_labels",
 )
-
-
-def _decode_bytes(data: bytes) -> tuple[np.ndarray, int]:
-    """Encoded audio bytes -> (samples, rate); see ``read_encoded_audio``."""
-    if len(data) == 0:
-        raise AudioError("empty audio data (0 bytes)")
-    return read_encoded_audio(data)
-
-
-def _sampling_rate(sr) -> int:
-    try:
-        ok = sr is not None and not isinstance(sr, bool) and float(sr) == int(sr) and int(sr) > 0
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise AudioError(f"invalid sampling rate {sr!r} (expected a positive number of Hz)")
-    return int(sr)
-
-
-def decode_audio(value: Any, row_id: str = "?") -> np.ndarray:
-    """A dataset ``audio`` cell (torchcodec AudioDecoder, ``{"array", "sampling_rate"}`` dict,
-    undecoded ``{"bytes", "path"}`` dict, or a path) -> float32 mono at 16 kHz. Raises AudioError
-    naming the row (and the file where known): unreadable or empty audio, a missing or invalid
-    sampling rate, more than 2 dimensions, non-finite (NaN/inf) samples."""
-    where = f"row {row_id!r}"
-    path = str(value["path"]) if isinstance(value, Mapping) and value.get("path") else None
-    try:
-        if isinstance(value, str) or hasattr(value, "__fspath__"):
-            wav, sr = load_audio(value), TARGET_SR
-        elif hasattr(value, "get_all_samples"):  # datasets 5 / torchcodec decoder
-            s = value.get_all_samples()
-            wav, sr = s.data.numpy(), int(s.sample_rate)
-            wav = wav.mean(axis=0) if wav.ndim == 2 else wav
-        elif isinstance(value, Mapping):
-            if value.get("array") is not None:
-                wav, sr = value["array"], value.get("sampling_rate")
-            elif value.get("bytes") is not None:
-                wav, sr = _decode_bytes(value["bytes"])
-            elif value.get("path"):
-                wav, sr = load_audio(value["path"]), TARGET_SR
-            else:
-                raise AudioError("no audio (the cell has neither 'array', 'bytes' nor 'path')")
-        else:
-            raise AudioError(f"unsupported audio value of type {type(value).__name__}")
-        sr = _sampling_rate(sr)
-        wav = to_mono_float(np.asarray(wav))
-        if wav.size == 0:
-            raise AudioError("no samples")
-        if not np.all(np.isfinite(wav)):
-            raise AudioError("non-finite (NaN/inf) samples")
-        return resample(wav, int(sr), TARGET_SR)
-    except Exception as exc:  # AudioError, or the decoding backends' own types
-        msg = str(exc) if isinstance(exc, AudioError) else f"unreadable audio ({type(exc).__name__}: {exc})"
-        if path and not msg.startswith(path):
-            where += f" ({path})"
-        raise AudioError(f"{where}: {msg}") from exc
-
-
-def read_rows(dataset, indices: Sequence[int], audio_column: str = "audio") -> tuple[list[dict], list, list]:
-    """Rows ``indices`` of ``dataset`` as dicts, each row's audio decoded (``decode_audio``).
-    Returns ``(rows, audio, errors)``: ``audio[i]`` is a 16 kHz float32 array or None, ``errors[i]``
-    None or the AudioError message naming the row and file. The rows are read as one batch; when
-    ``datasets`` cannot decode the batch (an empty or corrupt file), row by row, so one bad file
-    only flags its own row and a corpus run continues."""
-    indices = [int(i) for i in indices]
-    try:
-        batch = dataset[indices]
-        rows = [{k: batch[k][j] for k in batch} for j in range(len(indices))]
-    except Exception:
-        rows, raw = [], None
-        for i in indices:
-            try:
-                rows.append(dataset[i])
-            except Exception:  # datasets' decoder failed: decode the stored bytes/path ourselves
-                raw = raw if raw is not None else _undecoded(dataset, audio_column)
-                rows.append(raw[i])
-    audio, errors = [], []
-    for row in rows:
-        wav = err = None
-        try:
-            wav = decode_audio(row[audio_column], row.get("id", "?"))
-        except AudioError as exc:
-            err = str(exc)
-        audio.append(wav)
-        errors.append(err)
-    return rows, audio, errors
-
-
-def _undecoded(dataset, audio_column: str):
-    """The dataset with its audio column not decoded (``{"bytes", "path"}`` cells)."""
-    import datasets
-
-    feat = dataset.features.get(audio_column) if getattr(dataset, "features", None) else None
-    if isinstance(feat, datasets.Audio) and feat.decode:
-        return dataset.cast_column(audio_column, datasets.Audio(sampling_rate=feat.sampling_rate, decode=False))
-    return dataset
 
 
 def last_complete_checkpoint(output_dir) -> str | None:
@@ -510,5 +415,5 @@ class _RestoreTrainingState(TrainerCallback):
         return control
 
 
-__all__ = ["SerSlmDataCollator", "SerSlmSFTConfig", "SerSlmSFTTrainer", "decode_audio", "read_rows", "last_complete_checkpoint",
+__all__ = ["SerSlmDataCollator", "SerSlmSFTConfig", "SerSlmSFTTrainer", "last_complete_checkpoint",
            "CHECKPOINT_COMPLETE", "caption_token_nll", "first_caption_position"]

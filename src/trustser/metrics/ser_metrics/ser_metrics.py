@@ -20,8 +20,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from trustser.descriptors import SED_FIELDS, parse_caption
-from trustser.evaluation import UNPARSED
+from trustser.descriptors import SED_FIELDS, UNPARSED, parse_caption
 
 _DESCRIPTION = """Speech emotion recognition from a speech LLM's generated captions: WA (accuracy), UA (mean
 per-class recall over the emotions present in the references), weighted F1, the confusion matrix

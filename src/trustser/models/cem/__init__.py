@@ -1,6 +1,6 @@
 """Confidence estimation model (CEM) for automatically annotated SED labels."""
 
-from .configuration_cem import CEM_POOLINGS, CemConfig
+from .configuration_cem import CEM_POOLINGS, DEFAULT_POOLING, CemConfig
 from .modeling_cem import CemOutput, ConfidenceEstimationModel
 
 
@@ -11,4 +11,4 @@ def register() -> None:
     register_config_and_model(CemConfig, ConfidenceEstimationModel)
 
 
-__all__ = ["CemConfig", "ConfidenceEstimationModel", "CemOutput", "CEM_POOLINGS", "register"]
+__all__ = ["CemConfig", "ConfidenceEstimationModel", "CemOutput", "CEM_POOLINGS", "DEFAULT_POOLING", "register"]

@@ -38,30 +38,43 @@ def conv_output_length(length: int, conv_layers, frame_downsample: int = 1) -> i
 
 class SerSlmConfig(PreTrainedConfig):
     r"""
-    audio_config: any Hugging Face speech-encoder config (HuBERT, wav2vec2, WavLM, Whisper-style
-        ``voxtral_encoder`` / ``qwen2_audio_encoder``); its hidden states feed the VIB branches.
-    text_config: any causal-LM config (Llama, Qwen2, ...); the backbone (``AutoModel``) becomes
-        ``model.language_model``, the head ``lm_head``.
-    audio_token_id / audio_token: placeholder token replaced by audio embeddings.
-    sed_vib_dim / semantic_vib_dim: latent sizes of the two variational information bottlenecks.
-    vib_hidden_size: hidden size of the MLP producing mu and log-variance.
-    vib_beta: weight of the KL term in the loss (loss = lm_loss + vib_beta * kl_loss).
-    sed_energy_stream: feed the SED branch a frame log-energy stream from the raw waveform (keeps
-        loudness observable when the encoder's features are level-normalised).
-    sed_f0_stream: also feed it a Praat F0 track (log F0, voicing, utterance mean log F0); the
-        processor then needs ``f0_stream=True`` (praat-parselmouth).
-    frame_downsample: consecutive encoder frames stacked into one audio token.
-    audio_conv_layers: encoder front-end convolutions (inferred from ``audio_config`` when None).
-    freeze_audio_tower: keep the encoder frozen (the paper's recipe).
-    aux_sed_loss_weight: weight of an auxiliary descriptor-classification loss on the SED branch
-        (utterance mean of the SED latent -> one linear classifier per field, classes in the
-        processor's ``sed_vocab`` order, ``aux_sed_num_classes`` each). A randomly initialised
-        encoder gets no usable signal through the LM alone in minutes (it learns to ignore the
-        audio); the paper's pre-trained encoder does not need it (0 = off, no heads).
-    aux_ctc_loss_weight: weight of an auxiliary CTC loss of the transcript's tokens on the semantic
-        branch (frame latents -> vocabulary, blank = pad token); 0 = off.
-    use_cache: default of ``forward(use_cache=...)`` (None: the text config's), so that
-        ``model.config.use_cache = False`` (what trainers set with gradient checkpointing) applies.
+    The SER-SLM: any Hugging Face speech encoder, two variational information bottlenecks (SED and
+    semantic), a projector and any causal LM.
+
+    Args:
+        audio_config (`dict` or `PreTrainedConfig`, *optional*, defaults to a HuBERT config): any
+            speech-encoder config (HuBERT, wav2vec2, WavLM, Whisper-style ``voxtral_encoder`` /
+            ``qwen2_audio_encoder``); its hidden states feed the VIB branches.
+        text_config (`dict` or `PreTrainedConfig`, *optional*, defaults to a Llama config): any
+            causal-LM config (Llama, Qwen2, ...); the backbone (``AutoModel``) becomes
+            ``model.language_model``, the head ``lm_head``.
+        audio_token_id (`int`, *optional*) / audio_token (`str`, defaults to `"<audio>"`): the
+            placeholder token replaced by audio embeddings.
+        sed_vib_dim (`int`, defaults to 64) / semantic_vib_dim (`int`, defaults to 128): latent sizes
+            of the two variational information bottlenecks.
+        vib_hidden_size (`int`, defaults to 256): hidden size of the MLP producing mu and log-variance.
+        vib_beta (`float`, defaults to 1e-3): weight of the KL term (loss = lm_loss + vib_beta * kl_loss).
+        sed_energy_stream (`bool`, defaults to `True`): feed the SED branch a frame log-energy stream
+            from the raw waveform (keeps loudness observable when the encoder's features are
+            level-normalised).
+        sed_f0_stream (`bool`, defaults to `False`): also feed it a Praat F0 track (log F0, voicing,
+            utterance mean log F0); the processor then needs ``f0_stream=True`` (praat-parselmouth).
+        frame_downsample (`int`, defaults to 4): consecutive encoder frames stacked into one audio token.
+        projector_hidden_act (`str`, defaults to `"gelu"`): activation of the projector.
+        audio_conv_layers (`list`, *optional*): encoder front-end convolutions
+            ``[[kernel, stride, padding], ...]``; inferred from ``audio_config`` when None.
+        freeze_audio_tower (`bool`, defaults to `True`): keep the encoder frozen (the paper's recipe).
+        tie_word_embeddings (`bool`, defaults to `False`): tie the LM head to the input embeddings.
+        aux_sed_loss_weight (`float`, defaults to 0.0): weight of an auxiliary descriptor-classification
+            loss on the SED branch (utterance mean of the SED latent -> one linear classifier per
+            field, classes in the processor's ``sed_vocab`` order, ``aux_sed_num_classes`` each). A
+            randomly initialised encoder gets no usable signal through the LM alone in minutes (it
+            learns to ignore the audio); the paper's pre-trained encoder does not need it (0 = off, no heads).
+        aux_ctc_loss_weight (`float`, defaults to 0.0): weight of an auxiliary CTC loss of the
+            transcript's tokens on the semantic branch (frame latents -> vocabulary, blank = pad token); 0 = off.
+        aux_sed_num_classes (`list[int]`, *optional*, defaults to `[3, 3, 3, 2, 5]`): classes per descriptor.
+        use_cache (`bool`, *optional*): default of ``forward(use_cache=...)`` (None: the text config's),
+            so that ``model.config.use_cache = False`` (what trainers set with gradient checkpointing) applies.
     """
 
     model_type = "ser_slm"
