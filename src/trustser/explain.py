@@ -43,7 +43,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".mp4", ".
 # audio_problem() reasons that make an explanation meaningless; "clipping" only warns
 _FATAL_PROBLEMS = {"empty": "no samples", "nan": "non-finite (NaN/inf) samples",
                    "too_short": "shorter than 0.3 s", "silence": "silent (below -60 dBFS)"}
-_EMOTION_PREFIX = "the emotional state of this speaker is "
+EMOTION_PREFIX = "the emotional state of this speaker is "
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,8 +61,8 @@ def label_first_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
     """Id of each label's first token as it occurs in the caption (after "... speaker is ")."""
     ids = []
     for label in labels:
-        enc = tokenizer(_EMOTION_PREFIX + label, add_special_tokens=False, return_offsets_mapping=True)
-        start = len(_EMOTION_PREFIX)
+        enc = tokenizer(EMOTION_PREFIX + label, add_special_tokens=False, return_offsets_mapping=True)
+        start = len(EMOTION_PREFIX)
         first = [t for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if e > start and e > s]
         if not first:
             raise ValueError(f"emotion label {label!r} produces no token")
