@@ -33,14 +33,14 @@ def main():
 
     from trustser.data import load_corpus
     from trustser.descriptors import SED_FIELDS
-    from trustser.recipe import _load_model
+    from trustser.recipe import load_ser_slm
     from trustser.selection import score_confidence
     from trustser.evaluation import binary_auc
     from trustser.trainers.cem import prepare_cem_data, prepare_cem_data_perturbed, train_cem
 
     torch.manual_seed(args.seed)
     cache = f"{args.output_dir}/cache"
-    slm, proc = _load_model(sorted(glob.glob(f"{cache}/pretrain-*/model"))[0])
+    slm, proc = load_ser_slm(sorted(glob.glob(f"{cache}/pretrain-*/model"))[0])
     corpus = load_corpus("synthetic", sorted(glob.glob(f"{cache}/corpus-*/corpus"))[0])
     ref = corpus["reference"].shuffle(seed=args.seed).select(range(min(args.samples, len(corpus["reference"]))))
     train = datasets.load_from_disk(sorted(glob.glob(f"{cache}/annotate-*/data"))[0])["train"]

@@ -22,8 +22,8 @@ def tiny(tmp_path_factory):
 
 
 def test_add_label_tokens(tiny, tmp_path):
-    from trustser.explain import label_first_token_ids
-    from trustser.finetune import _label_pieces, add_emotion_label_tokens, labels_needing_tokens
+    from trustser.explain import label_first_token_ids, label_token_ids
+    from trustser.finetune import add_emotion_label_tokens, labels_needing_tokens
     from trustser.models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
 
     model, proc = tiny
@@ -31,7 +31,7 @@ def test_add_label_tokens(tiny, tmp_path):
     need = labels_needing_tokens(tok, NEW)
     assert need  # the corpus-trained tokenizer splits at least one new word
     assert labels_needing_tokens(tok, ["neutral", "happy", "angry", "sad"]) == []
-    pieces = {l: _label_pieces(tok, l) for l in need}
+    pieces = {l: label_token_ids(tok, l) for l in need}
     emb_before = model.get_input_embeddings().weight.detach().clone()
     head_before = model.get_output_embeddings().weight.detach().clone()
     n_before = len(tok)

@@ -341,7 +341,7 @@ def test_resumed_training_equals_the_uninterrupted_run(kind, tiny_model, tmp_pat
     was never interrupted."""
     import torch
 
-    from trustser.recipe import _rectification_summary
+    from trustser.report import rectification_summary
     from trustser.trainers.sft import TRAINING_STATE
 
     ref = _trainer(kind, tiny_model, tmp_path / "ref")
@@ -364,8 +364,8 @@ def test_resumed_training_equals_the_uninterrupted_run(kind, tiny_model, tmp_pat
     if kind == "posttrain":
         ca, cb = ref.controller.state_dict(), resumed.controller.state_dict()
         assert [k for k in ca if not torch.equal(ca[k], cb[k])] == []
-        summary = _rectification_summary(resumed.state.log_history)
-        assert summary and "rectify/label_accuracy" in summary and summary == _rectification_summary(ref.state.log_history)
+        summary = rectification_summary(resumed.state.log_history)
+        assert summary and "rectify/label_accuracy" in summary and summary == rectification_summary(ref.state.log_history)
 
 
 # ------------------------------------------------------------------------------------------

@@ -58,16 +58,21 @@ def max_audio_seconds(processor) -> float | None:
     return float(n) / fe.sampling_rate if n else None
 
 
+def label_token_ids(tokenizer, label: str) -> list[int]:
+    """The token ids of an emotion label as it occurs in the caption (after "... speaker is ")."""
+    enc = tokenizer(EMOTION_PREFIX + label, add_special_tokens=False, return_offsets_mapping=True)
+    start = len(EMOTION_PREFIX)
+    return [int(t) for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if e > start and e > s]
+
+
 def label_first_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
-    """Id of each label's first token as it occurs in the caption (after "... speaker is ")."""
+    """Id of each label's first token as it occurs in the caption."""
     ids = []
     for label in labels:
-        enc = tokenizer(EMOTION_PREFIX + label, add_special_tokens=False, return_offsets_mapping=True)
-        start = len(EMOTION_PREFIX)
-        first = [t for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if e > start and e > s]
-        if not first:
+        pieces = label_token_ids(tokenizer, label)
+        if not pieces:
             raise ValueError(f"emotion label {label!r} produces no token")
-        ids.append(int(first[0]))
+        ids.append(pieces[0])
     return ids
 
 

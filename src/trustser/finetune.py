@@ -21,8 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .descriptors import EMOTION_PREFIX as _EMOTION_PREFIX
-from .explain import label_first_token_ids
+from .explain import label_first_token_ids, label_token_ids
 
 logger = logging.getLogger("trustser.finetune")
 
@@ -30,16 +29,10 @@ logger = logging.getLogger("trustser.finetune")
 # ------------------------------------------------------------------------------------------------
 # label tokens
 # ------------------------------------------------------------------------------------------------
-def _label_pieces(tokenizer, label: str) -> list[int]:
-    enc = tokenizer(_EMOTION_PREFIX + label, add_special_tokens=False, return_offsets_mapping=True)
-    start = len(_EMOTION_PREFIX)
-    return [int(t) for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if e > start and e > s]
-
-
 def labels_needing_tokens(tokenizer, labels: Sequence[str]) -> list[str]:
     """Labels the tokenizer splits into several pieces or whose first piece another label shares."""
     firsts = label_first_token_ids(tokenizer, labels)
-    return [l for l, f in zip(labels, firsts) if len(_label_pieces(tokenizer, l)) > 1 or firsts.count(f) > 1]
+    return [l for l, f in zip(labels, firsts) if len(label_token_ids(tokenizer, l)) > 1 or firsts.count(f) > 1]
 
 
 def add_emotion_label_tokens(model, processor, labels: Sequence[str], mode: str = "auto") -> list[str]:
@@ -54,7 +47,7 @@ def add_emotion_label_tokens(model, processor, labels: Sequence[str], mode: str 
     labels = [str(l).strip().lower() for l in labels]
     todo = [] if mode == "never" else (list(labels) if mode == "always" else labels_needing_tokens(tok, labels))
     todo = [l for l in todo if l not in tok.get_vocab()]
-    pieces = {l: _label_pieces(tok, l) for l in todo}
+    pieces = {l: label_token_ids(tok, l) for l in todo}
     if todo:
         tok.add_tokens([AddedToken(l, single_word=True, normalized=False) for l in todo])
         model.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -145,7 +138,7 @@ def _evaluate(rcfg, spec, model_dir: Path, root: str, annotated, run_dir: Path, 
     from .descriptors import SED_FIELDS
     from .evaluation import evaluate_ser
 
-    model, processor = recipe._load_model(model_dir)
+    model, processor = recipe.load_ser_slm(model_dir)
     test = datasets.load_from_disk(str(annotated.path / "data"))[rcfg.test_split]
     if rcfg.max_eval_samples:
         test = test.select(range(min(rcfg.max_eval_samples, len(test))))
@@ -162,6 +155,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from .utils import distributed_state, use_cpu_cores
     from . import recipe
     from .explain import resolve_model_dir
+    from .report import run_results, write_results
     from .stages import StageRunner
     from .systems import SystemSpec
     from .utils import atomic_write_json, set_seed
@@ -217,24 +211,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         run_dir = out_root / f"finetune-seed{cfg.seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = _evaluate(rcfg, spec, post.path / "model", cfg.corpus_root, annotated, run_dir, labels)
-        results = {
-            "system": spec.to_dict(),
-            "target_corpus": cfg.corpus,
-            "test": {cfg.corpus: metrics},
-            "annotation": recipe._read_json(annotated.path / "annotation_report.json"),
-            "cem": recipe._read_json(cem.path / "cem" / "cem_metrics.json") if cem else None,
-            "selection": recipe._read_json(selected.path / "data" / "selection_stats.json") if selected else None,
-            "rectification": recipe._rectification_summary(recipe._read_json(post.path / "log_history.json")) if cfg.rectify else None,
-            "settings": {**rcfg.to_dict(), "emotion_labels": labels, "base_model": cfg.model, "num_policies_used": cfg.num_policies,
-                         "finetune": asdict(cfg)},
-            "seed": cfg.seed,
-            "stages": [{"name": s.name, "key": s.key, "reused": s.reused, "path": str(s.path), "seconds": s.record().get("seconds")}
-                       for s in runner.stages],
-            "wall_seconds": round(time.time() - started, 1),
-        }
-        atomic_write_json(run_dir / "results.json", results)
-        recipe.write_report(results, run_dir / "report.md")
-        print(f"[trustser] finetune: WA {metrics['wa']:.4f}  UA {metrics['ua']:.4f}  wF1 {metrics['weighted_f1']:.4f}  -> {run_dir}/results.json")
+        results = run_results(spec, cfg.corpus, metrics, annotated=annotated, cem=cem, selected=selected, post=post,
+                              settings={**rcfg.to_dict(), "emotion_labels": labels, "base_model": cfg.model,
+                                        "num_policies_used": cfg.num_policies, "finetune": asdict(cfg)},
+                              seed=cfg.seed, stages=runner.stages, started=started, ground_truth_checks=False)
+        write_results(results, run_dir)
     state.wait_for_everyone()
     return results
 

@@ -21,9 +21,10 @@ from typing import Any
 
 from .descriptors import EMOTION_LABELS, SED_FIELDS
 from .recipe_config import RecipeConfig
+from .report import read_json, run_results, write_results
 from .stages import Stage, StageRunner
 from .systems import SystemSpec, get_system
-from .utils import atomic_write_json, atomic_write_text, set_seed
+from .utils import atomic_write_json, set_seed
 
 logger = logging.getLogger("trustser.recipe")
 
@@ -40,7 +41,7 @@ def _emotion_labels(corpus: str, dataset=None) -> tuple[str, ...]:
     return tuple(labels)
 
 
-def _load_model(path: Path):
+def load_ser_slm(path: Path):
     from .models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
 
     model = SerSlmForConditionalGeneration.from_pretrained(path)
@@ -326,7 +327,7 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
         from .trainers.cem import prepare_cem_data, prepare_cem_data_perturbed, train_cem
 
         set_seed(cfg.seed)
-        slm, processor = _load_model(pretrain.path / "model")
+        slm, processor = load_ser_slm(pretrain.path / "model")
         ref = validate_audio(_pretrain_split(cfg, pretrain_root, annotated, sed_source, as_reliable=True),
                              max_seconds=_audio_window(processor))
         if cfg.cem_max_samples and len(ref) > cfg.cem_max_samples:
@@ -367,7 +368,7 @@ def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated
         from .models.cem import ConfidenceEstimationModel
         from .selection import score_confidence, select_by_confidence, selection_quality
 
-        slm, processor = _load_model(pretrain.path / "model")
+        slm, processor = load_ser_slm(pretrain.path / "model")
         cem_model = ConfidenceEstimationModel.from_pretrained(cem.path / "cem")
         train = datasets.load_from_disk(str(annotated.path / "data"))[cfg.train_split]
         # scoring is sharded over the processes and gathered; the selection is written once
@@ -406,7 +407,7 @@ def stage_pseudo_labels(runner: StageRunner, cfg: RecipeConfig, annotated: Stage
         from .descriptors import normalize_sed_value
         from .generation import generate_sed_predictions
 
-        slm, processor = _load_model(pretrain.path / "model")
+        slm, processor = load_ser_slm(pretrain.path / "model")
         train = datasets.load_from_disk(str(annotated.path / "data"))[cfg.train_split]
         train = train.filter(lambda e: not e, input_columns="annotation_error")
         _, predicted = generate_sed_predictions(slm, processor, train, batch_size=cfg.eval_batch_size)
@@ -459,7 +460,7 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
                                  f"(every row failed annotation: {dict(errors)})")
         if len(train) == 0:
             raise ValueError(f"{data.path / data_subdir}: split {cfg.train_split!r} has no utterances to train on")
-        model, processor = _load_model(pretrain.path / "model")
+        model, processor = load_ser_slm(pretrain.path / "model")
         model = _with_lora(model, cfg)
         # captions only: the auxiliary heads are a pre-training device (and rectification has no equivalent)
         common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source=spec.sed_labels,
@@ -474,7 +475,7 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
             args = _training_args(cfg, out / "trainer", stage="posttrain", **common)
             trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
         _train(trainer, cfg, out / "trainer")
-        _save_trained(trainer, processor, out / "model", base=lambda: _load_model(pretrain.path / "model")[0])
+        _save_trained(trainer, processor, out / "model", base=lambda: load_ser_slm(pretrain.path / "model")[0])
         if trainer.accelerator.is_main_process:
             if spec.rectify:
                 trainer.controller.save_pretrained(str(out / "controller"))
@@ -511,7 +512,7 @@ def evaluate_system(cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target
     from .evaluation import evaluate_ser
     from .plots import plot_confusion_matrix, plot_tsne
 
-    model, processor = _load_model(model_dir)
+    model, processor = load_ser_slm(model_dir)
     test = datasets.load_from_disk(str(annotated.path / "data"))[cfg.test_split]
     if cfg.max_eval_samples:
         test = test.select(range(min(cfg.max_eval_samples, len(test))))
@@ -549,84 +550,6 @@ def stage_evaluate(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, mod
     settings = {"split": cfg.test_split, "max_samples": cfg.max_eval_samples, "with_sed": spec.with_sed, "batch": cfg.eval_batch_size,
                 "tsne": cfg.tsne_samples, "seed": cfg.seed}
     return runner.run("evaluate", settings, run, [model_stage, annotated])
-
-
-def write_report(results: dict, path: Path) -> None:
-    spec = results["system"]
-    lines = [f"# trustser {spec['name']} — {results['target_corpus']}", ""]
-    lines.append(f"Settings: SED in caption {spec['with_sed']}, domain SFT {spec['domain_sft']}, selection {spec['selection_ratio'] or '100%'}, "
-                 f"RL rectification {spec['rectify']}{' (K=%d)' % results['settings'].get('num_policies_used', spec['num_policies']) if spec['rectify'] else ''}; seed {results['settings']['seed']}.")
-    lines.append("")
-    for corpus, m in results["test"].items():
-        lines += [f"## Test: {corpus} ({m['n']} utterances)", "", "| metric | value |", "|---|---|"]
-        lines += [f"| WA (accuracy) | {m['wa']:.4f} |", f"| UA (balanced accuracy) | {m['ua']:.4f} |", f"| weighted F1 | {m['weighted_f1']:.4f} |",
-                  f"| unparseable captions | {m['unparseable_rate']:.4f} |"]
-        lines += [f"| SED accuracy: {f} | {m.get('sed_accuracy', {}).get(f, float('nan')):.4f} |" for f in SED_FIELDS]
-        lines.append("")
-        if spec.get("paper_iemocap") is not None:
-            lines.append(f"The paper reports {spec['paper_iemocap']}% (IEMOCAP) and {spec['paper_meld']}% (MELD) for this system.")
-            lines.append("")
-        if m.get("wa_by_group"):
-            lines += ["Emotion accuracy per speaker group: " + ", ".join(f"{g} {v:.3f}" for g, v in m["wa_by_group"].items()), ""]
-    lines += _annotation_lines(results.get("annotation"))
-    target = results.get("cem_target")
-    if target:
-        lines += [f"## Confidence scores of the target's annotated captions ({target['n']} training utterances, against the ground truth)", "",
-                  f"Utterance AUC (all five labels right): {target['utterance_auc']:.4f}; per field: "
-                  + ", ".join(f"{f} {v:.4f}" for f, v in (target.get("field_auc") or {}).items()), "",
-                  "| kept share | label accuracy, CEM selection | oracle selection |", "|---|---|---|"]
-        lines += [f"| {r['share']:.0%} | {r['scores']:.4f} | {r['oracle']:.4f} |" for r in target["kept_share_accuracy"]]
-        lines.append("")
-    if results.get("cem"):
-        lines += ["## Confidence estimation", "", "```json", json.dumps(results["cem"], indent=1)[:3000], "```", ""]
-    if results.get("selection"):
-        lines += ["## Selection", "", "```json", json.dumps(results["selection"], indent=1)[:3000], "```", ""]
-    if results.get("rectification"):
-        lines += ["## Rectification (last logged values)", "", "```json", json.dumps(results["rectification"], indent=1)[:3000], "```", ""]
-    audit = results.get("controller_audit")
-    if audit:
-        lines += ["## Descriptor labels after rectification (trained controller, every training utterance)", "",
-                  "| field | annotation | rectified (expected under the policy) | rectified (greedy) | P(modify) |", "|---|---|---|---|---|"]
-        lines += [f"| {f} | {v['annotation']:.4f} | {v['expected']:.4f} | {v['greedy']:.4f} | {v['modify_probability']:.4f} |"
-                  for f, v in audit["per_field"].items()]
-        lines += [f"| **all** | {audit['annotation_accuracy']:.4f} | {audit['expected_accuracy']:.4f} | {audit['greedy_accuracy']:.4f} | |", ""]
-        lines += ["Per-utterance repair (greedy policy; labels): wrong labels fixed, right labels broken, left as they were.", "",
-                  "| field | fixed | broken | unchanged wrong | unchanged right |", "|---|---|---|---|---|"]
-        lines += [f"| {f} | {v['repair']['fixed']:.1f} | {v['repair']['broken']} | {v['repair']['unchanged_wrong']} | {v['repair']['unchanged_right']} |"
-                  for f, v in audit["per_field"].items() if "repair" in v]
-        lines.append("")
-    lines += ["## Stages", "", "| stage | key | reused | seconds |", "|---|---|---|---|"]
-    lines += [f"| {s['name']} | {s['key']} | {s['reused']} | {s.get('seconds', '')} |" for s in results["stages"]]
-    lines += ["", "Plots: `confusion_matrix.png`, `tsne.png` (last hidden states coloured by emotion, the paper's Figure 2)"
-              + (", `rectification.png` (rectified vs annotated label accuracy, modify rates)." if spec["rectify"] else "."), ""]
-    atomic_write_text(path, "\n".join(lines))
-
-
-def _annotation_lines(report: dict | None) -> list[str]:
-    """The annotation's accuracy against the ground truth per split and speaker group (report.md)."""
-    rows = [(split, "all", r["accuracy"]) for split, r in (report or {}).items() if r.get("accuracy")]
-    rows += [(split, g, a) for split, r in (report or {}).items() for g, a in (r.get("accuracy_by_group") or {}).items()]
-    if not rows:
-        return []
-    lines = ["## Annotation accuracy against the ground truth", "", "| split | speaker group | n | " + " | ".join(SED_FIELDS) + " | all five |",
-             "|---|---|---|" + "---|" * (len(SED_FIELDS) + 1)]
-    lines += [f"| {split} | {g} | {a['n']} | " + " | ".join(f"{a[f]:.3f}" for f in SED_FIELDS) + f" | {a['all_right']:.3f} |" for split, g, a in rows]
-    return lines + [""]
-
-
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _rectification_summary(log_history: list[dict] | None) -> dict | None:
-    if not log_history:
-        return None
-    last = {}
-    for entry in log_history:
-        for k, v in entry.items():
-            if any(t in k for t in ("rectif", "reward", "controller", "correct")):
-                last.setdefault(k, []).append(v)
-    return {k: {"first": v[0], "last": v[-1]} for k, v in last.items()} or None
 
 
 def run_system(cfg: RecipeConfig) -> dict[str, Any]:
@@ -678,42 +601,26 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in EVALUATION_FILES:
             shutil.copy2(evaluated.path / name, run_dir / name)
-        metrics = _read_json(evaluated.path / "metrics.json")
-        results = {
-            "system": spec.to_dict(),
-            "target_corpus": cfg.target_corpus,
-            "test": {cfg.target_corpus: metrics},
-            "annotation": _read_json(annotated.path / "annotation_report.json"),
-            "cem": _read_json(cem.path / "cem" / "cem_metrics.json") if cem else None,
-            # the CEM's scores of the target's annotated captions against the ground truth (never utterances the SLM trained on)
-            "cem_target": _read_json(selected.path / "selection_quality.json") if cem else None,
-            "selection": _read_json(selected.path / "data" / "selection_stats.json") if selected else None,
-            "rectification": _rectification_summary(_read_json(post.path / "log_history.json")) if post and spec.rectify else None,
-            "controller_audit": _read_json(post.path / "controller_audit.json") if post and spec.rectify else None,
-            "settings": {**cfg.to_dict(), "num_policies_used": cfg.num_policies or spec.num_policies},
-            "seed": cfg.seed,
-            "num_processes": state.num_processes,
-            "torch_threads_per_process": threads,
-            "stages": [{"name": s.name, "key": s.key, "reused": s.reused, "path": os.path.relpath(s.path, run_dir), "seconds": s.record().get("seconds")} for s in runner.stages],
-            "wall_seconds": round(time.time() - started, 1),
-        }
+        metrics = read_json(evaluated.path / "metrics.json")
+        results = run_results(spec, cfg.target_corpus, metrics, annotated=annotated, cem=cem, selected=selected, post=post,
+                              settings={**cfg.to_dict(), "num_policies_used": cfg.num_policies or spec.num_policies}, seed=cfg.seed,
+                              stages=runner.stages, started=started, relative_to=run_dir,
+                              processes={"num_processes": state.num_processes, "torch_threads_per_process": threads})
         if post is not None and spec.rectify:
             from .plots import plot_rectification
 
-            plot_rectification(_read_json(post.path / "log_history.json") or [], run_dir / "rectification.png",
+            plot_rectification(read_json(post.path / "log_history.json") or [], run_dir / "rectification.png",
                                title=f"{spec.name}: on-the-fly SED rectification")
         results["model_folder"] = export_model_folder(
             run_dir, model_dir, pretrained=pretrain.path / "model" if post is not None else None,
             cem=cem.path / "cem" if cem else None, controller=post.path / "controller" if post is not None and spec.rectify else None,
             emotion_labels=_evaluated_labels(metrics, cfg))
-        atomic_write_json(run_dir / "results.json", results)
+        write_results(results, run_dir)
         from .utils import honour_umask_tree
 
         for folder in [run_dir, *(s.path for s in runner.stages)]:  # readable as the umask says (also the linked stage files)
             honour_umask_tree(folder)
-        write_report(results, run_dir / "report.md")
         logger.info("results written to %s", run_dir)
-        print(f"[trustser] {spec.name}: WA {metrics['wa']:.4f}  UA {metrics['ua']:.4f}  wF1 {metrics['weighted_f1']:.4f}  -> {run_dir}/results.json")
     state.wait_for_everyone()
     return results
 

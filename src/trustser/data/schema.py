@@ -403,7 +403,7 @@ def build_iterable_dataset_dict(stats: CorpusStats, split_generators: Mapping[st
         for split, (gen, kw) in split_generators.items()
     }
     dd = datasets.IterableDatasetDict(out)
-    _attach(stats, dd, log=False)
+    attach_stats(stats, dd, log=False)
     return dd
 
 
@@ -412,11 +412,12 @@ def finish(stats: CorpusStats, splits: Mapping[str, datasets.Dataset]) -> datase
     if not any(stats.splits.values()):
         raise ValueError(f"{stats.corpus}: no usable utterances under {stats.root} (stats: {json.dumps(stats.to_dict())[:2000]})")
     dd = datasets.DatasetDict(splits)
-    _attach(stats, dd)
+    attach_stats(stats, dd)
     return dd
 
 
-def _attach(stats: CorpusStats, dd, log: bool = True) -> None:
+def attach_stats(stats: CorpusStats, dd, log: bool = True) -> None:
+    """Records the loader's statistics in every split's ``info.description`` (``corpus_stats`` reads them)."""
     desc = json.dumps({"trustser_stats": stats.to_dict()}, ensure_ascii=False)
     for ds in dd.values():
         ds.info.description = desc

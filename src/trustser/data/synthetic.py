@@ -794,7 +794,7 @@ def load_synthetic(
     not at the end of an annotation."""
     import datasets
 
-    from .schema import CorpusStats, _attach, check_on_unknown
+    from .schema import CorpusStats, attach_stats, check_on_unknown
 
     root = Path(root)
     if generate:
@@ -826,5 +826,5 @@ def load_synthetic(
                            f"`trustser synth {root}`")
     stats.splits = {s: len(ds) for s, ds in out.items()}
     dd = datasets.DatasetDict(out)
-    _attach(stats, dd)
+    attach_stats(stats, dd)
     return dd

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .demo import DEFAULT_PORT
+    from ..demo import DEFAULT_PORT
 
     parser.add_argument("model", help="SER-SLM folder, Hub id, or a trustser output directory (finds model, CEM, labels)")
     parser.add_argument("--examples", default=None,
@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: GPU if available)")
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from .demo import launch
+def run(args: argparse.Namespace) -> int:
+    from ..demo import launch
 
     launch(args.model, host=args.host, port=args.port, examples=args.examples, cem=args.cem, device=args.device)
     return 0

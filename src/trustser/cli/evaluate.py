@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .utils import json_object_argument as _json_dict
+from ..utils import json_object_argument as _json_dict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,14 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
 
 
-def run_cli(args) -> int:
+def run(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    from .data import load_corpus
-    from .descriptors import EMOTION_LABELS
-    from .evaluation import evaluate_ser
-    from .utils import atomic_write_json
+    from ..data import load_corpus
+    from ..descriptors import EMOTION_LABELS
+    from ..evaluation import evaluate_ser
+    from ..utils import atomic_write_json
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
@@ -46,7 +46,7 @@ def run_cli(args) -> int:
         labels = list(EMOTION_LABELS[args.corpus])
     else:
         raise ValueError(f"no default emotion label set for corpus {args.corpus!r}: pass --emotion-labels")
-    from .models.loading import require_model_type
+    from ..models.loading import require_model_type
 
     require_model_type(model_dir, "ser_slm", "SER-SLM")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_models(cem_dir: str, slm_dir: str, device):
-    from .models.cem import ConfidenceEstimationModel
-    from .models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
+    from ..models.cem import ConfidenceEstimationModel
+    from ..models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
 
     for what, path, marker in (("CEM", cem_dir, "config.json"), ("SER-SLM", slm_dir, "config.json")):
         if not (Path(path) / marker).is_file():
@@ -44,11 +44,11 @@ def _load_models(cem_dir: str, slm_dir: str, device):
     return cem, slm, processor
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import datasets
-    from .utils import distributed_state
-    from .selection import STATS_FILENAME, select_by_confidence
-    from .utils import atomic_directory, atomic_write_json, check_output_dir
+    from ..utils import distributed_state
+    from ..selection import STATS_FILENAME, select_by_confidence
+    from ..utils import atomic_directory, atomic_write_json, check_output_dir
 
     state = distributed_state()
     device = args.device or state.device

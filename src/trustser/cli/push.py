@@ -24,11 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --export-dir even if it is not an earlier export")
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from .hub import export_release, push_to_hub
+def run(args: argparse.Namespace) -> int:
+    from ..hub import export_release, push_to_hub
 
     if args.export_dir:
-        from .utils import check_output_dir
+        from ..utils import check_output_dir
 
         check_output_dir(args.export_dir, marker="trustser_results.json", overwrite=args.overwrite, inputs=[args.output_dir],
                          option="--export-dir")
@@ -37,7 +37,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.space:
             from pathlib import Path
 
-            from .demo import example_clips, space_files
+            from ..demo import example_clips, space_files
 
             space = space_files(Path(args.export_dir).with_name(Path(args.export_dir).name + "-space"), args.repo_id,
                                 examples=example_clips(args.output_dir), requirement=args.space_requirement,
@@ -46,7 +46,7 @@ def run_cli(args: argparse.Namespace) -> int:
         return 0
     out = push_to_hub(args.output_dir, args.repo_id, private=args.private, token=args.token, license=args.license)
     if args.space:
-        from .demo import example_clips, push_space
+        from ..demo import example_clips, push_space
 
         out["space"] = push_space(args.space, args.repo_id, examples=example_clips(args.output_dir),
                                   requirement=args.space_requirement, wheel=args.space_wheel, private=args.private,

@@ -1,6 +1,6 @@
-"""The ``trustser`` console script. Thin: each subcommand lives next to the code it drives,
-as a module exposing ``add_arguments(parser)`` and ``run_cli(args) -> int``; imported lazily so
-``trustser --help`` stays fast."""
+"""The ``trustser`` console script: ``main()`` and the subcommand registry. Each subcommand is a
+module of this package, ``trustser.cli.<command>``, exposing ``add_arguments(parser)`` and
+``run(args) -> int``; only the chosen one is imported, so ``trustser --help`` stays fast."""
 
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("trustser.data.synthetic_cli", "generate the synthetic SED-grounded corpus"),
-    "annotate": ("trustser.annotation.cli", "add automatic SED labels (<field>_auto) to a corpus"),
-    "evaluate": ("trustser.evaluation_cli", "evaluate a SER-SLM on a corpus split (JSON metrics)"),
-    "select": ("trustser.selection_cli", "score annotated captions with the CEM and keep the most reliable"),
-    "explain": ("trustser.explain_cli", "explained emotion predictions for audio files"),
-    "push": ("trustser.hub_cli", "push a trained output directory to the Hugging Face Hub"),
-    "demo": ("trustser.demo_cli", "a Gradio demo of a trained system in the browser (127.0.0.1)"),
+    "synth": ("trustser.cli.synth", "generate the synthetic SED-grounded corpus"),
+    "annotate": ("trustser.cli.annotate", "add automatic SED labels (<field>_auto) to a corpus"),
+    "evaluate": ("trustser.cli.evaluate", "evaluate a SER-SLM on a corpus split (JSON metrics)"),
+    "select": ("trustser.cli.select", "score annotated captions with the CEM and keep the most reliable"),
+    "explain": ("trustser.cli.explain", "explained emotion predictions for audio files"),
+    "push": ("trustser.cli.push", "push a trained output directory to the Hugging Face Hub"),
+    "demo": ("trustser.cli.demo", "a Gradio demo of a trained system in the browser (127.0.0.1)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trustser", description="Explainable and trustworthy speech emotion recognition.")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"trustser {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -53,12 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.run_cli(args) or 0)
+        return int(module.run(args) or 0)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         # user errors: one clear line, no traceback
         print(f"trustser {args.command}: error: {exc}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

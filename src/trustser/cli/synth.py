@@ -20,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import sys
 
-    from .synthetic import synthesize_corpus
+    from ..data.synthetic import synthesize_corpus
 
     try:
         with _set_aside(Path(args.out_dir), args.overwrite):

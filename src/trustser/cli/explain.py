@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "loading the pre-trained SLM the CEM was trained on (half the memory)")
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from .explain import explain_files, format_table
-    from .utils import atomic_write_text
+def run(args: argparse.Namespace) -> int:
+    from ..explain import explain_files, format_table
+    from ..utils import atomic_write_text
 
     if args.plot_dir and args.long_audio != "segment":
         raise ValueError("--plot-dir draws the timeline of segmented recordings: add --long-audio segment")
@@ -71,7 +71,7 @@ def write_timelines(results, plot_dir) -> list:
     """One timeline PNG per recording that has explained segments; names made unique."""
     from pathlib import Path
 
-    from .plots import plot_timeline
+    from ..plots import plot_timeline
 
     by_file: dict[str, list] = {}
     for r in results:
