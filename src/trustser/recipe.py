@@ -475,7 +475,7 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
                 trainer.controller.save_pretrained(str(out / "controller"))
                 # ground truth known for some field (synthetic; IEMOCAP's gender): audit the repair (MELD has none)
                 if any(f in train.column_names and any(train[f]) for f in SED_FIELDS):
-                    from .trainers.rectify import audit_controller
+                    from .trainers.controller_audit import audit_controller
 
                     atomic_write_json(out / "controller_audit.json", audit_controller(trainer.controller, train, batch_size=cfg.eval_batch_size))
             atomic_write_json(out / "log_history.json", trainer.state.log_history)
