@@ -349,6 +349,10 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                 raise ValueError(f"reward_scorer={args.reward_scorer!r} keeps a full copy of the SLM beside it; "
                                  "it is not supported with DeepSpeed or FSDP (sharded weights): use 'policy' there")
             self.reward_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+            # an instance-level forward patched in by TRL's trainer closes over the *trained* model's
+            # forward, which the copy would then call: the copy runs its class' own forward
+            for module in self.reward_model.modules():
+                module.__dict__.pop("forward", None)
         gen_device = self.accelerator.device if self.accelerator.device.type == "cuda" else "cpu"
         self.policy_generator = torch.Generator(device=gen_device)
         self.policy_generator.manual_seed(int(args.seed) * 1000003 + self.accelerator.process_index)
