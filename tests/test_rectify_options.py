@@ -298,3 +298,24 @@ def test_audit_reports_modify_auc_and_groups(tiny, rows):
     assert (b["n"], b["wrong"], b["fixed"], b["broken"], b["unchanged"], b["modify_auc"]) == (2, 2, 2.0, 0, 0, None)
     assert audit["by_group"]["a"]["pitch"]["unchanged_right"] == 2
     assert "by_group" not in audit_controller(ctrl, datasets.Dataset.from_list(data).remove_columns("group"))
+
+
+# ---------------------------------------------------------------------------------- recipe pass-through
+def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
+    from trustser.recipe import _training_args, parse_recipe_args
+
+    flags = {"reward_scorer": "ema", "reward_ema_decay": 0.9, "advantage": "per_field", "retain_kl_coef": 0.1,
+             "frozen_slm_steps": 5, "slm_targets": "argmax", "controller_audio_norm": True}
+    argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    cfg = parse_recipe_args(argv, system="sys10")
+    post = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
+    assert {k: getattr(post, k) for k in flags} == flags
+    assert cfg.stage_training_key("posttrain", rectify=True) == dict(sorted(flags.items()))
+    # pre-training and plain SFT post-training neither get them nor change their cache keys
+    pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=5, epochs=1.0, lr=1e-4)
+    assert isinstance(pre, SerSlmSFTConfig) and not hasattr(pre, "reward_scorer")
+    assert cfg.stage_training_key("pretrain") == {} and cfg.stage_training_key("posttrain") == {}
+    default = parse_recipe_args([], system="sys10")
+    args = _training_args(default, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
+    assert (args.reward_scorer, args.advantage, args.retain_kl_coef, args.frozen_slm_steps, args.slm_targets,
+            args.controller_audio_norm) == ("policy", "group", 0.0, 0, "samples", False)

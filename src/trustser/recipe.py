@@ -74,7 +74,9 @@ def _training_args(cfg: RecipeConfig, output_dir: Path, *, stage: str, max_steps
         data_seed=cfg.seed,
         **extra,
     )
-    kwargs.update(cfg.stage_training_args(stage))
+    from .trainers.rectify_config import SEDRectifyConfig
+
+    kwargs.update(cfg.stage_training_args(stage, rectify=issubclass(cls, SEDRectifyConfig)))
     strategy = str(getattr(kwargs.get("eval_strategy", "no"), "value", kwargs.get("eval_strategy", "no")))
     if stage == "posttrain" and strategy != "no":
         raise ValueError(f"eval_strategy={strategy!r} in post-training: the recipe evaluates the post-trained model on "
@@ -486,8 +488,8 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
         "batch": cfg.per_device_batch_size, "seed": cfg.seed, "split": cfg.train_split,
         **({"sed_labels": spec.sed_labels} if spec.sed_labels != "auto" else {}),
     }
-    if cfg.stage_training_key("posttrain"):  # only when set: earlier cached stages keep their keys
-        settings["training"] = cfg.stage_training_key("posttrain")
+    if cfg.stage_training_key("posttrain", spec.rectify):  # only when set: earlier cached stages keep their keys
+        settings["training"] = cfg.stage_training_key("posttrain", spec.rectify)
     return runner.run("posttrain", settings, run, [data, pretrain], all_processes=True, resume=cfg.resume_from_checkpoint)
 
 
