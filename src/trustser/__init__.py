@@ -50,7 +50,7 @@ _EXPORTS: dict[str, str] = {
     "SedController": "trustser.models.sed_controller",
     "SEDRectifyConfig": "trustser.trainers.rectify_config",
     "SEDRectifyTrainer": "trustser.trainers.rectify",
-    "audit_controller": "trustser.trainers.rectify",
+    "audit_controller": "trustser.trainers.controller_audit",
     # explained predictions and release
     "ExplainableSerPipeline": "trustser.explain",
     "explain_files": "trustser.explain",

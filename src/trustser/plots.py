@@ -109,17 +109,22 @@ def plot_tsne(model, processor, dataset, path: str | Path, *, max_samples: int =
 def plot_rectification(log_history: Sequence[dict], path: str | Path, *, title: str = "") -> Path | None:
     """Rectification over post-training from the trainer's log history: accuracy of the rectified
     descriptor labels vs the annotation's on the same batches (when the data has ground truth),
-    and the controller's modify rate per field."""
+    the controller's modify rate per field, and (with ground truth) per field the share of labels
+    the sampled rectifications fix (wrong -> right, solid) and break (right -> wrong, dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .descriptors import SED_FIELDS
+
     rows = [h for h in log_history if "rectify/label_accuracy" in h or "rectify/modify_rate_pitch" in h]
     if not rows:
         return None
     steps = [h.get("step", i) for i, h in enumerate(rows)]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    repair = [f for f in SED_FIELDS if any(f"rectify/fixed_{f}" in h for h in rows)]
+    fig, axes = plt.subplots(1, 3 if repair else 2, figsize=(15 if repair else 10, 3.8))
+    a1, a2 = axes[0], axes[1]
     for key, label in (("rectify/label_accuracy", "rectified labels"), ("rectify/annotation_accuracy", "annotated labels")):
         ys = [h.get(key) for h in rows]
         if any(y is not None for y in ys):
@@ -127,11 +132,20 @@ def plot_rectification(log_history: Sequence[dict], path: str | Path, *, title: 
     a1.set_xlabel("step")
     a1.set_ylabel("descriptor accuracy vs ground truth")
     a1.legend(fontsize=8)
-    for f in ("pitch", "volume", "speed", "gender", "age"):
+    for f in SED_FIELDS:
         a2.plot(steps, [h.get(f"rectify/modify_rate_{f}") for h in rows], label=f)
     a2.set_xlabel("step")
     a2.set_ylabel("modify rate")
     a2.legend(fontsize=8)
+    if repair:
+        a3 = axes[2]
+        for f in repair:
+            colour = f"C{SED_FIELDS.index(f)}"
+            a3.plot(steps, [h.get(f"rectify/fixed_{f}") for h in rows], color=colour, label=f"{f} fixed")
+            a3.plot(steps, [h.get(f"rectify/broken_{f}") for h in rows], color=colour, ls="--", label=f"{f} broken")
+        a3.set_xlabel("step")
+        a3.set_ylabel("share of labels fixed / broken")
+        a3.legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     out = save_figure(fig, path)
     plt.close(fig)

@@ -59,7 +59,6 @@ def _training_args(cfg: RecipeConfig, output_dir: Path, *, stage: str, max_steps
     """The trainer config of an SER-SLM training ``stage`` ('pretrain' or 'posttrain'): the
     recipe's fields (steps, learning rate, batch, seed, checkpointing), then the trainer fields
     set for all stages or for this one (``RecipeConfig.stage_training_args``), which win."""
-    from .recipe_config import rectify_only_fields
     from .trainers.rectify_config import SEDRectifyConfig
     from .trainers.sft import SerSlmSFTConfig
 
@@ -77,10 +76,7 @@ def _training_args(cfg: RecipeConfig, output_dir: Path, *, stage: str, max_steps
         data_seed=cfg.seed,
         **extra,
     )
-    overrides = cfg.stage_training_args(stage)
-    if not issubclass(cls, SEDRectifyConfig):  # Sys. 4-8 post-train without a controller
-        overrides = {k: v for k, v in overrides.items() if k not in rectify_only_fields()}
-    kwargs.update(overrides)
+    kwargs.update(cfg.stage_training_args(stage, rectify=issubclass(cls, SEDRectifyConfig)))
     strategy = str(getattr(kwargs.get("eval_strategy", "no"), "value", kwargs.get("eval_strategy", "no")))
     if stage == "posttrain" and strategy != "no":
         raise ValueError(f"eval_strategy={strategy!r} in post-training: the recipe evaluates the post-trained model on "
@@ -481,7 +477,7 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
                 trainer.controller.save_pretrained(str(out / "controller"))
                 # ground truth known for some field (synthetic; IEMOCAP's gender): audit the repair (MELD has none)
                 if any(f in train.column_names and any(train[f]) for f in SED_FIELDS):
-                    from .trainers.rectify import audit_controller
+                    from .trainers.controller_audit import audit_controller
 
                     atomic_write_json(out / "controller_audit.json", audit_controller(trainer.controller, train, batch_size=cfg.eval_batch_size))
             atomic_write_json(out / "log_history.json", trainer.state.log_history)
@@ -492,8 +488,8 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
         "batch": cfg.per_device_batch_size, "seed": cfg.seed, "split": cfg.train_split,
         **({"sed_labels": spec.sed_labels} if spec.sed_labels != "auto" else {}),
     }
-    if cfg.stage_training_key("posttrain"):  # only when set: earlier cached stages keep their keys
-        settings["training"] = cfg.stage_training_key("posttrain")
+    if cfg.stage_training_key("posttrain", spec.rectify):  # only when set: earlier cached stages keep their keys
+        settings["training"] = cfg.stage_training_key("posttrain", spec.rectify)
     return runner.run("posttrain", settings, run, [data, pretrain], all_processes=True, resume=cfg.resume_from_checkpoint)
 
 

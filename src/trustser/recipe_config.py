@@ -135,6 +135,14 @@ def _parsable_type(cls, name, hint):
 _TRAINING_SETTINGS = None
 
 
+def rectify_only_fields() -> frozenset[str]:
+    """``SEDRectifyConfig`` fields that ``SerSlmSFTConfig`` lacks (meaningful for rectification only)."""
+    from .trainers.rectify_config import SEDRectifyConfig
+    from .trainers.sft import SerSlmSFTConfig
+
+    return frozenset(f.name for f in dataclasses.fields(SEDRectifyConfig)) - {f.name for f in dataclasses.fields(SerSlmSFTConfig)}
+
+
 def training_settings_class():
     global _TRAINING_SETTINGS
     if _TRAINING_SETTINGS is None:
@@ -276,35 +284,28 @@ class RecipeConfig:
             out[name] = {k: v for k, v in out[name].items() if k not in SECRET_FIELDS}
         return out
 
-    def stage_training_args(self, stage: str) -> dict[str, Any]:
+    def stage_training_args(self, stage: str, rectify: bool = False) -> dict[str, Any]:
         """Trainer fields for ``stage`` ('pretrain', 'posttrain' or 'cem'): the recipe's defaults
-        (SER-SLM stages only), then the top-level settings that were set, then the stage's own."""
+        (SER-SLM stages only), then the top-level settings that were set, then the stage's own.
+        Top-level rectification fields (``reward_scorer``, ``advantage``, ...) reach only a
+        rectifying post-training (``rectify``), not pre-training or plain SFT (nor their keys)."""
         explicit = explicit_training_settings(self.training_args)
+        if not (stage == "posttrain" and rectify):
+            explicit = {k: v for k, v in explicit.items() if k not in rectify_only_fields()}
         own = getattr(self, f"{stage}_training_args")
         if stage == "cem":
             from transformers import TrainingArguments
 
             allowed = {f.name for f in dataclasses.fields(TrainingArguments)} - SLM_ONLY
             return {**{k: v for k, v in explicit.items() if k in allowed}, **own}
-        if stage == "pretrain":  # pre-training never rectifies: the controller's fields are not its settings
-            explicit = {k: v for k, v in explicit.items() if k not in rectify_only_fields()}
         return {**TRAINING_DEFAULTS, **explicit, **own}
 
-    def stage_training_key(self, stage: str) -> dict[str, Any]:
+    def stage_training_key(self, stage: str, rectify: bool = False) -> dict[str, Any]:
         """The part of ``stage_training_args`` that changes results (the stage's cache key); empty
         when nothing beyond the recipe's defaults is set, so earlier cached stages keep their keys."""
-        args = self.stage_training_args(stage)
+        args = self.stage_training_args(stage, rectify)
         base = {} if stage == "cem" else TRAINING_DEFAULTS
         return {k: v for k, v in sorted(args.items()) if k not in NOT_IN_STAGE_KEY and not (k in base and base[k] == v)}
-
-
-def rectify_only_fields() -> frozenset[str]:
-    """SEDRectifyConfig's own fields (the controller, K, the reward): settings of the rectification
-    trainer only, which the plain SFT trainers of pre-training and of Sys. 4-8 do not take."""
-    from .trainers.rectify_config import SEDRectifyConfig
-    from .trainers.sft import SerSlmSFTConfig
-
-    return frozenset(f.name for f in dataclasses.fields(SEDRectifyConfig)) - {f.name for f in dataclasses.fields(SerSlmSFTConfig)}
 
 
 def _check_stage_fields(cfg: RecipeConfig) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from ..descriptors import SED_FIELDS
 from ..audio import TARGET_SR, AudioError, analysis_waveform, audio_problem, undecoded_audio
 from .binning import METHODS, AdaptiveConfig, UnifiedThresholds, bin_features, speaker_vote
-from .classifiers import DEFAULT_AGE_MODEL, DEFAULT_GENDER_MODEL, HubAudioClassifier, OfflineClassifier, resolve_backend
+from .classifiers import DEFAULT_AGE_MODEL, DEFAULT_GENDER_MODEL, OfflineClassifier, resolve_backend
 from .features import SIGNAL_FEATURES, acoustic_embedding, count_phonemes, signal_features
 
 logger = logging.getLogger("trustser.annotation")

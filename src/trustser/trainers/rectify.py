@@ -23,8 +23,8 @@ safetensors + JSON) and each process' policy-sampling generator state.
 
 from __future__ import annotations
 
+import copy
 import inspect
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -32,29 +32,29 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from ..audio import TARGET_SR, AudioError, decode_audio, read_rows
+from ..audio import TARGET_SR, decode_audio
 from ..descriptors import SED_FIELDS, SED_SOURCES, SED_VOCAB, normalize_sed_value
-from ..models.sed_controller import (
-    SedController,
-    SedControllerConfig,
+from ..models.sed_controller import MODIFY, RETAIN, SedController, SedControllerConfig, ids_to_sed, modify_labels, sample_policies, sed_to_ids
+from ..utils import atomic_directory
+from .controller_audit import audit_controller
+from .optimizer_state import load_optimizer_state, save_optimizer_state, save_tensors
+from .rectify_config import SEDRectifyConfig
+from .rectify_objective import (
     action_log_probs,
     bernoulli_entropy,
+    bernoulli_kl,
     clipped_policy_loss,
     group_normalize,
-    ids_to_sed,
-    sample_policies,
-    sed_to_ids,
+    per_field_advantages,
 )
-from ..utils import atomic_directory, atomic_write_json
-from .rectify_config import SEDRectifyConfig
 from .sft import SerSlmDataCollator, SerSlmSFTTrainer, caption_token_nll
 
 CONTROLLER_DIR = "controller"
 CONTROLLER_OPTIMIZER = "controller_optimizer"
+REWARD_EMA = "reward_ema.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,45 +283,6 @@ def packed_caption_token_nll(model, packed: Mapping[str, torch.Tensor], *, audio
     return nll, valid, packed["emotion_token_mask"] & valid, out
 
 
-# ------------------------------------------------------------------------------------------------
-# Optimizer / generator state without pickle
-# ------------------------------------------------------------------------------------------------
-def save_optimizer_state(optimizer: torch.optim.Optimizer, path_stem: str | os.PathLike) -> None:
-    """``<stem>.safetensors`` (every tensor of the state) + ``<stem>.json`` (param groups and
-    non-tensor state): a torch optimizer's state_dict without pickle."""
-    sd = optimizer.state_dict()
-    tensors, meta_state = {}, {}
-    for idx, st in sd["state"].items():
-        meta_state[str(idx)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
-                meta_state[str(idx)][k] = {"tensor": True}
-            else:
-                meta_state[str(idx)][k] = {"value": v}
-    stem = str(path_stem)
-    tmp = f"{stem}.safetensors.tmp"
-    save_file(tensors, tmp)
-    os.replace(tmp, f"{stem}.safetensors")
-    atomic_write_json(f"{stem}.json", {"state": meta_state, "param_groups": sd["param_groups"]})
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, path_stem: str | os.PathLike) -> None:
-    stem = str(path_stem)
-    for suffix in (".safetensors", ".json"):
-        if not os.path.exists(stem + suffix):
-            raise FileNotFoundError(f"{stem + suffix}: controller optimizer state missing from the checkpoint")
-    tensors = load_file(f"{stem}.safetensors")
-    with open(f"{stem}.json", encoding="utf-8") as fh:
-        meta = json.load(fh)
-    state = {}
-    for idx, entries in meta["state"].items():
-        state[int(idx)] = {
-            k: (tensors[f"state.{idx}.{k}"] if e.get("tensor") else e["value"]) for k, e in entries.items()
-        }
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 class _StepEndFlush(TrainerCallback):
     """Runs the controller's reward + update phase right after each SLM optimizer step."""
 
@@ -329,6 +290,7 @@ class _StepEndFlush(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.update_reward_model()
         self.trainer.controller_step()
         return control
 
@@ -369,11 +331,28 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                         modify_strategy=args.controller_modify_strategy,
                         head_hidden_size=args.controller_head_hidden_size,
                         initial_retain_bias=args.controller_initial_retain_bias,
+                        audio_norm=args.controller_audio_norm,
                     )
                 )
         self.controller = controller.to(device=self.accelerator.device, dtype=torch.float32)
         self.controller.train()
         self.controller_optimizer = torch.optim.Adam(self.controller.parameters(), lr=args.controller_learning_rate)
+        # the initial policy, for the KL penalty toward it (no state of its own: rebuilt the same way on resume)
+        self.reference_controller = None
+        if args.retain_kl_coef > 0:
+            self.reference_controller = copy.deepcopy(self.controller).requires_grad_(False).eval()
+        # the reward's scorer when it is not the SLM being trained: a copy of the SLM as post-training
+        # starts (before any checkpoint is loaded), outside the optimizer; 'ema' follows the SLM's weights
+        self.reward_model = None
+        if args.reward_scorer != "policy":
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError(f"reward_scorer={args.reward_scorer!r} keeps a full copy of the SLM beside it; "
+                                 "it is not supported with DeepSpeed or FSDP (sharded weights): use 'policy' there")
+            self.reward_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+            # an instance-level forward patched in by TRL's trainer closes over the *trained* model's
+            # forward, which the copy would then call: the copy runs its class' own forward
+            for module in self.reward_model.modules():
+                module.__dict__.pop("forward", None)
         gen_device = self.accelerator.device if self.accelerator.device.type == "cuda" else "cpu"
         self.policy_generator = torch.Generator(device=gen_device)
         self.policy_generator.manual_seed(int(args.seed) * 1000003 + self.accelerator.process_index)
@@ -384,11 +363,29 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
     def _warming_up(self) -> bool:
         return self.state.global_step < self.args.controller_warmup_steps
 
+    def _slm_frozen(self) -> bool:
+        """In the ``frozen_slm_steps`` after the warm-up: the controller learns, the SLM does not."""
+        return 0 <= self.state.global_step - self.args.controller_warmup_steps < self.args.frozen_slm_steps
+
+    def _ema_parameters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (scorer parameter, SLM parameter), for the weights the SLM trains."""
+        scorer = dict(self.reward_model.named_parameters())
+        return {n: (scorer[n], p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update_reward_model(self) -> None:
+        """After each SLM optimizer step, with ``reward_scorer="ema"``: scorer = d x scorer + (1 - d) x SLM."""
+        if self.args.reward_scorer != "ema":
+            return
+        d = self.args.reward_ema_decay
+        for ema, p in self._ema_parameters().values():
+            ema.mul_(d).add_(p.detach().to(ema.dtype), alpha=1.0 - d)
+
     def _log_mean(self, key: str, value: torch.Tensor, mode: str = "train") -> None:
         value = value.detach().float().reshape(1).to(self.accelerator.device)
         self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).nanmean().item())
 
-    def _sample(self, inputs: Mapping[str, Any], k: int, force_retain: bool):
+    def _sample(self, inputs: Mapping[str, Any], k: int, force_retain: bool, return_logits: bool = False):
         """Controller frozen: log-mel once, logits, K policies and their captions."""
         with torch.no_grad():
             feats, fmask = self.controller.log_mel(inputs["rectify_waveforms"], inputs["rectify_waveform_lengths"])
@@ -397,13 +394,25 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
             logits, inputs["rectify_sed_ids"], k, generator=self.policy_generator,
             strategy=self.controller.config.modify_strategy, force_retain=force_retain,
         )
-        seds = ids_to_sed(sample.rectified_ids.reshape(-1, len(SED_FIELDS)))
+        captions = self._captions(inputs, sample.rectified_ids)
+        return (sample, captions, feats, fmask, logits) if return_logits else (sample, captions, feats, fmask)
+
+    def _captions(self, inputs: Mapping[str, Any], rectified_ids: torch.Tensor) -> list[str]:
+        """Captions of (B, K, 5) rectified labels, row ``b*K + j`` = utterance b's j-th."""
+        k = rectified_ids.shape[1]
+        seds = ids_to_sed(rectified_ids.reshape(-1, len(SED_FIELDS)))
         rows = [
             {"text": inputs["rectify_text"][i // k], "emotion": inputs["rectify_emotion"][i // k], **sed}
             for i, sed in enumerate(seds)
         ]
-        captions = self.processing_class.build_captions(rows, with_sed=True)
-        return sample, captions, feats, fmask
+        return self.processing_class.build_captions(rows, with_sed=True)
+
+    def _argmax_captions(self, inputs: Mapping[str, Any], logits: torch.Tensor) -> list[str]:
+        """One caption per utterance: the controller's most probable action per field (the
+        replacement a "modify" draws comes from the policy generator, as for the samples)."""
+        actions = (logits[..., MODIFY] > logits[..., RETAIN]).long()[:, None, :]
+        ids = inputs["rectify_sed_ids"][:, None, :]
+        return self._captions(inputs, modify_labels(ids, actions, self.controller.config.modify_strategy, self.policy_generator))
 
     # ---------------------------------------------------------------------------- shared prefix
     def _language_model(self):
@@ -461,17 +470,26 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         args = self.args
         warm = self._warming_up()
         k = 1 if warm else args.num_policies  # always-retain policies are identical: one is enough
-        sample, captions, feats, fmask = self._sample(inputs, k, force_retain=warm)
+        sample, captions, feats, fmask, logits = self._sample(inputs, k, force_retain=warm, return_logits=True)
         rect = rectified_caption_inputs(self.processing_class, inputs["input_ids"], inputs["labels"], captions, k)
-
         packed = self._pack(rect, k)
-        if packed is not None:
-            nll, valid, emo_mask, outputs = self._packed_nll(model, packed, audio_inputs_of(inputs))
+        if not warm and self._slm_frozen():
+            return self._frozen_slm_step(inputs, sample, rect, packed, feats, fmask, return_outputs)
+
+        # the SLM's training captions: the K samples (the paper), or the controller's most probable one
+        slm_k, slm_rect, slm_packed = k, rect, packed
+        if not warm and args.slm_targets == "argmax":
+            slm_k = 1
+            slm_rect = rectified_caption_inputs(self.processing_class, inputs["input_ids"], inputs["labels"],
+                                                self._argmax_captions(inputs, logits), 1)
+            slm_packed = None
+        if slm_packed is not None:
+            nll, valid, emo_mask, outputs = self._packed_nll(model, slm_packed, audio_inputs_of(inputs))
         else:
-            nll, valid, emo_mask, outputs = caption_token_nll(model, rect, audio_inputs=audio_inputs_of(inputs), audio_repeats=k)
+            nll, valid, emo_mask, outputs = caption_token_nll(model, slm_rect, audio_inputs=audio_inputs_of(inputs), audio_repeats=slm_k)
         kl = outputs.kl_loss
         n_tokens = valid.sum()
-        denom = num_items_in_batch * k if num_items_in_batch is not None else n_tokens
+        denom = num_items_in_batch * slm_k if num_items_in_batch is not None else n_tokens
         lm_loss = nll.sum() / torch.as_tensor(denom, device=nll.device).clamp(min=1)  # mean over the K policies
         loss = lm_loss
         if kl is not None:
@@ -484,25 +502,41 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
             b = inputs["input_ids"].shape[0]
             emo_ce = emotion_cross_entropy(nll.detach(), emo_mask)
             if not warm:
-                record = {
-                    "feats": feats, "fmask": fmask, "sed_ids": inputs["rectify_sed_ids"],
-                    "actions": sample.actions, "old_log_probs": sample.log_probs, "rewards": None,
-                }
+                record = self._record(inputs, sample, feats, fmask)
                 if args.reward_timing == "reuse_forward":
                     record["rewards"] = -emo_ce.view(b, k)
                 else:  # recomputed after the optimizer step: keep what the forward needs
-                    record["slm_inputs"] = audio_inputs_of(inputs)
-                    record["rect"] = rect
-                    record["packed"] = packed
+                    record.update(slm_inputs=audio_inputs_of(inputs), rect=rect, packed=packed)
                 self._pending.append(record)
             self._log_metrics(inputs, sample, nll, valid, emo_ce, kl)
         return (loss, outputs) if return_outputs else loss
 
-    def _log_metrics(self, inputs, sample, nll, valid, emo_ce, kl):
-        self._log_mean("lm_loss", nll.sum() / valid.sum().clamp(min=1))
-        if kl is not None:
-            self._log_mean("kl_loss", kl)
-        self._log_mean("emotion_ce", torch.nanmean(emo_ce))
+    @staticmethod
+    def _record(inputs, sample, feats, fmask) -> dict[str, Any]:
+        """What the controller update needs of a micro-batch's policies (rewards filled in later)."""
+        return {
+            "feats": feats, "fmask": fmask, "sed_ids": inputs["rectify_sed_ids"],
+            "actions": sample.actions, "old_log_probs": sample.log_probs, "rewards": None,
+        }
+
+    def _frozen_slm_step(self, inputs, sample, rect, packed, feats, fmask, return_outputs):
+        """A ``frozen_slm_steps`` micro-batch: no SLM forward with gradient (the loss is a constant
+        0, so no SLM parameter gets a gradient and the optimizer leaves them all as they are); the
+        K policies' rewards come from one no-grad forward of the (unchanged) scorer after the step."""
+        with torch.no_grad():
+            record = self._record(inputs, sample, feats, fmask)
+            record.update(slm_inputs=audio_inputs_of(inputs), rect=rect, packed=packed)
+            self._pending.append(record)
+            self._log_metrics(inputs, sample)
+        loss = torch.zeros((), device=inputs["input_ids"].device, requires_grad=True)
+        return (loss, None) if return_outputs else loss
+
+    def _log_metrics(self, inputs, sample, nll=None, valid=None, emo_ce=None, kl=None):
+        if nll is not None:
+            self._log_mean("lm_loss", nll.sum() / valid.sum().clamp(min=1))
+            if kl is not None:
+                self._log_mean("kl_loss", kl)
+            self._log_mean("emotion_ce", torch.nanmean(emo_ce))
         rates = sample.actions.float().mean(dim=(0, 1))
         for j, f in enumerate(SED_FIELDS):
             self._log_mean(f"rectify/modify_rate_{f}", rates[j])
@@ -514,16 +548,23 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
             self._log_mean("rectify/label_accuracy", hit.sum() / (known.sum() * k))
             ann = (inputs["rectify_sed_ids"] == truth) & known
             self._log_mean("rectify/annotation_accuracy", ann.sum() / known.sum())
+            # per utterance: wrong annotated labels a sampled rectification makes right, right ones it makes wrong
+            fixed = hit & ~ann[:, None, :]
+            broken = ann[:, None, :] & ~hit
             for j, f in enumerate(SED_FIELDS):
                 if bool(known[:, j].any()):
-                    self._log_mean(f"rectify/label_accuracy_{f}", hit[..., j].sum() / (known[:, j].sum() * k))
-        self._total_train_tokens += int(self.accelerator.gather_for_metrics(valid.sum().reshape(1)).sum().item())
-        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                    n = known[:, j].sum() * k
+                    self._log_mean(f"rectify/label_accuracy_{f}", hit[..., j].sum() / n)
+                    self._log_mean(f"rectify/fixed_{f}", fixed[..., j].sum() / n)
+                    self._log_mean(f"rectify/broken_{f}", broken[..., j].sum() / n)
+        if valid is not None:
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(valid.sum().reshape(1)).sum().item())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     # ---------------------------------------------------------------------------- controller step
     @torch.no_grad()
     def _rewards_after_update(self, record) -> torch.Tensor:
-        model = self.model
+        model = self.reward_model if self.reward_model is not None else self.model
         was_training = model.training
         model.eval()
         try:
@@ -560,15 +601,20 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         # "batch": one std over the whole step's rewards (all its micro-batches), as TRL
         step_std = nanstd(rewards) + 1e-4 if scale == "batch" else None
         for r in records:
-            if step_std is not None:
+            if args.advantage == "per_field":
+                r["advantages"] = per_field_advantages(r["rewards"], r["actions"], scale=scale, batch_std=step_std)
+            elif step_std is not None:
                 r["advantages"] = group_normalize(r["rewards"], scale="none") / step_std
             else:
                 r["advantages"] = group_normalize(r["rewards"], scale=scale)
+            if self.reference_controller is not None:
+                r["reference_logits"] = self.reference_controller(
+                    r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"]).logits
         self._log_mean("reward/mean", torch.nanmean(rewards))
         # spread the controller can learn from: the within-group (K policies) standard deviation
         self._log_mean("reward/std", torch.cat([nanstd(r["rewards"], dim=-1) for r in records]).nanmean())
         params = [p for p in self.controller.parameters() if p.requires_grad]
-        losses, entropies, clips = [], [], []
+        losses, entropies, clips, kls = [], [], [], []
         for _ in range(args.controller_updates_per_step):
             self.controller_optimizer.zero_grad(set_to_none=False)
             with torch.enable_grad():
@@ -577,7 +623,12 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                     new = action_log_probs(logits, r["actions"])
                     pg, clip = clipped_policy_loss(new, r["old_log_probs"], r["advantages"], args.controller_clip_epsilon)
                     ent = bernoulli_entropy(logits).mean()
-                    loss = (pg - args.controller_entropy_coef * ent) / len(records)
+                    objective = pg - args.controller_entropy_coef * ent
+                    if self.reference_controller is not None:  # penalty toward the initial (retain-heavy) policy
+                        kl = bernoulli_kl(logits, r["reference_logits"]).mean()
+                        objective = objective + args.retain_kl_coef * kl
+                        kls.append(kl.detach())
+                    loss = objective / len(records)
                     loss.backward()
                     losses.append(pg.detach())
                     entropies.append(ent.detach())
@@ -591,6 +642,8 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         self._log_mean("controller/loss", torch.stack(losses).mean())
         self._log_mean("controller/entropy", torch.stack(entropies).mean())
         self._log_mean("controller/clip_fraction", torch.stack(clips).mean())
+        if kls:
+            self._log_mean("controller/retain_kl", torch.stack(kls).mean())
 
     # ---------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
@@ -608,10 +661,12 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
             with atomic_directory(os.path.join(output_dir, CONTROLLER_DIR)) as tmp:
                 self.controller.save_pretrained(tmp)
             save_optimizer_state(self.controller_optimizer, os.path.join(output_dir, CONTROLLER_OPTIMIZER))
+            if self.args.reward_scorer == "ema":  # the scorer's state (a frozen scorer is rebuilt from the start model)
+                ema = {n: e.detach().cpu().contiguous() for n, (e, _) in self._ema_parameters().items()}
+                save_tensors(ema, os.path.join(output_dir, REWARD_EMA))
         rank = self.accelerator.process_index
-        path = os.path.join(output_dir, f"controller_rng_{rank}.safetensors")
-        save_file({"policy_generator": self.policy_generator.get_state()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_tensors({"policy_generator": self.policy_generator.get_state()},
+                     os.path.join(output_dir, f"controller_rng_{rank}.safetensors"))
 
     def load_controller(self, checkpoint: str | os.PathLike) -> None:
         weights = os.path.join(checkpoint, CONTROLLER_DIR, "model.safetensors")
@@ -623,6 +678,17 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         rng = os.path.join(checkpoint, f"controller_rng_{self.accelerator.process_index}.safetensors")
         if os.path.exists(rng):
             self.policy_generator.set_state(load_file(rng)["policy_generator"])
+        if self.args.reward_scorer == "ema":
+            path = os.path.join(checkpoint, REWARD_EMA)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: the checkpoint has no EMA reward scorer (saved with another reward_scorer?)")
+            saved, pairs = load_file(path), self._ema_parameters()
+            missing = sorted(set(pairs) - set(saved))
+            if missing:
+                raise ValueError(f"{path}: no EMA weights for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+            with torch.no_grad():
+                for n, (e, _) in pairs.items():
+                    e.copy_(saved[n].to(e.device))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -636,79 +702,6 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
             out = output_dir or self.args.output_dir
             with atomic_directory(os.path.join(out, CONTROLLER_DIR)) as tmp:
                 self.controller.save_pretrained(tmp)
-
-
-# ------------------------------------------------------------------------------------------------
-# What a trained controller does to a whole annotated corpus
-# ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def audit_controller(controller: SedController, dataset, batch_size: int = 32, sed_source: str = "auto") -> dict:
-    """Correct descriptor labels (vs the ground-truth columns) over an annotated dataset after the
-    controller's rectification, beside the annotation's own accuracy: ``expected`` under its
-    stochastic policy (P(modify) x the chance that the replacement drawn by ``modify_strategy`` is
-    right) and ``greedy`` (modify where P(modify) > 0.5), per field and overall. Unlike the
-    training logs this has no sampling noise and sees every utterance. Rows without ground truth
-    for a field are left out of that field."""
-    was_training = controller.training
-    controller.eval()
-    suffix = SED_SOURCES[sed_source]
-    strategy = controller.config.modify_strategy
-    nf = len(SED_FIELDS)
-    exp, greedy, ann, p_sum, count = (np.zeros(nf) for _ in range(5))
-    # per-utterance repair under the greedy policy, and its expectation under the stochastic one
-    fixed, broken, unchanged_wrong, unchanged_right, exp_fixed, exp_broken = (np.zeros(nf) for _ in range(6))
-    device = next(controller.parameters()).device
-    collate = SEDRectifyCollator.controller_inputs
-    for s in range(0, len(dataset), batch_size):
-        rows, audio, errors = read_rows(dataset, range(s, min(len(dataset), s + batch_size)))
-        if any(errors):
-            raise AudioError(next(e for e in errors if e))
-        wav, lengths = collate(audio)
-        ids = sed_to_ids([{f: r.get(f + suffix) for f in SED_FIELDS} for r in rows])
-        truth = SEDRectifyCollator.truth_ids(rows).numpy()
-        feats, mask = controller.log_mel(wav.to(device), lengths.to(device))
-        p_mod = controller(ids.to(device), input_features=feats, feature_attention_mask=mask).logits.softmax(-1)[..., 1].cpu().numpy()
-        v_all = ids.numpy()
-        for j, f in enumerate(SED_FIELDS):
-            size = len(SED_VOCAB[f])
-            known = truth[:, j] >= 0
-            v, t, p = v_all[known, j], truth[known, j], p_mod[known, j]
-            if strategy == "adjacent" or size == 2:
-                nbrs = [[u for u in (x - 1, x + 1) if 0 <= u < size] for x in v]
-            else:
-                nbrs = [[u for u in range(size) if u != x] for x in v]
-            right_if_modified = np.array([(tt in nb) / len(nb) for tt, nb in zip(t, nbrs)], dtype=float)
-            right_if_kept = (v == t).astype(float)
-            exp[j] += ((1 - p) * right_if_kept + p * right_if_modified).sum()
-            greedy[j] += np.where(p > 0.5, right_if_modified, right_if_kept).sum()
-            modified, wrong = p > 0.5, right_if_kept == 0
-            fixed[j] += (right_if_modified * (modified & wrong)).sum()  # the replacement is drawn: expected over the draw
-            broken[j] += (modified & ~wrong).sum()
-            unchanged_wrong[j] += (~modified & wrong).sum()
-            unchanged_right[j] += (~modified & ~wrong).sum()
-            exp_fixed[j] += (p * right_if_modified * wrong).sum()
-            exp_broken[j] += (p * ~wrong).sum()
-            ann[j] += right_if_kept.sum()
-            p_sum[j] += p.sum()
-            count[j] += known.sum()
-    controller.train(was_training)
-    if not count.any():
-        raise ValueError("audit_controller needs ground-truth descriptor columns (pitch, volume, ...) in the dataset")
-    r4 = lambda x: round(float(x), 4)
-    c = np.maximum(count, 1)
-    return {
-        "n": int(count.max()),
-        "annotation_accuracy": r4(ann.sum() / count.sum()),
-        "expected_accuracy": r4(exp.sum() / count.sum()),
-        "greedy_accuracy": r4(greedy.sum() / count.sum()),
-        "per_field": {f: {"annotation": r4(ann[j] / c[j]), "expected": r4(exp[j] / c[j]), "greedy": r4(greedy[j] / c[j]),
-                          "modify_probability": r4(p_sum[j] / c[j]),
-                          # counts of labels: wrong ones the greedy policy makes right, right ones it makes wrong, untouched
-                          "repair": {"fixed": r4(fixed[j]), "broken": int(broken[j]), "unchanged_wrong": int(unchanged_wrong[j]),
-                                     "unchanged_right": int(unchanged_right[j]), "expected_fixed": r4(exp_fixed[j]),
-                                     "expected_broken": r4(exp_broken[j])}}
-                      for j, f in enumerate(SED_FIELDS) if count[j]},
-    }
 
 
 __all__ = [

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .rectify_objective import ADVANTAGES
 from .sft import SerSlmSFTConfig
 
 REWARD_TIMINGS = ("after_update", "reuse_forward")
+REWARD_SCORERS = ("policy", "frozen", "ema")
+SLM_TARGETS = ("samples", "argmax")
 
 
 @dataclass
@@ -84,6 +87,60 @@ class SEDRectifyConfig(SerSlmSFTConfig):
         metadata={"help": "optimizer steps during which the controller always retains and is not updated (K=1 captions)."},
     )
 
+    # ---- options that make the reward trustworthy (docs/rectify.md, "Options"); defaults = the paper
+    reward_scorer: str = field(
+        default="policy",
+        metadata={
+            "help": "which SER-SLM scores the rectified captions (the reward): 'policy' (the SLM being trained, the "
+            "paper), 'frozen' (a copy of the SLM as post-training starts, never updated) or 'ema' (an exponential "
+            "moving average of the SLM's weights, decay reward_ema_decay). 'frozen'/'ema' keep a second copy of the "
+            "SLM on the same device, outside the optimizer, and need reward_timing='after_update'."
+        },
+    )
+    reward_ema_decay: float = field(
+        default=0.99,
+        metadata={"help": "with reward_scorer='ema': after each optimizer step, scorer = decay x scorer + (1 - decay) x SLM."},
+    )
+    advantage: str = field(
+        default="group",
+        metadata={
+            "help": "credit assignment: 'group' (one advantage per policy shared by its five decisions, the paper) or "
+            "'per_field' (field f of a policy is credited with its reward minus the mean reward of the group's other "
+            "policies that made the same choices on the four other fields; scaled as controller_scale_rewards)."
+        },
+    )
+    retain_kl_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of KL(controller || its initial policy), the initial policy being retain-heavy "
+            "(controller_initial_retain_bias): a penalty toward 'retain' (0 = off, the paper)."
+        },
+    )
+    frozen_slm_steps: int = field(
+        default=0,
+        metadata={
+            "help": "optimizer steps (after controller_warmup_steps) during which the controller trains against a "
+            "frozen SER-SLM: the SLM's loss is not applied (no gradient, its weights unchanged; its learning-rate "
+            "schedule runs on) and the rewards come from one no-grad forward; afterwards the SLM trains on the "
+            "rectified captions (0 = off, the paper)."
+        },
+    )
+    slm_targets: str = field(
+        default="samples",
+        metadata={
+            "help": "captions the SER-SLM trains on: 'samples' (the K sampled rectifications, the paper) or 'argmax' "
+            "(the controller's most probable rectification, one caption per utterance; the K samples still give the "
+            "controller its rewards, so it needs reward_timing='after_update')."
+        },
+    )
+    controller_audio_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "a new controller normalises its log-mel input per utterance (each mel band to zero mean and unit "
+            "variance over the utterance's valid frames) before the LSTM (False = the raw log-mel, the paper)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.num_policies < 1:
@@ -100,8 +157,24 @@ class SEDRectifyConfig(SerSlmSFTConfig):
             raise ValueError(f"controller_clip_epsilon must be in (0, 1), got {self.controller_clip_epsilon}")
         if self.controller_warmup_steps < 0:
             raise ValueError(f"controller_warmup_steps must be >= 0, got {self.controller_warmup_steps}")
+        if self.reward_scorer not in REWARD_SCORERS:
+            raise ValueError(f"reward_scorer must be one of {REWARD_SCORERS}, got {self.reward_scorer!r}")
+        if not 0 <= self.reward_ema_decay < 1:
+            raise ValueError(f"reward_ema_decay must be in [0, 1), got {self.reward_ema_decay}")
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
+        if self.retain_kl_coef < 0:
+            raise ValueError(f"retain_kl_coef must be >= 0, got {self.retain_kl_coef}")
+        if self.frozen_slm_steps < 0:
+            raise ValueError(f"frozen_slm_steps must be >= 0, got {self.frozen_slm_steps}")
+        if self.slm_targets not in SLM_TARGETS:
+            raise ValueError(f"slm_targets must be one of {SLM_TARGETS}, got {self.slm_targets!r}")
+        for name, value, needs in (("reward_scorer", self.reward_scorer, "policy"), ("slm_targets", self.slm_targets, "samples")):
+            if value != needs and self.reward_timing != "after_update":
+                raise ValueError(f"{name}={value!r} needs reward_timing='after_update': the rewards are not the logits "
+                                 f"of the SLM's loss forward (got reward_timing={self.reward_timing!r})")
         if not self.with_sed:
             raise ValueError("SED rectification needs captions with descriptors (with_sed=True)")
 
 
-__all__ = ["SEDRectifyConfig", "REWARD_TIMINGS"]
+__all__ = ["SEDRectifyConfig", "REWARD_TIMINGS", "REWARD_SCORERS", "SLM_TARGETS"]

@@ -31,6 +31,10 @@ class SedControllerConfig(PreTrainedConfig):
             controller can express interactions (e.g. "modify pitch when the annotation says
             `high` *and* the speaker is female"), which a linear head over concatenated features
             cannot.
+        audio_norm (`bool`, defaults to `False`): normalise the log-mel per utterance (each mel band
+            to zero mean and unit variance over the valid frames) before the LSTM, so that the
+            recording level and channel do not shift the summary; `False` reads the raw log-mel
+            (the paper).
         initial_retain_bias (`float`, defaults to 2.0): initial logit margin of "retain" over
             "modify" (P(modify) = sigmoid(-2) ~ 0.12 at start) so that an untrained controller
             mostly keeps the annotations instead of corrupting half of them.
@@ -49,6 +53,7 @@ class SedControllerConfig(PreTrainedConfig):
     modify_strategy: str = "adjacent"
     head_hidden_size: int = 0
     initial_retain_bias: float = 2.0
+    audio_norm: bool = False
     initializer_range: float = 0.02
 
     def validate_architecture(self):

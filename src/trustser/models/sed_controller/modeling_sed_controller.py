@@ -2,10 +2,10 @@
 
 A one-layer LSTM reads the utterance's log-mel spectrogram; its summary vector is concatenated
 with embeddings of the five annotated SED tokens and a Linear layer gives, per field, logits of
-(retain, modify). Everything the RL loop needs around it is one small function here:
-``sample_policies`` (actions, log-probabilities and rectified labels from a torch.Generator),
-``modify_labels`` (what "modify" means), ``group_normalize`` (GRPO advantages) and
-``clipped_policy_loss`` (PPO/GRPO clipped surrogate).
+(retain, modify). Beside the model: how its actions are drawn, ``sample_policies`` (actions,
+log-probabilities and rectified labels from a torch.Generator), and what "modify" means,
+``modify_labels``. The RL objective that trains it (advantages, clipped surrogate, entropy, KL)
+lives with the rectification trainer, in ``trustser.trainers.rectify_objective``.
 """
 
 from __future__ import annotations
@@ -126,58 +126,14 @@ def sample_policies(
     return PolicySample(actions=actions, log_probs=log_probs, rectified_ids=rectified)
 
 
-def action_log_probs(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """(B, K, 5) log-probabilities of ``actions`` (B, K, 5) under (B, 5, 2) ``logits`` (differentiable)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    b, k, nf = actions.shape
-    return torch.gather(logp.unsqueeze(1).expand(b, k, nf, 2), -1, actions.unsqueeze(-1)).squeeze(-1)
-
-
-def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(B, 5) entropy of each field's retain/modify distribution."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def group_normalize(rewards: torch.Tensor, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
-    """GRPO advantages within each row (one utterance's K policies): r - mean, divided by the
-    group's std (``scale="group"``, the paper's GRPO-style normalisation), by the std of all
-    rewards given (``"batch"``), or not at all (``"none"``, Dr. GRPO): the same choices as TRL's
-    ``GRPOConfig.scale_rewards``. Dividing by the group std turns differences of a few hundredths
-    of a nat between K near-identical captions into unit-size advantages; ``batch``/``none`` keep
-    the size of the reward difference. NaN rewards (e.g. an empty emotion span) are ignored and
-    get advantage 0; a group with a single valid reward has no spread and gets 0 too."""
-    from trl.trainer.utils import nanstd
-
-    rewards = rewards.float()
-    mean = torch.nanmean(rewards, dim=-1, keepdim=True)
-    centered = rewards - mean
-    if scale == "group":
-        centered = centered / (nanstd(rewards, dim=-1, keepdim=True) + eps)
-    elif scale == "batch":
-        centered = centered / (nanstd(rewards.flatten()) + eps)
-    elif scale != "none":
-        raise ValueError(f"unknown reward scaling {scale!r}; choose 'group', 'batch' or 'none'")
-    valid = torch.isfinite(rewards).sum(-1, keepdim=True) > 1
-    return torch.nan_to_num(torch.where(valid, centered, torch.zeros_like(centered)), nan=0.0)
-
-
-def clipped_policy_loss(
-    new_log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor,
-    advantages: torch.Tensor,
-    clip_epsilon: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO/GRPO clipped surrogate, to minimise. Log-probs are (B, K, 5): each field's decision is
-    one "token" of the policy and gets its own clipped ratio (as GRPO clips per token); the
-    advantage (B, K) is shared by the policy's five decisions. Returns (loss, clip fraction)."""
-    ratio = torch.exp(new_log_probs - old_log_probs.detach())
-    adv = advantages.detach().unsqueeze(-1).to(ratio.dtype)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon) * adv
-    loss = -torch.minimum(unclipped, clipped).mean()
-    clip_frac = ((ratio - 1.0).abs() > clip_epsilon).float().mean()
-    return loss, clip_frac.detach()
+def normalize_frames(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(B, T, D) features standardised per utterance and dimension over the valid frames of
+    ``mask`` (B, T); padded frames are left at 0 so they cannot reach a valid one."""
+    m = mask.to(x.dtype)[..., None]
+    n = m.sum(1, keepdim=True).clamp(min=1)
+    mean = (x * m).sum(1, keepdim=True) / n
+    var = (((x - mean) * m) ** 2).sum(1, keepdim=True) / n
+    return (x - mean) / torch.sqrt(var + eps) * m
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +217,8 @@ class SedController(SedControllerPreTrainedModel):
         x = input_features.to(self.lstm.weight_ih_l0.dtype)  # the log-mel front end computes in fp32
         b, t, _ = x.shape
         mask = torch.ones(b, t, dtype=torch.long, device=x.device) if feature_attention_mask is None else feature_attention_mask.long()
+        if self.config.audio_norm:
+            x = normalize_frames(x, mask)
         s = self.config.frame_stride
         if s > 1:
             pad = (-t) % s
@@ -311,10 +269,7 @@ __all__ = [
     "PolicySample",
     "sample_policies",
     "modify_labels",
-    "action_log_probs",
-    "bernoulli_entropy",
-    "group_normalize",
-    "clipped_policy_loss",
+    "normalize_frames",
     "sed_to_ids",
     "ids_to_sed",
     "RETAIN",

@@ -1,0 +1,129 @@
+"""The RL objective of SED rectification (paper section 3.2), beside the trainer that uses it:
+per-decision log-probabilities, advantages (one per policy, GRPO-style, or one per field and
+policy), the PPO/GRPO clipped surrogate, the entropy bonus and the KL to the initial policy.
+
+The controller's policy is five independent retain/modify decisions per utterance (logits
+(B, 5, 2)); K policies are sampled per utterance (``trustser.models.sed_controller.sample_policies``)
+and each gets one reward (minus the SER-SLM's emotion cross-entropy with its rectified caption).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADVANTAGES = ("group", "per_field")
+
+
+def action_log_probs(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """(B, K, 5) log-probabilities of ``actions`` (B, K, 5) under (B, 5, 2) ``logits`` (differentiable)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    b, k, nf = actions.shape
+    return torch.gather(logp.unsqueeze(1).expand(b, k, nf, 2), -1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 5) entropy of each field's retain/modify distribution."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def group_normalize(rewards: torch.Tensor, eps: float = 1e-4, scale: str = "group") -> torch.Tensor:
+    """GRPO advantages within each row (one utterance's K policies): r - mean, divided by the
+    group's std (``scale="group"``, the paper's GRPO-style normalisation), by the std of all
+    rewards given (``"batch"``), or not at all (``"none"``, Dr. GRPO): the same choices as TRL's
+    ``GRPOConfig.scale_rewards``. Dividing by the group std turns differences of a few hundredths
+    of a nat between K near-identical captions into unit-size advantages; ``batch``/``none`` keep
+    the size of the reward difference. NaN rewards (e.g. an empty emotion span) are ignored and
+    get advantage 0; a group with a single valid reward has no spread and gets 0 too."""
+    from trl.trainer.utils import nanstd
+
+    rewards = rewards.float()
+    mean = torch.nanmean(rewards, dim=-1, keepdim=True)
+    centered = rewards - mean
+    if scale == "group":
+        centered = centered / (nanstd(rewards, dim=-1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / (nanstd(rewards.flatten()) + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown reward scaling {scale!r}; choose 'group', 'batch' or 'none'")
+    valid = torch.isfinite(rewards).sum(-1, keepdim=True) > 1
+    return torch.nan_to_num(torch.where(valid, centered, torch.zeros_like(centered)), nan=0.0)
+
+
+def clipped_policy_loss(
+    new_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_epsilon: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO/GRPO clipped surrogate, to minimise. Log-probs are (B, K, 5): each field's decision is
+    one "token" of the policy and gets its own clipped ratio (as GRPO clips per token); the
+    advantage (B, K) is shared by the policy's five decisions, or (B, K, 5) is one per decision
+    (``per_field_advantages``). Returns (loss, clip fraction)."""
+    ratio = torch.exp(new_log_probs - old_log_probs.detach())
+    adv = advantages.detach()
+    adv = (adv if adv.dim() == ratio.dim() else adv.unsqueeze(-1)).to(ratio.dtype)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon) * adv
+    loss = -torch.minimum(unclipped, clipped).mean()
+    clip_frac = ((ratio - 1.0).abs() > clip_epsilon).float().mean()
+    return loss, clip_frac.detach()
+
+
+def per_field_advantages(rewards: torch.Tensor, actions: torch.Tensor, eps: float = 1e-4, scale: str = "group",
+                         batch_std: torch.Tensor | float | None = None) -> torch.Tensor:
+    """(B, K, 5) advantages, one per policy and field, from (B, K) rewards and (B, K, 5) actions:
+    field f of policy k is credited with ``r_k - b_kf``, where the baseline ``b_kf`` is the mean
+    reward of the group's *other* policies that made the same choice as k on the four other
+    fields (whatever they chose on f). A policy that differs from the group in field f alone is
+    thus compared with the policies it equals elsewhere, so a field whose choice does not change
+    the reward gets zero credit, while ``group_normalize`` shares one advantage over all five.
+
+    The baseline depends on k's other decisions and on the other, independently sampled policies,
+    never on k's decision on f: the action-dependent factorised baseline of Wu et al. (2018), so
+    the policy gradient stays unbiased. A decision with no such comparison policy (or a NaN
+    reward) gets 0, which reweights but does not bias the gradient. ``scale`` divides as in
+    ``group_normalize``: by the group's reward std (``"group"``), by ``batch_std`` (``"batch"``;
+    default: the std of the rewards given) or not at all (``"none"``)."""
+    from trl.trainer.utils import nanstd
+
+    rewards = rewards.float()
+    b, k, nf = actions.shape
+    if rewards.shape != (b, k):
+        raise ValueError(f"rewards {tuple(rewards.shape)} and actions {tuple(actions.shape)} disagree on (B, K)")
+    finite = torch.isfinite(rewards)
+    r = torch.nan_to_num(rewards, nan=0.0)
+    differ = actions[:, :, None, :] != actions[:, None, :, :]  # (B, K, K, 5): policy k vs policy j, per field
+    # j agrees with k on every field but (possibly) f
+    same_elsewhere = (differ.sum(-1, keepdim=True) - differ.long()) == 0
+    others = ~torch.eye(k, dtype=torch.bool, device=actions.device)
+    match = same_elsewhere & others[None, :, :, None] & finite[:, None, :, None]
+    count = match.sum(2)  # (B, K, 5)
+    baseline = (match * r[:, None, :, None]).sum(2) / count.clamp(min=1)
+    adv = torch.where((count > 0) & finite[..., None], r[..., None] - baseline, torch.zeros_like(baseline))
+    if scale == "group":
+        adv = adv / (nanstd(rewards, dim=-1, keepdim=True)[..., None] + eps)
+    elif scale == "batch":
+        adv = adv / (batch_std if batch_std is not None else (nanstd(rewards.flatten()) + eps))
+    elif scale != "none":
+        raise ValueError(f"unknown reward scaling {scale!r}; choose 'group', 'batch' or 'none'")
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def bernoulli_kl(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """(B, 5) KL(policy || reference) of each field's retain/modify distribution; with the
+    controller's initial (retain-heavy) policy as reference it is a penalty toward "retain"."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logq = torch.log_softmax(reference_logits.detach().float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+__all__ = [
+    "ADVANTAGES",
+    "action_log_probs",
+    "bernoulli_entropy",
+    "bernoulli_kl",
+    "clipped_policy_loss",
+    "group_normalize",
+    "per_field_advantages",
+]
