@@ -70,7 +70,8 @@ def test_controller_settings_reach_only_the_rectification_trainer(tmp_path):
 
     cfg = parse_recipe_args(["--controller_frame_stride", "4", "--max_grad_norm", "0.5"], system="sys10")
     assert cfg.stage_training_key("pretrain") == {"max_grad_norm": 0.5}
-    assert cfg.stage_training_key("posttrain") == {"controller_frame_stride": 4, "max_grad_norm": 0.5}
+    assert cfg.stage_training_key("posttrain") == {"max_grad_norm": 0.5}  # Sys. 4-8's post-training key
+    assert cfg.stage_training_key("posttrain", rectify=True) == {"controller_frame_stride": 4, "max_grad_norm": 0.5}
     pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=1, epochs=1.0, lr=1e-3)
     sft = _training_args(cfg, tmp_path, stage="posttrain", max_steps=1, epochs=1.0, lr=1e-3)
     rect = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=1, epochs=1.0, lr=1e-3)
