@@ -348,6 +348,9 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
             output_dir=out / "cem", feature_pooling=cfg.cem_pooling, balance=cfg.cem_balance,
             slm_hidden_size=slm.config.text_config.hidden_size, learning_rate=cfg.cem_learning_rate,
             seed=cfg.seed, training_args={"max_steps": cfg.cem_max_steps, **cfg.stage_training_args("cem")},
+            data_summary={"utterances": len(ref), "rows": int(len(labels)), "eval_rows": int(len(held)),
+                          "captions": cfg.cem_training_captions, "holdout_speakers": cfg.cem_holdout_speakers,
+                          "speakers": sorted(set(ref["speaker"])) if "speaker" in ref.column_names else None},
         )
 
     settings = {"pooling": cfg.cem_pooling, "steps": cfg.cem_max_steps, "lr": cfg.cem_learning_rate, "seed": cfg.seed, "samples": cfg.cem_max_samples, "eval_share": 0.2,

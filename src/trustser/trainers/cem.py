@@ -135,6 +135,7 @@ def train_cem(
     save: bool = True,
     reliability_plot: bool = True,
     training_args: Mapping[str, Any] | None = None,
+    data_summary: Mapping[str, Any] | None = None,
 ):
     """Trains a CEM on (N, D) features and (N, 5) 0/1 correctness labels with BCE (paper eq. 1).
 
@@ -142,7 +143,8 @@ def train_cem(
     (``torch.optim.Adam`` through ``Trainer(optimizer_cls_and_kwargs=...)``, as the paper), constant
     learning rate. The evaluation set is used as it comes (not balanced), so its metrics describe the
     natural error rate. Saves the model (safetensors), ``cem_metrics.json`` and
-    ``reliability.png`` under ``output_dir`` when ``save``. Returns ``(model, report)``.
+    ``reliability.png`` under ``output_dir`` when ``save``; ``data_summary`` (where the training
+    data came from) is recorded in the report as ``data``. Returns ``(model, report)``.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -221,6 +223,8 @@ def train_cem(
         "feature_pooling": feature_pooling,
         "input_size": int(features.shape[1]),
     }
+    if data_summary:
+        report["data"] = dict(data_summary)
     if eval_features is not None and eval_labels is not None:
         scores = predict_cem(model, eval_features)
         report["eval"] = cem_metrics(scores, eval_labels, field_names=config.field_names)
