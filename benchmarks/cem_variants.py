@@ -16,13 +16,13 @@ The CEM training rows are built as the recipe's `cem` stage builds them (the ref
 ground truth), `--samples` utterances drawn with the seed. Run a recipe first, e.g.
 
     accelerate launch recipes/sys10.py --output_dir outputs                                # SLM on all speakers
+    cp -r outputs/sys10-seed0 outputs/sys10-seed0-all    # keeps the run's stage list (paths relative to outputs/)
     accelerate launch recipes/sys10.py --output_dir outputs --cem_holdout_speakers 8       # SLM without 8 speakers
-    python benchmarks/cem_variants.py --annotated outputs/cache/annotate-<key>/data \\
-        --slm outputs/cache/pretrain-<key>/model --holdout-slm outputs/cache/pretrain-<key2>/model --holdout-speakers 8 \\
-        --out /tmp/cem_variants
+    python benchmarks/cem_variants.py --slm outputs/sys10-seed0-all/results.json \\
+        --holdout-slm outputs/sys10-seed0/results.json --holdout-speakers 8 --out /tmp/cem_variants
 
-(the stage folders of each run are listed under "stages" in its `<output_dir>/sys10-seed0/results.json`;
-a cache may hold several pre-training stages).
+`--slm` / `--holdout-slm` take a model folder or a run's results.json (its pre-training stage's
+model; `--annotated` then defaults to its annotation stage's data).
 
 Prints one line per variant and writes `results.json` under `--out` (also the last stdout line).
 """
@@ -47,9 +47,11 @@ VARIANTS = [  # (name, captions, perturbation, captions per utterance)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--annotated", required=True, help="the annotate stage's data folder (DatasetDict: reference, train, dev, ...)")
-    p.add_argument("--slm", required=True, help="pre-trained SER-SLM folder (model + processor) trained on every reference speaker")
-    p.add_argument("--holdout-slm", default=None, help="pre-trained SER-SLM of a run with cem_holdout_speakers=--holdout-speakers")
+    p.add_argument("--annotated", default=None, help="the annotate stage's data folder (DatasetDict: reference, train, dev, ...); "
+                   "default: the annotation stage of --slm's results.json")
+    p.add_argument("--slm", required=True, help="pre-trained SER-SLM folder (model + processor) trained on every reference speaker, "
+                   "or a run's results.json (its pretrain stage)")
+    p.add_argument("--holdout-slm", default=None, help="the same for a run with cem_holdout_speakers=--holdout-speakers")
     p.add_argument("--holdout-speakers", type=int, default=0, help="the cem_holdout_speakers of --holdout-slm's run")
     p.add_argument("--out", default="/tmp/trustser_cem_variants")
     p.add_argument("--reference-split", default="reference")
@@ -70,6 +72,20 @@ def parse_args(argv=None):
 
 def log(msg):
     print(f"[cem-variants {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def stage_folder(path: str, stage: str, inner: str) -> Path:
+    """``path`` itself, or for a run's results.json the folder of its ``stage`` (+ ``inner``)."""
+    p = Path(path)
+    if p.suffix != ".json":
+        return p
+    results = json.loads(p.read_text())
+    run_dir = p.parent  # stage paths are relative to the run folder
+    for st in results["stages"]:
+        if st["name"] == stage:
+            folder = Path(st["path"])
+            return (folder if folder.is_absolute() else (run_dir / folder).resolve()) / inner
+    raise SystemExit(f"{path}: no {stage!r} stage among {[st['name'] for st in results['stages']]}")
 
 
 def reliable_reference(dd, args):
@@ -102,6 +118,10 @@ def main(argv=None):
     if args.holdout_slm and args.holdout_speakers <= 0:
         raise SystemExit("--holdout-slm needs --holdout-speakers N (the cem_holdout_speakers of its recipe run)")
     out_dir = Path(args.out)
+    args.annotated = str(stage_folder(args.annotated or args.slm, "annotate", "data"))
+    args.slm = str(stage_folder(args.slm, "pretrain", "model"))
+    if args.holdout_slm:
+        args.holdout_slm = str(stage_folder(args.holdout_slm, "pretrain", "model"))
     dd = datasets.load_from_disk(args.annotated)
     target = dd[args.split]
     if args.max_score_rows:
