@@ -365,3 +365,121 @@ def test_prepare_cem_data_perturbed_labels_match_claims(tiny_slm, tiny_ds):
     assert 0 < data["labels"].mean() < 1
     again = prepare_cem_data_perturbed(slm, proc, tiny_ds, corrupt_prob=0.5, batch_size=5, seed=3)
     assert again["claimed"] == data["claimed"]  # reproducible from the seed
+
+
+# ---------------------------------------------------------------------------------- CEM training data options (issue 15)
+def _truth_rows(n=60, seed=0):
+    from trustser.descriptors import SED_VOCAB
+
+    rng = np.random.default_rng(seed)
+    return [{f: SED_VOCAB[f][int(rng.integers(len(SED_VOCAB[f])))] for f in SED_FIELDS} for _ in range(n)]
+
+
+def test_random_perturbation_replaces_with_another_value_and_labels_it():
+    from trustser.trainers.cem import perturb_descriptors
+
+    truth = _truth_rows(200)
+    claimed, labels = perturb_descriptors(truth, mode="random", corrupt_prob=0.3, rng=np.random.default_rng(1))
+    for t, c, y in zip(truth, claimed, labels):
+        assert [float(c[f] == t[f]) for f in SED_FIELDS] == list(y)
+    assert 0.6 < labels.mean() < 0.8  # ~30% of the fields perturbed
+    # some age claims jump more than one step (random, not adjacent)
+    from trustser.descriptors import SED_VOCAB
+    jumps = [abs(SED_VOCAB["age"].index(c["age"]) - SED_VOCAB["age"].index(t["age"])) for t, c in zip(truth, claimed)]
+    assert max(jumps) > 1
+
+
+def test_adjacent_perturbation_moves_one_step_only():
+    from trustser.descriptors import SED_VOCAB
+    from trustser.trainers.cem import perturb_descriptors
+
+    truth = _truth_rows(300)
+    claimed, labels = perturb_descriptors(truth, mode="adjacent", corrupt_prob=0.5, rng=np.random.default_rng(2))
+    for t, c, y in zip(truth, claimed, labels):
+        for j, f in enumerate(SED_FIELDS):
+            step = abs(SED_VOCAB[f].index(c[f]) - SED_VOCAB[f].index(t[f]))
+            assert step == (1 - y[j])  # wrong claims are exactly one step away
+    assert 0.4 < labels.mean() < 0.6
+    wrong_pitch = [(t["pitch"], c["pitch"]) for t, c in zip(truth, claimed) if c["pitch"] != t["pitch"]]
+    assert ("low", "high") not in wrong_pitch and ("high", "low") not in wrong_pitch
+    assert {("normal", "low"), ("normal", "high"), ("low", "normal"), ("high", "normal")} <= set(wrong_pitch)
+
+
+def test_speaker_perturbation_is_one_shift_per_speaker():
+    from trustser.descriptors import SED_VOCAB
+    from trustser.trainers.cem import perturb_descriptors
+
+    truth = _truth_rows(240)
+    speakers = [f"spk{i % 12}" for i in range(240)]
+    claimed, labels = perturb_descriptors(truth, mode="speaker", corrupt_prob=0.5, rng=np.random.default_rng(3), speakers=speakers)
+    for f in SED_FIELDS:
+        vocab = SED_VOCAB[f]
+        for spk in set(speakers):
+            rows = [i for i, s in enumerate(speakers) if s == spk]
+            shifts = {vocab.index(claimed[i][f]) - vocab.index(truth[i][f]) for i in rows}
+            if len(vocab) == 2:  # gender: the whole speaker flipped or none of it
+                assert shifts in ({0}, {-1, 1}, {-1}, {1}) and len({claimed[i][f] == truth[i][f] for i in rows}) == 1
+            else:  # one direction per speaker; 0 only where the scale's end clips it
+                assert shifts <= {0, 1} or shifts <= {0, -1}
+                for i in rows:
+                    if claimed[i][f] == truth[i][f] and len(shifts) > 1:
+                        assert truth[i][f] in (vocab[0], vocab[-1])
+    assert 0 < labels.mean() < 1
+    with pytest.raises(ValueError, match="speaker"):
+        perturb_descriptors(truth, mode="speaker")
+    with pytest.raises(ValueError, match="perturbation"):
+        perturb_descriptors(truth, mode="sideways")
+
+
+def test_perturbed_data_several_captions_per_utterance(tiny_slm, tiny_ds):
+    from trustser.trainers.cem import eval_split_by_utterance, prepare_cem_data_perturbed, prepare_cem_training_data
+
+    slm, proc = tiny_slm
+    one = prepare_cem_data_perturbed(slm, proc, tiny_ds, corrupt_prob=0.5, batch_size=8, seed=3)
+    assert list(one["utterance"]) == list(range(5))
+    data = prepare_cem_data_perturbed(slm, proc, tiny_ds, corrupt_prob=0.5, batch_size=8, seed=3, captions_per_utterance=4)
+    assert data["features"].shape == (25, 5 * slm.config.text_config.hidden_size) and np.isfinite(data["features"]).all()
+    assert list(data["utterance"]) == [i for i in range(5) for _ in range(5)]
+    for r, u in enumerate(data["utterance"]):  # labels match the claims of each row's own utterance
+        assert list(data["labels"][r]) == [float(data["claimed"][r][f] == tiny_ds[f][u]) for f in SED_FIELDS]
+    assert (data["labels"][::5] == 1).all()  # the unperturbed caption first
+    assert len({tuple(sorted(c.items())) for c in data["claimed"]}) > 5  # independently perturbed copies
+    # the same utterance teacher-forced with the same caption gives the same features
+    same = [r for r in range(25) if data["claimed"][r] == data["claimed"][r - r % 5]]
+    assert len(same) >= 5 and all(np.allclose(data["features"][r], data["features"][r - r % 5], atol=1e-4) for r in same)
+    fit, held = eval_split_by_utterance(data["utterance"], 0.2)
+    assert set(data["utterance"][held]) == {0} and len(fit) == 20  # all captions of an utterance on one side
+    with pytest.raises(ValueError, match="'perturbed' CEM training captions only"):
+        prepare_cem_training_data(slm, proc, tiny_ds, captions="predicted", captions_per_utterance=4)
+
+
+def test_field_balance_gives_equal_right_and_wrong_per_field():
+    from trustser.trainers.cem import perturb_descriptors
+
+    truth = _truth_rows(400)
+    rows = [t for t in truth for _ in range(5)]  # 400 utterances x (4 perturbed + 1) ~ thousands of pairs
+    _, labels = perturb_descriptors(rows, mode="adjacent", corrupt_prob=0.3, rng=np.random.default_rng(4))
+    idx, y = balanced_sample(labels, mode="field", seed=0)
+    for j in range(len(SED_FIELDS)):
+        assert (y[:, j] == 1).sum() == (y[:, j] == 0).sum() > 500
+    assert len(idx) > 1500
+
+
+def test_holdout_speakers_are_spread_over_groups_and_deterministic():
+    import datasets
+
+    from trustser.trainers.cem import holdout_speakers, split_holdout_speakers
+
+    spk = [f"s{i % 12}" for i in range(120)]
+    grp = [("typical", "child", "elderly")[int(s[1:]) % 3] for s in spk]
+    ds = datasets.Dataset.from_dict({"speaker": spk, "group": grp, "x": list(range(120))})
+    held = holdout_speakers(ds, 3, seed=0)
+    assert len(held) == 3 and len({grp[spk.index(s)] for s in held}) == 3  # one of each group
+    assert holdout_speakers(ds, 3, seed=0) == held and holdout_speakers(ds, 6, seed=1) != holdout_speakers(ds, 6, seed=2)
+    slm_rows, cem_rows = split_holdout_speakers(ds, 3, seed=0)
+    assert set(cem_rows["speaker"]) == set(held) and not set(slm_rows["speaker"]) & set(held)
+    assert len(slm_rows) + len(cem_rows) == 120
+    with pytest.raises(ValueError, match="cannot hold out 12"):
+        holdout_speakers(ds, 12)
+    with pytest.raises(ValueError, match="'speaker' column"):
+        holdout_speakers(ds.remove_columns("speaker"), 2)

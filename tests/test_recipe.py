@@ -90,6 +90,33 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
     reused = {s["name"]: s["reused"] for s in res4["stages"]}
     assert reused == {"annotate": True, "pretrain": True, "posttrain": False, "evaluate": False}
     assert res4["system"]["rectify"] is False
+    # the CEM and selection stages on the same cache (annotation and pre-training reused): the CEM on 3
+    # held-out reference speakers with 2 adjacent-perturbed captions (+ the unperturbed one) each, its
+    # scores measured against the ground truth on train (the selected split) and on dev
+    from trustser.recipe import stage_annotate, stage_cem, stage_pretrain, stage_select
+    from trustser.stages import StageRunner
+    from trustser.systems import get_system
+    from trustser.utils import distributed_state
+
+    root = str(synthetic_small)
+    runner = StageRunner(tmp_path / "out" / "cache", distributed_state())
+    annotated = stage_annotate(runner, cfg, root, [], root)
+    pretrain = stage_pretrain(runner, cfg, get_system("sys9"), root, annotated, "auto", [annotated])
+    assert annotated.reused and pretrain.reused
+    ccfg = replace(cfg, cem_holdout_speakers=3, cem_captions_per_utterance=2, cem_perturbation="adjacent", cem_balance="field")
+    cem = stage_cem(runner, ccfg, root, pretrain, annotated, "auto")
+    report = json.loads((cem.path / "cem" / "cem_metrics.json").read_text())
+    assert len(report["data"]["speakers"]) == 3 and report["data"]["utterances"] == 48  # cem_max_samples of the 3 speakers
+    assert report["data"]["rows"] == 48 * 3 and report["data"]["eval_rows"] == 9 * 3 and report["train_rows"] == 39 * 3
+    assert report["balance"] == "field"
+    selected = stage_select(runner, ccfg, 0.9, annotated, pretrain, cem)
+    quality = json.loads((selected.path / "selection_quality.json").read_text())
+    dev = json.loads((selected.path / "selection_quality_dev.json").read_text())
+    assert quality["n"] == 80 and dev["n"] == 40
+    for q in (quality, dev):
+        assert set(q["field_auc"]) == set(q["field_ece"]) == set(SED_FIELDS) and 0.0 <= q["utterance_ece"] <= 1.0
+        assert [r["share"] for r in q["kept_share_accuracy"]][:2] == [1.0, 0.9]
+    assert not (selected.path / "data" / "selection_quality_dev.json").exists()
 
 
 @pytest.mark.slow

@@ -130,3 +130,59 @@ def test_outputs_honour_the_umask(tmp_path):
         assert f.stat().st_mode & 0o777 == 0o640 and (tmp_path / "d").stat().st_mode & 0o777 == 0o750
     finally:
         os.umask(old)
+
+
+class _KeyRunner:
+    """Records the settings a stage would be keyed by, runs nothing."""
+
+    def run(self, name, settings, fn, upstream=(), **kw):
+        return settings
+
+    def input_settings(self, root):
+        return {}
+
+
+def test_cem_options_enter_the_stage_keys_only_when_set():
+    from trustser.recipe import stage_cem, stage_pretrain
+    from trustser.systems import get_system
+
+    def keys(**kw):
+        cfg = RecipeConfig(**kw)
+        return (stage_pretrain(_KeyRunner(), cfg, get_system("sys10"), "root", None, "auto", []),
+                stage_cem(_KeyRunner(), cfg, "root", None, None, "truth"))
+
+    pre, cem = keys()
+    assert "cem_holdout_speakers" not in pre
+    assert not {"holdout_speakers", "captions_per_utterance", "perturbation", "balance"} & set(cem)
+    assert keys(cem_quality_split=None) == (pre, cem)  # measuring dev changes no result
+    pre2, cem2 = keys(cem_holdout_speakers=4, cem_captions_per_utterance=4, cem_perturbation="speaker", cem_balance="field")
+    assert pre2 == {**pre, "cem_holdout_speakers": 4}
+    assert cem2 == {**cem, "holdout_speakers": 4, "captions_per_utterance": 4, "perturbation": "speaker", "balance": "field"}
+
+
+def test_cem_option_errors_name_the_setting():
+    with pytest.raises(ValueError, match="cem_perturbation='sideways'"):
+        RecipeConfig(cem_perturbation="sideways")
+    with pytest.raises(ValueError, match="cem_balance='pairs'"):
+        RecipeConfig(cem_balance="pairs")
+    with pytest.raises(ValueError, match="cem_training_captions='perturbed' only"):
+        RecipeConfig(cem_training_captions="predicted", cem_captions_per_utterance=4)
+    with pytest.raises(ValueError, match="cem_holdout_speakers must be >= 0"):
+        RecipeConfig(cem_holdout_speakers=-1)
+    RecipeConfig(cem_training_captions="predicted", cem_holdout_speakers=4)  # the paper's captions with the holdout
+
+
+def test_holdout_speakers_leave_pretraining_for_the_cem(synthetic_small):
+    from trustser.recipe import _pretrain_split
+
+    root = str(synthetic_small)
+    cfg = RecipeConfig(cem_holdout_speakers=3, pretrain_root=root, target_root=root, synth_size="small")
+    every = _pretrain_split(cfg, root, None, "truth")
+    slm_rows = _pretrain_split(cfg, root, None, "truth", part="slm")
+    cem_rows = _pretrain_split(cfg, root, None, "truth", part="cem")
+    held = set(cem_rows["speaker"])
+    assert len(held) == 3 and not held & set(slm_rows["speaker"])  # disjoint
+    assert len(slm_rows) + len(cem_rows) == len(every) and set(slm_rows["speaker"]) | held == set(every["speaker"])
+    assert len(set(cem_rows["group"])) == 3  # spread over the speaker groups
+    assert len(_pretrain_split(RecipeConfig(), root, None, "truth", part="slm")) == len(every)  # default: no holdout
+    assert set(_pretrain_split(RecipeConfig(cem_holdout_speakers=3, seed=1), root, None, "truth", part="cem")["speaker"]) != held

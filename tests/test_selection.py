@@ -183,3 +183,23 @@ def test_select_under_accelerate_launch_two_processes(models, annotated, tmp_pat
     keep = np.isfinite(expected)
     assert out["id"] == [f"u{i}" for i in np.flatnonzero(keep)]
     np.testing.assert_allclose(out["confidence"], expected[keep], atol=1e-5)
+
+
+def test_selection_quality_reports_the_calibration_error_of_the_cem_probabilities():
+    from trustser.selection import selection_quality
+
+    n = 10
+    truth = {"pitch": ["low"] * n, "volume": ["low"] * n, "speed": ["slow"] * n, "gender": ["male"] * n, "age": ["child"] * n}
+    auto = {f + "_auto": list(v) for f, v in truth.items()}
+    auto["pitch_auto"] = ["high"] * 4 + ["low"] * 6  # 4 wrong pitch labels, the rest right
+    ds = datasets.Dataset.from_dict({**truth, **auto})
+    field_scores = np.ones((n, 5))
+    field_scores[:, 0] = 0.9  # pitch claimed 90% likely right, 60% are
+    q = selection_quality(ds, field_scores.mean(1), field_scores)
+    assert q["field_ece"]["pitch"] == pytest.approx(0.3) and all(q["field_ece"][f] == 0.0 for f in SED_FIELDS[1:])
+    assert q["utterance_ece"] == pytest.approx(0.98 - 0.6)  # mean confidence 0.98, all five right in 6 of 10
+    # a calibrated, separating score: ECE 0 and AUC 1
+    field_scores[:, 0] = [0.0] * 4 + [1.0] * 6
+    q = selection_quality(ds, field_scores.mean(1), field_scores)
+    assert q["field_ece"]["pitch"] == 0.0 and q["field_auc"]["pitch"] == 1.0 and q["utterance_auc"] == 1.0
+    assert q["kept_share_accuracy"][-1] == {"share": 0.5, "scores": 1.0, "oracle": 1.0}

@@ -205,21 +205,29 @@ def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, ups
     return runner.run("annotate", settings, run, upstream, all_processes=True)
 
 
-def _pretrain_split(cfg: RecipeConfig, pretrain_root: str, annotated: Stage, sed_source: str, *, as_reliable: bool = False):
+def _pretrain_split(cfg: RecipeConfig, pretrain_root: str, annotated: Stage, sed_source: str, *, as_reliable: bool = False,
+                    part: str = "all"):
     """The pre-training split with the labels pre-training reads: the corpus as loaded ('truth'), or
     its annotated copy ('auto', rows the tool could not annotate left out). ``as_reliable``: the
     ``_auto`` labels moved into the plain columns, for code that reads "the reliable labels" there
-    (CEM training data)."""
+    (CEM training data). ``part``: with ``cem_holdout_speakers`` > 0, 'slm' leaves the held-out
+    speakers out (pre-training), 'cem' keeps only them (CEM training); 'all' or no holdout: every row."""
     if sed_source == "truth":
         from .data import load_corpus
 
-        return load_corpus(cfg.pretrain_corpus, pretrain_root)[cfg.pretrain_split]
-    import datasets
+        split = load_corpus(cfg.pretrain_corpus, pretrain_root)[cfg.pretrain_split]
+    else:
+        import datasets
 
-    split = datasets.load_from_disk(str(annotated.path / "data"))[cfg.pretrain_split]
-    split = split.filter(lambda e: not e, input_columns="annotation_error")
-    if as_reliable:
-        split = split.remove_columns(list(SED_FIELDS)).rename_columns({f"{f}_auto": f for f in SED_FIELDS})
+        split = datasets.load_from_disk(str(annotated.path / "data"))[cfg.pretrain_split]
+        split = split.filter(lambda e: not e, input_columns="annotation_error")
+        if as_reliable:
+            split = split.remove_columns(list(SED_FIELDS)).rename_columns({f"{f}_auto": f for f in SED_FIELDS})
+    if cfg.cem_holdout_speakers and part != "all":
+        from .trainers.cem import split_holdout_speakers
+
+        slm_rows, cem_rows = split_holdout_speakers(split, cfg.cem_holdout_speakers, cfg.seed)
+        split = slm_rows if part == "slm" else cem_rows
     return split
 
 
@@ -267,7 +275,7 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
 
         with runner.state.main_process_first():
             corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
-            train = _pretrain_split(cfg, pretrain_root, annotated, sed_source)
+            train = _pretrain_split(cfg, pretrain_root, annotated, sed_source, part="slm")
         model, processor = _build_slm(cfg, corpus, train)
         train = validate_audio(train, max_seconds=_audio_window(processor))  # bad clips named and skipped now, not mid-run
         args = _training_args(
@@ -294,7 +302,8 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
     else:  # the tiny preset reads no model setting (and keeps the keys it had before they existed)
         settings["model"] = dataclasses.asdict(cfg.model_args)
     # only when set, so that the stages cached before these settings existed keep their keys
-    for name, value in (("training", cfg.stage_training_key("pretrain")), ("eval_split", cfg.pretrain_eval_split)):
+    for name, value in (("training", cfg.stage_training_key("pretrain")), ("eval_split", cfg.pretrain_eval_split),
+                        ("cem_holdout_speakers", cfg.cem_holdout_speakers)):
         if value:
             settings[name] = value
     settings.update(runner.input_settings(pretrain_root))
@@ -316,33 +325,34 @@ def _eval_split(corpus, split: str | None, args, setting: str, corpus_name: str)
 
 def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretrain: Stage, annotated: Stage, sed_source: str) -> Stage:
     """CEM trained on the pre-trained SLM's states over the pre-training corpus, against that corpus'
-    labels (the paper's "reliable SED": the tool's labels with 'auto')."""
+    labels (the paper's "reliable SED": the tool's labels with 'auto'); with ``cem_holdout_speakers``
+    only on the speakers pre-training left out."""
 
     def run(out: Path):
         from .data import validate_audio
-        from .trainers.cem import prepare_cem_data, prepare_cem_data_perturbed, train_cem
+        from .trainers.cem import eval_split_by_utterance, prepare_cem_training_data, train_cem
 
         set_seed(cfg.seed)
         slm, processor = load_ser_slm(pretrain.path / "model")
-        ref = validate_audio(_pretrain_split(cfg, pretrain_root, annotated, sed_source, as_reliable=True),
+        ref = validate_audio(_pretrain_split(cfg, pretrain_root, annotated, sed_source, as_reliable=True, part="cem"),
                              max_seconds=_audio_window(processor))
         if cfg.cem_max_samples and len(ref) > cfg.cem_max_samples:
             ref = ref.shuffle(seed=cfg.seed).select(range(cfg.cem_max_samples))
-        if cfg.cem_training_captions == "perturbed":
-            data = prepare_cem_data_perturbed(slm, processor, ref, corrupt_prob=cfg.cem_corrupt_prob, pooling=cfg.cem_pooling,
-                                              batch_size=cfg.eval_batch_size, seed=cfg.seed)
-        elif cfg.cem_training_captions == "predicted":
-            data = prepare_cem_data(slm, processor, ref, pooling=cfg.cem_pooling, batch_size=cfg.eval_batch_size)
-        else:
-            raise ValueError(f"cem_training_captions must be 'perturbed' or 'predicted', got {cfg.cem_training_captions!r}")
-        # a held-out fifth of the reference utterances measures the CEM (AUC, NCE, ECE, reliability)
-        n_eval = max(1, len(ref) // 5)
+        data = prepare_cem_training_data(
+            slm, processor, ref, captions=cfg.cem_training_captions, corrupt_prob=cfg.cem_corrupt_prob,
+            perturbation=cfg.cem_perturbation, captions_per_utterance=cfg.cem_captions_per_utterance,
+            pooling=cfg.cem_pooling, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+        # a held-out fifth of the utterances (all their captions) measures the CEM (AUC, NCE, ECE, reliability)
+        fit, held = eval_split_by_utterance(data["utterance"], 0.2)
         feats, labels = data["features"], data["labels"]
         train_cem(
-            feats[n_eval:], labels[n_eval:], eval_features=feats[:n_eval], eval_labels=labels[:n_eval],
-            output_dir=out / "cem", feature_pooling=cfg.cem_pooling,
+            feats[fit], labels[fit], eval_features=feats[held], eval_labels=labels[held],
+            output_dir=out / "cem", feature_pooling=cfg.cem_pooling, balance=cfg.cem_balance,
             slm_hidden_size=slm.config.text_config.hidden_size, learning_rate=cfg.cem_learning_rate,
             seed=cfg.seed, training_args={"max_steps": cfg.cem_max_steps, **cfg.stage_training_args("cem")},
+            data_summary={"utterances": len(ref), "rows": int(len(labels)), "eval_rows": int(len(held)),
+                          "captions": cfg.cem_training_captions, "holdout_speakers": cfg.cem_holdout_speakers,
+                          "speakers": sorted(set(ref["speaker"])) if "speaker" in ref.column_names else None},
         )
 
     settings = {"pooling": cfg.cem_pooling, "steps": cfg.cem_max_steps, "lr": cfg.cem_learning_rate, "seed": cfg.seed, "samples": cfg.cem_max_samples, "eval_share": 0.2,
@@ -350,23 +360,30 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
                 "sed_source": sed_source}
     if cfg.stage_training_key("cem"):  # only when set: earlier cached stages keep their keys
         settings["training"] = cfg.stage_training_key("cem")
+    for name, value, default in (("holdout_speakers", cfg.cem_holdout_speakers, 0), ("captions_per_utterance", cfg.cem_captions_per_utterance, 1),
+                                 ("perturbation", cfg.cem_perturbation, "random"), ("balance", cfg.cem_balance, "utterance")):
+        if value != default:  # likewise: a setting enters the key only when it differs from the earlier behaviour
+            settings[name] = value
     # all processes: the CEM's Trainer joins the process group (the features are computed on each)
     return runner.run("cem", settings, run, [pretrain, annotated] if sed_source == "auto" else [pretrain], all_processes=True)
 
 
 def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated: Stage, pretrain: Stage, cem: Stage) -> Stage:
     """Scores the annotated target captions with the CEM and keeps the top share; on a corpus with
-    ground truth also writes how well the scores find the wrong labels (``selection_quality.json``)."""
+    ground truth also writes how well the scores find the wrong labels (``selection_quality.json``),
+    and the same for the CEM's scores of ``cem_quality_split`` (``selection_quality_<split>.json``:
+    scores only, no selection), where CEM variants are compared."""
 
     def run(out: Path):
         import datasets
 
         from .models.cem import ConfidenceEstimationModel
-        from .selection import score_confidence, select_by_confidence, selection_quality
+        from .selection import annotation_correctness, score_confidence, select_by_confidence, selection_quality
 
         slm, processor = load_ser_slm(pretrain.path / "model")
         cem_model = ConfidenceEstimationModel.from_pretrained(cem.path / "cem")
-        train = datasets.load_from_disk(str(annotated.path / "data"))[cfg.train_split]
+        data = datasets.load_from_disk(str(annotated.path / "data"))
+        train = data[cfg.train_split]
         # scoring is sharded over the processes and gathered; the selection is written once
         scores, field_scores = score_confidence(cem_model, slm, processor, train, sed_source="auto",
                                                 batch_size=cfg.eval_batch_size, return_field_scores=True)
@@ -375,6 +392,13 @@ def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated
             quality = selection_quality(train, scores, field_scores, seed=cfg.seed)
             if quality is not None:
                 atomic_write_json(out / "selection_quality.json", quality)
+        split = cfg.cem_quality_split
+        if split and split != cfg.train_split and split in data and annotation_correctness(data[split]) is not None:
+            dev_scores, dev_field_scores = score_confidence(cem_model, slm, processor, data[split], sed_source="auto",
+                                                            batch_size=cfg.eval_batch_size, return_field_scores=True)
+            if runner.state.is_main_process:
+                atomic_write_json(out / f"selection_quality_{split}.json",
+                                  selection_quality(data[split], dev_scores, dev_field_scores, seed=cfg.seed))
 
     return runner.run("select", {"ratio": ratio, "split": cfg.train_split}, run, [annotated, pretrain, cem], all_processes=True)
 

@@ -236,6 +236,11 @@ class RecipeConfig:
     cem_training_captions: str = field(default="perturbed", metadata={"help": "CEM training captions: 'perturbed' (reliable captions with descriptors replaced at random, matched to scoring annotated captions; our default) or 'predicted' (the SLM's own predictions, as the paper)."})
     cem_corrupt_prob: float = field(default=0.3, metadata={"help": "With 'perturbed': probability that each descriptor is replaced."})
     cem_pooling: str = field(default="sed_tokens", metadata={"help": "CEM input pooling: 'sed_tokens' or 'mean'."})
+    cem_holdout_speakers: int = field(default=0, metadata={"help": "Speakers of the pre-training split (chosen from the seed, spread over the speaker groups) removed from the SLM's pre-training and used only for CEM training, so that the CEM learns from SLM states of voices the SLM never trained on, as on the target (0: the CEM reads the pre-training utterances, as the paper)."})
+    cem_captions_per_utterance: int = field(default=1, metadata={"help": "With 'perturbed' captions: independently perturbed captions per CEM training utterance (> 1: plus the unperturbed caption), so a few hundred utterances give thousands of (caption, right/wrong) pairs."})
+    cem_perturbation: str = field(default="random", metadata={"help": "With 'perturbed' captions, how a descriptor is perturbed: 'random' (any other value), 'adjacent' (one step: low<->normal<->high, slow<->normal<->fast, a neighbouring age, the other gender; the annotator's error near a threshold) or 'speaker' (a one-step shift drawn once per speaker and field, applied to all of that speaker's utterances, as a threshold miscalibrated for a voice errs)."})
+    cem_balance: str = field(default="utterance", metadata={"help": "Balancing of the CEM's right/wrong training pairs: 'utterance' (all five right vs not, the paper's counts), 'field' (right and wrong entries balanced per field, the others ignored by the loss) or 'none'."})
+    cem_quality_split: str | None = field(default="dev", metadata={"help": "Target split that the select stage also scores with the CEM (no selection) and measures against the ground truth, into selection_quality_<split>.json, so that CEM variants are compared on it; skipped when the split is absent or has no ground truth (None: off)."})
     selection_ratio: float | None = field(default=None, metadata={"help": "Override the system's kept share (0-1]."})
     # ---- post-training
     posttrain_max_steps: int = field(default=200, metadata={"help": "Domain post-training steps (the paper: 20k)."})
@@ -273,6 +278,7 @@ class RecipeConfig:
         if self.training_args is None or isinstance(self.training_args, dict):
             self.training_args = training_settings_class()(**(self.training_args or {}))
         _check_stage_fields(self)
+        _check_cem_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as results.json records them: the recipe's fields, the model settings and
@@ -323,3 +329,19 @@ def _check_stage_fields(cfg: RecipeConfig) -> None:
         if unknown:
             raise ValueError(f"{name}: {unknown} {'is not a' if len(unknown) == 1 else 'are not'} {cls.__name__} field"
                              f"{'' if len(unknown) == 1 else 's'}; see `python recipes/sys10.py --help` for the fields")
+
+
+def _check_cem_fields(cfg: RecipeConfig) -> None:
+    """The CEM training options named in the error, at configuration time (not after pre-training)."""
+    from .trainers.cem import BALANCE_MODES, PERTURBATIONS, TRAINING_CAPTIONS
+
+    for name, allowed in (("cem_training_captions", TRAINING_CAPTIONS), ("cem_perturbation", PERTURBATIONS),
+                          ("cem_balance", BALANCE_MODES)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: choose one of {allowed}")
+    if cfg.cem_holdout_speakers < 0 or cfg.cem_captions_per_utterance < 1:
+        raise ValueError(f"cem_holdout_speakers must be >= 0 and cem_captions_per_utterance >= 1, got "
+                         f"{cfg.cem_holdout_speakers} and {cfg.cem_captions_per_utterance}")
+    if cfg.cem_training_captions == "predicted" and (cfg.cem_captions_per_utterance != 1 or cfg.cem_perturbation != "random"):
+        raise ValueError("cem_captions_per_utterance and cem_perturbation apply to cem_training_captions='perturbed' only "
+                         "('predicted' is the SLM's one greedy caption per utterance)")

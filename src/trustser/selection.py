@@ -135,9 +135,11 @@ KEPT_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 def selection_quality(dataset, scores, field_scores=None, *, shares=KEPT_SHARES, seed: int = 0) -> dict[str, Any] | None:
     """How well confidence scores find the wrong annotated labels, measured against the ground
     truth: AUC of each field's score for "this label is right", AUC of the utterance score for "all
-    five are right", and the kept-share curve (mean label accuracy of the top share) of the scores
-    beside oracle selection and the full set. None without ground truth."""
-    from .evaluation import binary_auc
+    five are right", their expected calibration errors (``field_ece``, ``utterance_ece``: the
+    scores read as probabilities of those events; meaningful for CEM probabilities, not for ranks),
+    and the kept-share curve (mean label accuracy of the top share) of the scores beside oracle
+    selection and the full set. None without ground truth."""
+    from .evaluation import binary_auc, expected_calibration_error
 
     correct = annotation_correctness(dataset)
     if correct is None:
@@ -154,12 +156,14 @@ def selection_quality(dataset, scores, field_scores=None, *, shares=KEPT_SHARES,
     out: dict[str, Any] = {
         "n": int(len(correct)),
         "utterance_auc": round(float(binary_auc(scores, correct.all(1))), 4),
+        "utterance_ece": round(float(expected_calibration_error(scores, correct.all(1))), 4),
         "annotation_accuracy": _annotation_accuracy(dataset, None, correct),
         "kept_share_accuracy": curve,
     }
     if field_scores is not None:
         fs = np.asarray(field_scores, dtype=np.float64)
         out["field_auc"] = {f: round(float(binary_auc(fs[:, j], correct[:, j])), 4) for j, f in enumerate(SED_FIELDS)}
+        out["field_ece"] = {f: round(float(expected_calibration_error(fs[:, j], correct[:, j])), 4) for j, f in enumerate(SED_FIELDS)}
     return out
 
 

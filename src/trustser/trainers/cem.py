@@ -135,6 +135,7 @@ def train_cem(
     save: bool = True,
     reliability_plot: bool = True,
     training_args: Mapping[str, Any] | None = None,
+    data_summary: Mapping[str, Any] | None = None,
 ):
     """Trains a CEM on (N, D) features and (N, 5) 0/1 correctness labels with BCE (paper eq. 1).
 
@@ -142,7 +143,8 @@ def train_cem(
     (``torch.optim.Adam`` through ``Trainer(optimizer_cls_and_kwargs=...)``, as the paper), constant
     learning rate. The evaluation set is used as it comes (not balanced), so its metrics describe the
     natural error rate. Saves the model (safetensors), ``cem_metrics.json`` and
-    ``reliability.png`` under ``output_dir`` when ``save``. Returns ``(model, report)``.
+    ``reliability.png`` under ``output_dir`` when ``save``; ``data_summary`` (where the training
+    data came from) is recorded in the report as ``data``. Returns ``(model, report)``.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -221,6 +223,8 @@ def train_cem(
         "feature_pooling": feature_pooling,
         "input_size": int(features.shape[1]),
     }
+    if data_summary:
+        report["data"] = dict(data_summary)
     if eval_features is not None and eval_labels is not None:
         scores = predict_cem(model, eval_features)
         report["eval"] = cem_metrics(scores, eval_labels, field_names=config.field_names)
@@ -261,28 +265,165 @@ def prepare_cem_data(slm, processor, dataset, *, pooling: str = DEFAULT_POOLING,
     }
 
 
+PERTURBATIONS = ("random", "adjacent", "speaker")
+TRAINING_CAPTIONS = ("perturbed", "predicted")
+
+
+def _shifted(field_name: str, value: str, step: int) -> str:
+    """The value ``step`` places away in the field's ordered vocabulary (low < normal < high, child <
+    ... < elderly), clipped at the ends; gender's two values swap."""
+    vocab = SED_VOCAB[field_name]
+    if len(vocab) == 2:
+        return vocab[1 - vocab.index(value)]
+    return vocab[min(max(vocab.index(value) + step, 0), len(vocab) - 1)]
+
+
+def perturb_descriptors(truth: Sequence[Mapping[str, str]], *, mode: str = "random", corrupt_prob: float = 0.3, rng=None,
+                        speakers: Sequence[str] | None = None) -> tuple[list[dict[str, str]], np.ndarray]:
+    """Claimed descriptors for CEM training and their (N, 5) 0/1 correctness, one caption per row.
+
+    Each field is perturbed with probability ``corrupt_prob``:
+
+    - ``random``: the value is replaced by any other value of the field (uniformly);
+    - ``adjacent``: it moves one step (low <-> normal <-> high, slow <-> normal <-> fast, to a
+      neighbouring age, the other gender), the annotator's typical error near a threshold;
+    - ``speaker``: a shift of one step up or down is drawn once per speaker and field and applied to
+      every utterance of that speaker (clipped at the scale's ends, where the claim stays right), as a
+      threshold miscalibrated for a voice errs; needs ``speakers`` (one id per row).
+
+    A truth value outside the vocabulary is left alone by ``speaker`` and replaced by any valid value
+    otherwise (its row cannot be captioned unperturbed: NaN features downstream).
+    """
+    if mode not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {mode!r}; choose one of {PERTURBATIONS}")
+    rng = np.random.default_rng(0) if rng is None else rng
+    labels = np.ones((len(truth), len(SED_FIELDS)), dtype=np.float32)
+    claimed: list[dict[str, str]] = []
+    if mode == "speaker":
+        if speakers is None or len(speakers) != len(truth):
+            raise ValueError("perturbation 'speaker' needs one speaker id per row (a 'speaker' column)")
+        shift = {}  # (speaker, field) -> -1, 0, +1, drawn in sorted speaker order (reproducible)
+        for spk in sorted(set(speakers)):
+            for f in SED_FIELDS:
+                shift[spk, f] = int(rng.choice((-1, 1))) if rng.random() < corrupt_prob else 0
+    for i, row in enumerate(truth):
+        out = {}
+        for j, f in enumerate(SED_FIELDS):
+            true, valid = row[f], row[f] in SED_VOCAB[f]
+            if mode == "speaker":
+                claim = _shifted(f, true, shift[speakers[i], f]) if shift[speakers[i], f] and valid else true
+            elif rng.random() < corrupt_prob:
+                if mode == "random" or not valid:
+                    others = [v for v in SED_VOCAB[f] if v != true]
+                    claim = others[int(rng.integers(len(others)))]
+                else:  # adjacent: one step, either way where both exist
+                    steps = [s for s in (-1, 1) if _shifted(f, true, s) != true]
+                    claim = _shifted(f, true, steps[int(rng.integers(len(steps)))] if len(steps) > 1 else steps[0])
+            else:
+                claim = true
+            out[f] = claim
+            labels[i, j] = float(claim == true)
+        claimed.append(out)
+    return claimed, labels
+
+
 def prepare_cem_data_perturbed(slm, processor, dataset, *, corrupt_prob: float = 0.3, pooling: str = DEFAULT_POOLING,
-                               batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
+                               batch_size: int = 16, seed: int = 0, perturbation: str = "random",
+                               captions_per_utterance: int = 1) -> dict[str, Any]:
     """CEM training data matched to how selection uses the CEM (our option; the paper's is
-    :func:`prepare_cem_data`): each reliable caption's descriptors are replaced, field by field with
-    probability ``corrupt_prob``, by another value of the field (uniformly), and the CEM learns
-    whether each *claimed* descriptor is right from the SLM's states teacher-forced with it. At
-    selection the CEM reads annotated captions (claims made by the annotator, not by the SLM), so
-    training on claims the SLM did not make avoids the shift between the two."""
+    :func:`prepare_cem_data`): each reliable caption's descriptors are perturbed field by field with
+    probability ``corrupt_prob`` (``perturbation``, see :func:`perturb_descriptors`), and the CEM
+    learns whether each *claimed* descriptor is right from the SLM's states teacher-forced with it.
+    At selection the CEM reads annotated captions (claims made by the annotator, not by the SLM), so
+    training on claims the SLM did not make avoids the shift between the two.
+
+    ``captions_per_utterance`` > 1: that many independently perturbed captions per utterance plus
+    the unperturbed one (so a few hundred utterances give thousands of pairs); rows are grouped by
+    utterance (``utterance`` gives each row's dataset index), the unperturbed caption first."""
+    if captions_per_utterance < 1:
+        raise ValueError(f"captions_per_utterance must be >= 1, got {captions_per_utterance}")
     rng = np.random.default_rng(seed)
     cols = dataset.select_columns(list(SED_FIELDS))[:]
-    claimed, labels = [], np.ones((len(dataset), len(SED_FIELDS)), dtype=np.float32)
-    for i in range(len(dataset)):
-        row = {}
-        for j, f in enumerate(SED_FIELDS):
-            true = cols[f][i]
-            if rng.random() < corrupt_prob:
-                others = [v for v in SED_VOCAB[f] if v != true]
-                row[f] = others[int(rng.integers(len(others)))]
-                labels[i, j] = 0.0
-            else:
-                row[f] = true
-        claimed.append(row)
-    features = extract_cem_features(slm, processor, dataset, sed_source="predicted", pooling=pooling,
+    truth = [{f: cols[f][i] for f in SED_FIELDS} for i in range(len(dataset))]
+    speakers = list(dataset["speaker"]) if perturbation == "speaker" and "speaker" in dataset.column_names else None
+    if perturbation == "speaker" and speakers is None:
+        raise ValueError("perturbation 'speaker' needs a 'speaker' column in the CEM training split")
+    copies = [perturb_descriptors(truth, mode=perturbation, corrupt_prob=corrupt_prob, rng=rng, speakers=speakers)
+              for _ in range(captions_per_utterance)]
+    if captions_per_utterance > 1:
+        copies.insert(0, ([dict(t) for t in truth], correctness_labels(truth, truth)))
+    # rows grouped by utterance: utterance i's captions are rows i*C .. i*C+C-1
+    n, c = len(dataset), len(copies)
+    claimed = [copies[k][0][i] for i in range(n) for k in range(c)]
+    labels = np.stack([copies[k][1][i] for i in range(n) for k in range(c)]) if n else np.zeros((0, len(SED_FIELDS)), np.float32)
+    utterance = np.repeat(np.arange(n), c)
+    expanded = dataset if c == 1 else dataset.select(utterance.tolist())
+    features = extract_cem_features(slm, processor, expanded, sed_source="predicted", pooling=pooling,
                                     batch_size=batch_size, sed=claimed)
-    return {"features": features, "labels": labels, "claimed": claimed}
+    return {"features": features, "labels": labels.astype(np.float32), "claimed": claimed, "utterance": utterance}
+
+
+def prepare_cem_training_data(slm, processor, dataset, *, captions: str = "perturbed", corrupt_prob: float = 0.3,
+                              perturbation: str = "random", captions_per_utterance: int = 1,
+                              pooling: str = DEFAULT_POOLING, batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
+    """The CEM's training data in one of its two forms (``captions``): ``predicted`` (the paper:
+    the SLM's own greedy predictions, :func:`prepare_cem_data`) or ``perturbed`` (reliable captions
+    with perturbed descriptors, :func:`prepare_cem_data_perturbed`). Both carry ``utterance``, the
+    dataset row of each training row, so held-out rows can be split by utterance."""
+    if captions == "perturbed":
+        return prepare_cem_data_perturbed(slm, processor, dataset, corrupt_prob=corrupt_prob, pooling=pooling,
+                                          batch_size=batch_size, seed=seed, perturbation=perturbation,
+                                          captions_per_utterance=captions_per_utterance)
+    if captions == "predicted":
+        if captions_per_utterance != 1 or perturbation != "random":
+            raise ValueError("captions_per_utterance and perturbation apply to 'perturbed' CEM training captions only "
+                             "('predicted' uses the SLM's one greedy caption per utterance)")
+        data = prepare_cem_data(slm, processor, dataset, pooling=pooling, batch_size=batch_size)
+        data["utterance"] = np.arange(len(dataset))
+        return data
+    raise ValueError(f"CEM training captions must be one of {TRAINING_CAPTIONS}, got {captions!r}")
+
+
+def eval_split_by_utterance(utterance, eval_share: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, eval rows) of CEM training data: the rows of the first ``eval_share`` of the
+    utterances (at least one) are held out, so every caption of an utterance lands on one side."""
+    u = np.asarray(utterance)
+    n_utt = int(u.max()) + 1 if len(u) else 0
+    held = u < max(1, int(n_utt * eval_share))
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+# ------------------------------------------------------------------------------------------
+# Speakers held out from the SLM's pre-training for CEM training
+# ------------------------------------------------------------------------------------------
+def holdout_speakers(dataset, n: int, seed: int = 0) -> list[str]:
+    """``n`` speakers of ``dataset`` chosen from ``seed``, spread over the speaker groups when the
+    split has a ``group`` column (one speaker of each group in turn, groups in a seeded order), so
+    the CEM sees SLM states of voices the SLM never trained on, across the kinds of voices."""
+    if "speaker" not in dataset.column_names:
+        raise ValueError(f"holding out {n} speakers for the CEM needs a 'speaker' column; the split has {dataset.column_names}")
+    speakers = list(dataset["speaker"])
+    groups = list(dataset["group"]) if "group" in dataset.column_names else ["all"] * len(speakers)
+    by_group: dict[str, list[str]] = {}
+    for spk, grp in sorted(set(zip(speakers, groups))):
+        by_group.setdefault(str(grp), []).append(str(spk))
+    total = sum(len(v) for v in by_group.values())
+    if not 0 < n < total:
+        raise ValueError(f"cannot hold out {n} of the split's {total} speakers for the CEM (need 0 < n < {total})")
+    rng = np.random.default_rng(seed)
+    pools = {g: [v[i] for i in rng.permutation(len(v))] for g, v in sorted(by_group.items())}
+    order = [sorted(pools)[i] for i in rng.permutation(len(pools))]
+    chosen: list[str] = []
+    while len(chosen) < n:
+        for g in order:
+            if pools[g] and len(chosen) < n:
+                chosen.append(pools[g].pop(0))
+    return sorted(chosen)
+
+
+def split_holdout_speakers(dataset, n: int, seed: int = 0):
+    """(rows for the SLM, rows for the CEM): the rows of :func:`holdout_speakers` go to the CEM only."""
+    held = set(holdout_speakers(dataset, n, seed))
+    is_held = [s in held for s in dataset["speaker"]]
+    return (dataset.select([i for i, h in enumerate(is_held) if not h]),
+            dataset.select([i for i, h in enumerate(is_held) if h]))
