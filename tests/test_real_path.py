@@ -43,8 +43,9 @@ def _check_run(run: dict, corpus: str, target_root: str, inputs: dict) -> dict:
     s = res["settings"]
     assert s["model_args"]["audio_model"] == inputs["models"]["audio_model"] and s["model_args"]["dtype"] == "bfloat16"
     assert s["model_args"]["lora_r"] == 16 and s["gender_model"] == inputs["models"]["gender_model"]
-    assert s["training_args"] == {"bf16": True, "gradient_checkpointing": True, "dataloader_num_workers": 2}
-    assert s["controller_scale_rewards"] == "group" and s["posttrain_max_steps"] == 2
+    assert s["training_args"] == {"bf16": True, "gradient_checkpointing": True, "dataloader_num_workers": 2, "controller_learning_rate": 1e-3,
+                                  "controller_head_hidden_size": 0, "controller_scale_rewards": "group", "controller_updates_per_step": 1}
+    assert s["training_args"]["controller_scale_rewards"] == "group" and s["posttrain_max_steps"] == 2
     stages = {st["name"]: run_dir / st["path"] for st in res["stages"]}
     for name in ("pretrain", "posttrain"):
         record = json.loads((stages[name] / "STAGE.json").read_text())

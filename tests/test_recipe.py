@@ -75,7 +75,7 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
         assert r["broken"] + r["unchanged_right"] == round(v["annotation"] * audit["n"])
         assert 0 <= r["fixed"] <= audit["n"] - r["broken"] - r["unchanged_right"] - r["unchanged_wrong"] + 1e-6
     assert "Descriptor labels after rectification" in report
-    assert saved["settings"]["controller_scale_rewards"] == "none" and saved["num_processes"] == 1
+    assert saved["settings"]["training_args"]["controller_scale_rewards"] == "none" and saved["num_processes"] == 1
     assert saved["torch_threads_per_process"] == 1
     # the auxiliary heads and channel augmentation belong to pre-training only
     pre = run_dir / next(s["path"] for s in saved["stages"] if s["name"] == "pretrain")  # relative to the run folder

@@ -186,3 +186,43 @@ def test_holdout_speakers_leave_pretraining_for_the_cem(synthetic_small):
     assert len(set(cem_rows["group"])) == 3  # spread over the speaker groups
     assert len(_pretrain_split(RecipeConfig(), root, None, "truth", part="slm")) == len(every)  # default: no holdout
     assert set(_pretrain_split(RecipeConfig(cem_holdout_speakers=3, seed=1), root, None, "truth", part="cem")["speaker"]) != held
+
+
+# The controller settings SEDRectifyTrainer got before they moved from RecipeConfig fields to one
+# RECTIFY_DEFAULTS table (embedded default) and top-level trainer keys (the real configs' YAML).
+_CONTROLLER_BEFORE = {
+    "embedded": dict(num_policies=6, controller_learning_rate=1e-2, controller_updates_per_step=4, controller_scale_rewards="none",
+                     controller_head_hidden_size=64, reward_timing="after_update", controller_entropy_coef=0.0),
+    "real": dict(num_policies=6, controller_learning_rate=1e-3, controller_updates_per_step=1, controller_scale_rewards="group",
+                 controller_head_hidden_size=0, reward_timing="after_update", controller_entropy_coef=0.0),
+}
+
+
+@pytest.mark.parametrize("config,before", [(None, "embedded"), (IEMOCAP, "real"),
+                                            (str(REPO / "recipes/configs/meld_sys10.yaml"), "real")])
+def test_rectifying_posttrain_gets_the_same_controller_settings(tmp_path, config, before):
+    from trustser.recipe import posttrain_training_args
+    from trustser.systems import get_system
+    from trustser.trainers.rectify_config import SEDRectifyConfig
+    from trustser.trainers.sft import SerSlmSFTConfig
+
+    cfg = parse_recipe_args((["--config", config] if config else []) + ["--bf16", "false"], system="sys10")
+    args = posttrain_training_args(cfg, get_system("sys10"), tmp_path)
+    assert type(args) is SEDRectifyConfig
+    assert {k: getattr(args, k) for k in _CONTROLLER_BEFORE[before]} == _CONTROLLER_BEFORE[before]
+    assert args.controller_clip_epsilon == 0.2 and args.controller_max_grad_norm == 1.0  # the trainer's own
+    # K: the override, and the plain SFT post-training (Sys. 4) gets no controller field
+    cfg.num_policies = 3
+    assert posttrain_training_args(cfg, get_system("sys10"), tmp_path).num_policies == 3
+    assert type(posttrain_training_args(cfg, get_system("sys4"), tmp_path)) is SerSlmSFTConfig
+
+
+def test_finetune_gets_the_same_controller_settings(tmp_path):
+    from trustser.finetune import FinetuneConfig, _recipe_config
+    from trustser.recipe import posttrain_training_args
+    from trustser.systems import SystemSpec
+
+    ft = FinetuneConfig(corpus="audiofolder", corpus_root=str(tmp_path))
+    spec = SystemSpec("finetune", with_sed=True, domain_sft=True, selection_ratio=0.9, rectify=True, num_policies=ft.num_policies)
+    args = posttrain_training_args(_recipe_config(ft), spec, tmp_path)
+    assert {k: getattr(args, k) for k in _CONTROLLER_BEFORE["embedded"]} == {**_CONTROLLER_BEFORE["embedded"], "controller_learning_rate": 1e-3}

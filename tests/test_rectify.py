@@ -350,3 +350,24 @@ def test_reward_scaling_reaches_the_controller_update(tiny, rows, tmp_path, monk
     expected = centered if scale == "none" else centered / (nanstd(rewards.flatten()) + 1e-4)
     assert torch.allclose(adv, expected, atol=1e-6)
     assert adv.abs().max() > 0  # the K rectified captions did differ
+
+
+def test_caption_tokens_one_place_with_padding(tiny, rows):
+    """``SerSlmProcessor.caption_inputs`` is what both the processor and the rectification trainer
+    tokenise with: captions of different lengths give the same right-padded tensors either way."""
+    _, proc = tiny
+    batch = SEDRectifyCollator(proc, sed_source="auto")(rows[:3])
+    caps = [proc.build_captions([{**r, **v}])[0] for r, v in zip(rows[:3], (
+        {"age": "young adult", "speed": "slow"}, {"age": "child"}, {"pitch": "high", "volume": "low"}))]
+    rect = rectified_caption_inputs(proc, batch["input_ids"], batch["labels"], caps, 1)
+    ref = proc(audio=[np.asarray(r["audio"]["array"]) for r in rows[:3]], captions=caps, sampling_rate=16000)
+    assert len(set(ref["attention_mask"].sum(1).tolist())) > 1 and not bool(ref["attention_mask"].all())  # padded
+    for key in ("input_ids", "attention_mask", "labels", "emotion_token_mask"):
+        assert torch.equal(rect[key], ref[key]), key
+    n = ref["attention_mask"].sum(1)
+    assert all(bool((ref["labels"][i, n[i]:] == -100).all()) for i in range(3))  # padding is never a label
+    prompts = [ref["input_ids"][i, : int((ref["labels"][i] != -100).long().argmax())].tolist() for i in range(3)]
+    direct = proc.caption_inputs(prompts, caps)
+    assert all(torch.equal(direct[k], ref[k]) for k in direct)
+    gen = proc(audio=[np.asarray(r["audio"]["array"]) for r in rows[:3]], sampling_rate=16000)  # prompts: left-padded
+    assert torch.equal(proc.caption_inputs(prompts)["input_ids"], gen["input_ids"])

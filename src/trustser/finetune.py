@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from .explain import label_first_token_ids, label_token_ids
+from .trainers.rectify_config import DEFAULT_NUM_POLICIES, SEDRectifyConfig
 
 logger = logging.getLogger("trustser.finetune")
 
@@ -87,10 +88,11 @@ class FinetuneConfig:
     test_split: str = field(default="test", metadata={"help": "Split used for evaluation."})
     selection_ratio: float | None = field(default=0.9, metadata={"help": "Share of annotated captions kept by CEM confidence (None or 1: keep all)."})
     rectify: bool = field(default=True, metadata={"help": "RL rectification of the descriptors during fine-tuning (SED controller)."})
-    num_policies: int = field(default=6, metadata={"help": "K policies per utterance (with rectify)."})
+    num_policies: int = field(default=DEFAULT_NUM_POLICIES, metadata={"help": "K policies per utterance (with rectify)."})
     max_steps: int = field(default=300, metadata={"help": "Fine-tuning steps."})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (tiny preset default; use ~1e-4 with LoRA on the paper preset)."})
-    controller_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the SED controller."})
+    controller_learning_rate: float = field(default=SEDRectifyConfig.controller_learning_rate,
+                                            metadata={"help": "Adam learning rate of the SED controller (SEDRectifyConfig's default)."})
     per_device_batch_size: int = field(default=16, metadata={"help": "Per-device batch size."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of generation at evaluation and scoring."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many test utterances."})
@@ -108,7 +110,8 @@ def _recipe_config(cfg: FinetuneConfig):
         system="finetune", output_dir=cfg.output_dir, seed=cfg.seed, target_corpus=cfg.corpus, target_root=cfg.corpus_root,
         target_options=dict(cfg.corpus_options), train_split=cfg.train_split, test_split=cfg.test_split,
         annotation_method=cfg.annotation_method, selection_ratio=cfg.selection_ratio, posttrain_max_steps=cfg.max_steps,
-        posttrain_learning_rate=cfg.learning_rate, num_policies=cfg.num_policies, controller_learning_rate=cfg.controller_learning_rate,
+        posttrain_learning_rate=cfg.learning_rate, num_policies=cfg.num_policies,
+        training_args={"controller_learning_rate": cfg.controller_learning_rate},
         per_device_batch_size=cfg.per_device_batch_size, eval_batch_size=cfg.eval_batch_size,
         max_eval_samples=cfg.max_eval_samples, tsne_samples=cfg.tsne_samples, warmup_ratio=cfg.warmup_ratio,
         save_steps=cfg.save_steps, resume_from_checkpoint=cfg.resume_from_checkpoint,

@@ -446,24 +446,28 @@ def stage_pseudo_labels(runner: StageRunner, cfg: RecipeConfig, annotated: Stage
     return runner.run("pseudo-labels", {"split": cfg.train_split, "batch": cfg.eval_batch_size}, run, [annotated, pretrain])
 
 
-def _controller_settings(cfg: RecipeConfig) -> dict:
-    """The SEDRectifyConfig controller fields the recipe sets (also part of the stage key)."""
-    return {
-        "controller_learning_rate": cfg.controller_learning_rate,
-        "controller_updates_per_step": cfg.controller_updates_per_step,
-        "controller_scale_rewards": cfg.controller_scale_rewards,
-        "controller_head_hidden_size": cfg.controller_head_hidden_size,
-        "reward_timing": cfg.reward_timing,
-        # only when set, so that the stages cached before the option existed keep their keys
-        **({"controller_entropy_coef": cfg.controller_entropy_coef} if cfg.controller_entropy_coef else {}),
-    }
+def posttrain_training_args(cfg: RecipeConfig, spec: SystemSpec, output_dir: Path):
+    """The trainer config of domain post-training: ``SEDRectifyConfig`` (K = the system's unless
+    ``cfg.num_policies`` overrides it; the controller settings via ``stage_training_args``) with
+    rectification, else ``SerSlmSFTConfig``. Captions only: the auxiliary heads are a pre-training
+    device (and rectification has no equivalent)."""
+    common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source=spec.sed_labels,
+                  with_sed=spec.with_sed, aux_losses=False)
+    if not spec.rectify:
+        return _training_args(cfg, output_dir, stage="posttrain", **common)
+    from .trainers.rectify_config import SEDRectifyConfig
+
+    return _training_args(cfg, output_dir, stage="posttrain", cls=SEDRectifyConfig, num_policies=num_policies_used(cfg, spec), **common)
+
+
+def num_policies_used(cfg: RecipeConfig, spec: SystemSpec) -> int:
+    """K of a rectifying post-training: ``cfg.num_policies`` when set, else the system's."""
+    return cfg.num_policies or spec.num_policies
 
 
 def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, data: Stage, data_subdir: str, pretrain: Stage) -> Stage:
     """Domain post-training on the (selected) annotated target data: plain SFT, or SFT with the
     RL SED controller rectifying the descriptor labels on the fly."""
-    k = cfg.num_policies or spec.num_policies
-
     def run(out: Path):
         import datasets
 
@@ -482,18 +486,12 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
             raise ValueError(f"{data.path / data_subdir}: split {cfg.train_split!r} has no utterances to train on")
         model, processor = load_ser_slm(pretrain.path / "model")
         model = _with_lora(model, cfg)
-        # captions only: the auxiliary heads are a pre-training device (and rectification has no equivalent)
-        common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source=spec.sed_labels,
-                      with_sed=spec.with_sed, aux_losses=False)
         if spec.rectify:
-            from .trainers.rectify import SEDRectifyTrainer
-            from .trainers.rectify_config import SEDRectifyConfig
-
-            args = _training_args(cfg, out / "trainer", stage="posttrain", cls=SEDRectifyConfig, num_policies=k, **_controller_settings(cfg), **common)
-            trainer = SEDRectifyTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+            from .trainers.rectify import SEDRectifyTrainer as trainer_cls
         else:
-            args = _training_args(cfg, out / "trainer", stage="posttrain", **common)
-            trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+            trainer_cls = SerSlmSFTTrainer
+        trainer = trainer_cls(model=model, args=posttrain_training_args(cfg, spec, out / "trainer"), train_dataset=train,
+                              processing_class=processor)
         _train(trainer, cfg, out / "trainer")
         _save_trained(trainer, processor, out / "model", base=lambda: load_ser_slm(pretrain.path / "model")[0])
         if trainer.accelerator.is_main_process:
@@ -507,9 +505,8 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
             atomic_write_json(out / "log_history.json", trainer.state.log_history)
 
     settings = {
-        "rectify": spec.rectify, "K": k if spec.rectify else None, "with_sed": spec.with_sed, "steps": cfg.posttrain_max_steps,
-        "lr": cfg.posttrain_learning_rate, "controller": _controller_settings(cfg) if spec.rectify else None,
-        "batch": cfg.per_device_batch_size, "seed": cfg.seed, "split": cfg.train_split,
+        "rectify": spec.rectify, "num_policies": num_policies_used(cfg, spec) if spec.rectify else None, "with_sed": spec.with_sed,
+        "steps": cfg.posttrain_max_steps, "lr": cfg.posttrain_learning_rate, "batch": cfg.per_device_batch_size, "seed": cfg.seed, "split": cfg.train_split,
         **({"sed_labels": spec.sed_labels} if spec.sed_labels != "auto" else {}),
     }
     if cfg.stage_training_key("posttrain", spec.rectify):  # only when set: earlier cached stages keep their keys
@@ -623,7 +620,7 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
             shutil.copy2(evaluated.path / name, run_dir / name)
         metrics = read_json(evaluated.path / "metrics.json")
         results = run_results(spec, cfg.target_corpus, metrics, annotated=annotated, cem=cem, selected=selected, post=post,
-                              settings={**cfg.to_dict(), "num_policies_used": cfg.num_policies or spec.num_policies}, seed=cfg.seed,
+                              settings={**cfg.to_dict(), "num_policies_used": num_policies_used(cfg, spec)}, seed=cfg.seed,
                               stages=runner.stages, started=started, relative_to=run_dir,
                               processes={"num_processes": state.num_processes, "torch_threads_per_process": threads})
         if post is not None and spec.rectify:

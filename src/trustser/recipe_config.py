@@ -13,7 +13,8 @@
 
 The defaults are the embedded default: the synthetic corpus and the tiny preset, sized to finish
 on 2 CPU cores. Each default is written once: in a field below, in ``TRAINING_DEFAULTS`` (the
-recipe's choices for trainer fields), else the trainer config's own default."""
+recipe's choices for trainer fields), in ``RECTIFY_DEFAULTS`` (the embedded default's controller
+choices, rectifying post-training only), else the trainer config's own default."""
 
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "dataloader_num_workers": 0,
     "disable_tqdm": False,
     "report_to": "none",
+}
+# The embedded default's tuned choices for the rectifying post-training's controller (docs/rectify.md,
+# "Repair"): they win over SEDRectifyConfig's own defaults (the paper's) in that stage only; a top-level
+# YAML key (the real configs: the paper's values) or posttrain_training_args overrides them. Like
+# TRAINING_DEFAULTS they are not in the stage key unless changed: changing one here needs a fresh cache.
+RECTIFY_DEFAULTS: dict[str, Any] = {
+    "controller_learning_rate": 1e-2,
+    "controller_updates_per_step": 4,
+    "controller_scale_rewards": "none",
+    "controller_head_hidden_size": 64,
 }
 # Trainer fields each stage sets from the recipe (its learning rate, steps, batch, seed, ...), so
 # they are not top-level settings; a stage's ``*_training_args`` may still override them.
@@ -92,18 +103,19 @@ DTYPES = ("bfloat16", "float16", "float32", "auto")
 
 def _training_settings_class():
     """A dataclass of every ``SEDRectifyConfig`` field the recipe does not own, with the recipe's
-    default (``TRAINING_DEFAULTS``) or the config's own, so that ``TrlParser`` parses them next to
+    default (``TRAINING_DEFAULTS``, ``RECTIFY_DEFAULTS``) or the config's own, so that ``TrlParser`` parses them next to
     ``RecipeConfig`` without clashing names."""
     from .trainers.rectify_config import SEDRectifyConfig
 
     owned = {f.name for f in dataclasses.fields(RecipeConfig)} | set(STAGE_OWNED)
     hints = typing.get_type_hints(SEDRectifyConfig)
+    recipe_defaults = {**TRAINING_DEFAULTS, **RECTIFY_DEFAULTS}
     fields = []
     for f in dataclasses.fields(SEDRectifyConfig):
         if not f.init or f.name in owned:
             continue
-        if f.name in TRAINING_DEFAULTS:
-            default = TRAINING_DEFAULTS[f.name]
+        if f.name in recipe_defaults:
+            default = recipe_defaults[f.name]
         elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -248,12 +260,6 @@ class RecipeConfig:
     cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process on a machine without an accelerator (0: the cores divided among the processes; `accelerate launch` alone would set 1)."})
     annotation_num_proc: int | None = field(default=None, metadata={"help": "Processes for annotation feature extraction (None: all cores)."})
     num_policies: int | None = field(default=None, metadata={"help": "Override the system's K (policies per utterance)."})
-    controller_learning_rate: float = field(default=1e-2, metadata={"help": "Adam learning rate of the SED controller (the real configs: 1e-3)."})
-    controller_updates_per_step: int = field(default=4, metadata={"help": "Controller optimisation epochs per SLM step on the same policies."})
-    controller_scale_rewards: str = field(default="none", metadata={"help": "Advantage scaling: 'group' (divide by the std of the K rewards, the paper's GRPO normalisation), 'batch' or 'none' (r - group mean; see docs/rectify.md for why the embedded default uses it)."})
-    controller_entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus on the controller's retain/modify distributions (keeps it exploring)."})
-    controller_head_hidden_size: int = field(default=64, metadata={"help": "Controller head: 0 = one Linear layer (the paper's), > 0 = a tanh hidden layer of this size first."})
-    reward_timing: str = field(default="after_update", metadata={"help": "'after_update' (reward from the updated SLM, the paper) or 'reuse_forward' (from the loss forward)."})
     # ---- trainer fields for one stage (any SEDRectifyConfig / SerSlmSFTConfig / TrainingArguments field)
     pretrain_training_args: dict | str | None = field(default_factory=dict, metadata={"help": "Trainer fields for pre-training only (a YAML mapping, or JSON on the command line); they win over the top-level ones and the recipe's."})
     cem_training_args: dict | str | None = field(default_factory=dict, metadata={"help": "TrainingArguments fields for the CEM's Trainer only."})
@@ -282,21 +288,26 @@ class RecipeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as results.json records them: the recipe's fields, the model settings and
-        the trainer fields that were set (secrets left out)."""
+        the trainer fields that were set and the controller's (``RECTIFY_DEFAULTS``; secrets left out)."""
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("model_args", "training_args")}
         out["model_args"] = dataclasses.asdict(self.model_args)
-        out["training_args"] = {k: v for k, v in explicit_training_settings(self.training_args).items() if k not in SECRET_FIELDS}
+        explicit = explicit_training_settings(self.training_args)
+        out["training_args"] = {k: v for k, v in {**{k: getattr(self.training_args, k) for k in RECTIFY_DEFAULTS}, **explicit}.items()
+                                if k not in SECRET_FIELDS}
         for name in ("pretrain_training_args", "cem_training_args", "posttrain_training_args"):
             out[name] = {k: v for k, v in out[name].items() if k not in SECRET_FIELDS}
         return out
 
     def stage_training_args(self, stage: str, rectify: bool = False) -> dict[str, Any]:
         """Trainer fields for ``stage`` ('pretrain', 'posttrain' or 'cem'): the recipe's defaults
-        (SER-SLM stages only), then the top-level settings that were set, then the stage's own.
-        Top-level rectification fields (``reward_scorer``, ``advantage``, ...) reach only a
-        rectifying post-training (``rectify``), not pre-training or plain SFT (nor their keys)."""
+        (SER-SLM stages only; ``RECTIFY_DEFAULTS`` too for a rectifying post-training), then the
+        top-level settings that were set, then the stage's own. Top-level rectification fields
+        (``controller_*``, ``reward_scorer``, ...) reach only a rectifying
+        post-training (``rectify``), not pre-training or plain SFT (nor their keys)."""
         explicit = explicit_training_settings(self.training_args)
-        if not (stage == "posttrain" and rectify):
+        if stage == "posttrain" and rectify:
+            explicit = {**RECTIFY_DEFAULTS, **explicit}
+        else:
             explicit = {k: v for k, v in explicit.items() if k not in rectify_only_fields()}
         own = getattr(self, f"{stage}_training_args")
         if stage == "cem":
@@ -307,10 +318,11 @@ class RecipeConfig:
         return {**TRAINING_DEFAULTS, **explicit, **own}
 
     def stage_training_key(self, stage: str, rectify: bool = False) -> dict[str, Any]:
-        """The part of ``stage_training_args`` that changes results (the stage's cache key); empty
-        when nothing beyond the recipe's defaults is set, so earlier cached stages keep their keys."""
+        """The part of ``stage_training_args`` that changes results (the stage's cache key): what
+        differs from the recipe's defaults (``TRAINING_DEFAULTS``; ``RECTIFY_DEFAULTS`` too for a
+        rectifying post-training), so the key is empty when nothing else is set."""
         args = self.stage_training_args(stage, rectify)
-        base = {} if stage == "cem" else TRAINING_DEFAULTS
+        base = {} if stage == "cem" else {**TRAINING_DEFAULTS, **RECTIFY_DEFAULTS} if stage == "posttrain" and rectify else TRAINING_DEFAULTS
         return {k: v for k, v in sorted(args.items()) if k not in NOT_IN_STAGE_KEY and not (k in base and base[k] == v)}
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .trainers.rectify_config import DEFAULT_NUM_POLICIES
+
 
 @dataclass(frozen=True)
 class SystemSpec:
@@ -17,7 +19,7 @@ class SystemSpec:
     domain_sft: bool  # post-train on the target corpus' train split
     selection_ratio: float | None  # CEM-based selection: share kept (None: no selection)
     rectify: bool  # RL SED rectification during post-training
-    num_policies: int = 6  # K (only with rectify)
+    num_policies: int = DEFAULT_NUM_POLICIES  # K (only with rectify)
     paper_iemocap: float | None = None  # the paper's accuracy (%), for reports
     paper_meld: float | None = None
     # brackets (not in the paper): the descriptors post-training reads ("auto": the annotation; "truth":

@@ -109,48 +109,19 @@ class SEDRectifyCollator(SerSlmDataCollator):
 def rectified_caption_inputs(processor, input_ids, labels, captions: Sequence[str], repeats: int) -> dict[str, torch.Tensor]:
     """Token inputs for ``captions`` (row ``b*repeats + j`` is utterance b's j-th policy), reusing
     each utterance's prompt (audio placeholders + instruction) from the collated ``input_ids``/
-    ``labels`` instead of re-running the processor's feature extraction K times. Same layout as
-    SerSlmProcessor: prompt + caption + EOS, labels on caption and EOS, right padding, and
-    ``emotion_token_mask`` on the emotion word's tokens."""
-    tok = processor.tokenizer
+    ``labels`` instead of re-running the processor's feature extraction K times; the tokens come
+    from ``SerSlmProcessor.caption_inputs``, as the processor's own (prompt + caption + EOS, labels
+    on caption and EOS, right padding, ``emotion_token_mask`` on the emotion word's tokens)."""
     has_label = labels != -100
     if not bool(has_label.any(1).all()):
         raise ValueError("a collated row has no caption labels; cannot rebuild its rectified captions")
     starts = has_label.long().argmax(1).tolist()
     ids_cpu = input_ids.detach().cpu()
-    enc = tok(list(captions), add_special_tokens=False, return_offsets_mapping=True)
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    rows, label_rows, emo_rows = [], [], []
-    for i, cap in enumerate(captions):
-        b = i // repeats
-        prompt = ids_cpu[b, : starts[b]].tolist()
-        cap_ids = list(enc["input_ids"][i]) + eos
-        spans = processor.caption_spans(cap, with_sed=True)
-        emo = []
-        if "emotion" in spans:
-            s, e = spans["emotion"]
-            emo = [len(prompt) + j for j, (ts, te) in enumerate(enc["offset_mapping"][i]) if te > s and ts < e and te > ts]
-        rows.append(prompt + cap_ids)
-        label_rows.append([-100] * len(prompt) + cap_ids)
-        emo_rows.append(emo)
-    length = max(len(r) for r in rows)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    n = len(rows)
-    out_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    out_mask = torch.zeros((n, length), dtype=torch.long)
-    out_labels = torch.full((n, length), -100, dtype=torch.long)
-    out_emo = torch.zeros((n, length), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        out_ids[i, : len(r)] = torch.tensor(r)
-        out_mask[i, : len(r)] = 1
-        out_labels[i, : len(r)] = torch.tensor(label_rows[i])
-        out_emo[i, emo_rows[i]] = True
+    prompts = [ids_cpu[i // repeats, : starts[i // repeats]].tolist() for i in range(len(captions))]
+    tokens = processor.caption_inputs(prompts, list(captions), with_sed=True)
     dev = input_ids.device
     return {
-        "input_ids": out_ids.to(dev),
-        "attention_mask": out_mask.to(dev),
-        "labels": out_labels.to(dev),
-        "emotion_token_mask": out_emo.to(dev),
+        **{k: tokens[k].to(dev) for k in ("input_ids", "attention_mask", "labels", "emotion_token_mask")},
         "first_label": torch.tensor(min(starts)),
     }
 

@@ -11,6 +11,9 @@ from .sft import SerSlmSFTConfig
 REWARD_TIMINGS = ("after_update", "reuse_forward")
 REWARD_SCORERS = ("policy", "frozen", "ema")
 SLM_TARGETS = ("samples", "argmax")
+# K, the rectification policies sampled per utterance (the paper's best): the one default of the
+# trainer, the systems (trustser.systems) and finetune
+DEFAULT_NUM_POLICIES = 6
 
 
 @dataclass
@@ -22,7 +25,7 @@ class SEDRectifyConfig(SerSlmSFTConfig):
         metadata={"help": "descriptors the controller rectifies: 'auto' (<field>_auto annotation columns) or 'truth'."},
     )
     num_policies: int = field(
-        default=6, metadata={"help": "K: rectification policies sampled per utterance and step (paper's best: 6)."}
+        default=DEFAULT_NUM_POLICIES, metadata={"help": "K: rectification policies sampled per utterance and step (paper's best: 6)."}
     )
     reward_timing: str = field(
         default="after_update",
@@ -177,4 +180,4 @@ class SEDRectifyConfig(SerSlmSFTConfig):
             raise ValueError("SED rectification needs captions with descriptors (with_sed=True)")
 
 
-__all__ = ["SEDRectifyConfig", "REWARD_TIMINGS", "REWARD_SCORERS", "SLM_TARGETS"]
+__all__ = ["SEDRectifyConfig", "DEFAULT_NUM_POLICIES", "REWARD_TIMINGS", "REWARD_SCORERS", "SLM_TARGETS"]

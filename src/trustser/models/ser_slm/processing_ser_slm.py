@@ -247,15 +247,38 @@ class SerSlmProcessor(ProcessorMixin):
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         instr = tok(" " + self.instruction if self.instruction else "", add_special_tokens=False)["input_ids"]
+        tokens = self.caption_inputs([bos + [self.audio_token_id] * n + list(instr) for n in n_tokens], captions,
+                                     with_sed=with_sed, padding_side=padding_side)
+        data = {
+            **tokens,
+            "input_features": input_features,
+            "feature_attention_mask": feature_mask,
+            "energy": energy,
+        }
+        if f0 is not None:
+            data["f0"] = f0
+        return BatchFeature(data=data, tensor_type=None)
+
+    def caption_inputs(
+        self, prompts: Sequence[Sequence[int]], captions: Sequence[str] | None = None, with_sed: bool = True,
+        padding_side: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Token tensors of prompt (token ids: BOS, audio placeholders, instruction) + caption + EOS
+        rows, padded: ``input_ids`` and ``attention_mask``; with captions also ``labels`` (caption
+        and EOS only), ``sed_token_index`` (each descriptor's first token, -1 if absent) and
+        ``emotion_token_mask``. ``captions=None``: the prompts alone (generation, left-padded). One
+        place for both ``__call__`` and the rectification trainer (which reuses collated prompts)."""
+        tok = self.tokenizer
         rows, label_rows, sed_index, emo_pos = [], [], [], []
-        for i, n in enumerate(n_tokens):
-            prompt = bos + [self.audio_token_id] * n + list(instr)
+        enc = tok(list(captions), add_special_tokens=False, return_offsets_mapping=True) if captions is not None else None
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        for i, prompt in enumerate(prompts):
+            prompt = list(prompt)
             if captions is None:
                 rows.append(prompt)
                 continue
-            enc = tok(captions[i], add_special_tokens=False, return_offsets_mapping=True)
-            cap_ids = list(enc["input_ids"]) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-            offsets = list(enc["offset_mapping"])
+            cap_ids = list(enc["input_ids"][i]) + eos
+            offsets = list(enc["offset_mapping"][i])
             spans = self.caption_spans(captions[i], with_sed=with_sed)
             start = len(prompt)
 
@@ -284,22 +307,14 @@ class SerSlmProcessor(ProcessorMixin):
                 labels[i, off : off + len(r)] = torch.tensor(label_rows[i])
                 for p in emo_pos[i]:
                     emo_mask[i, p + off] = True
-        data = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "input_features": input_features,
-            "feature_attention_mask": feature_mask,
-            "energy": energy,
-        }
-        if f0 is not None:
-            data["f0"] = f0
+        out = {"input_ids": ids, "attention_mask": mask}
         if captions is not None:
-            data["labels"] = labels
-            data["sed_token_index"] = torch.tensor(
+            out["labels"] = labels
+            out["sed_token_index"] = torch.tensor(
                 [[p + shifts[i] if p >= 0 else -1 for p in row] for i, row in enumerate(sed_index)], dtype=torch.long
             )
-            data["emotion_token_mask"] = emo_mask
-        return BatchFeature(data=data, tensor_type=None)
+            out["emotion_token_mask"] = emo_mask
+        return out
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
