@@ -29,8 +29,21 @@ def espeak_clips(n: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
         for i in range(n):
             text = " ".join(rng.choice(words, size=int(rng.integers(5, 14))))
             path = os.path.join(tmp, f"{i}.wav")
-            subprocess.run(["espeak-ng", "-v", "en-us", "-p", str(int(rng.integers(20, 80))), "-s", str(int(rng.integers(130, 200))),
-                            "-w", path, text], check=True)
+            subprocess.run(
+                [
+                    "espeak-ng",
+                    "-v",
+                    "en-us",
+                    "-p",
+                    str(int(rng.integers(20, 80))),
+                    "-s",
+                    str(int(rng.integers(130, 200))),
+                    "-w",
+                    path,
+                    text,
+                ],
+                check=True,
+            )
             waves.append(load_audio(path))
             texts.append(text)
     return waves, texts
@@ -88,18 +101,32 @@ def main() -> None:
         "audio_seconds": round(audio_s, 2),
         "threads": 1,
         "timing": "process CPU time, best of repeats",
-        "signal_features": {"utt_per_s": round(n / (t_signal + t_phon), 1), "rtf": round(audio_s / (t_signal + t_phon), 1),
-                            "ms_per_utt": round(1000 * (t_signal + t_phon) / n, 2)},
+        "signal_features": {
+            "utt_per_s": round(n / (t_signal + t_phon), 1),
+            "rtf": round(audio_s / (t_signal + t_phon), 1),
+            "ms_per_utt": round(1000 * (t_signal + t_phon) / n, 2),
+        },
         "phoneme_count_ms_per_utt": round(1000 * t_phon / n, 3),
-        "classifier_embedding": {"utt_per_s": round(n / t_emb, 1), "rtf": round(audio_s / t_emb, 1), "ms_per_utt": round(1000 * t_emb / n, 2)},
-        "all_per_clip_work": {"utt_per_s": round(n / (t_signal + t_phon + t_emb), 1), "rtf": round(audio_s / (t_signal + t_phon + t_emb), 1)},
+        "classifier_embedding": {
+            "utt_per_s": round(n / t_emb, 1),
+            "rtf": round(audio_s / t_emb, 1),
+            "ms_per_utt": round(1000 * t_emb / n, 2),
+        },
+        "all_per_clip_work": {
+            "utt_per_s": round(n / (t_signal + t_phon + t_emb), 1),
+            "rtf": round(audio_s / (t_signal + t_phon + t_emb), 1),
+        },
         "wall_seconds": {"signal": round(walls[0], 3), "phonemes": round(walls[1], 3), "embedding": round(walls[2], 3)},
         "load_average": os.getloadavg()[0],
         "cpu": platform.processor() or platform.machine(),
     }
     print(f"{n} utterances, {audio_s:.1f} s of audio ({source}), one thread")
-    print(f"signal features: {result['signal_features']['ms_per_utt']} ms/utt, {result['signal_features']['rtf']}x real time")
-    print(f"classifier embedding: {result['classifier_embedding']['ms_per_utt']} ms/utt, {result['classifier_embedding']['rtf']}x real time")
+    print(
+        f"signal features: {result['signal_features']['ms_per_utt']} ms/utt, {result['signal_features']['rtf']}x real time"
+    )
+    print(
+        f"classifier embedding: {result['classifier_embedding']['ms_per_utt']} ms/utt, {result['classifier_embedding']['rtf']}x real time"
+    )
     print(json.dumps(result))
 
 

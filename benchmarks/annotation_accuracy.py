@@ -68,8 +68,10 @@ def main() -> None:
         results[name] = {split: {f: round(accuracy(ds[split], f), 4) for f in FIELDS} for split in ds}
     errors = {split: annotation_report(base[split])["n_errors"] for split in base}
 
-    print(f"Synthetic corpus {args.root} (size {manifest['settings']['size']}, seed {manifest['settings']['seed']}); "
-          f"annotation errors per split: {errors}; feature pass {t_annotate:.0f} s\n")
+    print(
+        f"Synthetic corpus {args.root} (size {manifest['settings']['size']}, seed {manifest['settings']['seed']}); "
+        f"annotation errors per split: {errors}; feature pass {t_annotate:.0f} s\n"
+    )
     print("| method | split | " + " | ".join(FIELDS) + " |")
     print("|---|---|" + "---|" * len(FIELDS))
     for name, per_split in results.items():
@@ -79,8 +81,12 @@ def main() -> None:
     checks = {}
     for f in ("pitch", "volume", "speed"):
         checks[f] = {
-            "adaptive_beats_unified_everywhere": all(results["speaker_adaptive"][s][f] > results["unified"][s][f] for s in target),
-            "adaptive_cal_beats_unified_cal_everywhere": all(results["speaker_adaptive (calibrated)"][s][f] > results["unified (calibrated)"][s][f] for s in target),
+            "adaptive_beats_unified_everywhere": all(
+                results["speaker_adaptive"][s][f] > results["unified"][s][f] for s in target
+            ),
+            "adaptive_cal_beats_unified_cal_everywhere": all(
+                results["speaker_adaptive (calibrated)"][s][f] > results["unified (calibrated)"][s][f] for s in target
+            ),
             "unified_max_error_target": round(max(1 - results["unified"][s][f] for s in target), 4),
             "unified_cal_max_error_target": round(max(1 - results["unified (calibrated)"][s][f] for s in target), 4),
         }

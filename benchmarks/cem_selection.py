@@ -34,12 +34,18 @@ POOLINGS = ("sed_tokens", "mean")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/trustser-cem-bench", help="cache/output directory")
-    p.add_argument("--corpus", default=None, help="synthetic corpus directory (default: WORK/corpus; generated if absent)")
+    p.add_argument(
+        "--corpus", default=None, help="synthetic corpus directory (default: WORK/corpus; generated if absent)"
+    )
     p.add_argument("--size", default="default", choices=("small", "default"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotation", default="speechcraft", help="annotation method for the target split")
-    p.add_argument("--slm", default=None, help="use this pre-trained SER-SLM (save_pretrained dir with its processor) "
-                   "instead of pre-training one, e.g. benchmarks/pretrain_tiny.py --save's output-dir/model")
+    p.add_argument(
+        "--slm",
+        default=None,
+        help="use this pre-trained SER-SLM (save_pretrained dir with its processor) "
+        "instead of pre-training one, e.g. benchmarks/pretrain_tiny.py --save's output-dir/model",
+    )
     p.add_argument("--pretrain-steps", type=int, default=150)
     p.add_argument("--lm-hidden", type=int, default=128, help="tiny SER-SLM LLM width")
     p.add_argument("--encoder-dim", type=int, default=64, help="tiny SER-SLM encoder width")
@@ -66,7 +72,7 @@ def corpus_and_annotation(args, work: Path):
     corpus = Path(args.corpus) if args.corpus else work / "corpus"
     t = time.time()
     dd = load_synthetic(corpus, generate=True, seed=args.seed, size=args.size)
-    log(f"corpus {corpus}: {({k: len(v) for k, v in dd.items()})} ({time.time() - t:.0f}s)")
+    log(f"corpus {corpus}: { ({k: len(v) for k, v in dd.items()}) } ({time.time() - t:.0f}s)")
     ann_dir = work / f"annotated_{args.annotation}"
     if not (ann_dir / "dataset_info.json").exists():
         t = time.time()
@@ -91,12 +97,27 @@ def pretrain_slm(args, work: Path, reference, target):
     if not (slm_dir / "config.json").exists():
         t = time.time()
         texts = list(reference["text"]) + list(target["text"])
-        slm, proc = build_tiny_ser_slm(texts, emotion_labels=EMOTION_LABELS["synthetic"], max_audio_seconds=7.0,
-                                       lm_hidden=args.lm_hidden, encoder_dim=args.encoder_dim, seed=args.seed)
+        slm, proc = build_tiny_ser_slm(
+            texts,
+            emotion_labels=EMOTION_LABELS["synthetic"],
+            max_audio_seconds=7.0,
+            lm_hidden=args.lm_hidden,
+            encoder_dim=args.encoder_dim,
+            seed=args.seed,
+        )
         cfg = SerSlmSFTConfig(
-            output_dir=str(work / "slm_trainer"), max_steps=args.pretrain_steps, per_device_train_batch_size=args.batch_size,
-            learning_rate=args.pretrain_lr, warmup_steps=max(1, args.pretrain_steps // 20), lr_scheduler_type="cosine",
-            logging_steps=25, save_strategy="no", seed=args.seed, sed_source="truth", use_cpu=True, disable_tqdm=True,
+            output_dir=str(work / "slm_trainer"),
+            max_steps=args.pretrain_steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.pretrain_lr,
+            warmup_steps=max(1, args.pretrain_steps // 20),
+            lr_scheduler_type="cosine",
+            logging_steps=25,
+            save_strategy="no",
+            seed=args.seed,
+            sed_source="truth",
+            use_cpu=True,
+            disable_tqdm=True,
         )
         trainer = SerSlmSFTTrainer(model=slm, args=cfg, train_dataset=reference, processing_class=proc)
         out = trainer.train()
@@ -118,8 +139,8 @@ def _tag(args) -> str:
 
 
 def cem_training_data(args, work: Path, slm, proc, reference):
-    from trustser.descriptors import SED_FIELDS
     from trustser.cem_features import extract_cem_features
+    from trustser.descriptors import SED_FIELDS
     from trustser.generation import generate_sed_predictions
     from trustser.trainers.cem import correctness_labels
 
@@ -133,8 +154,9 @@ def cem_training_data(args, work: Path, slm, proc, reference):
         feats = {}
         for pooling in POOLINGS:
             t = time.time()
-            feats[pooling] = extract_cem_features(slm, proc, reference, sed_source="predicted", sed=predicted,
-                                                  pooling=pooling, batch_size=32)
+            feats[pooling] = extract_cem_features(
+                slm, proc, reference, sed_source="predicted", sed=predicted, pooling=pooling, batch_size=32
+            )
             log(f"reference features ({pooling}) {feats[pooling].shape} ({time.time() - t:.0f}s)")
         unparseable = np.array([any(v is None for v in p.values()) for p in predicted])
         np.savez(path, labels=labels, unparseable=unparseable, **{f"features_{k}": v for k, v in feats.items()})
@@ -147,8 +169,12 @@ def target_truth(target):
 
     t = target.select_columns(list(SED_FIELDS) + [f + "_auto" for f in SED_FIELDS])[:]
     return np.array(
-        [[float(normalize_sed_value(f, t[f + "_auto"][i]) == normalize_sed_value(f, t[f][i])) for f in SED_FIELDS]
-         for i in range(len(target))], dtype=np.float32)
+        [
+            [float(normalize_sed_value(f, t[f + "_auto"][i]) == normalize_sed_value(f, t[f][i])) for f in SED_FIELDS]
+            for i in range(len(target))
+        ],
+        dtype=np.float32,
+    )
 
 
 def main(argv=None):
@@ -157,11 +183,11 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    from trustser.descriptors import SED_FIELDS
-    from trustser.selection import select_indices
     from trustser.cem_features import extract_cem_features, predict_cem
+    from trustser.descriptors import SED_FIELDS
     from trustser.evaluation import cem_metrics
     from trustser.plots import reliability_diagram
+    from trustser.selection import select_indices
     from trustser.trainers.cem import train_cem
     from trustser.utils import atomic_write_json, set_seed
 
@@ -174,8 +200,10 @@ def main(argv=None):
     reference = reference.shuffle(seed=args.seed).select(range(min(args.ref_rows, len(reference))))
     labels, unparseable, ref_feats = cem_training_data(args, work, slm, proc, reference)
     ref_acc = {f: float(labels[:, j].mean()) for j, f in enumerate(SED_FIELDS)}
-    log(f"SLM on reference: per-field accuracy {ref_acc}, all-correct {np.all(labels == 1, 1).mean():.3f}, "
-        f"unparseable {unparseable.mean():.3f}")
+    log(
+        f"SLM on reference: per-field accuracy {ref_acc}, all-correct {np.all(labels == 1, 1).mean():.3f}, "
+        f"unparseable {unparseable.mean():.3f}"
+    )
 
     rng = np.random.default_rng(args.seed)
     perm = rng.permutation(len(labels))
@@ -185,28 +213,49 @@ def main(argv=None):
     truth = target_truth(target)
     scorable = np.all([[v != "" for v in target[f + "_auto"]] for f in SED_FIELDS], axis=0)
     all_right = np.all(truth == 1, axis=1)
-    results = {"annotation": args.annotation, "target_rows": len(target), "target_unscorable": int((~scorable).sum()),
-               "target_annotation_accuracy": {f: float(truth[:, j].mean()) for j, f in enumerate(SED_FIELDS)},
-               "target_all_fields_right": float(all_right.mean()),
-               "slm_reference_accuracy": ref_acc, "slm_unparseable": float(unparseable.mean()), "poolings": {}}
+    results = {
+        "annotation": args.annotation,
+        "target_rows": len(target),
+        "target_unscorable": int((~scorable).sum()),
+        "target_annotation_accuracy": {f: float(truth[:, j].mean()) for j, f in enumerate(SED_FIELDS)},
+        "target_all_fields_right": float(all_right.mean()),
+        "slm_reference_accuracy": ref_acc,
+        "slm_unparseable": float(unparseable.mean()),
+        "poolings": {},
+    }
     h = slm.config.text_config.hidden_size
     for pooling in POOLINGS:
         t = time.time()
         out_dir = work / f"cem_{pooling}"
         x = ref_feats[pooling]
         cem, report = train_cem(
-            x[train_idx], labels[train_idx], eval_features=x[eval_idx], eval_labels=labels[eval_idx],
-            output_dir=out_dir, feature_pooling=pooling, slm_hidden_size=h, balance=args.balance,
-            num_train_epochs=args.cem_epochs, learning_rate=args.cem_lr, batch_size=64, seed=args.seed,
+            x[train_idx],
+            labels[train_idx],
+            eval_features=x[eval_idx],
+            eval_labels=labels[eval_idx],
+            output_dir=out_dir,
+            feature_pooling=pooling,
+            slm_hidden_size=h,
+            balance=args.balance,
+            num_train_epochs=args.cem_epochs,
+            learning_rate=args.cem_lr,
+            batch_size=64,
+            seed=args.seed,
         )
         feats_path = work / f"target_features_{pooling}_{_tag(args)}.npy"
         if not feats_path.exists():
-            np.save(feats_path, extract_cem_features(slm, proc, target, sed_source="auto", pooling=pooling, batch_size=32))
+            np.save(
+                feats_path, extract_cem_features(slm, proc, target, sed_source="auto", pooling=pooling, batch_size=32)
+            )
         fs = predict_cem(cem, np.load(feats_path))
         scores = fs.mean(axis=1)
         tm = cem_metrics(fs[scorable], truth[scorable])
-        reliability_diagram(fs[scorable], truth[scorable], out_dir / "reliability_target.png",
-                            title=f"CEM on annotated train captions ({pooling})")
+        reliability_diagram(
+            fs[scorable],
+            truth[scorable],
+            out_dir / "reliability_target.png",
+            title=f"CEM on annotated train captions ({pooling})",
+        )
         table = {}
         for r in RATIOS:
             keep = select_indices(scores, ratio=r) if r < 1.0 else np.arange(len(target))
@@ -224,21 +273,30 @@ def main(argv=None):
             "target_ece": {f: tm[f]["ece"] for f in SED_FIELDS},
             "selection": table,
         }
-        log(f"{pooling}: reference-eval utterance AUC {report['eval']['utterance']['auc']:.3f}, "
-            f"target utterance AUC {tm['utterance']['auc']:.3f} ({time.time() - t:.0f}s)")
+        log(
+            f"{pooling}: reference-eval utterance AUC {report['eval']['utterance']['auc']:.3f}, "
+            f"target utterance AUC {tm['utterance']['auc']:.3f} ({time.time() - t:.0f}s)"
+        )
     best = max(POOLINGS, key=lambda p: results["poolings"][p]["target_utterance_auc"])
     results["best_pooling"] = best
     b = results["poolings"][best]
     results["claims"] = {
         "utterance_auc_ge_0.75": b["target_utterance_auc"] >= 0.75,
-        "every_subset_more_accurate": all(b["selection"][f"{int(r * 100)}%"]["mean_field"] > b["selection"]["100%"]["mean_field"]
-                                          for r in RATIOS[1:]),
+        "every_subset_more_accurate": all(
+            b["selection"][f"{int(r * 100)}%"]["mean_field"] > b["selection"]["100%"]["mean_field"] for r in RATIOS[1:]
+        ),
     }
     results["wall_s"] = round(time.time() - t0, 1)
     _plot_selection(results, work / "selection_accuracy.png")
     atomic_write_json(work / "results.json", results)
     for p in POOLINGS:
-        log(f"selection ({p}): " + ", ".join(f"{k}: {v['mean_field']:.3f}/{v['all_fields']:.3f}" for k, v in results["poolings"][p]["selection"].items()))
+        log(
+            f"selection ({p}): "
+            + ", ".join(
+                f"{k}: {v['mean_field']:.3f}/{v['all_fields']:.3f}"
+                for k, v in results["poolings"][p]["selection"].items()
+            )
+        )
     print(json.dumps(results))
 
 
@@ -254,8 +312,12 @@ def _plot_selection(results, path):
     for pooling, r in results["poolings"].items():
         keys = list(r["selection"])
         xs = [int(k[:-1]) for k in keys]
-        ax.plot(xs, [r["selection"][k]["mean_field"] for k in keys], marker="o", label=f"{pooling}: mean field accuracy")
-        ax.plot(xs, [r["selection"][k]["all_fields"] for k in keys], marker="s", ls="--", label=f"{pooling}: all five right")
+        ax.plot(
+            xs, [r["selection"][k]["mean_field"] for k in keys], marker="o", label=f"{pooling}: mean field accuracy"
+        )
+        ax.plot(
+            xs, [r["selection"][k]["all_fields"] for k in keys], marker="s", ls="--", label=f"{pooling}: all five right"
+        )
     ax.invert_xaxis()
     ax.set_xlabel("share kept (%)")
     ax.set_ylabel("true accuracy of annotated descriptors")

@@ -33,9 +33,9 @@ def main():
 
     from trustser.data import load_corpus
     from trustser.descriptors import SED_FIELDS
+    from trustser.evaluation import binary_auc
     from trustser.recipe import load_ser_slm
     from trustser.selection import score_confidence
-    from trustser.evaluation import binary_auc
     from trustser.trainers.cem import prepare_cem_data, prepare_cem_data_perturbed, train_cem
 
     torch.manual_seed(args.seed)
@@ -50,12 +50,23 @@ def main():
         data = prepare_cem_data_perturbed(slm, proc, ref, pooling=args.pooling, batch_size=32, seed=args.seed)
     else:
         data = prepare_cem_data(slm, proc, ref, pooling=args.pooling, batch_size=32)
-    cem, _ = train_cem(data["features"], data["labels"], output_dir="/tmp/trustser_cem_bench", feature_pooling=args.pooling,
-                       slm_hidden_size=slm.config.text_config.hidden_size, training_args={"max_steps": 400},
-                       save=False, reliability_plot=False, seed=args.seed)
+    cem, _ = train_cem(
+        data["features"],
+        data["labels"],
+        output_dir="/tmp/trustser_cem_bench",
+        feature_pooling=args.pooling,
+        slm_hidden_size=slm.config.text_config.hidden_size,
+        training_args={"max_steps": 400},
+        save=False,
+        reliability_plot=False,
+        seed=args.seed,
+    )
     scores, field_scores = score_confidence(cem, slm, proc, train, batch_size=32, return_field_scores=True)
     out = {
-        "mode": args.mode, "pooling": args.pooling, "cem_rows": len(ref), "scored_rows": len(train),
+        "mode": args.mode,
+        "pooling": args.pooling,
+        "cem_rows": len(ref),
+        "scored_rows": len(train),
         "utterance_auc": binary_auc(scores, right.all(1)),
         "field_auc": {f: binary_auc(field_scores[:, j], right[:, j]) for j, f in enumerate(SED_FIELDS)},
         "full_mean_field_accuracy": float(right.mean()),

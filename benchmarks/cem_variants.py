@@ -47,17 +47,33 @@ VARIANTS = [  # (name, captions, perturbation, captions per utterance)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--annotated", default=None, help="the annotate stage's data folder (DatasetDict: reference, train, dev, ...); "
-                   "default: the annotation stage of --slm's results.json")
-    p.add_argument("--slm", required=True, help="pre-trained SER-SLM folder (model + processor) trained on every reference speaker, "
-                   "or a run's results.json (its pretrain stage)")
-    p.add_argument("--holdout-slm", default=None, help="the same for a run with cem_holdout_speakers=--holdout-speakers")
+    p.add_argument(
+        "--annotated",
+        default=None,
+        help="the annotate stage's data folder (DatasetDict: reference, train, dev, ...); "
+        "default: the annotation stage of --slm's results.json",
+    )
+    p.add_argument(
+        "--slm",
+        required=True,
+        help="pre-trained SER-SLM folder (model + processor) trained on every reference speaker, "
+        "or a run's results.json (its pretrain stage)",
+    )
+    p.add_argument(
+        "--holdout-slm", default=None, help="the same for a run with cem_holdout_speakers=--holdout-speakers"
+    )
     p.add_argument("--holdout-speakers", type=int, default=0, help="the cem_holdout_speakers of --holdout-slm's run")
     p.add_argument("--out", default="/tmp/trustser_cem_variants")
     p.add_argument("--reference-split", default="reference")
     p.add_argument("--split", default="dev", help="target split measured (the recipe default is chosen on dev)")
-    p.add_argument("--reliable", choices=("auto", "truth"), default="auto", help="labels the CEM training data counts as reliable")
-    p.add_argument("--variants", default="all", help="comma-separated variant names (" + ",".join(v[0] for v in VARIANTS) + ") or 'all'")
+    p.add_argument(
+        "--reliable", choices=("auto", "truth"), default="auto", help="labels the CEM training data counts as reliable"
+    )
+    p.add_argument(
+        "--variants",
+        default="all",
+        help="comma-separated variant names (" + ",".join(v[0] for v in VARIANTS) + ") or 'all'",
+    )
     p.add_argument("--samples", type=int, default=1500, help="CEM training utterances (cem_max_samples)")
     p.add_argument("--corrupt-prob", type=float, default=0.3)
     p.add_argument("--balance", default="utterance", choices=("utterance", "field", "none"))
@@ -66,7 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--pooling", default="sed_tokens")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-score-rows", type=int, default=None, help="score at most this many rows of --split")
-    p.add_argument("--seed", type=int, default=0, help="the recipe seed (holdout speakers, sampling, perturbation, CEM)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="the recipe seed (holdout speakers, sampling, perturbation, CEM)"
+    )
     return p.parse_args(argv)
 
 
@@ -109,7 +127,12 @@ def main(argv=None):
     from trustser.cem_features import extract_cem_features, predict_cem
     from trustser.recipe import _load_model
     from trustser.selection import annotation_correctness, selection_quality
-    from trustser.trainers.cem import eval_split_by_utterance, prepare_cem_training_data, split_holdout_speakers, train_cem
+    from trustser.trainers.cem import (
+        eval_split_by_utterance,
+        prepare_cem_training_data,
+        split_holdout_speakers,
+        train_cem,
+    )
     from trustser.utils import atomic_write_json, set_seed
 
     wanted = [v for v in VARIANTS if args.variants == "all" or v[0] in args.variants.split(",")]
@@ -131,42 +154,75 @@ def main(argv=None):
     reference = reliable_reference(dd, args)
     slms = [("all", args.slm, reference)]
     if args.holdout_slm:
-        slms.append(("holdout", args.holdout_slm, split_holdout_speakers(reference, args.holdout_speakers, args.seed)[1]))
+        slms.append(
+            ("holdout", args.holdout_slm, split_holdout_speakers(reference, args.holdout_speakers, args.seed)[1])
+        )
 
     results = []
     for slm_name, slm_dir, ref in slms:
         slm, processor = _load_model(Path(slm_dir))
         if args.samples and len(ref) > args.samples:
             ref = ref.shuffle(seed=args.seed).select(range(args.samples))
-        log(f"SLM {slm_name} ({slm_dir}): {len(ref)} CEM training utterances of {len(set(ref['speaker']))} speakers; "
-            f"scoring {len(target)} {args.split} captions")
-        target_feats = extract_cem_features(slm, processor, target, sed_source="auto", pooling=args.pooling, batch_size=args.batch_size)
+        log(
+            f"SLM {slm_name} ({slm_dir}): {len(ref)} CEM training utterances of {len(set(ref['speaker']))} speakers; "
+            f"scoring {len(target)} {args.split} captions"
+        )
+        target_feats = extract_cem_features(
+            slm, processor, target, sed_source="auto", pooling=args.pooling, batch_size=args.batch_size
+        )
         for name, captions, perturbation, per_utt in wanted:
             set_seed(args.seed)
             t0 = time.time()
-            data = prepare_cem_training_data(slm, processor, ref, captions=captions, corrupt_prob=args.corrupt_prob,
-                                             perturbation=perturbation, captions_per_utterance=per_utt, pooling=args.pooling,
-                                             batch_size=args.batch_size, seed=args.seed)
+            data = prepare_cem_training_data(
+                slm,
+                processor,
+                ref,
+                captions=captions,
+                corrupt_prob=args.corrupt_prob,
+                perturbation=perturbation,
+                captions_per_utterance=per_utt,
+                pooling=args.pooling,
+                batch_size=args.batch_size,
+                seed=args.seed,
+            )
             fit, held = eval_split_by_utterance(data["utterance"], 0.2)
-            cem, report = train_cem(data["features"][fit], data["labels"][fit], eval_features=data["features"][held],
-                                    eval_labels=data["labels"][held], output_dir=out_dir / f"{slm_name}-{name}",
-                                    feature_pooling=args.pooling, balance=args.balance, learning_rate=args.lr,
-                                    slm_hidden_size=slm.config.text_config.hidden_size, seed=args.seed,
-                                    training_args={"max_steps": args.steps})
+            cem, report = train_cem(
+                data["features"][fit],
+                data["labels"][fit],
+                eval_features=data["features"][held],
+                eval_labels=data["labels"][held],
+                output_dir=out_dir / f"{slm_name}-{name}",
+                feature_pooling=args.pooling,
+                balance=args.balance,
+                learning_rate=args.lr,
+                slm_hidden_size=slm.config.text_config.hidden_size,
+                seed=args.seed,
+                training_args={"max_steps": args.steps},
+            )
             field_scores = predict_cem(cem, target_feats)
             q = selection_quality(target, field_scores.mean(axis=1), field_scores, seed=args.seed)
             kept90 = next(r for r in q["kept_share_accuracy"] if r["share"] == 0.9)
-            row = {"slm": slm_name, "variant": name, "captions": captions, "perturbation": perturbation,
-                   "captions_per_utterance": per_utt, "training_rows": int(len(fit)), "balanced_rows": report["balanced_rows"],
-                   "training_positive_rate": float(np.mean(data["labels"][fit])),
-                   "reference_eval_mean_field_auc": report.get("eval", {}).get("mean_field_auc"),
-                   "seconds": round(time.time() - t0, 1), args.split: q}
+            row = {
+                "slm": slm_name,
+                "variant": name,
+                "captions": captions,
+                "perturbation": perturbation,
+                "captions_per_utterance": per_utt,
+                "training_rows": int(len(fit)),
+                "balanced_rows": report["balanced_rows"],
+                "training_positive_rate": float(np.mean(data["labels"][fit])),
+                "reference_eval_mean_field_auc": report.get("eval", {}).get("mean_field_auc"),
+                "seconds": round(time.time() - t0, 1),
+                args.split: q,
+            }
             results.append(row)
             auc = " ".join(f"{f}={v:.3f}" for f, v in q["field_auc"].items())
             ece = " ".join(f"{f}={v:.3f}" for f, v in q["field_ece"].items())
-            log(f"{slm_name:7s} {name:11s} rows={len(fit):5d}  {args.split} utterance AUC {q['utterance_auc']:.3f}  "
+            log(
+                f"{slm_name:7s} {name:11s} rows={len(fit):5d}  {args.split} utterance AUC {q['utterance_auc']:.3f}  "
                 f"ECE {q['utterance_ece']:.3f}  field AUC {auc}  field ECE {ece}  "
-                f"kept 90%: {kept90['scores']:.4f} (oracle {kept90['oracle']:.4f}, all {q['kept_share_accuracy'][0]['scores']:.4f})")
+                f"kept 90%: {kept90['scores']:.4f} (oracle {kept90['oracle']:.4f}, all {q['kept_share_accuracy'][0]['scores']:.4f})"
+            )
     summary = {"annotated": args.annotated, "split": args.split, "settings": vars(args), "variants": results}
     atomic_write_json(out_dir / "results.json", summary)
     print(json.dumps(summary))

@@ -18,7 +18,9 @@ import pandas as pd
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("annotated", help="a saved annotated synthetic DatasetDict (train, dev, test with the annotator's features)")
+    p.add_argument(
+        "annotated", help="a saved annotated synthetic DatasetDict (train, dev, test with the annotator's features)"
+    )
     a = p.parse_args(argv)
     import datasets
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -39,8 +41,14 @@ def main(argv=None) -> dict:
 
     measured = ("f0_mean", "f0_median", "rms_db", "phonemes_per_second", "duration")
     inputs = {
-        "true prosody offsets (pitch_z, volume_z, speed_z) + true gender, age": (("pitch_z", "volume_z", "speed_z"), ("gender", "age")),
-        "true binned descriptors (pitch, volume, speed, gender, age)": ((), ("pitch", "volume", "speed", "gender", "age")),
+        "true prosody offsets (pitch_z, volume_z, speed_z) + true gender, age": (
+            ("pitch_z", "volume_z", "speed_z"),
+            ("gender", "age"),
+        ),
+        "true binned descriptors (pitch, volume, speed, gender, age)": (
+            (),
+            ("pitch", "volume", "speed", "gender", "age"),
+        ),
         "measured F0, RMS dB, phonemes/s, duration of the utterance": (measured, ()),
         "measured features + true gender, age": (measured, ("gender", "age")),
     }
@@ -49,8 +57,10 @@ def main(argv=None) -> dict:
         xa = features(train, numeric, categorical)
         xb = features(test, numeric, categorical).reindex(columns=xa.columns, fill_value=0.0)
         out[name] = {}
-        for model_name, model in (("logistic regression", make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))),
-                                  ("gradient boosting", HistGradientBoostingClassifier(max_iter=200, random_state=0))):
+        for model_name, model in (
+            ("logistic regression", make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))),
+            ("gradient boosting", HistGradientBoostingClassifier(max_iter=200, random_state=0)),
+        ):
             model.fit(xa, train["emotion"])
             out[name][model_name] = round(float((model.predict(xb) == test["emotion"]).mean()), 4)
             print(f"{name:75s} {model_name:20s} test accuracy {out[name][model_name]:.3f}")

@@ -17,8 +17,14 @@ import time
 from pathlib import Path
 
 SENTENCES = [
-    "I can't believe you did that.", "Where are my keys?", "This is the best day ever!", "Leave me alone, please.",
-    "The meeting starts at nine.", "We won the game!", "Why would you say that?", "I miss her so much.",
+    "I can't believe you did that.",
+    "Where are my keys?",
+    "This is the best day ever!",
+    "Leave me alone, please.",
+    "The meeting starts at nine.",
+    "We won the game!",
+    "Why would you say that?",
+    "I miss her so much.",
 ]
 VOICES = ["en", "en+f3", "en+m3", "en+f2", "en-us", "en-us+f4", "en+m5", "en+f5"]
 EMOTIONS = ["angry", "neutral", "happy", "angry", "neutral", "happy", "sad", "sad"]
@@ -29,8 +35,11 @@ def make_clips(folder: Path, n: int) -> list[str]:
     for i in range(n):
         p = folder / f"clip{i:03d}.wav"
         speed = 140 + 15 * (i % 5)
-        subprocess.run(["espeak-ng", "-v", VOICES[i % len(VOICES)], "-s", str(speed), "-w", str(p), SENTENCES[i % len(SENTENCES)]],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["espeak-ng", "-v", VOICES[i % len(VOICES)], "-s", str(speed), "-w", str(p), SENTENCES[i % len(SENTENCES)]],
+            check=True,
+            capture_output=True,
+        )
         paths.append(str(p))
     return paths
 
@@ -64,12 +73,20 @@ def build_model(paths: list, steps: int, out: Path, device: str = "cpu"):
     from trustser.descriptors import build_caption
     from trustser.models.cem import CemConfig, ConfidenceEstimationModel
     from trustser.models.ser_slm import build_tiny_ser_slm
+
     model, proc = build_tiny_ser_slm(SENTENCES, emotion_labels=("neutral", "happy", "angry", "sad"), seed=0)
     if steps:
-        seds = [dict(pitch=p, volume=v, speed=s, gender=g, age=a) for p, v, s, g, a in
-                [("high", "high", "fast", "male", "young adult"), ("normal", "normal", "normal", "female", "middle-aged")]]
+        seds = [
+            dict(pitch=p, volume=v, speed=s, gender=g, age=a)
+            for p, v, s, g, a in [
+                ("high", "high", "fast", "male", "young adult"),
+                ("normal", "normal", "normal", "female", "middle-aged"),
+            ]
+        ]
         k = min(len(paths), 16)
-        caps = [build_caption(SENTENCES[i % len(SENTENCES)], EMOTIONS[i % len(EMOTIONS)], seds[i % 2]) for i in range(k)]
+        caps = [
+            build_caption(SENTENCES[i % len(SENTENCES)], EMOTIONS[i % len(EMOTIONS)], seds[i % 2]) for i in range(k)
+        ]
         enc = proc(audio=[_load(p) for p in paths[:k]], captions=caps)
         model.to(device)
         inputs = {key: v.to(device) for key, v in enc.items() if key not in ("sed_token_index", "emotion_token_mask")}
@@ -95,8 +112,12 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--audio", choices=("espeak", "synthetic"), default="espeak",
-                    help="espeak-ng files (decoded per file) or in-memory harmonic tones")
+    ap.add_argument(
+        "--audio",
+        choices=("espeak", "synthetic"),
+        default="espeak",
+        help="espeak-ng files (decoded per file) or in-memory harmonic tones",
+    )
     args = ap.parse_args()
 
     import torch

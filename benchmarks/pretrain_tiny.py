@@ -29,7 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--regenerate", action="store_true", help="re-synthesise the corpus if its settings are out of date")
     p.add_argument("--budget-minutes", type=float, default=10.0)
     p.add_argument(
-        "--budget-kind", choices=["cpu", "wall"], default="wall",
+        "--budget-kind",
+        choices=["cpu", "wall"],
+        default="wall",
         help="cpu: the budget is minutes x threads of this process' CPU time (what '10 minutes on 2 cores' "
         "means on a machine shared with other jobs); wall: wall-clock minutes",
     )
@@ -39,11 +41,19 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--no-energy", action="store_true", help="ablation: no raw-waveform energy stream")
     p.add_argument("--no-f0", action="store_true", help="ablation: no Praat F0 stream")
-    p.add_argument("--channel-augmentation", type=float, default=0.8,
-                   help="probability of a random recording channel per training utterance (ChannelAugmentation)")
+    p.add_argument(
+        "--channel-augmentation",
+        type=float,
+        default=0.8,
+        help="probability of a random recording channel per training utterance (ChannelAugmentation)",
+    )
     p.add_argument("--vib-beta", type=float, default=1e-3)
-    p.add_argument("--aux-sed", type=float, default=1.0, help="aux_sed_loss_weight (descriptor heads on the SED branch)")
-    p.add_argument("--aux-ctc", type=float, default=0.3, help="aux_ctc_loss_weight (transcript CTC on the semantic branch)")
+    p.add_argument(
+        "--aux-sed", type=float, default=1.0, help="aux_sed_loss_weight (descriptor heads on the SED branch)"
+    )
+    p.add_argument(
+        "--aux-ctc", type=float, default=0.3, help="aux_ctc_loss_weight (transcript CTC on the semantic branch)"
+    )
     p.add_argument("--kl-warmup-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-limit", type=int, default=None)
@@ -69,12 +79,20 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     # an existing corpus is used as it is (pass --regenerate to bring it up to the current generator)
     generate = args.regenerate or not (Path(args.corpus_root) / "manifest.json").is_file()
-    corpus = load_synthetic(args.corpus_root, splits=["reference", "test"], generate=generate, size=args.size, seed=args.seed)
+    corpus = load_synthetic(
+        args.corpus_root, splits=["reference", "test"], generate=generate, size=args.size, seed=args.seed
+    )
     ref, test = corpus["reference"], corpus["test"]
     labels = list(EMOTION_LABELS["synthetic"])
     model, processor = build_tiny_ser_slm(
-        ref["text"], emotion_labels=labels, sed_energy_stream=not args.no_energy, sed_f0_stream=not args.no_f0,
-        vib_beta=args.vib_beta, aux_sed_loss_weight=args.aux_sed, aux_ctc_loss_weight=args.aux_ctc, seed=args.seed,
+        ref["text"],
+        emotion_labels=labels,
+        sed_energy_stream=not args.no_energy,
+        sed_f0_stream=not args.no_f0,
+        vib_beta=args.vib_beta,
+        aux_sed_loss_weight=args.aux_sed,
+        aux_ctc_loss_weight=args.aux_ctc,
+        seed=args.seed,
     )
     budget = args.budget_minutes * 60.0 * (args.threads if args.budget_kind == "cpu" else 1)
     clock = time.process_time if args.budget_kind == "cpu" else time.perf_counter
@@ -102,13 +120,25 @@ def main(argv=None) -> int:
                 control.should_training_stop = True
 
     cfg = SerSlmSFTConfig(
-        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=base_lr, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0,
-        logging_steps=25, save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=args.seed,
-        dataloader_num_workers=0, disable_tqdm=True, kl_warmup_steps=args.kl_warmup_steps,
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=base_lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        logging_steps=25,
+        save_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        kl_warmup_steps=args.kl_warmup_steps,
         channel_augmentation=args.channel_augmentation,
     )
-    trainer = SerSlmSFTTrainer(model=model, args=cfg, train_dataset=ref, processing_class=processor, callbacks=[TimeBudget()])
+    trainer = SerSlmSFTTrainer(
+        model=model, args=cfg, train_dataset=ref, processing_class=processor, callbacks=[TimeBudget()]
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
@@ -131,7 +161,8 @@ def main(argv=None) -> int:
         "aux_sed_loss_weight": args.aux_sed,
         "aux_ctc_loss_weight": args.aux_ctc,
         "kl_warmup_steps": args.kl_warmup_steps,
-        "budget": f"{args.budget_minutes} min {args.budget_kind}" + (f" x {args.threads} threads" if args.budget_kind == "cpu" else ""),
+        "budget": f"{args.budget_minutes} min {args.budget_kind}"
+        + (f" x {args.threads} threads" if args.budget_kind == "cpu" else ""),
         "train_wall_seconds": round(train_s, 1),
         "train_cpu_seconds": round(train_cpu_s, 1),
         "train_steps": steps,

@@ -50,20 +50,40 @@ def build(args):
     texts = [f"sentence number {i} about the weather and the day" for i in range(50)]
     tok = train_caption_tokenizer(texts, vocab_size=1000, emotion_labels=EMOTION_LABELS["iemocap"])
     audio_config = HubertConfig(  # facebook/hubert-large-ll60k shapes
-        hidden_size=args.audio_hidden, num_hidden_layers=args.audio_layers, num_attention_heads=max(1, args.audio_hidden // 64),
+        hidden_size=args.audio_hidden,
+        num_hidden_layers=args.audio_layers,
+        num_attention_heads=max(1, args.audio_hidden // 64),
         intermediate_size=4 * args.audio_hidden,
-        feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        conv_bias=True,
     )
     text_config = LlamaConfig(  # meta-llama/Llama-3.1-8B-Instruct shapes
-        vocab_size=128256, hidden_size=args.llm_hidden, intermediate_size=int(3.5 * args.llm_hidden), num_hidden_layers=args.llm_layers,
-        num_attention_heads=max(1, args.llm_hidden // 128), num_key_value_heads=max(1, args.llm_hidden // 512),
-        max_position_embeddings=8192, rope_theta=500000.0,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=128256,
+        hidden_size=args.llm_hidden,
+        intermediate_size=int(3.5 * args.llm_hidden),
+        num_hidden_layers=args.llm_layers,
+        num_attention_heads=max(1, args.llm_hidden // 128),
+        num_key_value_heads=max(1, args.llm_hidden // 512),
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     config = SerSlmConfig(
-        audio_config=audio_config, text_config=text_config, audio_token_id=tok.convert_tokens_to_ids(AUDIO_TOKEN),
-        audio_token=AUDIO_TOKEN, sed_vib_dim=64, semantic_vib_dim=128, vib_hidden_size=256, freeze_audio_tower=True,
-        frame_downsample=args.frame_downsample, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        audio_config=audio_config,
+        text_config=text_config,
+        audio_token_id=tok.convert_tokens_to_ids(AUDIO_TOKEN),
+        audio_token=AUDIO_TOKEN,
+        sed_vib_dim=64,
+        semantic_vib_dim=128,
+        vib_hidden_size=256,
+        freeze_audio_tower=True,
+        frame_downsample=args.frame_downsample,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     t0 = time.time()
     torch.set_default_dtype(torch.bfloat16 if BF16 else torch.float32)
@@ -75,8 +95,13 @@ def build(args):
     model = get_peft_model(model, lora_config_for_llm())
     build_s = time.time() - t0
     fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=True)
-    processor = SerSlmProcessor(fe, tok, audio_token=AUDIO_TOKEN, audio_conv_layers=infer_audio_conv_layers(audio_config),
-                                frame_downsample=args.frame_downsample)
+    processor = SerSlmProcessor(
+        fe,
+        tok,
+        audio_token=AUDIO_TOKEN,
+        audio_conv_layers=infer_audio_conv_layers(audio_config),
+        frame_downsample=args.frame_downsample,
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return model, processor, build_s, trainable, total
@@ -92,7 +117,10 @@ def _random_caption(i, rng):
 def batch(processor, n, seconds, rng, k=1):
     """n utterances of ``seconds`` and k captions each (descriptors drawn at random)."""
     t = np.arange(int(seconds * 16000)) / 16000
-    audio = [(0.1 * np.sin(2 * np.pi * rng.uniform(100, 300) * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32) for _ in range(n)]
+    audio = [
+        (0.1 * np.sin(2 * np.pi * rng.uniform(100, 300) * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+        for _ in range(n)
+    ]
     caps = [_random_caption(i, rng) for i in range(n) for _ in range(k)]
     return audio, caps
 
@@ -110,7 +138,12 @@ def timed(fn, reps):
 
 def make_arms(model, processor, args):
     """arm name -> build(batch_size) -> (step function, LLM tokens per step, (P, S) per utterance)."""
-    from trustser.trainers.rectify import audio_inputs_of, pack_rectified_captions, packed_caption_token_nll, rectified_caption_inputs
+    from trustser.trainers.rectify import (
+        audio_inputs_of,
+        pack_rectified_captions,
+        packed_caption_token_nll,
+        rectified_caption_inputs,
+    )
     from trustser.trainers.sft import caption_token_nll
 
     K = args.num_policies
@@ -142,11 +175,15 @@ def make_arms(model, processor, args):
                 nll, valid, _, out = caption_token_nll(model, enc, audio_inputs=audio_inputs_of(enc))
                 loss = nll.sum() / valid.sum() + beta * out.kl_loss
             finish(loss)
+
         return step, enc["input_ids"].numel(), ps
 
     def naive(b):
         enc, _, audio, caps, ps = inputs_for(b)
-        per_policy = [{k: v.to(DEVICE) for k, v in processor(audio=audio, captions=caps[j::K]).items() if torch.is_tensor(v)} for j in range(K)]
+        per_policy = [
+            {k: v.to(DEVICE) for k, v in processor(audio=audio, captions=caps[j::K]).items() if torch.is_tensor(v)}
+            for j in range(K)
+        ]
 
         def step():
             for mi in per_policy:
@@ -156,6 +193,7 @@ def make_arms(model, processor, args):
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return step, sum(mi["input_ids"].numel() for mi in per_policy), ps
 
     def trainer(b):
@@ -166,6 +204,7 @@ def make_arms(model, processor, args):
                 nll, valid, _, out = caption_token_nll(model, rect, audio_inputs=audio_inputs_of(enc), audio_repeats=K)
                 loss = nll.sum() / valid.sum() + beta * out.kl_loss
             finish(loss)
+
         return step, rect["input_ids"].numel(), ps
 
     def packed(b):
@@ -174,11 +213,16 @@ def make_arms(model, processor, args):
 
         def step():
             with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=BF16):
-                nll, valid, _, out = packed_caption_token_nll(model, pk, audio_inputs=audio_inputs_of(enc),
-                                                              attn_implementation=lm.config._attn_implementation,
-                                                              dtype=lm.get_input_embeddings().weight.dtype)
+                nll, valid, _, out = packed_caption_token_nll(
+                    model,
+                    pk,
+                    audio_inputs=audio_inputs_of(enc),
+                    attn_implementation=lm.config._attn_implementation,
+                    dtype=lm.get_input_embeddings().weight.dtype,
+                )
                 loss = nll.sum() / valid.sum() + beta * out.kl_loss
             finish(loss)
+
         return step, pk["input_ids"].numel(), ps
 
     return {"sft": sft, "naive": naive, "trainer": trainer, "packed": packed}
@@ -217,20 +261,34 @@ def fill_batch(build_arm, args):
 
 def _arm_record(b, run):
     seconds, peak, tokens, _ = run
-    return {"batch_size": b, "step_s": round(seconds, 4), "utterances_per_s": round(b / seconds, 2),
-            "peak_gib": round(peak, 2) if peak is not None else None, "llm_tokens_per_step": int(tokens)}
+    return {
+        "batch_size": b,
+        "step_s": round(seconds, 4),
+        "utterances_per_s": round(b / seconds, 2),
+        "peak_gib": round(peak, 2) if peak is not None else None,
+        "llm_tokens_per_step": int(tokens),
+    }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=0, help="0: the largest that fits the GPU, per arm")
     ap.add_argument("--max-batch-size", type=int, default=64)
-    ap.add_argument("--compare-batch-size", type=int, default=0, help="common batch of the step-time ratios (0: the smallest fill batch)")
+    ap.add_argument(
+        "--compare-batch-size",
+        type=int,
+        default=0,
+        help="common batch of the step-time ratios (0: the smallest fill batch)",
+    )
     ap.add_argument("--num-policies", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--frame-downsample", type=int, default=1,
-                    help="encoder frames per audio token: 1 = HuBERT's 50 Hz, a 5 s prefix >= 4x the caption (the paper's "
-                    "proportions); 4 = build_paper_ser_slm's default")
+    ap.add_argument(
+        "--frame-downsample",
+        type=int,
+        default=1,
+        help="encoder frames per audio token: 1 = HuBERT's 50 Hz, a 5 s prefix >= 4x the caption (the paper's "
+        "proportions); 4 = build_paper_ser_slm's default",
+    )
     ap.add_argument("--llm-layers", type=int, default=32)
     ap.add_argument("--llm-hidden", type=int, default=4096)
     ap.add_argument("--audio-layers", type=int, default=24)
@@ -248,7 +306,10 @@ def main():
     K = args.num_policies
     filled = {name: fill_batch(fn, args) for name, fn in arms.items()}
     common_b = args.compare_batch_size or min(b for b, _ in filled.values())
-    common = {name: (filled[name][1] if filled[name][0] == common_b else run_arm(fn, common_b, args.reps)) for name, fn in arms.items()}
+    common = {
+        name: (filled[name][1] if filled[name][0] == common_b else run_arm(fn, common_b, args.reps))
+        for name, fn in arms.items()
+    }
     prefix, caption = common["sft"][3]
     bound = float(((prefix + K * caption) / (prefix + caption)).mean())
     t = {name: run[0] for name, run in common.items()}
@@ -259,18 +320,29 @@ def main():
 
     def gen():
         with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=BF16):
-            model.generate(**gi, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, do_sample=False,
-                           pad_token_id=processor.tokenizer.pad_token_id)
+            model.generate(
+                **gi,
+                max_new_tokens=args.gen_tokens,
+                min_new_tokens=args.gen_tokens,
+                do_sample=False,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
 
     t_gen = timed(gen, 1)
     result = {
         "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
         "torch": torch.__version__,
         "attn_implementation": model.get_base_model().model.language_model.config._attn_implementation,
-        "params_total": total, "params_trainable": trainable, "build_seconds": round(build_s, 1),
-        "audio_seconds": args.seconds, "K": K, "frame_downsample": args.frame_downsample,
-        "prompt_tokens_P": round(float(prefix.mean()), 1), "caption_tokens_S": round(float(caption.mean()), 1),
-        "prefix_over_caption": round(float((prefix / caption).mean()), 2), "shared_prefix_bound": round(bound, 3),
+        "params_total": total,
+        "params_trainable": trainable,
+        "build_seconds": round(build_s, 1),
+        "audio_seconds": args.seconds,
+        "K": K,
+        "frame_downsample": args.frame_downsample,
+        "prompt_tokens_P": round(float(prefix.mean()), 1),
+        "caption_tokens_S": round(float(caption.mean()), 1),
+        "prefix_over_caption": round(float((prefix / caption).mean()), 2),
+        "shared_prefix_bound": round(bound, 3),
         "filled": {name: _arm_record(b, run) for name, (b, run) in filled.items()},
         "common": {name: _arm_record(common_b, run) for name, run in common.items()},
         "packed_over_trainer": round(t["packed"] / t["trainer"], 3),

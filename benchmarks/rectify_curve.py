@@ -38,17 +38,29 @@ def main(argv=None) -> dict:
     p.add_argument("--reward-timing", default="after_update", choices=["after_update", "reuse_forward"])
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--eval-pretrained", action="store_true", help="also evaluate the pre-trained starting point")
-    p.add_argument("--max-audio-seconds", type=float, default=8.0, help="the tiny encoder's fixed window (longer audio is cut)")
+    p.add_argument(
+        "--max-audio-seconds", type=float, default=8.0, help="the tiny encoder's fixed window (longer audio is cut)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="/tmp/trustser_rectify_curve")
-    p.add_argument("--pretrained", default=None, help="start from this saved SER-SLM (e.g. the recipe's cached pre-training stage, "
-                   "outputs/cache/pretrain-*/model) instead of pre-training here")
-    p.add_argument("--annotated", default=None, help="a saved annotated DatasetDict (e.g. outputs/cache/annotate-*/data) to take "
-                   "the annotated train split from instead of annotating here")
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="start from this saved SER-SLM (e.g. the recipe's cached pre-training stage, "
+        "outputs/cache/pretrain-*/model) instead of pre-training here",
+    )
+    p.add_argument(
+        "--annotated",
+        default=None,
+        help="a saved annotated DatasetDict (e.g. outputs/cache/annotate-*/data) to take "
+        "the annotated train split from instead of annotating here",
+    )
     p.add_argument("--entropy-coef", type=float, default=0.0)
     p.add_argument("--controller-updates", type=int, default=1)
-    p.add_argument("--head-hidden", type=int, default=0, help="controller head hidden size (0: the paper's linear head)")
+    p.add_argument(
+        "--head-hidden", type=int, default=0, help="controller head hidden size (0: the paper's linear head)"
+    )
     p.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"])
     p.add_argument("--skip-sft", action="store_true", help="only the rectification arm (no SFT comparison)")
     p.add_argument("--max-test", type=int, default=None, help="evaluate emotion on the first N test utterances")
@@ -73,8 +85,13 @@ def main(argv=None) -> dict:
     t_start, c_start = time.perf_counter(), time.process_time()
     set_seed(a.seed)
     work = Path(a.work_dir)
-    corpus = load_synthetic(a.corpus_root, splits=["test"] if a.pretrained and a.annotated else ["reference", "train", "test"],
-                            generate=True, size=a.size, seed=a.seed)
+    corpus = load_synthetic(
+        a.corpus_root,
+        splits=["test"] if a.pretrained and a.annotated else ["reference", "train", "test"],
+        generate=True,
+        size=a.size,
+        seed=a.seed,
+    )
     if a.annotated:
         train = datasets.load_from_disk(a.annotated)["train"]
     else:
@@ -88,8 +105,16 @@ def main(argv=None) -> dict:
     train = train.filter(lambda e: not e["annotation_error"])
     ann_acc = {f: sum(x == y for x, y in zip(train[f], train[f + "_auto"])) / len(train) for f in SED_FIELDS}
     labels = list(EMOTION_LABELS["synthetic"])
-    common = dict(use_cpu=not torch.cuda.is_available(), seed=a.seed, dataloader_num_workers=0, disable_tqdm=True,
-                  save_strategy="no", per_device_train_batch_size=a.batch_size, weight_decay=0.01, max_grad_norm=1.0)
+    common = dict(
+        use_cpu=not torch.cuda.is_available(),
+        seed=a.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_strategy="no",
+        per_device_train_batch_size=a.batch_size,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+    )
     from trustser.models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
 
     t0 = time.perf_counter()
@@ -99,11 +124,24 @@ def main(argv=None) -> dict:
     else:
         # 1. pre-training on the reliable reference labels
         texts = list(corpus["reference"]["text"]) + list(train["text"])
-        model, processor = build_tiny_ser_slm(texts, emotion_labels=labels, seed=a.seed, max_audio_seconds=a.max_audio_seconds)
-        pre = SerSlmSFTTrainer(model, args=SerSlmSFTConfig(output_dir=str(work / "pre"), max_steps=a.pretrain_steps, learning_rate=a.lr,
-                                                           lr_scheduler_type="cosine", warmup_steps=max(1, a.pretrain_steps // 20),
-                                                           logging_steps=50, sed_source="truth", **common),
-                               train_dataset=corpus["reference"], processing_class=processor)
+        model, processor = build_tiny_ser_slm(
+            texts, emotion_labels=labels, seed=a.seed, max_audio_seconds=a.max_audio_seconds
+        )
+        pre = SerSlmSFTTrainer(
+            model,
+            args=SerSlmSFTConfig(
+                output_dir=str(work / "pre"),
+                max_steps=a.pretrain_steps,
+                learning_rate=a.lr,
+                lr_scheduler_type="cosine",
+                warmup_steps=max(1, a.pretrain_steps // 20),
+                logging_steps=50,
+                sed_source="truth",
+                **common,
+            ),
+            train_dataset=corpus["reference"],
+            processing_class=processor,
+        )
         pre.train()
         # each arm starts from a fresh load of the pre-trained weights: a deepcopy of a model that went
         # through TRL's SFTTrainer would keep its patched forward bound to the original model
@@ -113,20 +151,37 @@ def main(argv=None) -> dict:
     fresh = lambda: SerSlmForConditionalGeneration.from_pretrained(start_dir)
 
     # 2. post-training: plain SFT on annotated captions vs rectification, same steps/data/lr
-    post = dict(max_steps=a.steps, learning_rate=a.post_lr, lr_scheduler_type="constant", logging_steps=a.log_every, **common)
+    post = dict(
+        max_steps=a.steps, learning_rate=a.post_lr, lr_scheduler_type="constant", logging_steps=a.log_every, **common
+    )
     t0 = time.perf_counter()
     sft = None
     if not a.skip_sft:
-        sft = SerSlmSFTTrainer(fresh(), args=SerSlmSFTConfig(output_dir=str(work / "sft"), sed_source="auto", **post),
-                               train_dataset=train, processing_class=processor)
+        sft = SerSlmSFTTrainer(
+            fresh(),
+            args=SerSlmSFTConfig(output_dir=str(work / "sft"), sed_source="auto", **post),
+            train_dataset=train,
+            processing_class=processor,
+        )
         sft.train()
     sft_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rect = SEDRectifyTrainer(fresh(), args=SEDRectifyConfig(
-        output_dir=str(work / "rect"), num_policies=a.num_policies, controller_learning_rate=a.controller_lr,
-        reward_timing=a.reward_timing, controller_entropy_coef=a.entropy_coef, controller_updates_per_step=a.controller_updates,
-        controller_scale_rewards=a.scale_rewards, controller_head_hidden_size=a.head_hidden,
-        **post), train_dataset=train, processing_class=processor)
+    rect = SEDRectifyTrainer(
+        fresh(),
+        args=SEDRectifyConfig(
+            output_dir=str(work / "rect"),
+            num_policies=a.num_policies,
+            controller_learning_rate=a.controller_lr,
+            reward_timing=a.reward_timing,
+            controller_entropy_coef=a.entropy_coef,
+            controller_updates_per_step=a.controller_updates,
+            controller_scale_rewards=a.scale_rewards,
+            controller_head_hidden_size=a.head_hidden,
+            **post,
+        ),
+        train_dataset=train,
+        processing_class=processor,
+    )
     rect.train()
     rect_s = time.perf_counter() - t0
 
@@ -145,16 +200,24 @@ def main(argv=None) -> dict:
     if a.max_test:
         test = test.select(range(min(a.max_test, len(test))))
     t0 = time.perf_counter()
-    ev_base = evaluate_ser(fresh(), processor, test, labels, sed_source="truth", batch_size=32) if a.eval_pretrained else None
-    ev_sft = evaluate_ser(sft.model, processor, test, labels, sed_source="truth", batch_size=32) if sft is not None else None
+    ev_base = (
+        evaluate_ser(fresh(), processor, test, labels, sed_source="truth", batch_size=32) if a.eval_pretrained else None
+    )
+    ev_sft = (
+        evaluate_ser(sft.model, processor, test, labels, sed_source="truth", batch_size=32) if sft is not None else None
+    )
     ev_rect = evaluate_ser(rect.model, processor, test, labels, sed_source="truth", batch_size=32)
     eval_s = time.perf_counter() - t0
     q = max(1, len(logs) // 4)  # first / last quarter of the logged steps
     first = sum(curve["label_accuracy"][:q]) / q
     last = sum(curve["label_accuracy"][-q:]) / q
-    pick = lambda ev: {"wa": round(ev["wa"], 4), "ua": round(ev["ua"], 4), "weighted_f1": round(ev["weighted_f1"], 4),
-                       "sed_accuracy": {k: round(v, 4) for k, v in ev.get("sed_accuracy", {}).items()},
-                       "unparseable_rate": round(ev["unparseable_rate"], 4)}
+    pick = lambda ev: {
+        "wa": round(ev["wa"], 4),
+        "ua": round(ev["ua"], 4),
+        "weighted_f1": round(ev["weighted_f1"], 4),
+        "sed_accuracy": {k: round(v, 4) for k, v in ev.get("sed_accuracy", {}).items()},
+        "unparseable_rate": round(ev["unparseable_rate"], 4),
+    }
     result = {
         "command": "python benchmarks/rectify_curve.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
         "corpus": {"size": a.size, "train_rows": n_all, "train_rows_annotated": len(train), "test_rows": len(test)},
@@ -163,15 +226,29 @@ def main(argv=None) -> dict:
         "rectified_label_accuracy_first_quarter": round(first, 4),
         "rectified_label_accuracy_last_quarter": round(last, 4),
         # same batches, rectified minus annotated: > 0 means the controller repaired more labels than it broke
-        "rectified_minus_annotation_first_quarter": round(sum(x - y for x, y in zip(curve["label_accuracy"][:q], curve["annotation_accuracy"][:q])) / q, 4),
-        "rectified_minus_annotation_last_quarter": round(sum(x - y for x, y in zip(curve["label_accuracy"][-q:], curve["annotation_accuracy"][-q:])) / q, 4),
+        "rectified_minus_annotation_first_quarter": round(
+            sum(x - y for x, y in zip(curve["label_accuracy"][:q], curve["annotation_accuracy"][:q])) / q, 4
+        ),
+        "rectified_minus_annotation_last_quarter": round(
+            sum(x - y for x, y in zip(curve["label_accuracy"][-q:], curve["annotation_accuracy"][-q:])) / q, 4
+        ),
         # the trained controller applied to every annotated train utterance (no sampling noise):
         # expected correct labels under its policy and with the most likely action per field
         "controller_audit": audit,
-        "test_emotion": {"pretrained": pick(ev_base) if ev_base else None, "sft": pick(ev_sft) if ev_sft else None, "rectify": pick(ev_rect)},
+        "test_emotion": {
+            "pretrained": pick(ev_base) if ev_base else None,
+            "sft": pick(ev_sft) if ev_sft else None,
+            "rectify": pick(ev_rect),
+        },
         "settings": {k: v for k, v in vars(a).items() if k not in ("png", "json", "work_dir", "corpus_root")},
-        "seconds": {"pretrain": round(pretrain_s, 1), "sft": round(sft_s, 1), "rectify": round(rect_s, 1), "eval": round(eval_s, 1),
-                    "total_wall": round(time.perf_counter() - t_start, 1), "total_cpu": round(time.process_time() - c_start, 1)},
+        "seconds": {
+            "pretrain": round(pretrain_s, 1),
+            "sft": round(sft_s, 1),
+            "rectify": round(rect_s, 1),
+            "eval": round(eval_s, 1),
+            "total_wall": round(time.perf_counter() - t_start, 1),
+            "total_cpu": round(time.process_time() - c_start, 1),
+        },
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "curve": curve,
     }
@@ -198,11 +275,17 @@ def _plot(curve, ann_acc, result, path):
     w = max(1, len(acc) // 8)
     if len(acc) >= w:
         smooth = np.convolve(acc, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], smooth, color="C0", lw=2, label=f"rectified captions ({w}-log mean)")
+        ax.plot(steps[w - 1 :], smooth, color="C0", lw=2, label=f"rectified captions ({w}-log mean)")
     ann = np.array(curve["annotation_accuracy"], dtype=float)
     if len(ann) >= w:
-        ax.plot(steps[w - 1:], np.convolve(ann, np.ones(w) / w, mode="valid"), color="C3", ls="--", lw=1.5,
-                label=f"same batches, annotation as is ({w}-log mean)")
+        ax.plot(
+            steps[w - 1 :],
+            np.convolve(ann, np.ones(w) / w, mode="valid"),
+            color="C3",
+            ls="--",
+            lw=1.5,
+            label=f"same batches, annotation as is ({w}-log mean)",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("correct descriptor labels (all 5 fields)")
     ax.set_title("Descriptor labels vs ground truth (synthetic train)")
@@ -211,7 +294,7 @@ def _plot(curve, ann_acc, result, path):
     for i, f in enumerate(SED_FIELDS):
         v = np.array([x if x is not None else np.nan for x in curve[f"label_accuracy_{f}"]], dtype=float)
         if len(v) >= w:
-            ax.plot(steps[w - 1:], np.convolve(v, np.ones(w) / w, mode="valid"), color=f"C{i}", label=f)
+            ax.plot(steps[w - 1 :], np.convolve(v, np.ones(w) / w, mode="valid"), color=f"C{i}", label=f)
         ax.axhline(ann_acc[f], color=f"C{i}", ls=":", lw=1)
     ax.set_xlabel("optimizer step")
     ax.set_title("per field (dotted: annotation)")
@@ -219,9 +302,11 @@ def _plot(curve, ann_acc, result, path):
     te = result["test_emotion"]
     sft_wa = f"{te['sft']['wa']:.3f}" if te["sft"] else "n/a"
     au = result["controller_audit"]
-    fig.suptitle(f"test emotion WA: SFT {sft_wa} vs rectify {te['rectify']['wa']:.3f}; trained controller on all train labels: "
-                 f"{au['expected_accuracy']:.3f} expected / {au['greedy_accuracy']:.3f} greedy vs annotation {au['annotation_accuracy']:.3f}",
-                 fontsize=9)
+    fig.suptitle(
+        f"test emotion WA: SFT {sft_wa} vs rectify {te['rectify']['wa']:.3f}; trained controller on all train labels: "
+        f"{au['expected_accuracy']:.3f} expected / {au['greedy_accuracy']:.3f} greedy vs annotation {au['annotation_accuracy']:.3f}",
+        fontsize=9,
+    )
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path) + ".tmp.png"

@@ -47,10 +47,18 @@ from trustser.trainers.rectify_config import SEDRectifyConfig
 from trustser.trainers.sft import SerSlmSFTConfig, SerSlmSFTTrainer
 
 SENTENCES = [
-    "I cannot believe you did that again", "the meeting starts at nine tomorrow", "please pass me the salt",
-    "we finally won the championship", "nobody told me about the changes", "it is raining in the city today",
-    "this is the best day of my life", "leave me alone right now", "my dog passed away last night",
-    "the train was late this morning", "could you open the window please", "I will call you after lunch",
+    "I cannot believe you did that again",
+    "the meeting starts at nine tomorrow",
+    "please pass me the salt",
+    "we finally won the championship",
+    "nobody told me about the changes",
+    "it is raining in the city today",
+    "this is the best day of my life",
+    "leave me alone right now",
+    "my dog passed away last night",
+    "the train was late this morning",
+    "could you open the window please",
+    "I will call you after lunch",
 ]
 
 # name -> (utterance seconds (low, high), build_tiny_ser_slm overrides)
@@ -78,8 +86,8 @@ class StepMeter(TrainerCallback):
         self.counts.append(self.tokens[0])
 
     def per_step(self, warmup: int) -> tuple[float, float]:
-        seconds = np.diff(self.stamps)[warmup - 1:]
-        tokens = np.diff(self.counts)[warmup - 1:]
+        seconds = np.diff(self.stamps)[warmup - 1 :]
+        tokens = np.diff(self.counts)[warmup - 1 :]
         return float(statistics.median(seconds)), float(np.mean(tokens))
 
 
@@ -95,10 +103,18 @@ class NaiveRectifyTrainer(SEDRectifyTrainer):
         return {key: v.to(self.accelerator.device) for key, v in batch.items()}
 
     def _nll(self, model, batch):
-        out = model(**{key: batch[key] for key in ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy")}, use_cache=False)
+        out = model(
+            **{
+                key: batch[key]
+                for key in ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy")
+            },
+            use_cache=False,
+        )
         logits = out.logits[:, :-1].float()
         target = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none").view(target.shape)
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none"
+        ).view(target.shape)
         return nll, target != -100, batch["emotion_token_mask"][:, 1:], out
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -117,8 +133,17 @@ class NaiveRectifyTrainer(SEDRectifyTrainer):
             self.accelerator.backward(loss)
             total += float(loss.detach())
             per_policy.append(batch)
-        self._pending.append({"feats": feats, "fmask": fmask, "sed_ids": inputs["rectify_sed_ids"], "actions": sample.actions,
-                              "old_log_probs": sample.log_probs, "rewards": None, "naive": per_policy})
+        self._pending.append(
+            {
+                "feats": feats,
+                "fmask": fmask,
+                "sed_ids": inputs["rectify_sed_ids"],
+                "actions": sample.actions,
+                "old_log_probs": sample.log_probs,
+                "rewards": None,
+                "naive": per_policy,
+            }
+        )
         return torch.tensor(total)
 
     @torch.no_grad()
@@ -141,9 +166,17 @@ def make_rows(n: int, seconds: tuple[float, float], seed: int = 0):
         t = np.arange(int(16000 * dur)) / 16000
         wav = 0.1 * np.sin(2 * np.pi * rng.uniform(100, 250) * t) + 0.02 * rng.standard_normal(t.size)
         sed = {f: SED_VOCAB[f][rng.integers(len(SED_VOCAB[f]))] for f in SED_FIELDS}
-        rows.append({"id": f"b{i}", "audio": {"array": wav.astype(np.float32), "sampling_rate": 16000},
-                     "text": SENTENCES[i % len(SENTENCES)], "emotion": emotions[i % len(emotions)], "speaker": "s",
-                     **sed, **{f + "_auto": v for f, v in sed.items()}})
+        rows.append(
+            {
+                "id": f"b{i}",
+                "audio": {"array": wav.astype(np.float32), "sampling_rate": 16000},
+                "text": SENTENCES[i % len(SENTENCES)],
+                "emotion": emotions[i % len(emotions)],
+                "speaker": "s",
+                **sed,
+                **{f + "_auto": v for f, v in sed.items()},
+            }
+        )
     return rows
 
 
@@ -154,8 +187,18 @@ def measure_shape(name: str, a, k: int) -> dict:
     rows = make_rows(a.batch_size * (a.steps + a.warmup), seconds)
     ds = datasets.Dataset.from_list(rows)
     base, proc = build_tiny_ser_slm(SENTENCES, emotion_labels=EMOTION_LABELS["synthetic"], seed=0, **overrides)
-    common = dict(per_device_train_batch_size=a.batch_size, max_steps=a.steps + a.warmup, logging_steps=10_000, save_strategy="no",
-                  learning_rate=1e-4, use_cpu=a.device == "cpu", seed=0, disable_tqdm=True, dataloader_num_workers=0, report_to="none")
+    common = dict(
+        per_device_train_batch_size=a.batch_size,
+        max_steps=a.steps + a.warmup,
+        logging_steps=10_000,
+        save_strategy="no",
+        learning_rate=1e-4,
+        use_cpu=a.device == "cpu",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        report_to="none",
+    )
     out_dir = os.path.join(a.output_dir, name)
 
     def timed(cls, args):
@@ -175,13 +218,22 @@ def measure_shape(name: str, a, k: int) -> dict:
         return meter.per_step(a.warmup), trainer
 
     res = {}
-    (res["sft_s"], res["sft_llm_tokens"]), sft = timed(SerSlmSFTTrainer, SerSlmSFTConfig(output_dir=out_dir + "/sft", sed_source="auto", **common))
-    rcfg = lambda timing, shared: SEDRectifyConfig(output_dir=out_dir + "/r", num_policies=k, reward_timing=timing,  # noqa: E731
-                                                   shared_prefix=shared, **common)
+    (res["sft_s"], res["sft_llm_tokens"]), sft = timed(
+        SerSlmSFTTrainer, SerSlmSFTConfig(output_dir=out_dir + "/sft", sed_source="auto", **common)
+    )
+    rcfg = lambda timing, shared: SEDRectifyConfig(
+        output_dir=out_dir + "/r",
+        num_policies=k,
+        reward_timing=timing,  # noqa: E731
+        shared_prefix=shared,
+        **common,
+    )
     (res["naive_s"], res["naive_llm_tokens"]), _ = timed(NaiveRectifyTrainer, rcfg("after_update", False))
     for timing in ("after_update", "reuse_forward"):
         for arm, shared in (("trainer", False), ("packed", True)):
-            (res[f"{arm}_{timing}_s"], res[f"{arm}_{timing}_llm_tokens"]), _ = timed(SEDRectifyTrainer, rcfg(timing, shared))
+            (res[f"{arm}_{timing}_s"], res[f"{arm}_{timing}_llm_tokens"]), _ = timed(
+                SEDRectifyTrainer, rcfg(timing, shared)
+            )
     # the shared-prefix bound from this shape's token counts
     batch = sft.data_collator(rows[: a.batch_size])
     caption = (batch["labels"] != -100).sum(1).float()
@@ -195,7 +247,9 @@ def measure_shape(name: str, a, k: int) -> dict:
         res[f"packed_{timing}_over_bound_x_sft"] = round(packed / (res["shared_prefix_bound"] * res["sft_s"]), 3)
         res[f"packed_{timing}_over_trainer"] = round(packed / today, 3)
         res[f"trainer_{timing}_over_naive"] = round(today / res["naive_s"], 3)
-        res[f"packed_{timing}_tokens_over_trainer"] = round(res[f"packed_{timing}_llm_tokens"] / res[f"trainer_{timing}_llm_tokens"], 3)
+        res[f"packed_{timing}_tokens_over_trainer"] = round(
+            res[f"packed_{timing}_llm_tokens"] / res[f"trainer_{timing}_llm_tokens"], 3
+        )
     return res
 
 
@@ -210,7 +264,9 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output-dir", default="/tmp/trustser_rectify_step")
     p.add_argument("--json", default=None, help="also write the result here (atomically)")
-    p.add_argument("--quick", action="store_true", help="2 steps, batch 2, K 3: checks that every arm runs (no figures)")
+    p.add_argument(
+        "--quick", action="store_true", help="2 steps, batch 2, K 3: checks that every arm runs (no figures)"
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.warmup, a.batch_size, a.num_policies = 2, 1, 2, 3
@@ -222,9 +278,17 @@ def main(argv=None) -> dict:
         p.error("--steps and --warmup must be >= 1")
     torch.set_num_threads(a.threads)
     k = a.num_policies
-    results = {"device": a.device if a.device == "cpu" else torch.cuda.get_device_name(0),
-               "clock": "process CPU seconds" if a.device == "cpu" else "wall seconds", "batch_size": a.batch_size,
-               "num_policies": k, "threads": a.threads, "steps": a.steps, "warmup": a.warmup, "quick": a.quick, "shapes": {}}
+    results = {
+        "device": a.device if a.device == "cpu" else torch.cuda.get_device_name(0),
+        "clock": "process CPU seconds" if a.device == "cpu" else "wall seconds",
+        "batch_size": a.batch_size,
+        "num_policies": k,
+        "threads": a.threads,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "quick": a.quick,
+        "shapes": {},
+    }
     for name in shapes:
         results["shapes"][name] = measure_shape(name, a, k)
     targets = {}

@@ -56,7 +56,10 @@ def emotion_classifiers(df, seed: int = 0) -> dict[str, float]:
     onehot.fit(fit[list(DESCRIPTOR_COLUMNS)])
     feats = {
         "text_only": (bow.transform(fit["text"]), bow.transform(test["text"])),
-        "descriptors_only": (onehot.transform(fit[list(DESCRIPTOR_COLUMNS)]), onehot.transform(test[list(DESCRIPTOR_COLUMNS)])),
+        "descriptors_only": (
+            onehot.transform(fit[list(DESCRIPTOR_COLUMNS)]),
+            onehot.transform(test[list(DESCRIPTOR_COLUMNS)]),
+        ),
     }
     feats["text_and_descriptors"] = (
         hstack([feats["text_only"][0], feats["descriptors_only"][0]]).tocsr(),
@@ -147,10 +150,14 @@ def main(argv=None) -> int:
     manifest = json.loads((args.root / "manifest.json").read_text())
     load_synthetic(args.root)  # the loader accepts what the generator wrote
     df = _frame(args.root)
-    result = {"seed": args.seed, "size": args.size, "generation_s": round(t_gen, 1),
-              "utterances": {s: manifest["splits"][s]["utterances"] for s in SPLITS},
-              "speakers": {s: len(manifest["splits"][s]["speakers"]) for s in SPLITS},
-              "emotion_accuracy": emotion_classifiers(df, seed=args.seed)}
+    result = {
+        "seed": args.seed,
+        "size": args.size,
+        "generation_s": round(t_gen, 1),
+        "utterances": {s: manifest["splits"][s]["utterances"] for s in SPLITS},
+        "speakers": {s: len(manifest["splits"][s]["speakers"]) for s in SPLITS},
+        "emotion_accuracy": emotion_classifiers(df, seed=args.seed),
+    }
     print("emotion accuracy on test (logistic regression, ground-truth inputs):")
     for k, v in result["emotion_accuracy"].items():
         print(f"  {k:22s} {v:.3f}")

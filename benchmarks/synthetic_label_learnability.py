@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
         out["tool"][f] = round(float(np.mean(np.array(held[f + "_auto"]) == np.array(held[f]))), 3)
     for name, suffix in (("true_descriptors", ""), ("tool_descriptors", "_auto")):
         model = LogisticRegression(max_iter=2000).fit(descriptor_one_hot(train, suffix), train["emotion"])
-        out["emotion_from"][name] = round(float(np.mean(model.predict(descriptor_one_hot(held, suffix)) == np.array(held["emotion"]))), 3)
+        out["emotion_from"][name] = round(
+            float(np.mean(model.predict(descriptor_one_hot(held, suffix)) == np.array(held["emotion"]))), 3
+        )
     model = GradientBoostingClassifier(random_state=args.seed).fit(x_train, train["emotion"])
     out["emotion_from"]["acoustics"] = round(float(np.mean(model.predict(x_held) == np.array(held["emotion"]))), 3)
     print(json.dumps(out))

@@ -36,14 +36,20 @@ def main(argv=None):
     p.add_argument("--json")
     args = p.parse_args(argv)
     dd = load_synthetic(synthesize_corpus(args.root, seed=args.seed, size=args.size, num_proc=args.num_proc))
-    ann = annotate(dd, method="unified", reference=dd["reference"], calibrate=True, num_proc=args.num_proc, seed=args.seed)
+    ann = annotate(
+        dd, method="unified", reference=dd["reference"], calibrate=True, num_proc=args.num_proc, seed=args.seed
+    )
     out = {}
     print("| split | speakers | n | " + " | ".join(FIELDS) + " | all five right |\n|---|---|---|" + "---|" * 6)
     for split in ann:
         rep = annotation_report(ann[split])
         rows = {"all": rep["accuracy"], **by_kind(rep)}
         for kind, a in rows.items():
-            print(f"| {split} | {kind} | {a['n']} | " + " | ".join(f"{a[f]:.2f}" for f in FIELDS) + f" | {a['all_right']:.2f} |")
+            print(
+                f"| {split} | {kind} | {a['n']} | "
+                + " | ".join(f"{a[f]:.2f}" for f in FIELDS)
+                + f" | {a['all_right']:.2f} |"
+            )
         total = rep["rows"] - rep["n_errors"]
         shares = {f: {k: round(v / total, 3) for k, v in rep["labels"][f].items()} for f in FIELDS}
         out[split] = {"accuracy": rows, "label_shares": shares, "errors": rep["errors"]}

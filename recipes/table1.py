@@ -54,15 +54,21 @@ def _repair(runs) -> str:
 def _row(spec, runs) -> str:
     m = [r["test"][r["target_corpus"]] for r in runs]
     k = sorted({r["settings"]["num_policies_used"] for r in runs})
-    sed = " | ".join(_fmt([x["sed_accuracy"][f] for x in m]) for f in SED_FIELDS) if spec.with_sed else " | ".join("–" for _ in SED_FIELDS)
+    sed = (
+        " | ".join(_fmt([x["sed_accuracy"][f] for x in m]) for f in SED_FIELDS)
+        if spec.with_sed
+        else " | ".join("–" for _ in SED_FIELDS)
+    )
     kept = f"{int(spec.selection_ratio * 100)}%" if spec.selection_ratio else ("100%" if spec.domain_sft else "")
     if spec.selection == "oracle":
         kept += " (oracle)"
     labels = {"auto": "", "truth": "true", "pseudo": "SLM's own"}[spec.sed_labels]
     name = spec.name[3:] if spec.name.startswith("sys") else spec.name
-    return (f"| {name} | {'✓' if spec.with_sed else ''} | {'✓' if spec.domain_sft else ''} | {kept} | {labels} | "
-            f"{'✓ (K=%s)' % ','.join(map(str, k)) if spec.rectify else ''} | **{_fmt([x['wa'] for x in m])}** | {_fmt([x['ua'] for x in m])} | "
-            f"{_fmt([x['weighted_f1'] for x in m])} | {sed} | {_repair(runs)} | {spec.paper_iemocap or '–'} | {spec.paper_meld or '–'} |")
+    return (
+        f"| {name} | {'✓' if spec.with_sed else ''} | {'✓' if spec.domain_sft else ''} | {kept} | {labels} | "
+        f"{'✓ (K=%s)' % ','.join(map(str, k)) if spec.rectify else ''} | **{_fmt([x['wa'] for x in m])}** | {_fmt([x['ua'] for x in m])} | "
+        f"{_fmt([x['weighted_f1'] for x in m])} | {sed} | {_repair(runs)} | {spec.paper_iemocap or '–'} | {spec.paper_meld or '–'} |"
+    )
 
 
 def _predictions(base: RecipeConfig, spec, seed: int) -> list[dict]:
@@ -93,28 +99,52 @@ def main(argv=None):
     header = (
         "| Sys | SED | domain SFT | kept | labels | RL rectification | WA % | UA % | wF1 % | "
         + " | ".join(f"{f} acc %" for f in SED_FIELDS)
-        + " | train labels correct: annotated → rectified % | paper IEMOCAP | paper MELD |\n|" + "---|" * (12 + len(SED_FIELDS))
+        + " | train labels correct: annotated → rectified % | paper IEMOCAP | paper MELD |\n|"
+        + "---|" * (12 + len(SED_FIELDS))
     )
     rows = [_row(get_system(n), runs[n]) for n in sorted(runs, key=_order)]
     n_utts = {len(r["predictions"]) for rs in runs.values() for r in rs}
-    table = (f"{header}\n" + "\n".join(rows) + f"\n\n{own.seeds} seeds (0..{own.seeds - 1}), mean ± std; corpus {base.target_corpus} "
-             f"({base.test_split}, {'/'.join(map(str, sorted(n_utts)))} utterances).\n")
+    table = (
+        f"{header}\n"
+        + "\n".join(rows)
+        + f"\n\n{own.seeds} seeds (0..{own.seeds - 1}), mean ± std; corpus {base.target_corpus} "
+        f"({base.test_split}, {'/'.join(map(str, sorted(n_utts)))} utterances).\n"
+    )
     claims = []
     for c in paper_claims(runs):
         res = judge(runs[c.better], runs[c.worse], n_boot=own.bootstrap)
         claims.append({"claim": c.label, "better": c.better, "worse": c.worse, "source": c.source, **res})
-    lines = ["| claim | from | WA difference (points) | 95% interval | per seed | verdict |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['source']} | {100 * c['diff']:+.2f} | [{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}] | "
-              f"{', '.join(f'{100 * d:+.1f}' for d in c['per_seed_diff'])} | **{c['verdict']}** |" for c in claims]
-    text = (table + "\nPaired differences over the same utterances and seeds; 95% percentile bootstrap over utterances and "
-            f"seeds ({own.bootstrap} draws).\n\n" + "\n".join(lines) + "\n")
+    lines = [
+        "| claim | from | WA difference (points) | 95% interval | per seed | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['claim']} | {c['source']} | {100 * c['diff']:+.2f} | [{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}] | "
+        f"{', '.join(f'{100 * d:+.1f}' for d in c['per_seed_diff'])} | **{c['verdict']}** |"
+        for c in claims
+    ]
+    text = (
+        table + "\nPaired differences over the same utterances and seeds; 95% percentile bootstrap over utterances and "
+        f"seeds ({own.bootstrap} draws).\n\n" + "\n".join(lines) + "\n"
+    )
     print(text)
     out = Path(base.output_dir)
     atomic_write_text(out / f"table1-{base.test_split}.md", text)
-    atomic_write_json(out / f"table1-{base.test_split}.json", {
-        "systems": {n: [{k: r[k] for k in ("test", "seed", "settings")} | {"controller_audit": r.get("controller_audit")} for r in rs]
-                    for n, rs in runs.items()},
-        "claims": claims, "seeds": own.seeds, "split": base.test_split})
+    atomic_write_json(
+        out / f"table1-{base.test_split}.json",
+        {
+            "systems": {
+                n: [
+                    {k: r[k] for k in ("test", "seed", "settings")} | {"controller_audit": r.get("controller_audit")}
+                    for r in rs
+                ]
+                for n, rs in runs.items()
+            },
+            "claims": claims,
+            "seeds": own.seeds,
+            "split": base.test_split,
+        },
+    )
     return 0
 
 

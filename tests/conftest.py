@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from explain_fixtures import explain_clips, explain_model_dir, segment_model_dir  # noqa: F401  (session fixtures)
 
 

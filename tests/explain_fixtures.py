@@ -69,7 +69,7 @@ def speech_only(wav, floor=0.01, pad=0.05, sr=16000):
     import numpy as np
 
     idx = np.flatnonzero(np.abs(wav) > floor)
-    return wav[max(0, idx[0] - int(pad * sr)):idx[-1] + 1 + int(pad * sr)]
+    return wav[max(0, idx[0] - int(pad * sr)) : idx[-1] + 1 + int(pad * sr)]
 
 
 def train_explainer(out_dir, audio, captions, steps=130):
@@ -81,8 +81,16 @@ def train_explainer(out_dir, audio, captions, steps=130):
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model, proc = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, vocab_size=600, lm_hidden=64, encoder_dim=64,
-                                     encoder_layers=1, lm_layers=1, max_audio_seconds=4)
+    model, proc = build_tiny_ser_slm(
+        TEXTS,
+        emotion_labels=LABELS,
+        vocab_size=600,
+        lm_hidden=64,
+        encoder_dim=64,
+        encoder_layers=1,
+        lm_layers=1,
+        max_audio_seconds=4,
+    )
     enc = proc(audio=list(audio), captions=list(captions))
     inputs = {k: v for k, v in enc.items() if k not in ("sed_token_index", "emotion_token_mask")}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -125,5 +133,9 @@ def segment_model_dir(tmp_path_factory, explain_clips):
     from trustser.audio import load_audio
 
     audio = [load_audio(p) for p in explain_clips]
-    return train_explainer(tmp_path_factory.mktemp("segmodel"), audio + [speech_only(w) for w in audio] + [speech_only(w, pad=0.15) for w in audio],
-                           CAPTIONS * 3, steps=250)
+    return train_explainer(
+        tmp_path_factory.mktemp("segmodel"),
+        audio + [speech_only(w) for w in audio] + [speech_only(w, pad=0.15) for w in audio],
+        CAPTIONS * 3,
+        steps=250,
+    )

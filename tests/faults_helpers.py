@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-
 from ser_slm_fixtures import LABELS, TEXTS, tone
 
 SR = 16000
@@ -27,7 +26,9 @@ def write_corpus(root: Path, n_train: int = 12, n_test: int = 4, n_reference: in
             seed = {"reference": 0, "train": 1000, "test": 2000}[split] + i
             sf.write(d / f"{split}{i:03d}.wav", tone(1.0 + 0.2 * (i % 3), f0, amp, seed=seed), SR)
             gender = "female" if f0 > 150 else "male"
-            lines.append(f"{split}{i:03d}.wav,{LABELS[i % len(LABELS)]},{TEXTS[i % len(TEXTS)]},s{i % 3},{gender},{ages[i % 4]}")
+            lines.append(
+                f"{split}{i:03d}.wav,{LABELS[i % len(LABELS)]},{TEXTS[i % len(TEXTS)]},s{i % 3},{gender},{ages[i % 4]}"
+            )
         (d / "metadata.csv").write_text("\n".join(lines) + "\n")
     return root
 
@@ -39,8 +40,17 @@ def save_tiny_model(path: Path, *, seed: int = 0) -> Path:
     from trustser.models.ser_slm import build_tiny_ser_slm
 
     torch.manual_seed(seed)
-    model, proc = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, vocab_size=400, lm_hidden=32, encoder_dim=32,
-                                     encoder_layers=1, lm_layers=1, max_audio_seconds=2, seed=seed)
+    model, proc = build_tiny_ser_slm(
+        TEXTS,
+        emotion_labels=LABELS,
+        vocab_size=400,
+        lm_hidden=32,
+        encoder_dim=32,
+        encoder_layers=1,
+        lm_layers=1,
+        max_audio_seconds=2,
+        seed=seed,
+    )
     model.generation_config.max_new_tokens = 12
     model.save_pretrained(path)
     proc.save_pretrained(path)
@@ -63,7 +73,13 @@ def nested_equal(x, y, where: str = "") -> list[str]:
     import torch
 
     if torch.is_tensor(x) or torch.is_tensor(y):
-        ok = torch.is_tensor(x) and torch.is_tensor(y) and x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+        ok = (
+            torch.is_tensor(x)
+            and torch.is_tensor(y)
+            and x.dtype == y.dtype
+            and x.shape == y.shape
+            and torch.equal(x, y)
+        )
         return [] if ok else [where]
     if isinstance(x, dict) and isinstance(y, dict):
         if set(x) != set(y):

@@ -31,9 +31,34 @@ def write_mp4(path: Path, seconds: float, *, channels: int = 6, sr: int = 48000,
     tmp_wav = path.with_suffix(".src.wav")
     sf.write(str(tmp_wav), sine(seconds, sr, freq, channels), sr, subtype="PCM_16")
     subprocess.run(
-        ["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=black:s=32x32:r=5", "-i", str(tmp_wav),
-         "-shortest", "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
-         "-ac", str(channels), "-ar", str(sr), str(path)],
+        [
+            "ffmpeg",
+            "-y",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "color=c=black:s=32x32:r=5",
+            "-i",
+            str(tmp_wav),
+            "-shortest",
+            "-map",
+            "0:v",
+            "-map",
+            "1:a",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-ac",
+            str(channels),
+            "-ar",
+            str(sr),
+            str(path),
+        ],
         check=True,
     )
     tmp_wav.unlink()
@@ -44,10 +69,18 @@ def write_mp4(path: Path, seconds: float, *, channels: int = 6, sr: int = 48000,
 # ------------------------------------------------------------------------------------------
 # per session: dialog -> [(utterance suffix, label code, transcript)]
 _IEMOCAP_DIALOGS = {
-    "F_impro01": [("F000", "neu", "Excuse me."), ("M000", "hap", "Do you have your forms?"),
-                  ("F001", "exc", "Yeah, I got them!"), ("M001", "fru", "Let me see them.")],
-    "M_script01_1": [("F000", "ang", "Oh, stop it."), ("M000", "sad", "I miss him."),
-                     ("M001", "xxx", "Well, okay."), ("F001", "oth", "Whatever.")],
+    "F_impro01": [
+        ("F000", "neu", "Excuse me."),
+        ("M000", "hap", "Do you have your forms?"),
+        ("F001", "exc", "Yeah, I got them!"),
+        ("M001", "fru", "Let me see them."),
+    ],
+    "M_script01_1": [
+        ("F000", "ang", "Oh, stop it."),
+        ("M000", "sad", "I miss him."),
+        ("M001", "xxx", "Well, okay."),
+        ("F001", "oth", "Whatever."),
+    ],
 }
 _MAP = {"neu": "neutral", "hap": "happy", "exc": "happy", "ang": "angry", "sad": "sad"}
 
@@ -77,8 +110,12 @@ def build_iemocap(root: Path, *, seconds: float = 0.4) -> dict:
                 start, end = t, t + seconds + 1.0
                 eval_lines += [
                     f"[{start:.4f} - {end:.4f}]\t{uid}\t{code}\t[2.5000, 2.5000, 2.5000]",
-                    "C-E2:\tNeutral;\t()", "C-E3:\tNeutral;\t()", "C-F1:\tNeutral;\t(curious)",
-                    "A-E3:\tval 3; act 2; dom  2;\t()", "A-F1:\tval 3; act 2; dom  1;\t()", "",
+                    "C-E2:\tNeutral;\t()",
+                    "C-E3:\tNeutral;\t()",
+                    "C-F1:\tNeutral;\t(curious)",
+                    "A-E3:\tval 3; act 2; dom  2;\t()",
+                    "A-F1:\tval 3; act 2; dom  1;\t()",
+                    "",
                 ]
                 tr_lines.append(f"{uid} [{start:08.4f}-{end:08.4f}]: {text}")
                 if i == 1:
@@ -92,9 +129,15 @@ def build_iemocap(root: Path, *, seconds: float = 0.4) -> dict:
                     missing.append(uid)
                     continue
                 write_wav(sdir / "sentences" / "wav" / dialog / f"{uid}.wav", seconds + 0.05 * i, freq=200 + 20 * i)
-                expected[uid] = {"emotion": _MAP[code], "text": text, "gender": "female" if u[0] == "F" else "male",
-                                 "speaker": f"Ses{n:02d}{u[0]}", "session": n, "dialog": dialog,
-                                 "seconds": seconds + 0.05 * i}
+                expected[uid] = {
+                    "emotion": _MAP[code],
+                    "text": text,
+                    "gender": "female" if u[0] == "F" else "male",
+                    "speaker": f"Ses{n:02d}{u[0]}",
+                    "session": n,
+                    "dialog": dialog,
+                    "seconds": seconds + 0.05 * i,
+                }
             (eva / f"{dialog}.txt").write_text("\n".join(eval_lines) + "\n")
             (eva / "Categorical" / f"{dialog}_e2_cat.txt").write_text("\n".join(cat_lines) + "\n")
             (eva / "Attribute" / f"{dialog}_e2_atr.txt").write_text(f"[1.0 - 2.0]\t{dialog}_F999\tneu\t[1, 1, 1]\n")
@@ -108,12 +151,41 @@ def build_iemocap(root: Path, *, seconds: float = 0.4) -> dict:
 # ------------------------------------------------------------------------------------------
 # MELD
 # ------------------------------------------------------------------------------------------
-MELD_HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID",
-               "Season", "Episode", "StartTime", "EndTime"]
+MELD_HEADER = [
+    "Sr No.",
+    "Utterance",
+    "Speaker",
+    "Emotion",
+    "Sentiment",
+    "Dialogue_ID",
+    "Utterance_ID",
+    "Season",
+    "Episode",
+    "StartTime",
+    "EndTime",
+]
 _MELD_ROWS = {
     "train": [
-        ("Why do all you\u2019re coffee mugs have numbers on the bottom?", "Mark", "surprise", "positive", 0, 0, 0.6, 6),
-        ("Oh. That\u2019s so Monica can keep track. \u201cThat\u201d way\u2026", "Rachel", "joy", "positive", 0, 1, 0.5, 2),
+        (
+            "Why do all you\u2019re coffee mugs have numbers on the bottom?",
+            "Mark",
+            "surprise",
+            "positive",
+            0,
+            0,
+            0.6,
+            6,
+        ),
+        (
+            "Oh. That\u2019s so Monica can keep track. \u201cThat\u201d way\u2026",
+            "Rachel",
+            "joy",
+            "positive",
+            0,
+            1,
+            0.5,
+            2,
+        ),
         ("Y\u2019know what? I\u2019m gonna go.", "Ross", "anger", "negative", 1, 0, 0.45, 6),
         ("Missing clip here.", "Joey", "sadness", "negative", 1, 1, 0.5, 6),  # no mp4 on disk
     ],
@@ -127,10 +199,20 @@ _MELD_ROWS = {
         ("Okay.", "Ross", "neutral", "neutral", 1, 0, 0.3, 1),
     ],
 }
-_MELD_MAP = {"neutral": "neutral", "joy": "happy", "anger": "angry", "sadness": "sad",
-             "surprise": "surprised", "disgust": "disgusted", "fear": "fearful"}
-_MELD_DIRS = {"train": ("train", "train_splits"), "dev": ("dev", "dev_splits_complete"),
-              "test": ("test", "output_repeated_splits_test")}
+_MELD_MAP = {
+    "neutral": "neutral",
+    "joy": "happy",
+    "anger": "angry",
+    "sadness": "sad",
+    "surprise": "surprised",
+    "disgust": "disgusted",
+    "fear": "fearful",
+}
+_MELD_DIRS = {
+    "train": ("train", "train_splits"),
+    "dev": ("dev", "dev_splits_complete"),
+    "test": ("test", "output_repeated_splits_test"),
+}
 
 
 def build_meld(root: Path, *, dev_encoding: str = "utf-8") -> dict:
@@ -154,7 +236,13 @@ def build_meld(root: Path, *, dev_encoding: str = "utf-8") -> dict:
                     missing.append(uid)
                     continue
                 write_mp4(clip_dir / f"dia{dia}_utt{utt}.mp4", secs, channels=ch, freq=300 + 40 * i)
-                expected[uid] = {"text": text, "speaker": spk, "emotion": _MELD_MAP[emo], "seconds": secs, "split": split}
+                expected[uid] = {
+                    "text": text,
+                    "speaker": spk,
+                    "emotion": _MELD_MAP[emo],
+                    "seconds": secs,
+                    "split": split,
+                }
     # an extra file the test folder of the release contains; must be ignored
     (root / "test" / "output_repeated_splits_test" / "final_videos_testdia0_utt0.mp4").write_bytes(b"not a video")
     return {"root": root, "expected": expected, "missing": missing}
@@ -185,24 +273,53 @@ def build_speechcraft(root: Path) -> dict:
             missing.append(key)
         else:
             write_wav(audio_root / rel, 0.3 + 0.1 * i, freq=180 + 30 * i)
-            expected[key] = {"age": age.lower(), "gender": gender.lower(), "pitch": pitch.lower(),
-                             "volume": volume.lower(), "speed": speed.lower(),
-                             "emotion": "neutral" if emo == "Other" else emo.lower(), "text": text,
-                             "speaker": key.rsplit("_S", 1)[0], "seconds": 0.3 + 0.1 * i}
-        recs.append({"key": key, "path": rel, "age": age, "gender": gender, "pitch": pitch, "volume": volume,
-                     "speed": speed, "emotion": emo, "transcription": text})
+            expected[key] = {
+                "age": age.lower(),
+                "gender": gender.lower(),
+                "pitch": pitch.lower(),
+                "volume": volume.lower(),
+                "speed": speed.lower(),
+                "emotion": "neutral" if emo == "Other" else emo.lower(),
+                "text": text,
+                "speaker": key.rsplit("_S", 1)[0],
+                "seconds": 0.3 + 0.1 * i,
+            }
+        recs.append(
+            {
+                "key": key,
+                "path": rel,
+                "age": age,
+                "gender": gender,
+                "pitch": pitch,
+                "volume": volume,
+                "speed": speed,
+                "emotion": emo,
+                "transcription": text,
+            }
+        )
     desc = root / "descriptions"
     desc.mkdir(parents=True)
     (desc / "records.json").write_text(json.dumps(recs, ensure_ascii=False, indent=1))
     (desc / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     lines = []
     for r in recs:
-        lines.append(r["path"] + "\t" + "\t".join(f"{k}:{{{r[k]}}}" for k in
-                                                   ("age", "gender", "pitch", "volume", "speed", "emotion", "transcription")))
+        lines.append(
+            r["path"]
+            + "\t"
+            + "\t".join(
+                f"{k}:{{{r[k]}}}" for k in ("age", "gender", "pitch", "volume", "speed", "emotion", "transcription")
+            )
+        )
     lines.insert(2, "this line is garbage")
     (desc / "records.txt").write_text("\n".join(lines) + "\n")
-    return {"root": root, "audio_root": audio_root, "descriptions": desc, "expected": expected, "missing": missing,
-            "records": recs}
+    return {
+        "root": root,
+        "audio_root": audio_root,
+        "descriptions": desc,
+        "expected": expected,
+        "missing": missing,
+        "records": recs,
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -229,8 +346,13 @@ def build_audiofolder(root: Path, *, per_split: bool = False) -> dict:
     if not per_split:
         _write_meta(root / "metadata.csv", rows, with_split=True)
     for f, label, spk, text, split, gender in rows:
-        expected[str(Path(f).with_suffix(""))] = {"raw": label, "speaker": spk, "text": text, "split": split,
-                                                   "gender": gender.lower()}
+        expected[str(Path(f).with_suffix(""))] = {
+            "raw": label,
+            "speaker": spk,
+            "text": text,
+            "split": split,
+            "gender": gender.lower(),
+        }
     return {"root": root, "expected": expected}
 
 
@@ -256,8 +378,13 @@ def copy_tree(src: Path, dst: Path) -> Path:
 # ------------------------------------------------------------------------------------------
 _IEMOCAP_CODES = {"neutral": "neu", "happy": "hap", "angry": "ang", "sad": "sad"}
 _MELD_CODES = {"neutral": "neutral", "happy": "joy", "angry": "anger", "sad": "sadness"}
-_SC_WORDS = {"young adult": "Young Adult", "middle-aged": "Middle-aged", "elderly": "Elderly",
-             "teenager": "Teenager", "child": "Child"}
+_SC_WORDS = {
+    "young adult": "Young Adult",
+    "middle-aged": "Middle-aged",
+    "elderly": "Elderly",
+    "teenager": "Teenager",
+    "child": "Child",
+}
 
 
 def speech_rows(corpus_root: Path | None, n: int, seed: int = 0) -> list[dict]:
@@ -271,8 +398,16 @@ def speech_rows(corpus_root: Path | None, n: int, seed: int = 0) -> list[dict]:
             with open(meta, newline="", encoding="utf-8") as fh:
                 for r in csv.DictReader(fh):
                     wav, sr = sf.read(str(meta.parent / r["file_name"]), dtype="float32")
-                    rows.append({**{k: r[k] for k in ("text", "emotion", "speaker", "gender", "age", "pitch", "volume", "speed")},
-                                 "wav": wav, "sr": sr})
+                    rows.append(
+                        {
+                            **{
+                                k: r[k]
+                                for k in ("text", "emotion", "speaker", "gender", "age", "pitch", "volume", "speed")
+                            },
+                            "wav": wav,
+                            "sr": sr,
+                        }
+                    )
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(rows))
         return [rows[i] for i in order[:n]]
@@ -280,8 +415,13 @@ def speech_rows(corpus_root: Path | None, n: int, seed: int = 0) -> list[dict]:
 
     out = []
     for r in make_rows(n, seed):
-        out.append({**{k: r[k] for k in ("text", "emotion", "speaker", "gender", "age", "pitch", "volume", "speed")},
-                    "wav": r["audio"]["array"], "sr": r["audio"]["sampling_rate"]})
+        out.append(
+            {
+                **{k: r[k] for k in ("text", "emotion", "speaker", "gender", "age", "pitch", "volume", "speed")},
+                "wav": r["audio"]["array"],
+                "sr": r["audio"]["sampling_rate"],
+            }
+        )
     return out
 
 
@@ -305,10 +445,22 @@ def build_speechcraft_recipe_tree(root: Path, rows: list[dict]) -> Path:
         rel = f"audio/{key[:3].lower()}/P0000/{key}.wav"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         sf.write(str(root / rel), _resampled(r["wav"], r["sr"], 16000), 16000, subtype="PCM_16")
-        lines.append(json.dumps({"key": key, "path": rel, "age": _SC_WORDS.get(r["age"], r["age"].title()),
-                                 "gender": r["gender"].title(), "pitch": r["pitch"].title(), "volume": r["volume"].title(),
-                                 "speed": r["speed"].title(), "emotion": r["emotion"].title(), "transcription": r["text"],
-                                 "speaker": r["speaker"]}))
+        lines.append(
+            json.dumps(
+                {
+                    "key": key,
+                    "path": rel,
+                    "age": _SC_WORDS.get(r["age"], r["age"].title()),
+                    "gender": r["gender"].title(),
+                    "pitch": r["pitch"].title(),
+                    "volume": r["volume"].title(),
+                    "speed": r["speed"].title(),
+                    "emotion": r["emotion"].title(),
+                    "transcription": r["text"],
+                    "speaker": r["speaker"],
+                }
+            )
+        )
     (root / "records.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
@@ -321,8 +473,8 @@ def build_iemocap_recipe_tree(root: Path, rows: list[dict], *, per_dialog: int =
     per_session = max(1, len(rows) // 5)
     for n in range(1, 6):
         sdir = root / f"Session{n}"
-        chunk = rows[(n - 1) * per_session: n * per_session]
-        dialogs = [chunk[i:i + per_dialog] for i in range(0, len(chunk), per_dialog)]
+        chunk = rows[(n - 1) * per_session : n * per_session]
+        dialogs = [chunk[i : i + per_dialog] for i in range(0, len(chunk), per_dialog)]
         for d, utts in enumerate(dialogs):
             dialog = f"Ses{n:02d}{'F' if d % 2 == 0 else 'M'}_{'impro' if d % 2 == 0 else 'script'}{d + 1:02d}"
             eval_lines, tr_lines, t = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""], [], 4.0
@@ -332,8 +484,12 @@ def build_iemocap_recipe_tree(root: Path, rows: list[dict], *, per_dialog: int =
                 wav = _resampled(r["wav"], r["sr"], 16000)
                 start, end = t, t + len(wav) / 16000
                 code = "fru" if (n + i) % 5 == 0 else _IEMOCAP_CODES[r["emotion"]]
-                eval_lines += [f"[{start:.4f} - {end:.4f}]\t{uid}\t{code}\t[2.5000, 3.0000, 2.5000]",
-                               "C-E2:\tNeutral;\t()", "A-E3:\tval 3; act 2; dom  2;\t()", ""]
+                eval_lines += [
+                    f"[{start:.4f} - {end:.4f}]\t{uid}\t{code}\t[2.5000, 3.0000, 2.5000]",
+                    "C-E2:\tNeutral;\t()",
+                    "A-E3:\tval 3; act 2; dom  2;\t()",
+                    "",
+                ]
                 tr_lines.append(f"{uid} [{start:08.4f}-{end:08.4f}]: {r['text']}")
                 t = end + 0.7
                 path = sdir / "sentences" / "wav" / dialog / f"{uid}.wav"
@@ -362,15 +518,53 @@ def build_meld_recipe_tree(root: Path, rows: dict[str, list[dict]]) -> Path:
             w.writerow(MELD_HEADER)
             for i, r in enumerate(split_rows):
                 dia, utt = i // 3, i % 3
-                w.writerow([i + 1, r["text"], r["speaker"], _MELD_CODES[r["emotion"]], "neutral", dia, utt, 1, 1,
-                            "00:00:01,000", "00:00:03,000"])
+                w.writerow(
+                    [
+                        i + 1,
+                        r["text"],
+                        r["speaker"],
+                        _MELD_CODES[r["emotion"]],
+                        "neutral",
+                        dia,
+                        utt,
+                        1,
+                        1,
+                        "00:00:01,000",
+                        "00:00:03,000",
+                    ]
+                )
                 wav = _resampled(r["wav"], r["sr"], 48000)
                 src = clip_dir / f"dia{dia}_utt{utt}.src.wav"
                 sf.write(str(src), np.repeat(wav[:, None], 6, axis=1), 48000, subtype="PCM_16")
                 subprocess.run(
-                    ["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=black:s=32x32:r=5", "-i", str(src),
-                     "-shortest", "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
-                     "-ac", "6", "-ar", "48000", str(clip_dir / f"dia{dia}_utt{utt}.mp4")],
+                    [
+                        "ffmpeg",
+                        "-y",
+                        "-loglevel",
+                        "error",
+                        "-f",
+                        "lavfi",
+                        "-i",
+                        "color=c=black:s=32x32:r=5",
+                        "-i",
+                        str(src),
+                        "-shortest",
+                        "-map",
+                        "0:v",
+                        "-map",
+                        "1:a",
+                        "-c:v",
+                        "libx264",
+                        "-pix_fmt",
+                        "yuv420p",
+                        "-c:a",
+                        "aac",
+                        "-ac",
+                        "6",
+                        "-ar",
+                        "48000",
+                        str(clip_dir / f"dia{dia}_utt{utt}.mp4"),
+                    ],
                     check=True,
                 )
                 src.unlink()
@@ -385,45 +579,96 @@ def save_stand_ins(root: Path, texts: list[str], *, seed: int = 0) -> dict[str, 
     audEERING-style age/gender model. Returns ``{setting: folder}``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                              Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification)
+    from transformers import (
+        HubertConfig,
+        HubertModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Wav2Vec2Config,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForSequenceClassification,
+    )
 
     from trustser.annotation.classifiers import _age_gender_classes
     from trustser.descriptors import build_caption
 
     root = Path(root)
     torch.manual_seed(seed)
-    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                                  return_attention_mask=True)
+    fe = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    )
     out = {}
     # facebook/hubert-large-ll60k
-    hub = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       conv_dim=(16,) * 7, feat_extract_norm="layer", num_conv_pos_embeddings=16,
-                       num_conv_pos_embedding_groups=2, do_stable_layer_norm=True)
+    hub = HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        feat_extract_norm="layer",
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        do_stable_layer_norm=True,
+    )
     HubertModel(hub).save_pretrained(root / "hubert-large-ll60k")
     fe.save_pretrained(root / "hubert-large-ll60k")
     out["audio_model"] = str(root / "hubert-large-ll60k")
     # meta-llama/Llama-3.1-8B-Instruct
-    samples = [build_caption(t, "neutral", {"pitch": "high", "volume": "low", "speed": "normal", "gender": "female",
-                                           "age": "young adult"}) for t in texts] + list(texts)
+    samples = [
+        build_caption(
+            t,
+            "neutral",
+            {"pitch": "high", "volume": "low", "speed": "normal", "gender": "female", "age": "young adult"},
+        )
+        for t in texts
+    ] + list(texts)
     tk = Tokenizer(models.BPE(unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(samples * 2, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                  clean_up_tokenization_spaces=False)
-    llama = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    tk.train_from_iterator(
+        samples * 2,
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", clean_up_tokenization_spaces=False
+    )
+    llama = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(llama).save_pretrained(root / "Llama-3.1-8B-Instruct")
     tok.save_pretrained(root / "Llama-3.1-8B-Instruct")
     out["text_model"] = str(root / "Llama-3.1-8B-Instruct")
-    w2v = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(16, 16),
-               conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, vocab_size=10)
+    w2v = dict(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(16, 16),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 8),
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+        vocab_size=10,
+    )
     # alefiury/wav2vec2-large-xlsr-53-gender-recognition-librispeech
-    gender = Wav2Vec2ForSequenceClassification(Wav2Vec2Config(num_labels=2, id2label={0: "female", 1: "male"},
-                                                              label2id={"female": 0, "male": 1}, **w2v))
+    gender = Wav2Vec2ForSequenceClassification(
+        Wav2Vec2Config(num_labels=2, id2label={0: "female", 1: "male"}, label2id={"female": 0, "male": 1}, **w2v)
+    )
     gender.save_pretrained(root / "wav2vec2-large-xlsr-53-gender-recognition-librispeech")
     fe.save_pretrained(root / "wav2vec2-large-xlsr-53-gender-recognition-librispeech")
     out["gender_model"] = str(root / "wav2vec2-large-xlsr-53-gender-recognition-librispeech")
@@ -440,8 +685,10 @@ def build_rehearsal(root: Path, corpus_root: Path | None = None, *, meld: bool =
     ``meld``) MELD trees filled with synthetic speech, and the stand-in models. Returns the paths."""
     root = Path(root)
     rows = speech_rows(corpus_root, 32 + 40 + (26 if meld else 0))
-    out = {"speechcraft": str(build_speechcraft_recipe_tree(root, rows[:32])),
-           "iemocap": str(build_iemocap_recipe_tree(root, rows[32:72]))}
+    out = {
+        "speechcraft": str(build_speechcraft_recipe_tree(root, rows[:32])),
+        "iemocap": str(build_iemocap_recipe_tree(root, rows[32:72])),
+    }
     if meld:
         m = rows[72:]
         out["meld"] = str(build_meld_recipe_tree(root, {"train": m[:16], "dev": m[16:20], "test": m[20:26]}))
@@ -453,4 +700,8 @@ if __name__ == "__main__":  # python tests/fixtures_real.py OUT [SYNTHETIC_CORPU
     import sys
 
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    print(json.dumps(build_rehearsal(Path(args[0]), Path(args[1]) if len(args) > 1 else None, meld="--no-meld" not in sys.argv)))
+    print(
+        json.dumps(
+            build_rehearsal(Path(args[0]), Path(args[1]) if len(args) > 1 else None, meld="--no-meld" not in sys.argv)
+        )
+    )

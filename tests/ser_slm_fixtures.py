@@ -70,8 +70,15 @@ def train_tiny(output_dir, *, rows: int, steps: int, batch: int, logging_steps: 
 
     model, processor = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, seed=0, **build_kwargs)
     args = SerSlmSFTConfig(
-        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch, learning_rate=3e-3,
-        logging_steps=logging_steps, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=3e-3,
+        logging_steps=logging_steps,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=make_dataset(rows), processing_class=processor)
     trainer.train()

@@ -20,7 +20,12 @@ def fn(partial: Path):
 first = runner.run("pretrain", {"x": 1}, fn, all_processes=True)
 again = runner.run("pretrain", {"x": 1}, fn, all_processes=True)
 other = runner.run("cem", {"y": 2}, fn, [first])
-(out / f"rank{state.process_index}.json").write_text(json.dumps({
-    "num_processes": state.num_processes, "run_id": runner._run_id,
-    "stages": [[s.name, s.reused, sorted(p.name for p in s.path.iterdir())] for s in (first, again, other)],
-}))
+(out / f"rank{state.process_index}.json").write_text(
+    json.dumps(
+        {
+            "num_processes": state.num_processes,
+            "run_id": runner._run_id,
+            "stages": [[s.name, s.reused, sorted(p.name for p in s.path.iterdir())] for s in (first, again, other)],
+        }
+    )
+)

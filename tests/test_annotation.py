@@ -62,7 +62,9 @@ def test_sine_level_in_db():
     # silence (padding) does not lower it
     wav = (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
     padded = np.concatenate([wav, np.zeros(SR, np.float32)])
-    assert extract_features(padded, SR, "x")["rms_db"] == pytest.approx(extract_features(wav, SR, "x")["rms_db"], abs=0.05)
+    assert extract_features(padded, SR, "x")["rms_db"] == pytest.approx(
+        extract_features(wav, SR, "x")["rms_db"], abs=0.05
+    )
 
 
 @needs_espeak
@@ -120,29 +122,48 @@ def test_speechcraft_pitch_percentiles_per_gender():
 def test_tertiles_equal_counts():
     words = B.tertiles(np.arange(1, 10), B.SPEED_WORDS)
     assert words == ["slow"] * 3 + ["normal"] * 3 + ["fast"] * 3
-    out = B.speechcraft({"f0_median": [1.0] * 9, "rms_db": np.arange(9.0), "phonemes_per_second": np.arange(9.0)[::-1]}, ["male"] * 9)
+    out = B.speechcraft(
+        {"f0_median": [1.0] * 9, "rms_db": np.arange(9.0), "phonemes_per_second": np.arange(9.0)[::-1]}, ["male"] * 9
+    )
     assert out["volume"][:3] == ["low"] * 3 and out["speed"][:3] == ["fast"] * 3
 
 
 def test_age_buckets():
     years = [5, 13.9, 14, 25.9, 26, 39, 40, 54.9, 55, 90, float("nan")]
     assert B.age_bucket(years) == [
-        "child", "child", "teenager", "teenager", "young adult", "young adult",
-        "middle-aged", "middle-aged", "elderly", "elderly", "",
+        "child",
+        "child",
+        "teenager",
+        "teenager",
+        "young adult",
+        "young adult",
+        "middle-aged",
+        "middle-aged",
+        "elderly",
+        "elderly",
+        "",
     ]
 
 
 def test_unified_fixed_thresholds():
     t = B.UnifiedThresholds(pitch_hz=(140, 220), volume_db=(-26, -18), speed_pps=(11, 14))
     out = B.unified({"f0_median": [100, 180, 250], "rms_db": [-30, -20, -10], "phonemes_per_second": [9, 12, 15]}, t)
-    assert out == {"pitch": ["low", "normal", "high"], "volume": ["low", "normal", "high"], "speed": ["slow", "normal", "fast"]}
+    assert out == {
+        "pitch": ["low", "normal", "high"],
+        "volume": ["low", "normal", "high"],
+        "speed": ["slow", "normal", "fast"],
+    }
 
 
 def test_speaker_adaptive_is_relative_to_each_speaker():
     # a low-voiced and a high-voiced speaker, each with a low/normal/high utterance
     f0 = [90, 100, 111] * 2 + [180, 200, 222] * 2
     spk = ["a"] * 6 + ["b"] * 6
-    feats = {"f0_median": f0, "rms_db": [-30, -25, -20] * 2 + [-20, -15, -10] * 2, "phonemes_per_second": [9, 10, 11] * 4}
+    feats = {
+        "f0_median": f0,
+        "rms_db": [-30, -25, -20] * 2 + [-20, -15, -10] * 2,
+        "phonemes_per_second": [9, 10, 11] * 4,
+    }
     cfg = B.AdaptiveConfig(min_utterances=3)
     out = B.speaker_adaptive(feats, spk, config=cfg)
     assert out["pitch"] == ["low", "normal", "high"] * 4
@@ -174,7 +195,14 @@ def test_calibrated_thresholds_reproduce_reference_proportions():
     labels = np.where(x < -1.0, "low", np.where(x < 0.5, "normal", "high"))
     lo, hi = B.prior_edges(x, labels, B.PITCH_WORDS)
     assert lo == pytest.approx(-1.0, abs=0.1) and hi == pytest.approx(0.5, abs=0.1)
-    t = B.fit_unified_thresholds({"f0_median": x, "rms_db": x, "phonemes_per_second": x}, {"pitch": labels, "volume": labels, "speed": np.char.replace(np.char.replace(labels.astype(str), "low", "slow"), "high", "fast")})
+    t = B.fit_unified_thresholds(
+        {"f0_median": x, "rms_db": x, "phonemes_per_second": x},
+        {
+            "pitch": labels,
+            "volume": labels,
+            "speed": np.char.replace(np.char.replace(labels.astype(str), "low", "slow"), "high", "fast"),
+        },
+    )
     assert t.pitch_hz == pytest.approx((lo, hi))
 
 
@@ -215,8 +243,19 @@ def test_bad_audio_gets_a_reason_not_an_exception():
     ]
     texts = ["a b c"] * len(entries)
     texts[-2] = ""
-    out = _feature_batch({"audio": entries, "text": texts}, audio_column="audio", text_column="text", embed=True, voice="en-us")
-    assert out["annotation_error"][:8] == ["", "silence", "clipping", "too_short", "nan", "unreadable", "channels", "no_transcript"]
+    out = _feature_batch(
+        {"audio": entries, "text": texts}, audio_column="audio", text_column="text", embed=True, voice="en-us"
+    )
+    assert out["annotation_error"][:8] == [
+        "",
+        "silence",
+        "clipping",
+        "too_short",
+        "nan",
+        "unreadable",
+        "channels",
+        "no_transcript",
+    ]
     assert out["annotation_error"][8] in ("unvoiced", "")  # white noise: Praat may find no voicing
     assert out["f0_median"][0] == pytest.approx(150.0, rel=0.01)
     assert out["_trustser_embedding"][1] is None and len(out["_trustser_embedding"][0]) == EMBEDDING_DIM
@@ -261,16 +300,26 @@ def _tiny_w2v_config(**kw):
     from transformers import Wav2Vec2Config
 
     return Wav2Vec2Config(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=8,
-        num_conv_pos_embedding_groups=2, vocab_size=10, **kw,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(16, 16),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 8),
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+        vocab_size=10,
+        **kw,
     )
 
 
 def _save_extractor(path):
     from transformers import Wav2Vec2FeatureExtractor
 
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True, return_attention_mask=True).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    ).save_pretrained(path)
 
 
 def test_hub_gender_classifier_from_local_tiny_model(tmp_path):
@@ -280,7 +329,9 @@ def test_hub_gender_classifier_from_local_tiny_model(tmp_path):
     from trustser.annotation.classifiers import HubAudioClassifier
 
     torch.manual_seed(0)
-    model = Wav2Vec2ForSequenceClassification(_tiny_w2v_config(num_labels=2, id2label={0: "female", 1: "male"}, label2id={"female": 0, "male": 1}))
+    model = Wav2Vec2ForSequenceClassification(
+        _tiny_w2v_config(num_labels=2, id2label={0: "female", 1: "male"}, label2id={"female": 0, "male": 1})
+    )
     with torch.no_grad():  # make "male" win regardless of the input
         model.classifier.weight.zero_()
         model.classifier.bias.copy_(torch.tensor([-2.0, 2.0]))
@@ -322,10 +373,13 @@ def test_hub_age_gender_regression_head(tmp_path):
 
     from trustser.annotation import annotate
 
-    ds = datasets.Dataset.from_dict({
-        "audio": [{"bytes": _wav_bytes(pulse_train(f)), "path": f"{f}.wav"} for f in (120.0, 200.0, 260.0)] + [{"bytes": b"x", "path": "bad.wav"}],
-        "text": ["one two"] * 4,
-    }).cast_column("audio", datasets.Audio(sampling_rate=SR))
+    ds = datasets.Dataset.from_dict(
+        {
+            "audio": [{"bytes": _wav_bytes(pulse_train(f)), "path": f"{f}.wav"} for f in (120.0, 200.0, 260.0)]
+            + [{"bytes": b"x", "path": "bad.wav"}],
+            "text": ["one two"] * 4,
+        }
+    ).cast_column("audio", datasets.Audio(sampling_rate=SR))
     out = annotate(ds, method="speechcraft", gender_backend=str(path), age_backend=str(path), batch_size=2)
     assert out["gender_auto"] == ["female"] * 3 + [""]
     assert out["age_auto"] == ["young adult"] * 3 + [""]
@@ -436,15 +490,48 @@ def test_cli_annotate_with_saved_classifiers(synthetic_small, annotated, tmp_pat
     clfs = fit_reference_classifiers(annotated["reference"].select(range(40)))
     paths = {f: clf.save(tmp_path / f"{f}.json") for f, clf in clfs.items()}
     out = tmp_path / "annotated"
-    rc = main(["annotate", "synthetic", str(synthetic_small), "--out", str(out), "--split", "dev", "--method", "speaker_adaptive",
-               "--gender-backend", str(paths["gender"]), "--age-backend", str(paths["age"]), "--speaker-scope", "split"])
+    rc = main(
+        [
+            "annotate",
+            "synthetic",
+            str(synthetic_small),
+            "--out",
+            str(out),
+            "--split",
+            "dev",
+            "--method",
+            "speaker_adaptive",
+            "--gender-backend",
+            str(paths["gender"]),
+            "--age-backend",
+            str(paths["age"]),
+            "--speaker-scope",
+            "split",
+        ]
+    )
     assert rc == 0
     dd = datasets.load_from_disk(str(out))
     assert list(dd) == ["dev"] and "pitch_auto" in dd["dev"].column_names
     summary = json.loads((out / "annotation.json").read_text())
     assert summary["method"] == "speaker_adaptive" and summary["splits"]["dev"]["n_errors"] == 0
-    assert main(["annotate", "synthetic", str(synthetic_small), "--out", str(tmp_path / "x"), "--split", "nope",
-                 "--gender-backend", str(paths["gender"]), "--age-backend", str(paths["age"])]) == 1
+    assert (
+        main(
+            [
+                "annotate",
+                "synthetic",
+                str(synthetic_small),
+                "--out",
+                str(tmp_path / "x"),
+                "--split",
+                "nope",
+                "--gender-backend",
+                str(paths["gender"]),
+                "--age-backend",
+                str(paths["age"]),
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -460,14 +547,43 @@ def test_annotate_under_accelerate_two_processes(synthetic_small, annotated, tmp
 
     clfs = fit_reference_classifiers(annotated["reference"])
     paths = {f: clf.save(tmp_path / f"{f}.json") for f, clf in clfs.items()}
-    common = ["synthetic", str(synthetic_small), "--split", "dev", "--method", "speechcraft",
-              "--gender-backend", str(paths["gender"]), "--age-backend", str(paths["age"])]
-    subprocess.run([sys.executable, "-m", "trustser.annotation.cli", *common, "--out", str(tmp_path / "one")], check=True)
-    two_proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu.yaml"),
-                               "-m", "trustser.annotation.cli", *common, "--out", str(tmp_path / "two")],
-                              check=True, capture_output=True, text=True)
+    common = [
+        "synthetic",
+        str(synthetic_small),
+        "--split",
+        "dev",
+        "--method",
+        "speechcraft",
+        "--gender-backend",
+        str(paths["gender"]),
+        "--age-backend",
+        str(paths["age"]),
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "trustser.annotation.cli", *common, "--out", str(tmp_path / "one")], check=True
+    )
+    two_proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "recipes/accelerate_configs/cpu.yaml"),
+            "-m",
+            "trustser.annotation.cli",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert "on 2 processes" in two_proc.stdout + two_proc.stderr, two_proc.stderr[-2000:]
-    one, two = datasets.load_from_disk(str(tmp_path / "one"))["dev"], datasets.load_from_disk(str(tmp_path / "two"))["dev"]
+    one, two = (
+        datasets.load_from_disk(str(tmp_path / "one"))["dev"],
+        datasets.load_from_disk(str(tmp_path / "two"))["dev"],
+    )
     for c in ("id", "pitch_auto", "volume_auto", "speed_auto", "gender_auto", "age_auto"):
         assert one[c] == two[c], c
     np.testing.assert_allclose(one["f0_median"], two["f0_median"])

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ser_slm_fixtures import LABELS, TEXTS, make_rows, train_tiny
 
 import trustser  # noqa: F401
 from trustser.descriptors import SED_FIELDS, SED_VOCAB, parse_caption
 from trustser.models.ser_slm import SerSlmForConditionalGeneration, build_tiny_ser_slm
 from trustser.models.ser_slm import processing_ser_slm as P
 from trustser.trainers.sft import MODEL_INPUTS, SerSlmDataCollator
-
-from ser_slm_fixtures import LABELS, TEXTS, make_rows, train_tiny
 
 torch.set_num_threads(1)
 
@@ -26,7 +25,9 @@ def _inputs(b):
 def _audio_token_rows(model, b):
     n = (b["input_ids"] == model.config.audio_token_id).sum(-1)
     with torch.no_grad():
-        emb = model.eval().get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"]).pooler_output
+        emb = (
+            model.eval().get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"]).pooler_output
+        )
     return torch.cat([emb[i, : int(k)] for i, k in enumerate(n)])
 
 
@@ -62,7 +63,9 @@ def test_auxiliary_labels_from_rows():
 
 
 def test_auxiliary_losses_add_up_and_match_a_hand_computation():
-    model, processor = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, aux_sed_loss_weight=0.5, aux_ctc_loss_weight=0.25, seed=0)
+    model, processor = build_tiny_ser_slm(
+        TEXTS, emotion_labels=LABELS, aux_sed_loss_weight=0.5, aux_ctc_loss_weight=0.25, seed=0
+    )
     assert [h.out_features for h in model.model.aux_sed_heads] == [len(SED_VOCAB[f]) for f in SED_FIELDS]
     assert model.model.aux_ctc_head.out_features == model.config.text_config.vocab_size
     rows = make_rows(4)
@@ -73,10 +76,15 @@ def test_auxiliary_losses_add_up_and_match_a_hand_computation():
         out = model(**_inputs(b))
         lat = model.model._audio_latents(b["input_features"], b["feature_attention_mask"], b["energy"])
     cfg = model.config
-    torch.testing.assert_close(out.loss, out.lm_loss + cfg.vib_beta * out.kl_loss + 0.5 * out.aux_sed_loss + 0.25 * out.aux_ctc_loss)
+    torch.testing.assert_close(
+        out.loss, out.lm_loss + cfg.vib_beta * out.kl_loss + 0.5 * out.aux_sed_loss + 0.25 * out.aux_ctc_loss
+    )
     m = lat["audio_mask"][..., None].float()
     pooled = (lat["z_sed"] * m).sum(1) / m.sum(1)
-    ce = [F.cross_entropy(h(pooled), b["sed_labels"][:, j], reduction="sum") for j, h in enumerate(model.model.aux_sed_heads)]
+    ce = [
+        F.cross_entropy(h(pooled), b["sed_labels"][:, j], reduction="sum")
+        for j, h in enumerate(model.model.aux_sed_heads)
+    ]
     torch.testing.assert_close(out.aux_sed_loss, torch.stack(ce).sum() / b["sed_labels"].numel())
     assert out.aux_ctc_loss > 0 and torch.isfinite(out.aux_ctc_loss)
     # without labels (generation, evaluation) the heads cost nothing and change nothing
@@ -92,7 +100,9 @@ def test_auxiliary_losses_add_up_and_match_a_hand_computation():
 
 
 def test_aux_heads_save_and_load(tmp_path):
-    model, processor = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, aux_sed_loss_weight=1.0, aux_ctc_loss_weight=0.3, seed=0)
+    model, processor = build_tiny_ser_slm(
+        TEXTS, emotion_labels=LABELS, aux_sed_loss_weight=1.0, aux_ctc_loss_weight=0.3, seed=0
+    )
     model.save_pretrained(tmp_path)
     loaded = SerSlmForConditionalGeneration.from_pretrained(tmp_path)
     assert loaded.config.aux_sed_loss_weight == 1.0 and loaded.config.aux_ctc_loss_weight == 0.3
@@ -113,7 +123,9 @@ def test_collator_caches_f0_per_row(monkeypatch):
     assert len(calls) == 3  # once per row, not once per batch
     assert torch.equal(first, fresh) and torch.equal(second, fresh)  # the same stream as computing it in the processor
     # channel augmentation changes the features, not the cached F0
-    aug = SerSlmDataCollator(processor, augmentation=trustser.ChannelAugmentation(probability=1.0, noise_probability=0.0))
+    aug = SerSlmDataCollator(
+        processor, augmentation=trustser.ChannelAugmentation(probability=1.0, noise_probability=0.0)
+    )
     assert torch.equal(aug(rows)["f0"], fresh)
 
 
@@ -122,20 +134,24 @@ def test_short_training_learns_to_use_the_audio(tmp_path):
     short run with the auxiliary losses, generated captions state them right from the real audio and
     not from silence; the aux losses are logged and fall. (The same run without the auxiliary losses
     gets 0.28: the captions are learnt from the text prior.)"""
-    trainer, processor = train_tiny(tmp_path, rows=9, steps=100, batch=9, logging_steps=20,
-                                    aux_sed_loss_weight=1.0, aux_ctc_loss_weight=0.3)
+    trainer, processor = train_tiny(
+        tmp_path, rows=9, steps=100, batch=9, logging_steps=20, aux_sed_loss_weight=1.0, aux_ctc_loss_weight=0.3
+    )
     logs = [h for h in trainer.state.log_history if "aux_sed_loss" in h]
     assert len(logs) == 5 and logs[-1]["aux_sed_loss"] < 0.5 * logs[0]["aux_sed_loss"]
     assert logs[-1]["aux_ctc_loss"] < logs[0]["aux_ctc_loss"]
     rows = make_rows(9)
     prompts = processor(audio=[r["audio"]["array"] for r in rows])
-    silent = dict(prompts, input_features=torch.full_like(prompts["input_features"], float(prompts["input_features"].min())),
-                  energy=torch.full_like(prompts["energy"], -100.0))
+    silent = dict(
+        prompts,
+        input_features=torch.full_like(prompts["input_features"], float(prompts["input_features"].min())),
+        energy=torch.full_like(prompts["energy"], -100.0),
+    )
 
     def pitch_volume_accuracy(batch):
         with torch.no_grad():
             out = trainer.model.eval().generate(**batch, max_new_tokens=60)
-        captions = processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        captions = processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         fields = [parse_caption(c).fields for c in captions]
         return float(np.mean([f.get(k) == r[k] for f, r in zip(fields, rows) for k in ("pitch", "volume")]))
 

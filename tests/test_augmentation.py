@@ -5,19 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ser_slm_fixtures import LABELS, TEXTS, make_dataset, make_rows
 
 import trustser
 from trustser.models.ser_slm import build_tiny_ser_slm
 from trustser.trainers.sft import SerSlmDataCollator, SerSlmSFTConfig, SerSlmSFTTrainer
-
-from ser_slm_fixtures import LABELS, TEXTS, make_dataset, make_rows
 
 SR = 16000
 
 
 def _tones(seconds: float = 1.0) -> np.ndarray:
     t = np.arange(int(SR * seconds)) / SR
-    return (0.05 * (np.sin(2 * np.pi * 40 * t) + np.sin(2 * np.pi * 1000 * t) + np.sin(2 * np.pi * 7500 * t))).astype(np.float32)
+    return (0.05 * (np.sin(2 * np.pi * 40 * t) + np.sin(2 * np.pi * 1000 * t) + np.sin(2 * np.pi * 7500 * t))).astype(
+        np.float32
+    )
 
 
 def _band_power(x: np.ndarray, f: float) -> float:
@@ -28,8 +29,14 @@ def _band_power(x: np.ndarray, f: float) -> float:
 
 def test_band_limits_keeps_level_and_adds_the_noise_floor():
     x = _tones()
-    aug = trustser.ChannelAugmentation(probability=1.0, band_probability=1.0, noise_probability=1.0,
-                                       low_cut_hz=(200.0, 250.0), high_cut_hz=(3000.0, 3500.0), noise_dbfs=(-60.0, -60.0))
+    aug = trustser.ChannelAugmentation(
+        probability=1.0,
+        band_probability=1.0,
+        noise_probability=1.0,
+        low_cut_hz=(200.0, 250.0),
+        high_cut_hz=(3000.0, 3500.0),
+        noise_dbfs=(-60.0, -60.0),
+    )
     y = aug(x)
     assert y.dtype == np.float32 and y.shape == x.shape
     rms = lambda v: float(np.sqrt(np.mean(np.square(v, dtype=np.float64))))  # noqa: E731
@@ -54,11 +61,14 @@ def test_probability_zero_is_identity_and_draws_are_seeded():
     assert 3 <= changed <= 10  # roughly 70% of utterances pass through a channel
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"probability": 1.5}, "probability"),
-    ({"low_cut_hz": (500.0, 400.0)}, "low_cut_hz"),
-    ({"high_cut_hz": (3000.0, 9000.0)}, "Nyquist"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"probability": 1.5}, "probability"),
+        ({"low_cut_hz": (500.0, 400.0)}, "low_cut_hz"),
+        ({"high_cut_hz": (3000.0, 9000.0)}, "Nyquist"),
+    ],
+)
 def test_invalid_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         trustser.ChannelAugmentation(**kwargs)
@@ -79,15 +89,25 @@ def test_collator_applies_it_and_the_trainer_builds_it_from_the_config(tmp_path)
     trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=make_dataset(4), processing_class=processor)
     built = trainer.data_collator.augmentation
     assert isinstance(built, trustser.ChannelAugmentation) and built.probability == 0.3 and built.seed == 5
-    off = SerSlmSFTTrainer(model=model, args=SerSlmSFTConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=1),
-                           train_dataset=make_dataset(4), processing_class=processor)
+    off = SerSlmSFTTrainer(
+        model=model,
+        args=SerSlmSFTConfig(output_dir=str(tmp_path), use_cpu=True, max_steps=1),
+        train_dataset=make_dataset(4),
+        processing_class=processor,
+    )
     assert off.data_collator.augmentation is None
 
 
 def test_evaluation_batches_are_not_augmented(tmp_path):
     model, processor = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS)
-    args = SerSlmSFTConfig(output_dir=str(tmp_path), use_cpu=True, channel_augmentation=1.0, max_steps=1,
-                           per_device_eval_batch_size=4, report_to="none")
+    args = SerSlmSFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        channel_augmentation=1.0,
+        max_steps=1,
+        per_device_eval_batch_size=4,
+        report_to="none",
+    )
     ds = make_dataset(4)
     trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds, processing_class=processor)
     eval_batch = next(iter(trainer.get_eval_dataloader()))

@@ -46,8 +46,14 @@ def test_paired_bootstrap_finds_a_real_difference_and_keeps_the_pairing():
 
 
 def test_judge_pairs_runs_on_their_common_utterances():
-    runs = lambda right: [{"predictions": [{"id": f"u{i}", "emotion": "sad", "prediction": "sad" if r else "happy"}
-                                           for i, r in enumerate(rr)]} for rr in right]
+    runs = lambda right: [
+        {
+            "predictions": [
+                {"id": f"u{i}", "emotion": "sad", "prediction": "sad" if r else "happy"} for i, r in enumerate(rr)
+            ]
+        }
+        for rr in right
+    ]
     better = runs([[1, 1, 1, 0], [1, 1, 0, 1]])
     worse = runs([[0, 1, 0, 0], [0, 1, 0]])  # the second run skipped u3: compared on u0-u2 only
     res = judge(better, worse, n_boot=200)
@@ -61,7 +67,12 @@ def test_paper_claims_are_the_ones_the_systems_can_test():
     labels = [c.label for c in paper_claims(["sys1", "sys2", "sys3", "sys4", "sys6", "sys9", "sys10", *BRACKETS])]
     assert labels[:6] == ["2 > 1", "4 > 3", "4 > 2", "6 > 4", "9 > 4", "10 > 4"]
     assert {"oracle_labels > 4", "pseudo_labels > 4", "oracle_sel90 > 4", "oracle_sel80 > 6"} <= set(labels)
-    assert [c.label for c in paper_claims(["v1", "v2", "v3", "v4", "v5"])] == ["v4 > v3", "v3 > v5", "v5 > v2", "v2 > v1"]
+    assert [c.label for c in paper_claims(["v1", "v2", "v3", "v4", "v5"])] == [
+        "v4 > v3",
+        "v3 > v5",
+        "v5 > v2",
+        "v2 > v1",
+    ]
     assert paper_claims(["sys4"]) == []
     assert get_system("oracle_labels").sed_labels == "truth" and get_system("oracle_sel80").selection == "oracle"
     assert all(get_system(b).is_bracket for b in BRACKETS) and not get_system("sys10").is_bracket
@@ -75,32 +86,49 @@ def test_unified_thresholds_calibrated_per_gender_are_fixed_numbers():
     genders = ["male"] * 300 + ["female"] * 300
     rel = rng.normal(0, 1, 600)  # speaker-relative pitch in category units
     f0 = np.where(np.array(genders) == "male", 115.0, 205.0) * 2 ** (rel * 2.5 / 12)
-    labels = {"pitch": [B.PITCH_WORDS[0] if r < -0.5 else B.PITCH_WORDS[2] if r > 0.5 else B.PITCH_WORDS[1] for r in rel],
-              "volume": ["normal"] * 600, "speed": ["normal"] * 600}
+    labels = {
+        "pitch": [B.PITCH_WORDS[0] if r < -0.5 else B.PITCH_WORDS[2] if r > 0.5 else B.PITCH_WORDS[1] for r in rel],
+        "volume": ["normal"] * 600,
+        "speed": ["normal"] * 600,
+    }
     feats = {"f0_median": f0, "rms_db": rng.normal(-30, 1, 600), "phonemes_per_second": rng.normal(12, 1, 600)}
     labels["volume"] = ["low" if v < -30.5 else "high" if v > -29.5 else "normal" for v in feats["rms_db"]]
     labels["speed"] = ["slow" if v < 11.5 else "fast" if v > 12.5 else "normal" for v in feats["phonemes_per_second"]]
     t = B.fit_unified_thresholds(feats, labels, genders)
     assert set(t.pitch_hz_by_gender) == {"male", "female"}
     lo_m, hi_m = t.pitch_hz_by_gender["male"]
-    assert 115 * 2 ** (-1.25 / 12) == pytest.approx(lo_m, rel=0.03) and 115 * 2 ** (1.25 / 12) == pytest.approx(hi_m, rel=0.03)
+    assert 115 * 2 ** (-1.25 / 12) == pytest.approx(lo_m, rel=0.03) and 115 * 2 ** (1.25 / 12) == pytest.approx(
+        hi_m, rel=0.03
+    )
     words = B.unified(feats, t, genders)
     assert np.mean([w == l for w, l in zip(words["pitch"], labels["pitch"])]) > 0.97
     # a child's voice (high for its gender's fixed cut) is "high" whatever its own baseline: the unified failure
-    assert B.unified({"f0_median": [175.0], "rms_db": [-30.0], "phonemes_per_second": [12.0]}, t, ["male"])["pitch"] == ["high"]
+    assert B.unified({"f0_median": [175.0], "rms_db": [-30.0], "phonemes_per_second": [12.0]}, t, ["male"])[
+        "pitch"
+    ] == ["high"]
     # without genders the single population pair applies (the tool's documented fallback)
     assert B.unified(feats, t)["pitch"] == B.cut(f0, *t.pitch_hz, B.PITCH_WORDS)
 
 
 def test_annotation_report_measures_accuracy_per_speaker_group():
-    ds = datasets.Dataset.from_dict({
-        **{f: ["normal"] * 4 for f in ("pitch", "volume", "speed")}, "gender": ["male"] * 4, "age": ["child"] * 4,
-        **{f"{f}_auto": ["normal", "high", "normal", "normal"] for f in ("pitch", "volume", "speed")},
-        "gender_auto": ["male"] * 4, "age_auto": ["child", "child", "elderly", ""],
-        "annotation_error": ["", "", "", "silence"], "group": ["a", "a", "b", "b"],
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            **{f: ["normal"] * 4 for f in ("pitch", "volume", "speed")},
+            "gender": ["male"] * 4,
+            "age": ["child"] * 4,
+            **{f"{f}_auto": ["normal", "high", "normal", "normal"] for f in ("pitch", "volume", "speed")},
+            "gender_auto": ["male"] * 4,
+            "age_auto": ["child", "child", "elderly", ""],
+            "annotation_error": ["", "", "", "silence"],
+            "group": ["a", "a", "b", "b"],
+        }
+    )
     rep = annotation_report(ds)
-    assert rep["accuracy"]["n"] == 3 and rep["accuracy"]["pitch"] == pytest.approx(2 / 3, abs=1e-4) and rep["accuracy"]["gender"] == 1.0
+    assert (
+        rep["accuracy"]["n"] == 3
+        and rep["accuracy"]["pitch"] == pytest.approx(2 / 3, abs=1e-4)
+        and rep["accuracy"]["gender"] == 1.0
+    )
     assert rep["accuracy"]["all_right"] == pytest.approx(1 / 3, abs=1e-4)
     assert rep["accuracy_by_group"]["a"]["pitch"] == 0.5 and rep["accuracy_by_group"]["b"]["age"] == 0.0
     assert rep["accuracy_by_group"]["b"]["n"] == 1
@@ -127,7 +155,9 @@ def test_oracle_scores_keep_the_cleanest_rows_and_selection_quality_reads_the_tr
     assert (correct == ~wrong).all()
     scores = oracle_scores(ds, seed=0)
     assert (np.floor(scores) == (~wrong).sum(1)).all()
-    q = selection_quality(ds, -wrong.sum(1) + 0.1 * np.random.default_rng(1).random(len(ds)), field_scores=(~wrong).astype(float))
+    q = selection_quality(
+        ds, -wrong.sum(1) + 0.1 * np.random.default_rng(1).random(len(ds)), field_scores=(~wrong).astype(float)
+    )
     assert q["utterance_auc"] > 0.9 and all(v == 1.0 for v in q["field_auc"].values())
     curve = {r["share"]: r for r in q["kept_share_accuracy"]}
     assert curve[1.0]["scores"] == curve[1.0]["oracle"] == pytest.approx(correct.mean(), abs=1e-4)
@@ -147,9 +177,18 @@ def test_oracle_scores_keep_the_cleanest_rows_and_selection_quality_reads_the_tr
 # ------------------------------------------------------------------------------------------
 def _quick(tmp_path, corpus, **kw):
     base = dict(
-        output_dir=str(tmp_path / "out"), target_root=str(corpus), pretrain_root=str(corpus), synth_size="small",
-        pretrain_max_steps=8, posttrain_max_steps=2, per_device_batch_size=4, max_eval_samples=8, tsne_samples=16,
-        eval_batch_size=8, annotation_num_proc=1, cpu_threads=1,
+        output_dir=str(tmp_path / "out"),
+        target_root=str(corpus),
+        pretrain_root=str(corpus),
+        synth_size="small",
+        pretrain_max_steps=8,
+        posttrain_max_steps=2,
+        per_device_batch_size=4,
+        max_eval_samples=8,
+        tsne_samples=16,
+        eval_batch_size=8,
+        annotation_num_proc=1,
+        cpu_threads=1,
     )
     base.update(kw)
     return RecipeConfig(**base)
@@ -160,7 +199,10 @@ def test_brackets_train_on_true_labels_pseudo_labels_and_the_cleanest_rows(tmp_p
     out = tmp_path / "out"
     res = run_system(cfg.__class__(**{**cfg.__dict__, "system": "oracle_labels"}))
     post = next(s for s in res["stages"] if s["name"] == "posttrain")  # stage paths are relative to the run folder
-    assert json.loads((out / "oracle_labels-seed0" / post["path"] / "STAGE.json").read_text())["settings"]["sed_labels"] == "truth"
+    assert (
+        json.loads((out / "oracle_labels-seed0" / post["path"] / "STAGE.json").read_text())["settings"]["sed_labels"]
+        == "truth"
+    )
 
     res = run_system(cfg.__class__(**{**cfg.__dict__, "system": "pseudo_labels"}))
     assert [s["name"] for s in res["stages"]] == ["annotate", "pretrain", "pseudo-labels", "posttrain", "evaluate"]
@@ -177,7 +219,10 @@ def test_brackets_train_on_true_labels_pseudo_labels_and_the_cleanest_rows(tmp_p
     kept = set(datasets.load_from_disk(str(run_dir / res["stages"][2]["path"] / "data"))["id"])
     kept_mask = np.array([i in kept for i in annotated["id"]])
     assert n_right[kept_mask].min() >= n_right[~kept_mask].max()  # the cleanest rows, ties at random
-    assert res["selection"]["annotation_accuracy_selected"]["mean_field"] > res["selection"]["annotation_accuracy_all"]["mean_field"]
+    assert (
+        res["selection"]["annotation_accuracy_selected"]["mean_field"]
+        > res["selection"]["annotation_accuracy_all"]["mean_field"]
+    )
 
 
 def test_table1_reports_claims_with_intervals(tmp_path, synthetic_small, capsys, monkeypatch):
@@ -186,10 +231,38 @@ def test_table1_reports_claims_with_intervals(tmp_path, synthetic_small, capsys,
     spec = importlib.util.spec_from_file_location("table1", REPO / "recipes" / "table1.py")
     table1 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table1)
-    args = ["--systems", "3,4", "--seeds", "1", "--bootstrap", "100", "--output_dir", str(tmp_path / "out"),
-            "--target_root", str(synthetic_small), "--pretrain_root", str(synthetic_small), "--pretrain_max_steps", "8",
-            "--posttrain_max_steps", "2", "--per_device_batch_size", "4", "--max_eval_samples", "8", "--tsne_samples", "16",
-            "--eval_batch_size", "8", "--annotation_num_proc", "1", "--cpu_threads", "1", "--test_split", "dev"]
+    args = [
+        "--systems",
+        "3,4",
+        "--seeds",
+        "1",
+        "--bootstrap",
+        "100",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--target_root",
+        str(synthetic_small),
+        "--pretrain_root",
+        str(synthetic_small),
+        "--pretrain_max_steps",
+        "8",
+        "--posttrain_max_steps",
+        "2",
+        "--per_device_batch_size",
+        "4",
+        "--max_eval_samples",
+        "8",
+        "--tsne_samples",
+        "16",
+        "--eval_batch_size",
+        "8",
+        "--annotation_num_proc",
+        "1",
+        "--cpu_threads",
+        "1",
+        "--test_split",
+        "dev",
+    ]
     assert table1.main(args) == 0
     md = (tmp_path / "out" / "table1-dev.md").read_text()
     assert "| 3 |" in md and "| 4 |" in md and "| 4 > 3 | Table 1 |" in md
@@ -215,4 +288,6 @@ def test_same_seed_twice_gives_identical_metrics(tmp_path, synthetic_small):
     preds = [json.loads((tmp_path / n / "out" / "sys4-seed0" / "predictions.json").read_text()) for n in ("a", "b")]
     assert preds[0] == preds[1]
     other = run_system(_quick(tmp_path / "c", synthetic_small, system="sys4", seed=1))
-    assert [s["key"] for s in other["stages"]][1:] != [s["key"] for s in runs[0]["stages"]][1:]  # another seed, other stages
+    assert [s["key"] for s in other["stages"]][1:] != [s["key"] for s in runs[0]["stages"]][
+        1:
+    ]  # another seed, other stages

@@ -11,10 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from trustser.descriptors import SED_FIELDS
-from trustser.models.cem import CemConfig, ConfidenceEstimationModel
 from trustser.cem_features import predict_cem
-from trustser.evaluation import binary_auc, calibration_bins, cem_metrics, expected_calibration_error, normalized_cross_entropy
+from trustser.descriptors import SED_FIELDS
+from trustser.evaluation import (
+    binary_auc,
+    calibration_bins,
+    cem_metrics,
+    expected_calibration_error,
+    normalized_cross_entropy,
+)
+from trustser.models.cem import CemConfig, ConfidenceEstimationModel
 from trustser.plots import reliability_diagram
 from trustser.trainers.cem import balanced_sample, correctness_labels, train_cem
 
@@ -252,8 +258,16 @@ def test_train_cem_learns_and_saves(tmp_path):
     w = rng.normal(size=(d, 5))
     y = ((x @ w + 1.0 + 0.3 * rng.normal(size=(n, 5))) > 0).astype(np.float32)
     model, report = train_cem(
-        x[:1000], y[:1000], eval_features=x[1000:], eval_labels=y[1000:], output_dir=tmp_path,
-        hidden_size=32, balance="field", num_train_epochs=15, batch_size=32, learning_rate=3e-3,
+        x[:1000],
+        y[:1000],
+        eval_features=x[1000:],
+        eval_labels=y[1000:],
+        output_dir=tmp_path,
+        hidden_size=32,
+        balance="field",
+        num_train_epochs=15,
+        batch_size=32,
+        learning_rate=3e-3,
     )
     assert report["eval"]["mean_field_auc"] > 0.85
     assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "trainer").exists()
@@ -285,21 +299,32 @@ def tiny_ds():
 
     rng = np.random.default_rng(0)
     n = 5
-    return datasets.Dataset.from_dict({
-        "id": [f"u{i}" for i in range(n)],
-        "audio": [{"array": (0.1 * rng.normal(size=12000 + 1500 * i)).astype(np.float32), "sampling_rate": 16000} for i in range(n)],
-        "text": [f"the parcel number {i} arrived today" for i in range(n)],
-        "emotion": ["happy", "sad", "neutral", "angry", "happy"],
-        "pitch": ["low", "high", "normal", "low", "high"], "volume": ["high"] * n, "speed": ["fast"] * n,
-        "gender": ["male", "female", "male", "female", "male"], "age": ["young adult"] * n,
-        "pitch_auto": ["low", "", "high", "low", "normal"], "volume_auto": ["high"] * n, "speed_auto": ["slow"] * n,
-        "gender_auto": ["male"] * n, "age_auto": ["elderly"] * n,
-    }).cast_column("audio", datasets.Audio(sampling_rate=16000))
+    return datasets.Dataset.from_dict(
+        {
+            "id": [f"u{i}" for i in range(n)],
+            "audio": [
+                {"array": (0.1 * rng.normal(size=12000 + 1500 * i)).astype(np.float32), "sampling_rate": 16000}
+                for i in range(n)
+            ],
+            "text": [f"the parcel number {i} arrived today" for i in range(n)],
+            "emotion": ["happy", "sad", "neutral", "angry", "happy"],
+            "pitch": ["low", "high", "normal", "low", "high"],
+            "volume": ["high"] * n,
+            "speed": ["fast"] * n,
+            "gender": ["male", "female", "male", "female", "male"],
+            "age": ["young adult"] * n,
+            "pitch_auto": ["low", "", "high", "low", "normal"],
+            "volume_auto": ["high"] * n,
+            "speed_auto": ["slow"] * n,
+            "gender_auto": ["male"] * n,
+            "age_auto": ["elderly"] * n,
+        }
+    ).cast_column("audio", datasets.Audio(sampling_rate=16000))
 
 
 def test_feature_extraction_shapes_and_positions(tiny_slm, tiny_ds):
-    from trustser.descriptors import build_caption, sed_from_row
     from trustser.cem_features import extract_cem_features
+    from trustser.descriptors import build_caption, sed_from_row
 
     slm, proc = tiny_slm
     h = slm.config.text_config.hidden_size
@@ -321,8 +346,10 @@ def test_feature_extraction_shapes_and_positions(tiny_slm, tiny_ds):
     words = [proc.tokenizer.decode([int(enc["input_ids"][0, i])]).strip() for i in idx]
     assert words == [row[f].split()[0] for f in SED_FIELDS]
     with torch.no_grad():
-        out = slm(**{k: v for k, v in enc.items() if k not in ("labels", "sed_token_index", "emotion_token_mask")},
-                  output_hidden_states=True)
+        out = slm(
+            **{k: v for k, v in enc.items() if k not in ("labels", "sed_token_index", "emotion_token_mask")},
+            output_hidden_states=True,
+        )
     expected = out.hidden_states[-1][0, idx].reshape(-1).numpy()
     np.testing.assert_allclose(f1[0], expected, atol=1e-5)
     caption_mask = enc["labels"][0] != -100
@@ -385,6 +412,7 @@ def test_random_perturbation_replaces_with_another_value_and_labels_it():
     assert 0.6 < labels.mean() < 0.8  # ~30% of the fields perturbed
     # some age claims jump more than one step (random, not adjacent)
     from trustser.descriptors import SED_VOCAB
+
     jumps = [abs(SED_VOCAB["age"].index(c["age"]) - SED_VOCAB["age"].index(t["age"])) for t, c in zip(truth, claimed)]
     assert max(jumps) > 1
 
@@ -411,7 +439,9 @@ def test_speaker_perturbation_is_one_shift_per_speaker():
 
     truth = _truth_rows(240)
     speakers = [f"spk{i % 12}" for i in range(240)]
-    claimed, labels = perturb_descriptors(truth, mode="speaker", corrupt_prob=0.5, rng=np.random.default_rng(3), speakers=speakers)
+    claimed, labels = perturb_descriptors(
+        truth, mode="speaker", corrupt_prob=0.5, rng=np.random.default_rng(3), speakers=speakers
+    )
     for f in SED_FIELDS:
         vocab = SED_VOCAB[f]
         for spk in set(speakers):
@@ -437,8 +467,12 @@ def test_perturbed_data_several_captions_per_utterance(tiny_slm, tiny_ds):
     slm, proc = tiny_slm
     one = prepare_cem_data_perturbed(slm, proc, tiny_ds, corrupt_prob=0.5, batch_size=8, seed=3)
     assert list(one["utterance"]) == list(range(5))
-    data = prepare_cem_data_perturbed(slm, proc, tiny_ds, corrupt_prob=0.5, batch_size=8, seed=3, captions_per_utterance=4)
-    assert data["features"].shape == (25, 5 * slm.config.text_config.hidden_size) and np.isfinite(data["features"]).all()
+    data = prepare_cem_data_perturbed(
+        slm, proc, tiny_ds, corrupt_prob=0.5, batch_size=8, seed=3, captions_per_utterance=4
+    )
+    assert (
+        data["features"].shape == (25, 5 * slm.config.text_config.hidden_size) and np.isfinite(data["features"]).all()
+    )
     assert list(data["utterance"]) == [i for i in range(5) for _ in range(5)]
     for r, u in enumerate(data["utterance"]):  # labels match the claims of each row's own utterance
         assert list(data["labels"][r]) == [float(data["claimed"][r][f] == tiny_ds[f][u]) for f in SED_FIELDS]
@@ -446,7 +480,9 @@ def test_perturbed_data_several_captions_per_utterance(tiny_slm, tiny_ds):
     assert len({tuple(sorted(c.items())) for c in data["claimed"]}) > 5  # independently perturbed copies
     # the same utterance teacher-forced with the same caption gives the same features
     same = [r for r in range(25) if data["claimed"][r] == data["claimed"][r - r % 5]]
-    assert len(same) >= 5 and all(np.allclose(data["features"][r], data["features"][r - r % 5], atol=1e-4) for r in same)
+    assert len(same) >= 5 and all(
+        np.allclose(data["features"][r], data["features"][r - r % 5], atol=1e-4) for r in same
+    )
     fit, held = eval_split_by_utterance(data["utterance"], 0.2)
     assert set(data["utterance"][held]) == {0} and len(fit) == 20  # all captions of an utterance on one side
     with pytest.raises(ValueError, match="'perturbed' CEM training captions only"):
@@ -475,7 +511,9 @@ def test_holdout_speakers_are_spread_over_groups_and_deterministic():
     ds = datasets.Dataset.from_dict({"speaker": spk, "group": grp, "x": list(range(120))})
     held = holdout_speakers(ds, 3, seed=0)
     assert len(held) == 3 and len({grp[spk.index(s)] for s in held}) == 3  # one of each group
-    assert holdout_speakers(ds, 3, seed=0) == held and holdout_speakers(ds, 6, seed=1) != holdout_speakers(ds, 6, seed=2)
+    assert holdout_speakers(ds, 3, seed=0) == held and holdout_speakers(ds, 6, seed=1) != holdout_speakers(
+        ds, 6, seed=2
+    )
     slm_rows, cem_rows = split_holdout_speakers(ds, 3, seed=0)
     assert set(cem_rows["speaker"]) == set(held) and not set(slm_rows["speaker"]) & set(held)
     assert len(slm_rows) + len(cem_rows) == 120

@@ -12,17 +12,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
-
 from explain_fixtures import write_corpus
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
-pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                                reason="needs Debian's chromium and chromium-driver (scripts/setup.sh installs them)")
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason="needs Debian's chromium and chromium-driver (scripts/setup.sh installs them)",
+)
 
 
 def _free_port() -> int:
@@ -40,11 +40,31 @@ def corpus(explain_clips, tmp_path_factory):
 def server(explain_model_dir, corpus, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("demo") / "demo.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "GRADIO_TEMP_DIR": str(log.parent / "gradio-tmp")}
+    env = {
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_TEMP_DIR": str(log.parent / "gradio-tmp"),
+    }
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "trustser.cli", "demo", str(explain_model_dir), "--port", str(port),
-                                 "--examples", str(corpus), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trustser.cli",
+                "demo",
+                str(explain_model_dir),
+                "--port",
+                str(port),
+                "--examples",
+                str(corpus),
+                "--device",
+                "cpu",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 180
@@ -74,10 +94,19 @@ def browser(tmp_path_factory):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 "--window-size=1400,1400", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1400",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(60)
@@ -102,12 +131,19 @@ def test_upload_and_explain_in_the_browser(server, browser, explain_model_dir, e
     assert "Examples (synthetic corpus)" in browser.find_element(By.TAG_NAME, "body").text
     browser.find_element(By.CSS_SELECTOR, "#clip input[type=file]").send_keys(clip)
     # the upload has reached the server when the player shows up
-    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#clip audio, #clip .waveform-container, #clip [data-testid='waveform-Clip']")))
+    wait.until(
+        EC.presence_of_element_located(
+            (By.CSS_SELECTOR, "#clip audio, #clip .waveform-container, #clip [data-testid='waveform-Clip']")
+        )
+    )
     browser.find_element(By.CSS_SELECTOR, "#explain").click()
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value"))
 
     assert browser.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value") == want["caption"]
-    assert browser.find_element(By.CSS_SELECTOR, "#trust textarea, #trust input").get_attribute("value") == f"{want['trust']:.2f}"
+    assert (
+        browser.find_element(By.CSS_SELECTOR, "#trust textarea, #trust input").get_attribute("value")
+        == f"{want['trust']:.2f}"
+    )
     probs = browser.find_element(By.CSS_SELECTOR, "#probabilities").text
     top = max(want["probabilities"], key=want["probabilities"].get)
     assert top in probs and f"{round(100 * want['probabilities'][top])}%" in probs, probs

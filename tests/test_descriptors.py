@@ -1,7 +1,8 @@
 import itertools
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trustser.descriptors import (
     EMOTION_LABELS,

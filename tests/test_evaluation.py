@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
+from ser_slm_fixtures import LABELS, TEXTS, make_dataset
 
 import trustser  # noqa: F401
-from trustser.descriptors import build_caption, sed_from_row
-from trustser.descriptors import UNPARSED
+from trustser.descriptors import UNPARSED, build_caption, sed_from_row
 from trustser.evaluation import evaluate_ser, ser_metrics
 from trustser.generation import generate_captions
-
-from ser_slm_fixtures import LABELS, TEXTS, make_dataset
 
 torch.set_num_threads(1)
 
@@ -73,11 +71,29 @@ def test_evaluate_cli_writes_metrics(tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
     out = tmp_path / "metrics.json"
-    rc = main(["evaluate", str(tmp_path / "m"), str(tmp_path), "--corpus", "unit_eval_corpus",
-               "--emotion-labels", ",".join(LABELS), "--max-new-tokens", "4", "--out", str(out), "--predictions"])
+    rc = main(
+        [
+            "evaluate",
+            str(tmp_path / "m"),
+            str(tmp_path),
+            "--corpus",
+            "unit_eval_corpus",
+            "--emotion-labels",
+            ",".join(LABELS),
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+            "--predictions",
+        ]
+    )
     assert rc == 0
     m = json.loads(out.read_text())
-    assert m["n"] == 4 and len(m["predictions"]) == 4 and set(m["sed_accuracy"]) <= {"pitch", "volume", "speed", "gender", "age"}
+    assert (
+        m["n"] == 4
+        and len(m["predictions"]) == 4
+        and set(m["sed_accuracy"]) <= {"pitch", "volume", "speed", "gender", "age"}
+    )
     assert 0.0 <= m["wa"] <= 1.0 and m["split"] == "test"
     assert main(["evaluate", str(tmp_path / "missing"), str(tmp_path)]) == 1
     assert "no config.json" in capsys.readouterr().err

@@ -9,10 +9,9 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile as sf
+from explain_fixtures import EMOS, LABELS, SEDS, TEXTS, one_thread  # noqa: F401  (autouse)
 
 from trustser.descriptors import SED_FIELDS, build_caption
-
-from explain_fixtures import EMOS, LABELS, SEDS, TEXTS, one_thread  # noqa: F401  (autouse)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,6 @@ def test_explanations(batched, clips):
     for r, path in zip(batched, clips):
         assert r["file"] == path and r["error"] is None
     for r in parsed:
-        i = int(r["file"][-5])
         assert r["emotion"] in LABELS and set(r["descriptors"]) == set(SED_FIELDS)
         assert r["transcription"] in TEXTS
         p = r["probabilities"]
@@ -70,16 +68,25 @@ def test_cem_scores_equal_the_cem_helpers_features(pipe, batched, clips):
     """The pipeline pools the CEM input exactly as trainers.cem.extract_cem_features does."""
     import datasets
 
-    from trustser.cem_features import extract_cem_features, predict_cem
     from trustser.audio import load_audio
+    from trustser.cem_features import extract_cem_features, predict_cem
 
     rows = [(r, p) for r, p in zip(batched, clips) if r["confidence"]]
-    ds = datasets.Dataset.from_dict({
-        "audio": [{"array": load_audio(p), "sampling_rate": 16000} for _, p in rows],
-        "text": [r["transcription"] for r, _ in rows], "emotion": [r["emotion"] for r, _ in rows],
-    })
-    feats = extract_cem_features(pipe.model, pipe.processor, ds, sed_source="predicted",
-                                 sed=[r["descriptors"] for r, _ in rows], pooling="sed_tokens")
+    ds = datasets.Dataset.from_dict(
+        {
+            "audio": [{"array": load_audio(p), "sampling_rate": 16000} for _, p in rows],
+            "text": [r["transcription"] for r, _ in rows],
+            "emotion": [r["emotion"] for r, _ in rows],
+        }
+    )
+    feats = extract_cem_features(
+        pipe.model,
+        pipe.processor,
+        ds,
+        sed_source="predicted",
+        sed=[r["descriptors"] for r, _ in rows],
+        pooling="sed_tokens",
+    )
     scores = predict_cem(pipe.cem, feats)
     got = np.array([[r["confidence"][f] for f in SED_FIELDS] for r, _ in rows])
     np.testing.assert_allclose(got, scores, atol=1e-4)
@@ -112,8 +119,14 @@ def _bad_files(d, clips):
     sf.write(d / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
     sf.write(d / "nan.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
     sf.write(d / "long.wav", (0.1 * np.random.default_rng(0).standard_normal(16000 * 6)).astype(np.float32), 16000)
-    return {"missing.wav": "no such file", "empty.wav": "empty file", "junk.wav": "unreadable",
-            "silent.wav": "silent", "nan.wav": "non-finite", "long.wav": "longer than the model's 4 s window"}
+    return {
+        "missing.wav": "no such file",
+        "empty.wav": "empty file",
+        "junk.wav": "unreadable",
+        "silent.wav": "silent",
+        "nan.wav": "non-finite",
+        "long.wav": "longer than the model's 4 s window",
+    }
 
 
 @pytest.mark.faults
@@ -154,7 +167,17 @@ def test_cli(model_dir, clips, tmp_path):
 
     expected = _bad_files(tmp_path / "bad", clips)
     out = tmp_path / "out.jsonl"
-    rc = main(["explain", str(model_dir), *clips[:2], str(tmp_path / "bad" / "silent.wav"), "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "explain",
+            str(model_dir),
+            *clips[:2],
+            str(tmp_path / "bad" / "silent.wav"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 1  # one file failed
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     assert [l["file"] for l in lines] == [*clips[:2], str(tmp_path / "bad" / "silent.wav")]
@@ -164,7 +187,9 @@ def test_cli(model_dir, clips, tmp_path):
     (tmp_path / "dir").mkdir()
     for p in clips[:2]:
         (tmp_path / "dir" / p.split("/")[-1]).write_bytes(open(p, "rb").read())
-    assert main(["explain", str(model_dir), clip_dir, "--format", "table", "--out", str(table), "--batch-size", "2"]) == 0
+    assert (
+        main(["explain", str(model_dir), clip_dir, "--format", "table", "--out", str(table), "--batch-size", "2"]) == 0
+    )
     text = table.read_text().splitlines()
     assert text[0].split()[:4] == ["file", "emotion", "p", "trust"] and len(text) == 3
     assert len(expected) == 6
@@ -194,8 +219,10 @@ def test_resolve_trustser_output_dir(model_dir, tmp_path):
     (cache / "cem-b" / "cem").symlink_to(model_dir / "cem")
     run = tmp_path / "out" / "sys3-seed0"
     run.mkdir()
-    stages = [{"name": "pretrain", "key": "a", "path": str(cache / "pretrain-a")},
-              {"name": "cem", "key": "b", "path": str(cache / "cem-b")}]
+    stages = [
+        {"name": "pretrain", "key": "a", "path": str(cache / "pretrain-a")},
+        {"name": "cem", "key": "b", "path": str(cache / "cem-b")},
+    ]
     (run / "results.json").write_text(json.dumps({"target_corpus": "iemocap", "stages": stages, "settings": {}}))
     for where in (tmp_path / "out", run):
         got = resolve_model_dir(where)

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from faults_helpers import nested_equal, safetensors_equal, save_tiny_model, write_corpus
 
 pytestmark = pytest.mark.faults
@@ -31,7 +30,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARA
 # 1. SIGKILL between checkpoints, then --resume_from_checkpoint through the fine-tuning recipe
 # ------------------------------------------------------------------------------------------
 def _finetune_config(path: Path, model: Path, corpus: Path, out: Path) -> Path:
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         model: {model}
         corpus: audiofolder
         corpus_root: {corpus}
@@ -50,7 +50,8 @@ def _finetune_config(path: Path, model: Path, corpus: Path, out: Path) -> Path:
         tsne_samples: 4
         output_dir: {out}
         seed: 0
-        """))
+        """)
+    )
     return path
 
 
@@ -110,8 +111,14 @@ def test_sigkill_between_checkpoints_then_resume_is_bit_exact(tmp_path):
     # the interrupted run: wait for checkpoint-4 to be complete and step 5 done, then SIGKILL
     (tmp_path / "pause.py").write_text(_PAUSING_RUN)
     sentinel = tmp_path / "step5"
-    cmd = [sys.executable, str(tmp_path / "pause.py"), str(sentinel), str(REPO / "recipes" / "finetune_new_corpus.py"),
-           "--config", str(cut_cfg)]
+    cmd = [
+        sys.executable,
+        str(tmp_path / "pause.py"),
+        str(sentinel),
+        str(REPO / "recipes" / "finetune_new_corpus.py"),
+        "--config",
+        str(cut_cfg),
+    ]
     log = open(tmp_path / "cut.log", "w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -142,12 +149,18 @@ def test_sigkill_between_checkpoints_then_resume_is_bit_exact(tmp_path):
     _recipe(ref_cfg, cwd=tmp_path)
 
     a, b = _posttrain_dir(tmp_path / "ref"), _posttrain_dir(tmp_path / "cut")
-    for rel in ("model/model.safetensors", "controller/model.safetensors", "trainer/checkpoint-6/model.safetensors",
-                "trainer/checkpoint-6/controller/model.safetensors", "trainer/checkpoint-6/controller_optimizer.safetensors",
-                "trainer/checkpoint-6/controller_rng_0.safetensors"):
+    for rel in (
+        "model/model.safetensors",
+        "controller/model.safetensors",
+        "trainer/checkpoint-6/model.safetensors",
+        "trainer/checkpoint-6/controller/model.safetensors",
+        "trainer/checkpoint-6/controller_optimizer.safetensors",
+        "trainer/checkpoint-6/controller_rng_0.safetensors",
+    ):
         assert safetensors_equal(a / rel, b / rel) == [], rel
-    assert json.loads((a / "trainer/checkpoint-6/controller_optimizer.json").read_text()) == \
-        json.loads((b / "trainer/checkpoint-6/controller_optimizer.json").read_text())
+    assert json.loads((a / "trainer/checkpoint-6/controller_optimizer.json").read_text()) == json.loads(
+        (b / "trainer/checkpoint-6/controller_optimizer.json").read_text()
+    )
     opt_a = torch.load(a / "trainer/checkpoint-6/optimizer.pt", weights_only=True)
     opt_b = torch.load(b / "trainer/checkpoint-6/optimizer.pt", weights_only=True)
     assert opt_a["state"] and nested_equal(opt_a, opt_b) == []
@@ -168,20 +181,42 @@ def test_two_cpu_processes_keep_identical_controllers(tmp_path):
     Launched exactly as users do, with ``recipes/accelerate_configs/cpu.yaml`` (torchrun's launcher
     with ``use_cpu``), and checks that two processes really ran."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu.yaml"),
-           "--main_process_port", "29517",
-           str(REPO / "tests" / "rectify_two_ranks.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes/accelerate_configs/cpu.yaml"),
+        "--main_process_port",
+        "29517",
+        str(REPO / "tests" / "rectify_two_ranks.py"),
+        str(out),
+    ]
     env = dict(ENV, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     logs = [json.loads((out / f"log_rank{r}.json").read_text()) for r in (0, 1)]
     assert [l["num_processes"] for l in logs] == [2, 2]
     assert safetensors_equal(out / "controller_init_rank0.safetensors", out / "controller_init_rank1.safetensors") == []
-    assert safetensors_equal(out / "controller_final_rank0.safetensors", out / "controller_final_rank1.safetensors") == []
-    assert safetensors_equal(out / "controller_init_rank0.safetensors", out / "controller_final_rank0.safetensors") != []
-    documented = ["lm_loss", "kl_loss", "emotion_ce", "reward/mean", "reward/std", "controller/loss", "controller/entropy",
-                  "controller/clip_fraction", "rectify/label_accuracy", "rectify/annotation_accuracy",
-                  *[f"rectify/modify_rate_{f}" for f in ("pitch", "volume", "speed", "gender", "age")]]
+    assert (
+        safetensors_equal(out / "controller_final_rank0.safetensors", out / "controller_final_rank1.safetensors") == []
+    )
+    assert (
+        safetensors_equal(out / "controller_init_rank0.safetensors", out / "controller_final_rank0.safetensors") != []
+    )
+    documented = [
+        "lm_loss",
+        "kl_loss",
+        "emotion_ce",
+        "reward/mean",
+        "reward/std",
+        "controller/loss",
+        "controller/entropy",
+        "controller/clip_fraction",
+        "rectify/label_accuracy",
+        "rectify/annotation_accuracy",
+        *[f"rectify/modify_rate_{f}" for f in ("pitch", "volume", "speed", "gender", "age")],
+    ]
     steps = [[{k: h[k] for k in documented} for h in l["log_history"] if "reward/mean" in h] for l in logs]
     assert len(steps[0]) == 3 and steps[0] == steps[1]  # gathered over both ranks: the same numbers
     ckpt = out / "trainer" / "checkpoint-3"
@@ -194,19 +229,35 @@ def test_two_cpu_processes_keep_identical_controllers(tmp_path):
 # ------------------------------------------------------------------------------------------
 def _tiny_rectify_trainer(model_dir: Path, out: Path, **kw):
     import datasets
-
     from ser_slm_fixtures import make_rows
+
     from trustser.models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
     from trustser.trainers.rectify import SEDRectifyTrainer
     from trustser.trainers.rectify_config import SEDRectifyConfig
 
-    base = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=2, logging_steps=1, save_strategy="steps",
-                save_steps=1, num_policies=2, use_cpu=True, seed=0, controller_n_mels=16, controller_hidden_size=16,
-                controller_embedding_size=4, disable_tqdm=True, dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        num_policies=2,
+        use_cpu=True,
+        seed=0,
+        controller_n_mels=16,
+        controller_hidden_size=16,
+        controller_embedding_size=4,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
-    return SEDRectifyTrainer(SerSlmForConditionalGeneration.from_pretrained(model_dir), args=SEDRectifyConfig(**base),
-                             train_dataset=datasets.Dataset.from_list(make_rows(8)),
-                             processing_class=SerSlmProcessor.from_pretrained(model_dir))
+    return SEDRectifyTrainer(
+        SerSlmForConditionalGeneration.from_pretrained(model_dir),
+        args=SEDRectifyConfig(**base),
+        train_dataset=datasets.Dataset.from_list(make_rows(8)),
+        processing_class=SerSlmProcessor.from_pretrained(model_dir),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -265,8 +316,9 @@ def test_stage_resume_keeps_the_partial_folder(tmp_path):
         runner.run("posttrain", {"k": 2}, interrupted)
     assert not any(p.name.startswith("posttrain-") for p in tmp_path.iterdir())
     seen = []
-    stage = runner.run("posttrain", {"k": 2}, lambda out: seen.append(sorted(p.name for p in (out / "trainer").iterdir())),
-                       resume=True)
+    stage = runner.run(
+        "posttrain", {"k": 2}, lambda out: seen.append(sorted(p.name for p in (out / "trainer").iterdir())), resume=True
+    )
     assert seen == [["checkpoint-2"]] and not stage.reused and (stage.path / "STAGE.json").is_file()
     with pytest.raises(KeyboardInterrupt):
         runner.run("posttrain", {"k": 3}, interrupted)
@@ -298,7 +350,9 @@ def _bad_corpus(root: Path) -> Path:
     nan[100:200] = np.nan
     sf.write(root / "nan.wav", nan, 16000, subtype="FLOAT")
     names = [*GOOD, "quad", "empty", "corrupt", "silent", "nan"]
-    lines = ["file_name,emotion,text,speaker"] + [f"{n}.wav,{LABELS[i % 4]},{TEXTS[i % 6]},s{i % 2}" for i, n in enumerate(names)]
+    lines = ["file_name,emotion,text,speaker"] + [
+        f"{n}.wav,{LABELS[i % 4]},{TEXTS[i % 6]},s{i % 2}" for i, n in enumerate(names)
+    ]
     (root / "metadata.csv").write_text("\n".join(lines) + "\n")
     return root
 
@@ -324,8 +378,23 @@ def bad(tmp_path_factory, tiny_model):
     root = _bad_corpus(d / "corpus")
     clfs = _classifiers(d)
     ann = d / "annotated"
-    rc = main(["annotate", "audiofolder", str(root), "--corpus-options", '{"text_column": "text"}', "--out", str(ann), "--gender-backend", clfs["gender"],
-               "--age-backend", clfs["age"], "--num-proc", "1"])
+    rc = main(
+        [
+            "annotate",
+            "audiofolder",
+            str(root),
+            "--corpus-options",
+            '{"text_column": "text"}',
+            "--out",
+            str(ann),
+            "--gender-backend",
+            clfs["gender"],
+            "--age-backend",
+            clfs["age"],
+            "--num-proc",
+            "1",
+        ]
+    )
     assert rc == 0
     return {"root": root, "clfs": clfs, "annotated": ann, "model": tiny_model, "dir": d}
 
@@ -338,7 +407,12 @@ def test_annotate_cli_flags_each_bad_file_and_continues(bad, capsys):
     ds = datasets.load_from_disk(str(bad["annotated"]))["train"]
     errors = dict(zip(ds["id"], ds["annotation_error"]))
     assert {k: v for k, v in errors.items() if k not in GOOD} == {
-        "quad": "channels", "empty": "unreadable", "corrupt": "unreadable", "silent": "silence", "nan": "nan"}
+        "quad": "channels",
+        "empty": "unreadable",
+        "corrupt": "unreadable",
+        "silent": "silence",
+        "nan": "nan",
+    }
     assert all(errors[k] == "" for k in GOOD)
     for k, v in zip(ds["id"], ds["pitch_auto"]):
         assert (v != "") == (k in GOOD), k
@@ -361,12 +435,33 @@ def test_annotate_zero_usable_utterances(bad, tmp_path, capsys):
     from trustser.annotation.classifiers import OfflineClassifier
 
     clf = {f: OfflineClassifier.load(p) for f, p in bad["clfs"].items()}
-    out = annotate(load_corpus("audiofolder", root, text_column="text", cache_dir=tmp_path / "c"), method="unified",
-                   gender_backend=clf["gender"], age_backend=clf["age"])
-    assert out["train"]["annotation_error"][:] == ["silence", "unreadable"] and out["train"]["pitch_auto"][:] == ["", ""]
-    rc = main(["annotate", "audiofolder", str(root), "--corpus-options", '{"text_column": "text"}', "--out", str(tmp_path / "ann"),
-               "--gender-backend", bad["clfs"]["gender"],
-               "--age-backend", bad["clfs"]["age"], "--num-proc", "1"])
+    out = annotate(
+        load_corpus("audiofolder", root, text_column="text", cache_dir=tmp_path / "c"),
+        method="unified",
+        gender_backend=clf["gender"],
+        age_backend=clf["age"],
+    )
+    assert out["train"]["annotation_error"][:] == ["silence", "unreadable"] and out["train"]["pitch_auto"][:] == [
+        "",
+        "",
+    ]
+    rc = main(
+        [
+            "annotate",
+            "audiofolder",
+            str(root),
+            "--corpus-options",
+            '{"text_column": "text"}',
+            "--out",
+            str(tmp_path / "ann"),
+            "--gender-backend",
+            bad["clfs"]["gender"],
+            "--age-backend",
+            bad["clfs"]["age"],
+            "--num-proc",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "no usable utterances" in err and str(root) in err and "silence" in err
     assert not (tmp_path / "ann").exists()
@@ -383,8 +478,24 @@ def test_evaluate_cli_skips_bad_files_and_names_them(bad, tmp_path, capsys):
 
     out = tmp_path / "m.json"
     labels = "neutral,happy,angry,sad"
-    rc = main(["evaluate", str(bad["model"]), str(bad["root"]), "--corpus", "audiofolder", "--split", "train",
-               "--emotion-labels", labels, "--out", str(out), "--predictions", "--max-new-tokens", "6"])
+    rc = main(
+        [
+            "evaluate",
+            str(bad["model"]),
+            str(bad["root"]),
+            "--corpus",
+            "audiofolder",
+            "--split",
+            "train",
+            "--emotion-labels",
+            labels,
+            "--out",
+            str(out),
+            "--predictions",
+            "--max-new-tokens",
+            "6",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0, err
     m = json.loads(out.read_text())
@@ -409,16 +520,30 @@ def test_evaluate_cli_user_errors_name_the_path(bad, tmp_path, capsys):
     ConfidenceEstimationModel(CemConfig(input_size=8)).save_pretrained(cem)
     base = ["--corpus", "audiofolder", "--split", "train", "--max-new-tokens", "4"]
     cases = [
-        ([str(tmp_path / "nomodel"), str(bad["root"]), *base, "--emotion-labels", "happy,sad"], f"{tmp_path / 'nomodel'}: not a saved model"),
-        ([str(bad["model"]), str(tmp_path / "nocorpus"), *base, "--emotion-labels", "happy,sad"], f"{tmp_path / 'nocorpus'} does not exist"),
-        ([str(cem), str(bad["root"]), *base, "--emotion-labels", "happy,sad"], f"{cem}: holds a 'cem' checkpoint, not a SER-SLM"),
-        ([str(bad["model"]), str(bad["root"]), *base, "--emotion-labels", "calm,excited"], "reference emotions ['angry', 'happy', 'neutral', 'sad'] (rows good0"),
+        (
+            [str(tmp_path / "nomodel"), str(bad["root"]), *base, "--emotion-labels", "happy,sad"],
+            f"{tmp_path / 'nomodel'}: not a saved model",
+        ),
+        (
+            [str(bad["model"]), str(tmp_path / "nocorpus"), *base, "--emotion-labels", "happy,sad"],
+            f"{tmp_path / 'nocorpus'} does not exist",
+        ),
+        (
+            [str(cem), str(bad["root"]), *base, "--emotion-labels", "happy,sad"],
+            f"{cem}: holds a 'cem' checkpoint, not a SER-SLM",
+        ),
+        (
+            [str(bad["model"]), str(bad["root"]), *base, "--emotion-labels", "calm,excited"],
+            "reference emotions ['angry', 'happy', 'neutral', 'sad'] (rows good0",
+        ),
     ]
     only_bad = tmp_path / "onlybad"
     only_bad.mkdir()
     (only_bad / "e.wav").write_bytes(b"")
     (only_bad / "metadata.csv").write_text("file_name,emotion\ne.wav,sad\n")
-    cases.append(([str(bad["model"]), str(only_bad), *base, "--emotion-labels", "happy,sad"], "no usable utterances to evaluate"))
+    cases.append(
+        ([str(bad["model"]), str(only_bad), *base, "--emotion-labels", "happy,sad"], "no usable utterances to evaluate")
+    )
     for argv, message in cases:
         assert main(["evaluate", *argv]) == 1, argv
         err = capsys.readouterr().err
@@ -438,8 +563,21 @@ def test_select_cli_flags_unreadable_rows_and_wrong_models(bad, tmp_path, capsys
     torch.manual_seed(0)
     ConfidenceEstimationModel(CemConfig(input_size=5 * h, hidden_size=8, slm_hidden_size=h)).save_pretrained(cem)
     out = tmp_path / "sel"
-    rc = main(["select", "--cem", str(cem), "--slm", str(bad["model"]), "--data", str(bad["annotated"]), "--ratio", "1.0",
-               "--out", str(out)])
+    rc = main(
+        [
+            "select",
+            "--cem",
+            str(cem),
+            "--slm",
+            str(bad["model"]),
+            "--data",
+            str(bad["annotated"]),
+            "--ratio",
+            "1.0",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     stats = json.loads((out / "selection_stats.json").read_text())["train"]
     assert stats["n_total"] == 9 and stats["n_unscorable"] == 5 and stats["n_selected"] == 4
@@ -447,8 +585,14 @@ def test_select_cli_flags_unreadable_rows_and_wrong_models(bad, tmp_path, capsys
 
     assert sorted(datasets.load_from_disk(str(out))["train"]["id"]) == sorted(GOOD)
     cases = [
-        (["--cem", str(bad["model"]), "--slm", str(cem)], f"{bad['model']}: holds a 'ser_slm' checkpoint, not a ConfidenceEstimationModel"),
-        (["--cem", str(cem), "--slm", str(bad["model"]), "--data", str(tmp_path / "nodata")], f"--data {tmp_path / 'nodata'}: no such directory"),
+        (
+            ["--cem", str(bad["model"]), "--slm", str(cem)],
+            f"{bad['model']}: holds a 'ser_slm' checkpoint, not a ConfidenceEstimationModel",
+        ),
+        (
+            ["--cem", str(cem), "--slm", str(bad["model"]), "--data", str(tmp_path / "nodata")],
+            f"--data {tmp_path / 'nodata'}: no such directory",
+        ),
     ]
     for extra, message in cases:
         argv = ["select", "--data", str(bad["annotated"]), "--ratio", "0.5", "--out", str(tmp_path / "x"), *extra]
@@ -504,6 +648,7 @@ def test_decode_audio_names_row_file_and_problem(cell, message, tmp_path):
 def test_decode_audio_resamples_and_downmixes_any_layout():
     """Wrong sample rate and multi-channel input are not errors: resampled to 16 kHz, down-mixed."""
     from ser_slm_fixtures import tone
+
     from trustser.audio import decode_audio
 
     wav8k = tone(1.0, 150.0, 0.3, sr=8000)
@@ -516,15 +661,15 @@ def test_decode_audio_resamples_and_downmixes_any_layout():
 def test_training_on_zero_usable_utterances_is_a_clear_error(tmp_path):
     """The post-training stage on a split where every row failed annotation: a ValueError naming
     the data directory and the reasons, before any model is loaded."""
-    import datasets
+    from types import SimpleNamespace
 
+    import datasets
     from ser_slm_fixtures import make_rows
+
     from trustser.recipe import stage_posttrain
     from trustser.recipe_config import RecipeConfig
     from trustser.stages import Stage, StageRunner
     from trustser.systems import get_system
-
-    from types import SimpleNamespace
 
     rows = make_rows(3)
     for r, why in zip(rows, ("silence", "nan", "unreadable")):
@@ -533,8 +678,14 @@ def test_training_on_zero_usable_utterances_is_a_clear_error(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(data / "data"))
     runner = StageRunner(tmp_path / "cache", SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None))
     with pytest.raises(ValueError, match=r"annotate-x/data: no usable utterances in split 'train' .*'silence': 1"):
-        stage_posttrain(runner, RecipeConfig(output_dir=str(tmp_path)), get_system("sys4"),
-                        Stage("annotate", "x", data, False), "data", Stage("pretrain", "y", tmp_path / "no-model", False))
+        stage_posttrain(
+            runner,
+            RecipeConfig(output_dir=str(tmp_path)),
+            get_system("sys4"),
+            Stage("annotate", "x", data, False),
+            "data",
+            Stage("pretrain", "y", tmp_path / "no-model", False),
+        )
     assert not any(p.name.startswith("posttrain-") for p in (tmp_path / "cache").iterdir())
 
 
@@ -568,8 +719,23 @@ def test_interrupted_annotation_and_selection_writes_keep_the_previous_output(ba
 
     monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", dies_half_way)
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", dies_half_way)
-    argv = ["annotate", "audiofolder", str(bad["root"]), "--corpus-options", '{"text_column": "text"}', "--out", str(ann),
-            "--gender-backend", bad["clfs"]["gender"], "--age-backend", bad["clfs"]["age"], "--num-proc", "1", "--method", "unified"]
+    argv = [
+        "annotate",
+        "audiofolder",
+        str(bad["root"]),
+        "--corpus-options",
+        '{"text_column": "text"}',
+        "--out",
+        str(ann),
+        "--gender-backend",
+        bad["clfs"]["gender"],
+        "--age-backend",
+        bad["clfs"]["age"],
+        "--num-proc",
+        "1",
+        "--method",
+        "unified",
+    ]
     with pytest.raises(KeyboardInterrupt):
         main(argv)
     assert _snapshot(ann) == before
@@ -579,7 +745,19 @@ def test_interrupted_annotation_and_selection_writes_keep_the_previous_output(ba
     cem = tmp_path / ".cem"
     ConfidenceEstimationModel(CemConfig(input_size=5 * h, hidden_size=8, slm_hidden_size=h)).save_pretrained(cem)
     sel = tmp_path / "selected"
-    sel_argv = ["select", "--cem", str(cem), "--slm", str(bad["model"]), "--data", str(ann), "--ratio", "0.5", "--out", str(sel)]
+    sel_argv = [
+        "select",
+        "--cem",
+        str(cem),
+        "--slm",
+        str(bad["model"]),
+        "--data",
+        str(ann),
+        "--ratio",
+        "0.5",
+        "--out",
+        str(sel),
+    ]
     with pytest.raises(KeyboardInterrupt):
         main(sel_argv)
     assert not sel.exists()
@@ -645,8 +823,14 @@ def test_rectify_checkpoint_side_state_is_safetensors_and_json(tiny_model, tmp_p
     ckpt = out / "checkpoint-1"
     files = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()}
     ours = {f for f in files if f.startswith("controller") or f == "trustser_checkpoint.json"}
-    assert {"controller/model.safetensors", "controller/config.json", "controller_optimizer.safetensors",
-            "controller_optimizer.json", "controller_rng_0.safetensors", "trustser_checkpoint.json"} <= ours
+    assert {
+        "controller/model.safetensors",
+        "controller/config.json",
+        "controller_optimizer.safetensors",
+        "controller_optimizer.json",
+        "controller_rng_0.safetensors",
+        "trustser_checkpoint.json",
+    } <= ours
     for f in ours:
         path = ckpt / f
         assert path.suffix in (".safetensors", ".json"), f
@@ -664,7 +848,8 @@ def test_rectify_checkpoint_side_state_is_safetensors_and_json(tiny_model, tmp_p
 
 
 def _evil_module(d: Path, sentinel: Path) -> None:
-    (d / "evil.py").write_text(textwrap.dedent(f"""\
+    (d / "evil.py").write_text(
+        textwrap.dedent(f"""\
         from pathlib import Path
         Path({str(sentinel)!r}).write_text("code from the checkpoint ran")
         from transformers import PretrainedConfig, PreTrainedModel
@@ -674,7 +859,8 @@ def _evil_module(d: Path, sentinel: Path) -> None:
 
         class EvilModel(PreTrainedModel):
             config_class = EvilConfig
-        """))
+        """)
+    )
 
 
 def test_trustser_classes_load_without_remote_code(tiny_model, tmp_path):
@@ -697,15 +883,26 @@ def test_trustser_classes_load_without_remote_code(tiny_model, tmp_path):
         py.write_text(f"from pathlib import Path\nPath({str(sentinel)!r}).write_text('ran')\n" + py.read_text())
     _evil_module(slm, sentinel)
     config = json.loads((slm / "config.json").read_text())
-    config["auto_map"] = {**config.get("auto_map", {}), "AutoModelForCausalLM": "evil.EvilModel", "AutoModel": "evil.EvilModel"}
+    config["auto_map"] = {
+        **config.get("auto_map", {}),
+        "AutoModelForCausalLM": "evil.EvilModel",
+        "AutoModel": "evil.EvilModel",
+    }
     (slm / "config.json").write_text(json.dumps(config))
     cem, ctrl = tmp_path / "cem", tmp_path / "ctrl"
     ConfidenceEstimationModel(CemConfig(input_size=8)).save_pretrained(cem)
     SedController(SedControllerConfig()).save_pretrained(ctrl)
 
-    loaded = [AutoModelForCausalLM.from_pretrained(slm), AutoModel.from_pretrained(slm), AutoProcessor.from_pretrained(slm),
-              AutoConfig.from_pretrained(slm), SerSlmForConditionalGeneration.from_pretrained(slm),
-              AutoModel.from_pretrained(cem), AutoModel.from_pretrained(ctrl), AutoConfig.from_pretrained(ctrl)]
+    loaded = [
+        AutoModelForCausalLM.from_pretrained(slm),
+        AutoModel.from_pretrained(slm),
+        AutoProcessor.from_pretrained(slm),
+        AutoConfig.from_pretrained(slm),
+        SerSlmForConditionalGeneration.from_pretrained(slm),
+        AutoModel.from_pretrained(cem),
+        AutoModel.from_pretrained(ctrl),
+        AutoConfig.from_pretrained(ctrl),
+    ]
     for obj in loaded:
         assert type(obj).__module__.startswith("trustser."), type(obj)
     assert isinstance(loaded[0], SerSlmForConditionalGeneration) and isinstance(loaded[5], ConfidenceEstimationModel)
@@ -731,11 +928,21 @@ def test_remote_code_checkpoint_runs_nothing_unless_asked(tmp_path, capsys):
     evil.mkdir()
     sentinel = tmp_path / "SENTINEL"
     _evil_module(evil, sentinel)
-    (evil / "config.json").write_text(json.dumps({"model_type": "trustser_evil",
-                                                  "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}}))
-    for load in (lambda: AutoConfig.from_pretrained(evil), lambda: AutoModel.from_pretrained(evil),
-                 lambda: AutoConfig.from_pretrained(evil, trust_remote_code=False),
-                 lambda: SerSlmForConditionalGeneration.from_pretrained(evil), lambda: load_explainer(evil, device=-1)):
+    (evil / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "trustser_evil",
+                "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"},
+            }
+        )
+    )
+    for load in (
+        lambda: AutoConfig.from_pretrained(evil),
+        lambda: AutoModel.from_pretrained(evil),
+        lambda: AutoConfig.from_pretrained(evil, trust_remote_code=False),
+        lambda: SerSlmForConditionalGeneration.from_pretrained(evil),
+        lambda: load_explainer(evil, device=-1),
+    ):
         with pytest.raises((ValueError, OSError)):
             load()
         assert not sentinel.exists()

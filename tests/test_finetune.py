@@ -16,9 +16,15 @@ def tiny(tmp_path_factory):
     from trustser.models.ser_slm import build_tiny_ser_slm
 
     torch.manual_seed(0)
-    return build_tiny_ser_slm(["hello there", "good morning to you"],
-                              emotion_labels=("neutral", "happy", "angry", "sad"), vocab_size=500, lm_hidden=64,
-                              encoder_dim=64, encoder_layers=1, lm_layers=1)
+    return build_tiny_ser_slm(
+        ["hello there", "good morning to you"],
+        emotion_labels=("neutral", "happy", "angry", "sad"),
+        vocab_size=500,
+        lm_hidden=64,
+        encoder_dim=64,
+        encoder_layers=1,
+        lm_layers=1,
+    )
 
 
 def test_add_label_tokens(tiny, tmp_path):
@@ -106,17 +112,33 @@ def test_finetune_recipe_end_to_end(tmp_path):
     h = model.config.text_config.hidden_size
     ConfidenceEstimationModel(CemConfig(input_size=5 * h, slm_hidden_size=h)).save_pretrained(rel / "cem")
     cfg = FinetuneConfig(
-        model=str(rel), corpus="audiofolder", corpus_root=str(root),
-        corpus_options=dict(label_column="emotion", text_column="text", speaker_column="speaker",
-                            label_map={"neutral": "calm", "happy": "positive", "angry": "negative", "sad": "negative"}),
-        emotion_labels=NEW, output_dir=str(tmp_path / "ft"), annotation_method="speaker_adaptive", selection_ratio=0.9,
-        rectify=True, num_policies=2, max_steps=4, per_device_batch_size=8, eval_batch_size=20, max_eval_samples=20,
+        model=str(rel),
+        corpus="audiofolder",
+        corpus_root=str(root),
+        corpus_options=dict(
+            label_column="emotion",
+            text_column="text",
+            speaker_column="speaker",
+            label_map={"neutral": "calm", "happy": "positive", "angry": "negative", "sad": "negative"},
+        ),
+        emotion_labels=NEW,
+        output_dir=str(tmp_path / "ft"),
+        annotation_method="speaker_adaptive",
+        selection_ratio=0.9,
+        rectify=True,
+        num_policies=2,
+        max_steps=4,
+        per_device_batch_size=8,
+        eval_batch_size=20,
+        max_eval_samples=20,
         tsne_samples=20,
     )
     res = run_finetune(cfg)
     m = res["test"]["audiofolder"]
     assert m["n"] == 20 and 0.0 <= m["wa"] <= 1.0
-    assert res["settings"]["emotion_labels"] == NEW and res["selection"]["n_selected"] == round(0.9 * res["selection"]["n_total"])
+    assert res["settings"]["emotion_labels"] == NEW and res["selection"]["n_selected"] == round(
+        0.9 * res["selection"]["n_total"]
+    )
     assert [s["name"] for s in res["stages"]] == ["annotate", "pretrain", "cem", "select", "posttrain"]
     again = run_finetune(cfg)  # every stage cached
     assert all(s["reused"] for s in again["stages"])

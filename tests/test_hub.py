@@ -10,15 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hub_fake import FakeHfApi
 
 from trustser.descriptors import SED_FIELDS
 
-from hub_fake import FakeHfApi
-
-METRICS = {"wa": 0.6125, "ua": 0.5875, "weighted_f1": 0.6031, "unparseable_rate": 0.0125, "emotion_unparseable_rate": 0.0,
-           "n": 80, "sed_source": "truth",
-           "sed_accuracy": {"pitch": 0.55, "volume": 0.6125, "speed": 0.5, "gender": 0.9875, "age": 0.7375},
-           "confusion_matrix": {"labels": ["neutral", "happy", "angry", "sad"], "matrix": [[10] * 4] * 4}}
+METRICS = {
+    "wa": 0.6125,
+    "ua": 0.5875,
+    "weighted_f1": 0.6031,
+    "unparseable_rate": 0.0125,
+    "emotion_unparseable_rate": 0.0,
+    "n": 80,
+    "sed_source": "truth",
+    "sed_accuracy": {"pitch": 0.55, "volume": 0.6125, "speed": 0.5, "gender": 0.9875, "age": 0.7375},
+    "confusion_matrix": {"labels": ["neutral", "happy", "angry", "sad"], "matrix": [[10] * 4] * 4},
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,31 +37,64 @@ def output_dir(tmp_path_factory):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("out")
     post, cem_stage, pre = out / "cache" / "posttrain-k1", out / "cache" / "cem-k2", out / "cache" / "pretrain-k0"
-    model, proc = build_tiny_ser_slm(["hello there", "good morning"], emotion_labels=("neutral", "happy", "angry", "sad"),
-                                     vocab_size=500, lm_hidden=64, encoder_dim=64, encoder_layers=1, lm_layers=1)
+    model, proc = build_tiny_ser_slm(
+        ["hello there", "good morning"],
+        emotion_labels=("neutral", "happy", "angry", "sad"),
+        vocab_size=500,
+        lm_hidden=64,
+        encoder_dim=64,
+        encoder_layers=1,
+        lm_layers=1,
+    )
     model.save_pretrained(post / "model")
     proc.save_pretrained(post / "model")
     h = model.config.text_config.hidden_size
-    ConfidenceEstimationModel(CemConfig(input_size=5 * h, hidden_size=16, slm_hidden_size=h)).save_pretrained(cem_stage / "cem")
-    cem_report = {"train_rows": 200, "balance": "utterance", "balanced_rows": 120, "train_loss": 0.51,
-                  "eval": {**{f: {"auc": 0.7, "nce": 0.1, "ece": 0.05} for f in SED_FIELDS},
-                           "utterance": {"auc": 0.72, "nce": 0.12, "ece": 0.04}}}
+    ConfidenceEstimationModel(CemConfig(input_size=5 * h, hidden_size=16, slm_hidden_size=h)).save_pretrained(
+        cem_stage / "cem"
+    )
+    cem_report = {
+        "train_rows": 200,
+        "balance": "utterance",
+        "balanced_rows": 120,
+        "train_loss": 0.51,
+        "eval": {
+            **{f: {"auc": 0.7, "nce": 0.1, "ece": 0.05} for f in SED_FIELDS},
+            "utterance": {"auc": 0.72, "nce": 0.12, "ece": 0.04},
+        },
+    }
     (cem_stage / "cem" / "cem_metrics.json").write_text(json.dumps(cem_report))
     SedController(SedControllerConfig(hidden_size=16, embedding_size=8)).save_pretrained(post / "controller")
     run = out / "sys10-seed0"
     run.mkdir()
     results = {
-        "system": {"name": "sys10", "with_sed": True, "domain_sft": True, "selection_ratio": 0.9, "rectify": True,
-                   "num_policies": 6, "paper_iemocap": 80.98, "paper_meld": 64.11},
+        "system": {
+            "name": "sys10",
+            "with_sed": True,
+            "domain_sft": True,
+            "selection_ratio": 0.9,
+            "rectify": True,
+            "num_policies": 6,
+            "paper_iemocap": 80.98,
+            "paper_meld": 64.11,
+        },
         "target_corpus": "synthetic",
         "test": {"synthetic": METRICS},
         "cem": cem_report,
         "selection": {"n_selected": 90, "n_total": 100},
         "rectification": {"train/rectified_share": {"first": 0.2, "last": 0.1}},
-        "settings": {"preset": "tiny", "pretrain_corpus": "synthetic", "test_split": "test", "num_policies_used": 6, "seed": 0},
+        "settings": {
+            "preset": "tiny",
+            "pretrain_corpus": "synthetic",
+            "test_split": "test",
+            "num_policies_used": 6,
+            "seed": 0,
+        },
         "seed": 0,
-        "stages": [{"name": "pretrain", "key": "k0", "path": str(pre)}, {"name": "cem", "key": "k2", "path": str(cem_stage)},
-                   {"name": "posttrain", "key": "k1", "path": str(post)}],
+        "stages": [
+            {"name": "pretrain", "key": "k0", "path": str(pre)},
+            {"name": "cem", "key": "k2", "path": str(cem_stage)},
+            {"name": "posttrain", "key": "k1", "path": str(post)},
+        ],
     }
     (run / "results.json").write_text(json.dumps(results))
     return out
@@ -73,9 +112,20 @@ def pushed(output_dir, tmp_path_factory):
 def test_push_layout(pushed):
     api, info, repo = pushed
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"] and api.calls[0][2] is True
-    for f in ("README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-              "trustser_results.json", "cem/config.json", "cem/model.safetensors", "cem/README.md",
-              "controller/config.json", "controller/model.safetensors", "controller/README.md"):
+    for f in (
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "trustser_results.json",
+        "cem/config.json",
+        "cem/model.safetensors",
+        "cem/README.md",
+        "controller/config.json",
+        "controller/model.safetensors",
+        "controller/README.md",
+    ):
         assert (repo / f).is_file(), f
         assert f in info["files"]
     assert json.loads((repo / "config.json").read_text())["emotion_labels"] == ["neutral", "happy", "angry", "sad"]
@@ -87,10 +137,18 @@ def test_from_pretrained_on_the_release(pushed, output_dir):
     _, _, repo = pushed
     post = output_dir / "cache" / "posttrain-k1"
     pairs = [
-        (SerSlmForConditionalGeneration.from_pretrained(repo), SerSlmForConditionalGeneration.from_pretrained(post / "model")),
-        (ConfidenceEstimationModel.from_pretrained(repo, subfolder="cem"),
-         ConfidenceEstimationModel.from_pretrained(output_dir / "cache" / "cem-k2" / "cem")),
-        (SedController.from_pretrained(repo, subfolder="controller"), SedController.from_pretrained(post / "controller")),
+        (
+            SerSlmForConditionalGeneration.from_pretrained(repo),
+            SerSlmForConditionalGeneration.from_pretrained(post / "model"),
+        ),
+        (
+            ConfidenceEstimationModel.from_pretrained(repo, subfolder="cem"),
+            ConfidenceEstimationModel.from_pretrained(output_dir / "cache" / "cem-k2" / "cem"),
+        ),
+        (
+            SedController.from_pretrained(repo, subfolder="controller"),
+            SedController.from_pretrained(post / "controller"),
+        ),
     ]
     for got, ref in pairs:
         a, b = got.state_dict(), ref.state_dict()
@@ -116,8 +174,12 @@ def test_model_cards(pushed):
     assert "trustser" in meta["tags"] and meta["datasets"] == ["synthetic"]
     card = ModelCard.load(repo / "README.md")
     got = {r.metric_config: r.metric_value for r in card.data.eval_results}
-    want = {"wa": METRICS["wa"], "ua": METRICS["ua"], "weighted_f1": METRICS["weighted_f1"],
-            **{f"sed_{f}": v for f, v in METRICS["sed_accuracy"].items()}}
+    want = {
+        "wa": METRICS["wa"],
+        "ua": METRICS["ua"],
+        "weighted_f1": METRICS["weighted_f1"],
+        **{f"sed_{f}": v for f, v in METRICS["sed_accuracy"].items()},
+    }
     assert got == want
     assert {r.dataset_type for r in card.data.eval_results} == {"synthetic"}
     assert meta["model-index"][0]["name"] == "trustser-sys10"

@@ -54,7 +54,12 @@ def test_iemocap_session5(iemocap, tmp_path):
     assert set(rows) == set(exp)  # kept = 4 classes with audio; sub-folder files and dropped codes absent
     for uid, (split, r) in rows.items():
         e = exp[uid]
-        assert (r["emotion"], r["text"], r["gender"], r["speaker"]) == (e["emotion"], e["text"], e["gender"], e["speaker"])
+        assert (r["emotion"], r["text"], r["gender"], r["speaker"]) == (
+            e["emotion"],
+            e["text"],
+            e["gender"],
+            e["speaker"],
+        )
         assert (split == "test") == (e["session"] == 5)
         assert r["pitch"] == r["volume"] == r["speed"] == r["age"] == ""
     # dev holds whole dialogs, one per training session (2 dialogs per session, 10%)
@@ -83,7 +88,10 @@ def test_iemocap_loso_folds_and_dev_seed(iemocap, tmp_path):
     a = load_corpus("iemocap", iemocap["root"], seed=0, cache_dir=tmp_path / "c")
     b = load_corpus("iemocap", iemocap["root"], seed=0, cache_dir=tmp_path / "c2")
     assert a["dev"]["id"] == b["dev"]["id"]
-    devs = {tuple(sorted(load_corpus("iemocap", iemocap["root"], seed=s, cache_dir=tmp_path / "c")["dev"]["id"])) for s in range(6)}
+    devs = {
+        tuple(sorted(load_corpus("iemocap", iemocap["root"], seed=s, cache_dir=tmp_path / "c")["dev"]["id"]))
+        for s in range(6)
+    }
     assert len(devs) > 1  # the seed picks the held-out dialogs
     nodev = load_corpus("iemocap", iemocap["root"], dev_fraction=0, cache_dir=tmp_path / "c")
     assert list(nodev) == ["train", "test"]
@@ -162,7 +170,13 @@ def test_meld_schema_text_audio(meld, meld_loaded):
     assert set(rows) == set(meld["expected"])
     for uid, (split, r) in rows.items():
         e = meld["expected"][uid]
-        assert (split, r["text"], r["speaker"], r["emotion"], r["gender"]) == (e["split"], e["text"], e["speaker"], e["emotion"], "")
+        assert (split, r["text"], r["speaker"], r["emotion"], r["gender"]) == (
+            e["split"],
+            e["text"],
+            e["speaker"],
+            e["emotion"],
+            "",
+        )
     assert rows["train_dia0_utt1"][1]["text"] == "Oh. That\u2019s so Monica can keep track. \u201cThat\u201d way\u2026"
     stats = corpus_stats(dd)
     assert stats["missing_audio"] == meld["missing"] == ["train_dia1_utt1"]
@@ -202,7 +216,13 @@ def test_meld_unreadable_clip_and_layout(meld, tmp_path, monkeypatch):
     from trustser.data import meld as meld_mod
 
     real = meld_mod.decode_clip
-    monkeypatch.setattr(meld_mod, "decode_clip", lambda p, *a: (_ for _ in ()).throw(RuntimeError("corrupt")) if "dia0_utt0" in str(p) and "dev" in str(p) else real(p, *a))
+    monkeypatch.setattr(
+        meld_mod,
+        "decode_clip",
+        lambda p, *a: (
+            (_ for _ in ()).throw(RuntimeError("corrupt")) if "dia0_utt0" in str(p) and "dev" in str(p) else real(p, *a)
+        ),
+    )
     dd = load_corpus("meld", root, splits=("dev", "test"), cache_dir=tmp_path / "c")
     assert list(dd) == ["dev", "test"]
     assert dd["dev"]["id"] == ["dev_dia0_utt1"]
@@ -241,7 +261,9 @@ def speechcraft(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["records.json", "records.jsonl", "records.txt"])
 def test_speechcraft_formats(speechcraft, fmt, tmp_path):
     fx = speechcraft
-    dd = load_corpus("speechcraft", fx["descriptions"], descriptions=fmt, audio_root=fx["audio_root"], cache_dir=tmp_path)
+    dd = load_corpus(
+        "speechcraft", fx["descriptions"], descriptions=fmt, audio_root=fx["audio_root"], cache_dir=tmp_path
+    )
     _assert_schema(dd)
     rows = _all_rows(dd)
     assert set(rows) == set(fx["expected"])
@@ -252,9 +274,15 @@ def test_speechcraft_formats(speechcraft, fmt, tmp_path):
     stats = corpus_stats(dd)
     assert stats["missing_audio"] == fx["missing"]
     if fmt == "records.txt":
-        assert stats["unparseable"] == [f"{(fx['descriptions'] / fmt).resolve()}:3: no 'key:{{value}}' fields: 'this line is garbage'"]
+        assert stats["unparseable"] == [
+            f"{(fx['descriptions'] / fmt).resolve()}:3: no 'key:{{value}}' fields: 'this line is garbage'"
+        ]
     wav, sr = _audio(dd["train"][1])
-    assert sr == 16000 and wav.ndim == 1 and abs(wav.shape[-1] / sr - fx["expected"][dd["train"][1]["id"]]["seconds"]) < 1e-3
+    assert (
+        sr == 16000
+        and wav.ndim == 1
+        and abs(wav.shape[-1] / sr - fx["expected"][dd["train"][1]["id"]]["seconds"]) < 1e-3
+    )
 
 
 @pytest.mark.faults
@@ -273,7 +301,9 @@ def test_speechcraft_streaming_keys_and_invalid(speechcraft, tmp_path):
     recs = [{k: v for k, v in r.items() if k != "path"} for r in fx["records"]]
     recs[0]["pitch"] = "very high"
     (tmp_path / "keys.json").write_text(json.dumps({r.pop("key"): r for r in recs}))
-    dd = load_corpus("speechcraft", tmp_path, descriptions="keys.json", audio_root=fx["audio_root"], cache_dir=tmp_path / "c")
+    dd = load_corpus(
+        "speechcraft", tmp_path, descriptions="keys.json", audio_root=fx["audio_root"], cache_dir=tmp_path / "c"
+    )
     rows = _all_rows(dd)
     assert set(rows) == set(fx["expected"])
     assert rows["POD0000000001_S0000008"][1]["pitch"] == ""
@@ -291,7 +321,13 @@ LABEL_MAP = {"joy": "happy", "mad": "angry", "calm": "neutral"}
 @pytest.mark.parametrize("per_split", [False, True])
 def test_audiofolder_layouts(tmp_path, per_split):
     fx = build_audiofolder(tmp_path, per_split=per_split)
-    kw = dict(label_column="label", label_map=LABEL_MAP, speaker_column="speaker", text_column="transcript", cache_dir=tmp_path / "c")
+    kw = dict(
+        label_column="label",
+        label_map=LABEL_MAP,
+        speaker_column="speaker",
+        text_column="transcript",
+        cache_dir=tmp_path / "c",
+    )
     if not per_split:
         kw["split_column"] = "split"
     dd = load_corpus("audiofolder", fx["root"], **kw)
@@ -300,7 +336,13 @@ def test_audiofolder_layouts(tmp_path, per_split):
     assert set(rows) == set(fx["expected"])
     for uid, (split, r) in rows.items():
         e = fx["expected"][uid]
-        assert (split, r["emotion"], r["speaker"], r["text"], r["gender"]) == (e["split"], LABEL_MAP[e["raw"]], e["speaker"], e["text"], e["gender"])
+        assert (split, r["emotion"], r["speaker"], r["text"], r["gender"]) == (
+            e["split"],
+            LABEL_MAP[e["raw"]],
+            e["speaker"],
+            e["text"],
+            e["gender"],
+        )
     wav, sr = _audio(dd["train"][0])
     assert sr == 16000 and wav.ndim == 1
 
@@ -311,14 +353,29 @@ def test_audiofolder_labels_and_errors(tmp_path):
     meta = fx["root"] / "metadata.csv"
     with pytest.raises(ValueError, match=rf"{meta.resolve()}:2: unknown label 'joy' in column 'label'"):
         load_corpus("audiofolder", fx["root"], label_column="label", cache_dir=tmp_path / "c")
-    dd = load_corpus("audiofolder", fx["root"], label_column="label", labels=["joy", "calm"], on_unknown="skip", cache_dir=tmp_path / "c")
+    dd = load_corpus(
+        "audiofolder",
+        fx["root"],
+        label_column="label",
+        labels=["joy", "calm"],
+        on_unknown="skip",
+        cache_dir=tmp_path / "c",
+    )
     assert sorted(dd["train"]["emotion"]) == ["calm", "joy", "joy"]  # a user label set, kept as given
     stats = corpus_stats(dd)
     assert stats["unknown_labels"] == {"mad": 1} and stats["unparseable"][0].startswith(f"{meta.resolve()}:3:")
-    dd = load_corpus("audiofolder", fx["root"], label_column="label", label_map={**LABEL_MAP, "calm": None}, cache_dir=tmp_path / "c")
+    dd = load_corpus(
+        "audiofolder", fx["root"], label_column="label", label_map={**LABEL_MAP, "calm": None}, cache_dir=tmp_path / "c"
+    )
     assert corpus_stats(dd)["dropped_labels"] == {"calm": 1} and len(dd["train"]) == 3
     with pytest.raises(ValueError, match=str(fx["root"].resolve())):
-        load_corpus("audiofolder", fx["root"], label_column="label", label_map=dict.fromkeys(LABEL_MAP), cache_dir=tmp_path / "c")
+        load_corpus(
+            "audiofolder",
+            fx["root"],
+            label_column="label",
+            label_map=dict.fromkeys(LABEL_MAP),
+            cache_dir=tmp_path / "c",
+        )
     with pytest.raises(ValueError, match=r"missing column\(s\) \['emo'\]"):
         load_corpus("audiofolder", fx["root"], label_column="emo")
     # csv: one file, audio elsewhere; a missing file is reported and skipped
@@ -353,8 +410,13 @@ def test_registry(tmp_path, monkeypatch):
     def mine(root, **options):
         calls.append((root, options))
         write_wav(Path(root) / "x.wav", 0.3)
-        return datasets.DatasetDict({"train": datasets.Dataset.from_list(
-            [tdata.make_row("x", str(Path(root) / "x.wav"), emotion="sad")], features=FEATURES)})
+        return datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_list(
+                    [tdata.make_row("x", str(Path(root) / "x.wav"), emotion="sad")], features=FEATURES
+                )
+            }
+        )
 
     register_corpus("Mine", mine)
     dd = load_corpus("mine", tmp_path, flavour=1)

@@ -10,11 +10,10 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-
-from trustser.segments import fit_segments, segment_recording
-from trustser.audio import TARGET_SR, AudioError, load_audio
-
 from explain_fixtures import EMOS, LABELS, TEXTS, one_thread, speech_only  # noqa: F401  (one_thread: autouse)
+
+from trustser.audio import TARGET_SR, AudioError, load_audio
+from trustser.segments import fit_segments, segment_recording
 
 GAPS = [0.7, 1.2, 0.6, 1.5, 0.9]  # lead-in, three pauses, tail (s)
 
@@ -75,8 +74,16 @@ def test_pipeline_segments(pipe, recording, explain_clips):
         assert abs(r["start"] - ta) <= 0.3 and abs(r["end"] - tb) <= 0.3
     # each segment's explanation is the model's explanation of that stretch of the recording ...
     wav = load_audio(path)
-    alone = pipe([{"array": wav[int(round(r["start"] * TARGET_SR)):int(round(r["end"] * TARGET_SR))],
-                   "sampling_rate": TARGET_SR} for r in out], batch_size=1)
+    alone = pipe(
+        [
+            {
+                "array": wav[int(round(r["start"] * TARGET_SR)) : int(round(r["end"] * TARGET_SR))],
+                "sampling_rate": TARGET_SR,
+            }
+            for r in out
+        ],
+        batch_size=1,
+    )
     assert [r["caption"] for r in out] == [a["caption"] for a in alone]
     # ... and names the utterance's known emotion and words (the tiny model, memorising four clips
     # on CPU, is not robust to the cut: at least half of them)
@@ -93,8 +100,24 @@ def test_cli_jsonl_table_and_timeline(segment_model_dir, recording, explain_clip
 
     path, bounds = recording
     out = tmp_path / "out.jsonl"
-    assert main(["explain", str(segment_model_dir), path, explain_clips[0], "--long-audio", "segment", "--out", str(out),
-                 "--plot-dir", str(tmp_path / "plots"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(segment_model_dir),
+                path,
+                explain_clips[0],
+                "--long-audio",
+                "segment",
+                "--out",
+                str(out),
+                "--plot-dir",
+                str(tmp_path / "plots"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["file"] for r in rows] == [path] * 4 + [explain_clips[0]]
     assert [r["segment"] for r in rows] == [0, 1, 2, 3, 0]
@@ -103,8 +126,22 @@ def test_cli_jsonl_table_and_timeline(segment_model_dir, recording, explain_clip
     assert pngs == ["conversation.wav.timeline.png", "u0.wav.timeline.png"]
     assert (tmp_path / "plots" / pngs[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = tmp_path / "t.txt"
-    assert main(["explain", str(segment_model_dir), path, "--long-audio", "segment", "--format", "table",
-                 "--out", str(table)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(segment_model_dir),
+                path,
+                "--long-audio",
+                "segment",
+                "--format",
+                "table",
+                "--out",
+                str(table),
+            ]
+        )
+        == 0
+    )
     lines = table.read_text().splitlines()
     assert lines[0].split()[:6] == ["file", "start", "end", "emotion", "p", "trust"] and len(lines) == 5
     assert [float(l.split()[1]) for l in lines[1:]] == pytest.approx([r["start"] for r in rows[:4]], abs=0.006)
@@ -126,13 +163,29 @@ def test_silence_and_over_long_inputs(pipe, recording, tmp_path, capsys):
     with pytest.raises(AudioError, match=r"hiss.wav: no speech found by the voice-activity detector in 4.0 s"):
         pipe(str(tmp_path / "hiss.wav"), long_audio="segment")
     path, _ = recording
-    out = explain_files(pipe, [str(tmp_path / "zeros.wav"), str(tmp_path / "hiss.wav"), path], long_audio="segment",
-                        max_recording_seconds=6, progress=False)
+    out = explain_files(
+        pipe,
+        [str(tmp_path / "zeros.wav"), str(tmp_path / "hiss.wav"), path],
+        long_audio="segment",
+        max_recording_seconds=6,
+        progress=False,
+    )
     assert len(out) == 3 and all(r["error"] and r["start"] is None for r in out)
     assert "zeros.wav: silent" in out[0]["error"] and "no speech found" in out[1]["error"]
     assert "conversation.wav: 0.2 min is longer than the 0.1 min a recording may have" in out[2]["error"]
-    rc = main(["explain", str(pipe.model.name_or_path), path, "--long-audio", "segment", "--max-recording-minutes", "0.1",
-               "--format", "table"])
+    rc = main(
+        [
+            "explain",
+            str(pipe.model.name_or_path),
+            path,
+            "--long-audio",
+            "segment",
+            "--max-recording-minutes",
+            "0.1",
+            "--format",
+            "table",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 1 and "longer than the 0.1 min" in captured.err and "ERROR" in captured.out
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-from trustser.descriptors import SED_FIELDS, SED_VOCAB, build_caption
-from trustser.descriptors import UNPARSED
+from trustser.descriptors import SED_FIELDS, SED_VOCAB, UNPARSED, build_caption
 from trustser.evaluation import evaluate_ser, ser_metrics_path
 
 LABELS = ["neutral", "happy", "angry", "sad"]
@@ -30,8 +29,10 @@ def _random_captions(n, seed):
     caps, pred_emo, pred_sed = [], [], []
     for i in range(n):
         emo = refs[i] if rng.random() < 0.5 else LABELS[rng.integers(0, 4)]
-        sed = {f: sed_ref[f][i] if rng.random() < 0.6 else SED_VOCAB[f][rng.integers(0, len(SED_VOCAB[f]))]
-               for f in SED_FIELDS}
+        sed = {
+            f: sed_ref[f][i] if rng.random() < 0.6 else SED_VOCAB[f][rng.integers(0, len(SED_VOCAB[f]))]
+            for f in SED_FIELDS
+        }
         cap = build_caption(f"words number {i}", emo, sed)
         r = rng.random()
         if r < 0.1:
@@ -53,7 +54,9 @@ def test_equals_scikit_learn(metric, seed):
     present = sorted(set(refs), key=LABELS.index)
     assert m["wa"] == pytest.approx(accuracy_score(refs, y_pred))
     assert m["ua"] == pytest.approx(recall_score(refs, y_pred, labels=present, average="macro", zero_division=0))
-    assert m["weighted_f1"] == pytest.approx(f1_score(refs, y_pred, labels=present, average="weighted", zero_division=0))
+    assert m["weighted_f1"] == pytest.approx(
+        f1_score(refs, y_pred, labels=present, average="weighted", zero_division=0)
+    )
     assert m["emotion_unparseable_rate"] == pytest.approx(np.mean([e is None for e in pred_emo]))
     garbled = [c.startswith("The speaker mumbles") or c.endswith("is bored.") for c in caps]
     assert m["unparseable_rate"] == pytest.approx(np.mean(garbled)) and 0 < m["unparseable_rate"] < 0.3
@@ -63,18 +66,25 @@ def test_equals_scikit_learn(metric, seed):
     cm = m["confusion_matrix"]
     assert cm["labels"] == LABELS + [UNPARSED]
     assert np.asarray(cm["matrix"]).sum() == 120
-    assert [row[-1] for row in cm["matrix"]][:4] == [sum(r == l and p == UNPARSED for r, p in zip(refs, y_pred)) for l in LABELS]
+    assert [row[-1] for row in cm["matrix"]][:4] == [
+        sum(r == l and p == UNPARSED for r, p in zip(refs, y_pred)) for l in LABELS
+    ]
 
 
 def test_plain_labels_and_bad_arguments(metric):
-    m = metric.compute(predictions=["happy", "sad", "xx"], references=["happy", "happy", "sad"], emotion_labels=LABELS,
-                       parse=False)
+    m = metric.compute(
+        predictions=["happy", "sad", "xx"], references=["happy", "happy", "sad"], emotion_labels=LABELS, parse=False
+    )
     assert m["wa"] == pytest.approx(1 / 3) and m["unparseable_rate"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="emotion_labels is required"):
         metric.compute(predictions=["happy"], references=["happy"])
     with pytest.raises(ValueError, match=r"descriptor_references\['pitch'\] has 1 values for 2"):
-        metric.compute(predictions=["a", "b"], references=["happy", "sad"], emotion_labels=LABELS,
-                       descriptor_references={"pitch": ["low"]})
+        metric.compute(
+            predictions=["a", "b"],
+            references=["happy", "sad"],
+            emotion_labels=LABELS,
+            descriptor_references={"pitch": ["low"]},
+        )
 
 
 def test_evaluate_ser_reports_the_modules_figures(metric):
@@ -84,5 +94,13 @@ def test_evaluate_ser_reports_the_modules_figures(metric):
     ds = datasets.Dataset.from_dict({"emotion": refs, **sed_ref})
     got = evaluate_ser(None, None, ds, LABELS, captions=caps)
     want = metric.compute(predictions=caps, references=refs, emotion_labels=LABELS, descriptor_references=sed_ref)
-    for k in ("wa", "ua", "weighted_f1", "unparseable_rate", "emotion_unparseable_rate", "sed_accuracy", "confusion_matrix"):
+    for k in (
+        "wa",
+        "ua",
+        "weighted_f1",
+        "unparseable_rate",
+        "emotion_unparseable_rate",
+        "sed_accuracy",
+        "confusion_matrix",
+    ):
         assert got[k] == want[k], k

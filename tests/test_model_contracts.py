@@ -41,31 +41,66 @@ class SerSlmModelTester:
     def audio_config(self):
         if self.encoder == "voxtral":
             return AutoConfig.for_model(
-                "voxtral_encoder", hidden_size=32, intermediate_size=64, num_hidden_layers=self.num_layers,
-                num_attention_heads=4, num_mel_bins=16, max_source_positions=25,
+                "voxtral_encoder",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=self.num_layers,
+                num_attention_heads=4,
+                num_mel_bins=16,
+                max_source_positions=25,
             )
         if self.encoder == "qwen2_audio":
             return AutoConfig.for_model(
-                "qwen2_audio_encoder", d_model=32, encoder_ffn_dim=64, encoder_layers=self.num_layers,
-                encoder_attention_heads=4, num_mel_bins=16, max_source_positions=25,
+                "qwen2_audio_encoder",
+                d_model=32,
+                encoder_ffn_dim=64,
+                encoder_layers=self.num_layers,
+                encoder_attention_heads=4,
+                num_mel_bins=16,
+                max_source_positions=25,
             )
         return AutoConfig.for_model(  # "hubert_stable" (pre-LN, final norm) or "hubert" (post-LN)
-            "hubert", hidden_size=32, intermediate_size=37, num_hidden_layers=self.num_layers, num_attention_heads=4,
-            conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
-            num_conv_pos_embedding_groups=2, do_stable_layer_norm=self.encoder == "hubert_stable",
-            feat_extract_norm="layer" if self.encoder == "hubert_stable" else "group", mask_time_prob=0.0,
+            "hubert",
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=4,
+            conv_dim=(16, 16),
+            conv_kernel=(10, 3),
+            conv_stride=(5, 2),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+            do_stable_layer_norm=self.encoder == "hubert_stable",
+            feat_extract_norm="layer" if self.encoder == "hubert_stable" else "group",
+            mask_time_prob=0.0,
         )
 
     def get_config(self, **overrides) -> SerSlmConfig:
         text_config = AutoConfig.for_model(
-            "qwen2", vocab_size=self.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=self.num_layers,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-            pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            "qwen2",
+            vocab_size=self.vocab_size,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
         )
         kwargs = dict(
-            audio_config=self.audio_config(), text_config=text_config, audio_token_id=self.audio_token_id,
-            sed_vib_dim=8, semantic_vib_dim=8, vib_hidden_size=16, frame_downsample=self.frame_downsample,
-            freeze_audio_tower=False, pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id,
+            audio_config=self.audio_config(),
+            text_config=text_config,
+            audio_token_id=self.audio_token_id,
+            sed_vib_dim=8,
+            semantic_vib_dim=8,
+            vib_hidden_size=16,
+            frame_downsample=self.frame_downsample,
+            freeze_audio_tower=False,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
         )
         kwargs.update(self.config_overrides)
@@ -92,8 +127,11 @@ class SerSlmModelTester:
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in rows])
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         inputs = {
-            "input_ids": input_ids, "attention_mask": attention_mask, "input_features": features,
-            "feature_attention_mask": feature_mask, "energy": torch.rand(b, 100, generator=g) * 60 - 80,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "input_features": features,
+            "feature_attention_mask": feature_mask,
+            "energy": torch.rand(b, 100, generator=g) * 60 - 80,
         }
         if with_labels:
             labels = input_ids.clone()
@@ -181,10 +219,13 @@ def test_generate_continues_from_a_cache(tester):
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=tester.pad_token_id)
     full = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, **kw)
     first = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True, **kw)
-    mask = torch.cat([inputs["attention_mask"], torch.ones_like(first.sequences[:, inputs["input_ids"].shape[1]:])], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(first.sequences[:, inputs["input_ids"].shape[1] :])], 1)
     cont = model.generate(
-        **{**inputs, "input_ids": first.sequences, "attention_mask": mask}, past_key_values=copy.deepcopy(first.cache),
-        max_new_tokens=3, min_new_tokens=3, **kw,
+        **{**inputs, "input_ids": first.sequences, "attention_mask": mask},
+        past_key_values=copy.deepcopy(first.cache),
+        max_new_tokens=3,
+        min_new_tokens=3,
+        **kw,
     )
     assert cont.shape == full.shape and torch.equal(cont, full)
 
@@ -284,7 +325,16 @@ def test_forward_kwargs_are_transformers_kwargs(tester):
 def test_top_level_use_cache(tester):
     config, inputs = tester.prepare_config_and_inputs()
     assert config.use_cache is True  # from the text config
-    assert SerSlmConfig(**{**config.to_dict(), "use_cache": None, "text_config": {**config.text_config.to_dict(), "use_cache": False}}).use_cache is False
+    assert (
+        SerSlmConfig(
+            **{
+                **config.to_dict(),
+                "use_cache": None,
+                "text_config": {**config.text_config.to_dict(), "use_cache": False},
+            }
+        ).use_cache
+        is False
+    )
     model = tester.model(config).eval()
     with torch.no_grad():
         assert model(**inputs).cache is not None

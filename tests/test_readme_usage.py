@@ -23,7 +23,7 @@ def _section(title: str) -> str:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     start = text.index(f"## {title}")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 @pytest.fixture
@@ -43,7 +43,12 @@ def user_dir(tmp_path, iemocap_run, rehearsal_inputs):
     parts = [gap]
     for c in clips:  # a recording of the clips with a second of silence around each
         wav, sr = sf.read(c, dtype="float32", always_2d=True)
-        parts += [wav.mean(1) if sr == 16000 else np.interp(np.arange(0, len(wav), sr / 16000), np.arange(len(wav)), wav.mean(1)).astype(np.float32), gap]
+        parts += [
+            wav.mean(1)
+            if sr == 16000
+            else np.interp(np.arange(0, len(wav), sr / 16000), np.arange(len(wav)), wav.mean(1)).astype(np.float32),
+            gap,
+        ]
     sf.write(tmp_path / "conversation.wav", np.concatenate(parts), 16000)
     return tmp_path
 
@@ -51,9 +56,13 @@ def user_dir(tmp_path, iemocap_run, rehearsal_inputs):
 def test_python_example(user_dir):
     block = re.search(r"```python\n(.*?)```", _section("Using it"), re.S).group(1)
     assert 'pipeline("explainable-ser", model="outputs/sys10-seed0")' in block
-    check = ("\nprint(type(model).__name__, result['error'] is None and bool(result['caption']), pipe.cem is not None,"
-             " result['emotion'] in (*pipe.emotion_labels, None))\n")
-    proc = subprocess.run([sys.executable, "-c", block + check], cwd=user_dir, env=ENV, capture_output=True, text=True, timeout=300)
+    check = (
+        "\nprint(type(model).__name__, result['error'] is None and bool(result['caption']), pipe.cem is not None,"
+        " result['emotion'] in (*pipe.emotion_labels, None))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", block + check], cwd=user_dir, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "SerSlmForConditionalGeneration True True True"
 
@@ -63,13 +72,21 @@ def test_explain_and_push_examples(user_dir, tmp_path):
     explain = re.search(r"^trustser (explain outputs/sys10-seed0 clips/ --format table)$", bash, re.M).group(1).split()
     push = re.search(r"^trustser (push outputs/sys10-seed0 \S+)", bash, re.M).group(1).split()
     cli = [sys.executable, "-m", "trustser.cli"]
-    proc = subprocess.run([*cli, *explain, "--no-progress"], cwd=user_dir, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*cli, *explain, "--no-progress"], cwd=user_dir, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout
     assert all(name in table for name in os.listdir(user_dir / "clips")) and "3 explained, 0 failed" in proc.stderr
     # pushing needs the Hub: the same command writes the repository's content with --export-dir
-    proc = subprocess.run([*cli, *push, "--export-dir", str(tmp_path / "repo")], cwd=user_dir, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*cli, *push, "--export-dir", str(tmp_path / "repo")],
+        cwd=user_dir,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "repo" / "config.json").read_text())["model_type"] == "ser_slm"
     assert (tmp_path / "repo" / "README.md").is_file() and (tmp_path / "repo" / "cem" / "README.md").is_file()

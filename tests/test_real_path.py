@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-
 from rehearsal import REPO, launch_recipe
 
 pytestmark = pytest.mark.real_path
@@ -43,8 +42,15 @@ def _check_run(run: dict, corpus: str, target_root: str, inputs: dict) -> dict:
     s = res["settings"]
     assert s["model_args"]["audio_model"] == inputs["models"]["audio_model"] and s["model_args"]["dtype"] == "bfloat16"
     assert s["model_args"]["lora_r"] == 16 and s["gender_model"] == inputs["models"]["gender_model"]
-    assert s["training_args"] == {"bf16": True, "gradient_checkpointing": True, "dataloader_num_workers": 2, "controller_learning_rate": 1e-3,
-                                  "controller_head_hidden_size": 0, "controller_scale_rewards": "group", "controller_updates_per_step": 1}
+    assert s["training_args"] == {
+        "bf16": True,
+        "gradient_checkpointing": True,
+        "dataloader_num_workers": 2,
+        "controller_learning_rate": 1e-3,
+        "controller_head_hidden_size": 0,
+        "controller_scale_rewards": "group",
+        "controller_updates_per_step": 1,
+    }
     assert s["training_args"]["controller_scale_rewards"] == "group" and s["posttrain_max_steps"] == 2
     stages = {st["name"]: run_dir / st["path"] for st in res["stages"]}
     for name in ("pretrain", "posttrain"):
@@ -52,16 +58,35 @@ def _check_run(run: dict, corpus: str, target_root: str, inputs: dict) -> dict:
         assert record["settings"]["training"] == {"bf16": True, "gradient_checkpointing": True}
         logs = json.loads((stages[name] / "log_history.json").read_text())
         assert logs[-1]["step"] == 2
-    assert json.loads((stages["annotate"] / "STAGE.json").read_text())["settings"]["age_model"] == inputs["models"]["age_model"]
+    assert (
+        json.loads((stages["annotate"] / "STAGE.json").read_text())["settings"]["age_model"]
+        == inputs["models"]["age_model"]
+    )
     # the run folder is the model: merged SER-SLM + processor, cem/, controller/, pretrained/, adapter/
-    assert res["model_folder"] == {"model": ".", "lora": True, "cem": "cem", "controller": "controller",
-                                   "pretrained": "pretrained", "adapter": "adapter"}
-    for f in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "cem/config.json",
-              "controller/config.json", "pretrained/model.safetensors", "adapter/adapter_model.safetensors"):
+    assert res["model_folder"] == {
+        "model": ".",
+        "lora": True,
+        "cem": "cem",
+        "controller": "controller",
+        "pretrained": "pretrained",
+        "adapter": "adapter",
+    }
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "cem/config.json",
+        "controller/config.json",
+        "pretrained/model.safetensors",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (run_dir / f).is_file(), f
     config = json.loads((run_dir / "config.json").read_text())
     assert config["emotion_labels"] == [l for l in m["confusion_matrix"]["labels"] if not l.startswith("<")]
-    assert json.loads((run_dir / "adapter/adapter_config.json").read_text())["base_model_name_or_path"] == "../pretrained"
+    assert (
+        json.loads((run_dir / "adapter/adapter_config.json").read_text())["base_model_name_or_path"] == "../pretrained"
+    )
     # outputs honour the umask (022 here): readable by the group and others
     for f in ("results.json", "model.safetensors", "cem/model.safetensors", "report.md", "confusion_matrix.png"):
         assert (run_dir / f).stat().st_mode & 0o777 == 0o644, f
@@ -76,8 +101,14 @@ def test_iemocap_config_every_stage(iemocap_run, rehearsal_inputs):
 def test_meld_config_every_stage(meld_run, rehearsal_inputs):
     res = _check_run(meld_run, "meld", rehearsal_inputs["meld"], rehearsal_inputs)
     # the SpeechCraft pre-training and the CEM are the IEMOCAP run's (same settings, shared cache)
-    assert {s["name"]: s["reused"] for s in res["stages"]} == {"annotate": False, "pretrain": True, "cem": True,
-                                                               "select": False, "posttrain": False, "evaluate": False}
+    assert {s["name"]: s["reused"] for s in res["stages"]} == {
+        "annotate": False,
+        "pretrain": True,
+        "cem": True,
+        "select": False,
+        "posttrain": False,
+        "evaluate": False,
+    }
 
 
 def test_iemocap_fixture_audio_decodes_without_ffmpeg(rehearsal_inputs):
@@ -89,8 +120,23 @@ def test_iemocap_fixture_audio_decodes_without_ffmpeg(rehearsal_inputs):
             info = sf.info(str(w))
             assert info.samplerate == 16000 and info.channels == 1
     clips = list(Path(rehearsal_inputs["meld"]).rglob("*.mp4"))
-    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=sample_rate,channels",
-                            "-of", "csv=p=0", str(clips[0])], capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            "a:0",
+            "-show_entries",
+            "stream=sample_rate,channels",
+            "-of",
+            "csv=p=0",
+            str(clips[0]),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.strip() == "48000,6"
 
 
@@ -123,8 +169,14 @@ def _clip(inputs) -> str:
 
 
 def test_run_folder_loads_in_a_fresh_process(iemocap_run, rehearsal_inputs):
-    proc = subprocess.run([sys.executable, "-c", _LOAD, str(iemocap_run["run"]), _clip(rehearsal_inputs)],
-                          capture_output=True, text=True, env=ENV, timeout=300, cwd=iemocap_run["out"].parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD, str(iemocap_run["run"]), _clip(rehearsal_inputs)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+        cwd=iemocap_run["out"].parent,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["type"] == "SerSlmForConditionalGeneration"
@@ -152,14 +204,26 @@ def test_moved_output_folder_explains_from_another_directory(iemocap_run, rehear
         cwd = tmp_path / "somewhere"
         cwd.mkdir()
         cli = [sys.executable, "-m", "trustser.cli"]
-        proc = subprocess.run([*cli, "explain", str(moved / "sys10-seed0"), _clip(rehearsal_inputs), "--no-progress"],
-                              capture_output=True, text=True, env=ENV, timeout=300, cwd=cwd)
+        proc = subprocess.run(
+            [*cli, "explain", str(moved / "sys10-seed0"), _clip(rehearsal_inputs), "--no-progress"],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=300,
+            cwd=cwd,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         assert row["error"] is None and row["caption"] and row["emotion"] in {"neutral", "happy", "angry", "sad", None}
         assert "trust" in row and "explained" in proc.stderr
-        proc = subprocess.run([*cli, "push", str(moved), "you/trustser-sys10-iemocap", "--export-dir", str(tmp_path / "release")],
-                              capture_output=True, text=True, env=ENV, timeout=300, cwd=cwd)
+        proc = subprocess.run(
+            [*cli, "push", str(moved), "you/trustser-sys10-iemocap", "--export-dir", str(tmp_path / "release")],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=300,
+            cwd=cwd,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         release = tmp_path / "release"
         assert (release / "model.safetensors").is_file() and (release / "cem" / "config.json").is_file()
@@ -171,8 +235,16 @@ def test_moved_output_folder_explains_from_another_directory(iemocap_run, rehear
 
 def test_missing_model_is_one_line_naming_id_setting_and_fix(tmp_path, rehearsal_inputs):
     """Offline, a Hub id that is not cached ends the run at once with one line."""
-    proc = launch_recipe("iemocap_sys10.yaml", tmp_path / "out", {**rehearsal_inputs, "models": {
-        **rehearsal_inputs["models"], "text_model": "meta-llama/Llama-3.1-8B-Instruct"}}, "iemocap", tmp_path)
+    proc = launch_recipe(
+        "iemocap_sys10.yaml",
+        tmp_path / "out",
+        {
+            **rehearsal_inputs,
+            "models": {**rehearsal_inputs["models"], "text_model": "meta-llama/Llama-3.1-8B-Instruct"},
+        },
+        "iemocap",
+        tmp_path,
+    )
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.splitlines() if l.startswith("trustser:")]
     assert len(lines) == 1, proc.stderr[-3000:]
@@ -195,8 +267,13 @@ def test_gpu_rehearsal_script_cpu_safe_parts(tmp_path, rehearsal_inputs):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: run the script itself")
     (tmp_path / "inputs.json").write_text(json.dumps(rehearsal_inputs))
-    proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env=dict(ENV, PYTHON=sys.executable))
+    proc = subprocess.run(
+        ["bash", str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(ENV, PYTHON=sys.executable),
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = [json.loads(l) for l in proc.stdout.strip().splitlines()]
     assert [l["config"] for l in lines] == configs

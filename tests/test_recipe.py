@@ -20,9 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _quick(tmp_path, corpus, **kw):
     base = dict(
-        output_dir=str(tmp_path / "out"), target_root=str(corpus), pretrain_root=str(corpus), synth_size="small",
-        pretrain_max_steps=12, cem_max_steps=10, cem_max_samples=48, posttrain_max_steps=3, per_device_batch_size=4,
-        max_eval_samples=12, tsne_samples=24, eval_batch_size=12, annotation_num_proc=1, cpu_threads=1,
+        output_dir=str(tmp_path / "out"),
+        target_root=str(corpus),
+        pretrain_root=str(corpus),
+        synth_size="small",
+        pretrain_max_steps=12,
+        cem_max_steps=10,
+        cem_max_samples=48,
+        posttrain_max_steps=3,
+        per_device_batch_size=4,
+        max_eval_samples=12,
+        tsne_samples=24,
+        eval_batch_size=12,
+        annotation_num_proc=1,
+        cpu_threads=1,
     )
     base.update(kw)
     return RecipeConfig(**base)
@@ -103,10 +114,14 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
     annotated = stage_annotate(runner, cfg, root, [], root)
     pretrain = stage_pretrain(runner, cfg, get_system("sys9"), root, annotated, "auto", [annotated])
     assert annotated.reused and pretrain.reused
-    ccfg = replace(cfg, cem_holdout_speakers=3, cem_captions_per_utterance=2, cem_perturbation="adjacent", cem_balance="field")
+    ccfg = replace(
+        cfg, cem_holdout_speakers=3, cem_captions_per_utterance=2, cem_perturbation="adjacent", cem_balance="field"
+    )
     cem = stage_cem(runner, ccfg, root, pretrain, annotated, "auto")
     report = json.loads((cem.path / "cem" / "cem_metrics.json").read_text())
-    assert len(report["data"]["speakers"]) == 3 and report["data"]["utterances"] == 48  # cem_max_samples of the 3 speakers
+    assert (
+        len(report["data"]["speakers"]) == 3 and report["data"]["utterances"] == 48
+    )  # cem_max_samples of the 3 speakers
     assert report["data"]["rows"] == 48 * 3 and report["data"]["eval_rows"] == 9 * 3 and report["train_rows"] == 39 * 3
     assert report["balance"] == "field"
     selected = stage_select(runner, ccfg, 0.9, annotated, pretrain, cem)
@@ -124,11 +139,36 @@ def test_sys10_two_cpu_processes(tmp_path, synthetic_small):
     """`accelerate launch` with two CPU processes runs the whole Sys. 10 (CEM, selection, RL)."""
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu.yaml"),
-        str(REPO / "recipes/sys10.py"), "--output_dir", str(out), "--target_root", str(synthetic_small),
-        "--pretrain_root", str(synthetic_small), "--pretrain_max_steps", "16", "--cem_max_steps", "10",
-        "--cem_max_samples", "48", "--posttrain_max_steps", "3", "--per_device_batch_size", "4",
-        "--max_eval_samples", "12", "--tsne_samples", "24", "--num_policies", "2", "--annotation_num_proc", "1",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes/accelerate_configs/cpu.yaml"),
+        str(REPO / "recipes/sys10.py"),
+        "--output_dir",
+        str(out),
+        "--target_root",
+        str(synthetic_small),
+        "--pretrain_root",
+        str(synthetic_small),
+        "--pretrain_max_steps",
+        "16",
+        "--cem_max_steps",
+        "10",
+        "--cem_max_samples",
+        "48",
+        "--posttrain_max_steps",
+        "3",
+        "--per_device_batch_size",
+        "4",
+        "--max_eval_samples",
+        "12",
+        "--tsne_samples",
+        "24",
+        "--num_policies",
+        "2",
+        "--annotation_num_proc",
+        "1",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)

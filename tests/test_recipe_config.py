@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trustser.recipe import _models_needed, _training_args, check_model_sources, parse_recipe_args, ModelSourceError
+from trustser.recipe import ModelSourceError, _models_needed, _training_args, check_model_sources, parse_recipe_args
 from trustser.recipe_config import RecipeConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,20 +19,45 @@ IEMOCAP = str(REPO / "recipes/configs/iemocap_sys10.yaml")
 def test_yaml_and_command_line_reach_every_trainer_field(tmp_path):
     from trustser.trainers.rectify_config import SEDRectifyConfig
 
-    cfg = parse_recipe_args(["--config", IEMOCAP, "--gradient_accumulation_steps", "4", "--report_to", "tensorboard",
-                             "--hub_model_id", "me/sys10", "--posttrain_training_args", '{"logging_steps": 3, "max_grad_norm": 0.5}',
-                             "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "8"], system="sys10")
+    cfg = parse_recipe_args(
+        [
+            "--config",
+            IEMOCAP,
+            "--gradient_accumulation_steps",
+            "4",
+            "--report_to",
+            "tensorboard",
+            "--hub_model_id",
+            "me/sys10",
+            "--posttrain_training_args",
+            '{"logging_steps": 3, "max_grad_norm": 0.5}',
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+            "--lora_r",
+            "8",
+        ],
+        system="sys10",
+    )
     assert cfg.system == "sys10" and cfg.target_options == {"protocol": "session5"} and cfg.pretrain_max_steps == -1
     m = cfg.model_args
     assert (m.audio_model, m.text_model, m.dtype, m.attn_implementation) == (
-        "facebook/hubert-large-ll60k", "meta-llama/Llama-3.1-8B-Instruct", "bfloat16", "sdpa")
+        "facebook/hubert-large-ll60k",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "bfloat16",
+        "sdpa",
+    )
     assert (m.lora_r, m.lora_alpha, m.lora_target_modules) == (8, 32, ["q_proj", "v_proj"])
     assert cfg.gender_model.startswith("alefiury/") and cfg.age_model.startswith("audeering/")
     pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=cfg.pretrain_max_steps, epochs=2.0, lr=1e-4)
     post = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
     for args in (pre, post):  # YAML (all stages), command line (all stages)
         assert args.bf16 and args.gradient_checkpointing and args.dataloader_num_workers == 2
-        assert args.gradient_accumulation_steps == 4 and args.report_to == ["tensorboard"] and args.hub_model_id == "me/sys10"
+        assert (
+            args.gradient_accumulation_steps == 4
+            and args.report_to == ["tensorboard"]
+            and args.hub_model_id == "me/sys10"
+        )
         assert args.lr_scheduler_type == "cosine" and args.per_device_train_batch_size == 8
     assert (pre.logging_steps, pre.max_grad_norm) == (10, 1.0) and (post.logging_steps, post.max_grad_norm) == (3, 0.5)
     assert post.max_steps == 5 and pre.num_train_epochs == 2.0
@@ -40,8 +65,12 @@ def test_yaml_and_command_line_reach_every_trainer_field(tmp_path):
     cem = cfg.stage_training_args("cem")
     assert cem["gradient_accumulation_steps"] == 4 and cem["bf16"] is True and "gradient_checkpointing" not in cem
     # what changes results is in the stage keys; logging/hub/report settings are not
-    assert cfg.stage_training_key("posttrain") == {"bf16": True, "gradient_accumulation_steps": 4, "gradient_checkpointing": True,
-                                                  "max_grad_norm": 0.5}
+    assert cfg.stage_training_key("posttrain") == {
+        "bf16": True,
+        "gradient_accumulation_steps": 4,
+        "gradient_checkpointing": True,
+        "max_grad_norm": 0.5,
+    }
     saved = cfg.to_dict()
     assert saved["training_args"]["hub_model_id"] == "me/sys10" and saved["model_args"]["lora_r"] == 8
     json.dumps(saved)
@@ -58,8 +87,14 @@ def test_defaults_keep_the_stage_keys_and_unknown_fields_are_errors():
     with pytest.raises(ValueError, match="dtype must be one of"):
         parse_recipe_args(["--dtype", "float8"])
     with pytest.raises(ValueError, match="post-training"):
-        _training_args(RecipeConfig(posttrain_training_args={"eval_strategy": "steps"}), Path("x"), stage="posttrain",
-                       max_steps=1, epochs=1.0, lr=1e-3)
+        _training_args(
+            RecipeConfig(posttrain_training_args={"eval_strategy": "steps"}),
+            Path("x"),
+            stage="posttrain",
+            max_steps=1,
+            epochs=1.0,
+            lr=1e-3,
+        )
 
 
 def test_controller_settings_reach_only_the_rectification_trainer(tmp_path):
@@ -75,7 +110,9 @@ def test_controller_settings_reach_only_the_rectification_trainer(tmp_path):
     pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=1, epochs=1.0, lr=1e-3)
     sft = _training_args(cfg, tmp_path, stage="posttrain", max_steps=1, epochs=1.0, lr=1e-3)
     rect = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=1, epochs=1.0, lr=1e-3)
-    assert type(pre) is SerSlmSFTConfig and type(sft) is SerSlmSFTConfig and pre.max_grad_norm == sft.max_grad_norm == 0.5
+    assert (
+        type(pre) is SerSlmSFTConfig and type(sft) is SerSlmSFTConfig and pre.max_grad_norm == sft.max_grad_norm == 0.5
+    )
     assert rect.controller_frame_stride == 4 and rect.max_grad_norm == 0.5
     with pytest.raises(ValueError, match=r"pretrain_training_args: \['num_policies'\] is not a SerSlmSFTConfig field"):
         RecipeConfig(pretrain_training_args={"num_policies": 2})
@@ -91,7 +128,10 @@ def test_missing_model_errors_name_the_id_the_setting_and_the_fix(tmp_path, monk
     assert "\n" not in msg and "'facebook/hubert-large-ll60k'" in msg and f"set by audio_model (from {IEMOCAP})" in msg
     assert "offline" in msg and "--audio_model DIR" in msg and "`audio_model: DIR` in the YAML" in msg
     (tmp_path / "empty").mkdir()
-    for given, expected in ((str(tmp_path / "nope"), "does not exist"), (str(tmp_path / "empty"), "has no config.json")):
+    for given, expected in (
+        (str(tmp_path / "nope"), "does not exist"),
+        (str(tmp_path / "empty"), "has no config.json"),
+    ):
         cfg = parse_recipe_args(["--config", IEMOCAP, "--audio_model", given])
         with pytest.raises(ModelSourceError, match=expected) as err:
             check_model_sources(cfg)
@@ -102,12 +142,28 @@ def test_missing_model_errors_name_the_id_the_setting_and_the_fix(tmp_path, monk
 
 def test_paper_preset_from_model_settings(tmp_path):
     from fixtures_real import save_stand_ins
+
     from trustser.recipe import _build_slm
 
     models = save_stand_ins(tmp_path, ["hello there", "what a day"])
-    cfg = parse_recipe_args(["--config", IEMOCAP, "--audio_model", models["audio_model"], "--text_model", models["text_model"],
-                             "--lora_target_modules", "q_proj,v_proj", "--lora_r", "4", "--dtype", "float32",
-                             "--attn_implementation", "eager"])
+    cfg = parse_recipe_args(
+        [
+            "--config",
+            IEMOCAP,
+            "--audio_model",
+            models["audio_model"],
+            "--text_model",
+            models["text_model"],
+            "--lora_target_modules",
+            "q_proj,v_proj",
+            "--lora_r",
+            "4",
+            "--dtype",
+            "float32",
+            "--attn_implementation",
+            "eager",
+        ]
+    )
     import datasets
 
     model, processor = _build_slm(cfg, None, datasets.Dataset.from_dict({"text": ["hi"], "emotion": ["happy"]}))
@@ -116,7 +172,10 @@ def test_paper_preset_from_model_settings(tmp_path):
     assert model.peft_config["default"].r == 4
     base = model.get_base_model()
     assert base.model.language_model.config._attn_implementation == "eager"
-    assert next(base.model.audio_tower.parameters()).dtype.is_floating_point and "<audio>" in processor.tokenizer.get_vocab()
+    assert (
+        next(base.model.audio_tower.parameters()).dtype.is_floating_point
+        and "<audio>" in processor.tokenizer.get_vocab()
+    )
 
 
 def test_outputs_honour_the_umask(tmp_path):
@@ -148,16 +207,26 @@ def test_cem_options_enter_the_stage_keys_only_when_set():
 
     def keys(**kw):
         cfg = RecipeConfig(**kw)
-        return (stage_pretrain(_KeyRunner(), cfg, get_system("sys10"), "root", None, "auto", []),
-                stage_cem(_KeyRunner(), cfg, "root", None, None, "truth"))
+        return (
+            stage_pretrain(_KeyRunner(), cfg, get_system("sys10"), "root", None, "auto", []),
+            stage_cem(_KeyRunner(), cfg, "root", None, None, "truth"),
+        )
 
     pre, cem = keys()
     assert "cem_holdout_speakers" not in pre
     assert not {"holdout_speakers", "captions_per_utterance", "perturbation", "balance"} & set(cem)
     assert keys(cem_quality_split=None) == (pre, cem)  # measuring dev changes no result
-    pre2, cem2 = keys(cem_holdout_speakers=4, cem_captions_per_utterance=4, cem_perturbation="speaker", cem_balance="field")
+    pre2, cem2 = keys(
+        cem_holdout_speakers=4, cem_captions_per_utterance=4, cem_perturbation="speaker", cem_balance="field"
+    )
     assert pre2 == {**pre, "cem_holdout_speakers": 4}
-    assert cem2 == {**cem, "holdout_speakers": 4, "captions_per_utterance": 4, "perturbation": "speaker", "balance": "field"}
+    assert cem2 == {
+        **cem,
+        "holdout_speakers": 4,
+        "captions_per_utterance": 4,
+        "perturbation": "speaker",
+        "balance": "field",
+    }
 
 
 def test_cem_option_errors_name_the_setting():
@@ -185,21 +254,39 @@ def test_holdout_speakers_leave_pretraining_for_the_cem(synthetic_small):
     assert len(slm_rows) + len(cem_rows) == len(every) and set(slm_rows["speaker"]) | held == set(every["speaker"])
     assert len(set(cem_rows["group"])) == 3  # spread over the speaker groups
     assert len(_pretrain_split(RecipeConfig(), root, None, "truth", part="slm")) == len(every)  # default: no holdout
-    assert set(_pretrain_split(RecipeConfig(cem_holdout_speakers=3, seed=1), root, None, "truth", part="cem")["speaker"]) != held
+    assert (
+        set(_pretrain_split(RecipeConfig(cem_holdout_speakers=3, seed=1), root, None, "truth", part="cem")["speaker"])
+        != held
+    )
 
 
 # The controller settings SEDRectifyTrainer got before they moved from RecipeConfig fields to one
 # RECTIFY_DEFAULTS table (embedded default) and top-level trainer keys (the real configs' YAML).
 _CONTROLLER_BEFORE = {
-    "embedded": dict(num_policies=6, controller_learning_rate=1e-2, controller_updates_per_step=4, controller_scale_rewards="none",
-                     controller_head_hidden_size=64, reward_timing="after_update", controller_entropy_coef=0.0),
-    "real": dict(num_policies=6, controller_learning_rate=1e-3, controller_updates_per_step=1, controller_scale_rewards="group",
-                 controller_head_hidden_size=0, reward_timing="after_update", controller_entropy_coef=0.0),
+    "embedded": dict(
+        num_policies=6,
+        controller_learning_rate=1e-2,
+        controller_updates_per_step=4,
+        controller_scale_rewards="none",
+        controller_head_hidden_size=64,
+        reward_timing="after_update",
+        controller_entropy_coef=0.0,
+    ),
+    "real": dict(
+        num_policies=6,
+        controller_learning_rate=1e-3,
+        controller_updates_per_step=1,
+        controller_scale_rewards="group",
+        controller_head_hidden_size=0,
+        reward_timing="after_update",
+        controller_entropy_coef=0.0,
+    ),
 }
 
 
-@pytest.mark.parametrize("config,before", [(None, "embedded"), (IEMOCAP, "real"),
-                                            (str(REPO / "recipes/configs/meld_sys10.yaml"), "real")])
+@pytest.mark.parametrize(
+    "config,before", [(None, "embedded"), (IEMOCAP, "real"), (str(REPO / "recipes/configs/meld_sys10.yaml"), "real")]
+)
 def test_rectifying_posttrain_gets_the_same_controller_settings(tmp_path, config, before):
     from trustser.recipe import posttrain_training_args
     from trustser.systems import get_system
@@ -223,6 +310,11 @@ def test_finetune_gets_the_same_controller_settings(tmp_path):
     from trustser.systems import SystemSpec
 
     ft = FinetuneConfig(corpus="audiofolder", corpus_root=str(tmp_path))
-    spec = SystemSpec("finetune", with_sed=True, domain_sft=True, selection_ratio=0.9, rectify=True, num_policies=ft.num_policies)
+    spec = SystemSpec(
+        "finetune", with_sed=True, domain_sft=True, selection_ratio=0.9, rectify=True, num_policies=ft.num_policies
+    )
     args = posttrain_training_args(_recipe_config(ft), spec, tmp_path)
-    assert {k: getattr(args, k) for k in _CONTROLLER_BEFORE["embedded"]} == {**_CONTROLLER_BEFORE["embedded"], "controller_learning_rate": 1e-3}
+    assert {k: getattr(args, k) for k in _CONTROLLER_BEFORE["embedded"]} == {
+        **_CONTROLLER_BEFORE["embedded"],
+        "controller_learning_rate": 1e-3,
+    }

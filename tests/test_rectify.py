@@ -43,20 +43,46 @@ def rows():
     rng = np.random.default_rng(0)
     out = []
     for i in range(8):
-        out.append(dict(
-            id=f"u{i}", audio={"array": (0.1 * rng.standard_normal(12000 + 1000 * i)).astype(np.float32), "sampling_rate": 16000},
-            text=TEXTS[i % 4], emotion=EMOTIONS[i % 4], speaker=f"s{i % 2}", gender="male",
-            pitch="low", volume="normal", speed="fast", age="elderly",
-            pitch_auto="normal", volume_auto="normal", speed_auto="fast", gender_auto="male", age_auto="middle-aged",
-        ))
+        out.append(
+            dict(
+                id=f"u{i}",
+                audio={
+                    "array": (0.1 * rng.standard_normal(12000 + 1000 * i)).astype(np.float32),
+                    "sampling_rate": 16000,
+                },
+                text=TEXTS[i % 4],
+                emotion=EMOTIONS[i % 4],
+                speaker=f"s{i % 2}",
+                gender="male",
+                pitch="low",
+                volume="normal",
+                speed="fast",
+                age="elderly",
+                pitch_auto="normal",
+                volume_auto="normal",
+                speed_auto="fast",
+                gender_auto="male",
+                age_auto="middle-aged",
+            )
+        )
     return out
 
 
 def _config(tmp_path, **kw):
     base = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, logging_steps=1, save_strategy="no",
-        learning_rate=1e-3, num_policies=3, use_cpu=True, seed=0, controller_n_mels=16, controller_hidden_size=16,
-        controller_embedding_size=4, disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        num_policies=3,
+        use_cpu=True,
+        seed=0,
+        controller_n_mels=16,
+        controller_hidden_size=16,
+        controller_embedding_size=4,
+        disable_tqdm=True,
     )
     base.update(kw)
     return SEDRectifyConfig(**base)
@@ -66,13 +92,22 @@ def _trainer(tiny, rows, tmp_path, model=None, **kw):
     import datasets
 
     model = model if model is not None else copy.deepcopy(tiny[0])
-    return SEDRectifyTrainer(model, args=_config(tmp_path, **kw), train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny[1])
+    return SEDRectifyTrainer(
+        model, args=_config(tmp_path, **kw), train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny[1]
+    )
 
 
 def test_config_fields_documented_and_validated(tmp_path):
     own = {f.name for f in dataclasses.fields(SEDRectifyConfig)} - {f.name for f in dataclasses.fields(SerSlmSFTConfig)}
-    assert {"num_policies", "reward_timing", "controller_learning_rate", "controller_clip_epsilon",
-            "controller_updates_per_step", "controller_entropy_coef", "controller_warmup_steps"} <= own
+    assert {
+        "num_policies",
+        "reward_timing",
+        "controller_learning_rate",
+        "controller_clip_epsilon",
+        "controller_updates_per_step",
+        "controller_entropy_coef",
+        "controller_warmup_steps",
+    } <= own
     for f in dataclasses.fields(SEDRectifyConfig):
         if f.name in own or f.name == "sed_source":
             assert f.metadata.get("help"), f.name
@@ -113,8 +148,11 @@ def test_k1_always_retain_equals_sft_loss(tiny, rows, tmp_path):
     rect = _trainer(tiny, rows, tmp_path, model=copy.deepcopy(model), num_policies=1, controller_warmup_steps=10)
     sft = SerSlmSFTTrainer(
         copy.deepcopy(model),
-        args=SerSlmSFTConfig(output_dir=str(tmp_path / "sft"), sed_source="auto", use_cpu=True, per_device_train_batch_size=4),
-        train_dataset=datasets.Dataset.from_list(rows), processing_class=proc,
+        args=SerSlmSFTConfig(
+            output_dir=str(tmp_path / "sft"), sed_source="auto", use_cpu=True, per_device_train_batch_size=4
+        ),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=proc,
     )
     batch = rect._prepare_inputs(rect.data_collator(rows[:4]))
     plain = {k: v for k, v in SerSlmDataCollator(proc, sed_source="auto")(rows[:4]).items()}
@@ -128,7 +166,9 @@ def test_k1_always_retain_equals_sft_loss(tiny, rows, tmp_path):
         b = sft.compute_loss(sft.model, plain, num_items_in_batch=n_items)
         assert torch.allclose(a, b, atol=1e-6), (a, b)
     # also when the controller is past warm-up but (almost surely) retains everything
-    rect2 = _trainer(tiny, rows, tmp_path, model=copy.deepcopy(model), num_policies=1, controller_initial_retain_bias=60.0)
+    rect2 = _trainer(
+        tiny, rows, tmp_path, model=copy.deepcopy(model), num_policies=1, controller_initial_retain_bias=60.0
+    )
     rect2.model.train()
     torch.manual_seed(0)
     c = rect2.compute_loss(rect2.model, batch)
@@ -152,7 +192,9 @@ def test_rewards_are_minus_emotion_ce(tiny, rows, tmp_path):
     assert torch.equal(sample.actions, rec["actions"])
     inputs = rectified_caption_inputs(trainer.processing_class, batch["input_ids"], batch["labels"], caps, 4)
     with torch.no_grad():
-        emb = trainer.model.get_audio_features(batch["input_features"], batch["feature_attention_mask"], batch["energy"]).pooler_output
+        emb = trainer.model.get_audio_features(
+            batch["input_features"], batch["feature_attention_mask"], batch["energy"]
+        ).pooler_output
         nll, valid, emo, _ = caption_token_nll(trainer.model, inputs, emb.repeat_interleave(4, 0))
     expected = -emotion_cross_entropy(nll, emo).view(2, 4)
     assert torch.allclose(rec["rewards"], expected, atol=1e-5)
@@ -167,7 +209,7 @@ def test_optimizer_state_roundtrip(tmp_path):
     opt = torch.optim.Adam([p], lr=0.01)
     for _ in range(3):
         opt.zero_grad()
-        (p ** 2).sum().backward()
+        (p**2).sum().backward()
         opt.step()
     save_optimizer_state(opt, tmp_path / "opt")
     assert (tmp_path / "opt.safetensors").exists() and json.loads((tmp_path / "opt.json").read_text())["param_groups"]
@@ -183,7 +225,9 @@ def test_optimizer_state_roundtrip(tmp_path):
 
 def _controller_state(trainer):
     sd = {k: v.clone() for k, v in trainer.controller.state_dict().items()}
-    opt = {(i, k): v.clone() for i, st in trainer.controller_optimizer.state_dict()["state"].items() for k, v in st.items()}
+    opt = {
+        (i, k): v.clone() for i, st in trainer.controller_optimizer.state_dict()["state"].items() for k, v in st.items()
+    }
     return sd, opt
 
 
@@ -198,8 +242,13 @@ def test_training_updates_controller_and_resume_is_exact(tiny, rows, tmp_path):
     assert int(step) == 3  # one controller update per SLM optimizer step
     logs = [h for h in full.state.log_history if "reward/mean" in h]
     assert len(logs) == 3
-    for key in ("controller/loss", "controller/entropy", "reward/std", "rectify/label_accuracy",
-                "rectify/annotation_accuracy") + tuple(f"rectify/modify_rate_{f}" for f in SED_FIELDS):
+    for key in (
+        "controller/loss",
+        "controller/entropy",
+        "reward/std",
+        "rectify/label_accuracy",
+        "rectify/annotation_accuracy",
+    ) + tuple(f"rectify/modify_rate_{f}" for f in SED_FIELDS):
         assert key in logs[0], key
     assert logs[0]["rectify/annotation_accuracy"] == pytest.approx(0.6)  # 3 of 5 annotated fields are right
     ckpt = tmp_path / "a" / "out" / "checkpoint-2"
@@ -232,8 +281,15 @@ def test_load_controller_restores_saved_state(tiny, rows, tmp_path):
 
 
 def test_warmup_retains_and_freezes(tiny, rows, tmp_path):
-    t = _trainer(tiny, rows, tmp_path, max_steps=2, controller_warmup_steps=2, gradient_accumulation_steps=2,
-                 per_device_train_batch_size=2)
+    t = _trainer(
+        tiny,
+        rows,
+        tmp_path,
+        max_steps=2,
+        controller_warmup_steps=2,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+    )
     before = {k: v.clone() for k, v in t.controller.state_dict().items()}
     t.train()
     assert all(torch.equal(before[k], v) for k, v in t.controller.state_dict().items())
@@ -250,8 +306,11 @@ def test_lora_and_gradient_accumulation(tiny, rows, tmp_path):
     from trustser.models.ser_slm import lora_config_for_llm
 
     t = SEDRectifyTrainer(
-        copy.deepcopy(tiny[0]), args=_config(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2),
-        train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny[1], peft_config=lora_config_for_llm(r=4, alpha=8),
+        copy.deepcopy(tiny[0]),
+        args=_config(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tiny[1],
+        peft_config=lora_config_for_llm(r=4, alpha=8),
     )
     assert hasattr(t.model, "peft_config")
     lora_before = {n: p.detach().clone() for n, p in t.model.named_parameters() if "lora_B" in n}
@@ -272,7 +331,9 @@ def test_after_update_reward_equals_full_forward(tiny, rows, tmp_path):
     assert t.model.training  # mode restored
     t.model.eval()
     with torch.no_grad():
-        emb = t.model.get_audio_features(batch["input_features"], batch["feature_attention_mask"], batch["energy"]).pooler_output
+        emb = t.model.get_audio_features(
+            batch["input_features"], batch["feature_attention_mask"], batch["energy"]
+        ).pooler_output
         full = dict(rec["rect"], first_label=torch.tensor(1))
         nll, _, emo, _ = caption_token_nll(t.model, full, emb.repeat_interleave(3, 0))
     assert torch.allclose(got, -emotion_cross_entropy(nll, emo).view(3, 3), atol=1e-5)
@@ -309,16 +370,35 @@ def test_audit_controller_counts_repairs(tiny, rows):
     # low->normal (right), normal->low|high (wrong), high->normal (right), low->normal (right)
     assert vol["expected"] == 0.75 and vol["greedy"] == 0.75
     # per utterance: the three wrong volume labels fixed (each has one right neighbour), the right one broken
-    assert vol["repair"] == {"fixed": 3.0, "broken": 1, "unchanged_wrong": 0, "unchanged_right": 0,
-                             "expected_fixed": 3.0, "expected_broken": 1.0}
+    assert vol["repair"] == {
+        "fixed": 3.0,
+        "broken": 1,
+        "unchanged_wrong": 0,
+        "unchanged_right": 0,
+        "expected_fixed": 3.0,
+        "expected_broken": 1.0,
+    }
     for f in SED_FIELDS:
         if f != "volume":
             repair = audit["per_field"][f].pop("repair")
-            assert audit["per_field"][f] == {"annotation": 1.0, "expected": 1.0, "greedy": 1.0, "modify_probability": 0.0}
-            assert repair == {"fixed": 0.0, "broken": 0, "unchanged_wrong": 0, "unchanged_right": 4,
-                              "expected_fixed": 0.0, "expected_broken": 0.0}
+            assert audit["per_field"][f] == {
+                "annotation": 1.0,
+                "expected": 1.0,
+                "greedy": 1.0,
+                "modify_probability": 0.0,
+            }
+            assert repair == {
+                "fixed": 0.0,
+                "broken": 0,
+                "unchanged_wrong": 0,
+                "unchanged_right": 4,
+                "expected_fixed": 0.0,
+                "expected_broken": 0.0,
+            }
     assert audit["n"] == 4
-    assert audit["annotation_accuracy"] == round((4 * 4 + 1) / 20, 4) and audit["expected_accuracy"] == round((16 + 3) / 20, 4)
+    assert audit["annotation_accuracy"] == round((4 * 4 + 1) / 20, 4) and audit["expected_accuracy"] == round(
+        (16 + 3) / 20, 4
+    )
     with pytest.raises(ValueError, match="ground-truth"):
         audit_controller(ctrl, ds.remove_columns(list(SED_FIELDS)))
 
@@ -327,8 +407,9 @@ def test_audit_controller_counts_repairs(tiny, rows):
 def test_reward_scaling_reaches_the_controller_update(tiny, rows, tmp_path, monkeypatch, scale):
     """``controller_scale_rewards``: the advantages the clipped objective gets are r - group mean
     (``none``) or that divided by the std of all the step's rewards (``batch``)."""
-    import trustser.trainers.rectify as rectify_module
     from trl.trainer.utils import nanstd
+
+    import trustser.trainers.rectify as rectify_module
 
     seen = {"rewards": [], "advantages": []}
     real_normalize, real_loss = rectify_module.group_normalize, rectify_module.clipped_policy_loss
@@ -357,15 +438,19 @@ def test_caption_tokens_one_place_with_padding(tiny, rows):
     tokenise with: captions of different lengths give the same right-padded tensors either way."""
     _, proc = tiny
     batch = SEDRectifyCollator(proc, sed_source="auto")(rows[:3])
-    caps = [proc.build_captions([{**r, **v}])[0] for r, v in zip(rows[:3], (
-        {"age": "young adult", "speed": "slow"}, {"age": "child"}, {"pitch": "high", "volume": "low"}))]
+    caps = [
+        proc.build_captions([{**r, **v}])[0]
+        for r, v in zip(
+            rows[:3], ({"age": "young adult", "speed": "slow"}, {"age": "child"}, {"pitch": "high", "volume": "low"})
+        )
+    ]
     rect = rectified_caption_inputs(proc, batch["input_ids"], batch["labels"], caps, 1)
     ref = proc(audio=[np.asarray(r["audio"]["array"]) for r in rows[:3]], captions=caps, sampling_rate=16000)
     assert len(set(ref["attention_mask"].sum(1).tolist())) > 1 and not bool(ref["attention_mask"].all())  # padded
     for key in ("input_ids", "attention_mask", "labels", "emotion_token_mask"):
         assert torch.equal(rect[key], ref[key]), key
     n = ref["attention_mask"].sum(1)
-    assert all(bool((ref["labels"][i, n[i]:] == -100).all()) for i in range(3))  # padding is never a label
+    assert all(bool((ref["labels"][i, n[i] :] == -100).all()) for i in range(3))  # padding is never a label
     prompts = [ref["input_ids"][i, : int((ref["labels"][i] != -100).long().argmax())].tolist() for i in range(3)]
     direct = proc.caption_inputs(prompts, caps)
     assert all(torch.equal(direct[k], ref[k]) for k in direct)

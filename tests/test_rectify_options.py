@@ -8,14 +8,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_rectify import _config, _controller_state, _trainer, rows, tiny  # noqa: F401  (fixtures)
 
 from trustser.descriptors import SED_FIELDS
-from trustser.trainers.rectify import SEDRectifyTrainer, caption_token_nll
 from trustser.trainers.rectify_config import SEDRectifyConfig
 from trustser.trainers.rectify_objective import bernoulli_kl, group_normalize, per_field_advantages
 from trustser.trainers.sft import SerSlmDataCollator, SerSlmSFTConfig, SerSlmSFTTrainer
-
-from test_rectify import _config, _controller_state, _trainer, rows, tiny  # noqa: F401  (fixtures)
 
 PITCH, VOLUME = SED_FIELDS.index("pitch"), SED_FIELDS.index("volume")
 
@@ -80,8 +78,16 @@ def test_advantage_option_reaches_the_controller_update(tiny, rows, tmp_path, mo
         return real(new, old, advantages, *a, **kw)
 
     monkeypatch.setattr(rectify_module, "clipped_policy_loss", loss)
-    t = _trainer(tiny, rows, tmp_path, max_steps=1, advantage="per_field", reward_timing="reuse_forward",
-                 controller_scale_rewards="none", controller_initial_retain_bias=0.0)
+    t = _trainer(
+        tiny,
+        rows,
+        tmp_path,
+        max_steps=1,
+        advantage="per_field",
+        reward_timing="reuse_forward",
+        controller_scale_rewards="none",
+        controller_initial_retain_bias=0.0,
+    )
     t.train()
     adv = seen[0][0]
     assert adv.shape == (4, 3, 5)  # one advantage per policy and field, not one per policy
@@ -142,9 +148,18 @@ def test_ema_scorer_follows_the_slm_and_resumes_exactly(tiny, rows, tmp_path):
 def test_retain_kl_keeps_the_controller_near_its_initial_policy(tiny, rows, tmp_path):
     drift = {}
     for coef in (0.0, 50.0):
-        t = _trainer(tiny, rows, tmp_path / str(coef), max_steps=2, retain_kl_coef=coef, controller_learning_rate=0.05,
-                     controller_updates_per_step=4, controller_scale_rewards="none", reward_timing="reuse_forward",
-                     controller_initial_retain_bias=0.5)
+        t = _trainer(
+            tiny,
+            rows,
+            tmp_path / str(coef),
+            max_steps=2,
+            retain_kl_coef=coef,
+            controller_learning_rate=0.05,
+            controller_updates_per_step=4,
+            controller_scale_rewards="none",
+            reward_timing="reuse_forward",
+            controller_initial_retain_bias=0.5,
+        )
         initial = copy.deepcopy(t.controller)
         t.train()
         batch = t._prepare_inputs(t.data_collator(rows[:4]))
@@ -188,8 +203,12 @@ def test_argmax_targets_train_on_the_most_probable_rectification(tiny, rows, tmp
     import datasets
 
     model, proc = tiny
-    sft = SerSlmSFTTrainer(copy.deepcopy(model), args=SerSlmSFTConfig(output_dir=str(tmp_path / "sft"), sed_source="auto", use_cpu=True),
-                           train_dataset=datasets.Dataset.from_list(rows), processing_class=proc)
+    sft = SerSlmSFTTrainer(
+        copy.deepcopy(model),
+        args=SerSlmSFTConfig(output_dir=str(tmp_path / "sft"), sed_source="auto", use_cpu=True),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=proc,
+    )
     plain = SerSlmDataCollator(proc, sed_source="auto")(rows[:4])
     sft.model.train()
     torch.manual_seed(0)
@@ -246,7 +265,9 @@ def test_fixed_and_broken_are_logged_per_field(tiny, rows, tmp_path):
     annotated_right = {"pitch": 0.0, "volume": 1.0, "speed": 1.0, "gender": 1.0, "age": 0.0}  # the rows' annotation
     for f in SED_FIELDS:
         # rectified accuracy = annotation's + fixed - broken
-        assert log[f"rectify/label_accuracy_{f}"] == pytest.approx(annotated_right[f] + log[f"rectify/fixed_{f}"] - log[f"rectify/broken_{f}"], abs=1e-4)
+        assert log[f"rectify/label_accuracy_{f}"] == pytest.approx(
+            annotated_right[f] + log[f"rectify/fixed_{f}"] - log[f"rectify/broken_{f}"], abs=1e-4
+        )
         assert log[f"rectify/fixed_{f}"] == 0 if annotated_right[f] else log[f"rectify/broken_{f}"] == 0
     assert any(log[f"rectify/fixed_{f}"] + log[f"rectify/broken_{f}"] > 0 for f in SED_FIELDS)
 
@@ -286,7 +307,7 @@ def test_audit_reports_modify_auc_and_groups(tiny, rows):
         ctrl.sed_embedding.weight.zero_()
         for value in (0, 2):  # volume low / high
             ctrl.sed_embedding.weight[FIELD_OFFSETS[VOLUME] + value, 0] = 1.0
-        ctrl.head.bias[2 * VOLUME:2 * VOLUME + 2] = torch.tensor([0.0, -20.0])
+        ctrl.head.bias[2 * VOLUME : 2 * VOLUME + 2] = torch.tensor([0.0, -20.0])
         ctrl.head.weight[2 * VOLUME + 1, h + VOLUME * e] = 40.0
     audit = audit_controller(ctrl, datasets.Dataset.from_list(data), batch_size=3)
     assert audit["modify_auc"]["volume"] == 1.0
@@ -304,8 +325,15 @@ def test_audit_reports_modify_auc_and_groups(tiny, rows):
 def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
     from trustser.recipe import _training_args, parse_recipe_args
 
-    flags = {"reward_scorer": "ema", "reward_ema_decay": 0.9, "advantage": "per_field", "retain_kl_coef": 0.1,
-             "frozen_slm_steps": 5, "slm_targets": "argmax", "controller_audio_norm": True}
+    flags = {
+        "reward_scorer": "ema",
+        "reward_ema_decay": 0.9,
+        "advantage": "per_field",
+        "retain_kl_coef": 0.1,
+        "frozen_slm_steps": 5,
+        "slm_targets": "argmax",
+        "controller_audio_norm": True,
+    }
     argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
     cfg = parse_recipe_args(argv, system="sys10")
     post = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
@@ -317,5 +345,11 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
     assert cfg.stage_training_key("pretrain") == {} and cfg.stage_training_key("posttrain") == {}
     default = parse_recipe_args([], system="sys10")
     args = _training_args(default, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
-    assert (args.reward_scorer, args.advantage, args.retain_kl_coef, args.frozen_slm_steps, args.slm_targets,
-            args.controller_audio_norm) == ("policy", "group", 0.0, 0, "samples", False)
+    assert (
+        args.reward_scorer,
+        args.advantage,
+        args.retain_kl_coef,
+        args.frozen_slm_steps,
+        args.slm_targets,
+        args.controller_audio_norm,
+    ) == ("policy", "group", 0.0, 0, "samples", False)

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,8 +70,13 @@ print(json.dumps({"path": str(stage.path), "reused": stage.reused, "files": sort
 def _stage_proc(tmp_path, log, seconds=0.0, kill=False):
     script = tmp_path / "stage_run.py"
     script.write_text(_STAGE_RUN)
-    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(log), str(seconds), "kill" if kill else "-"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "cache"), str(log), str(seconds), "kill" if kill else "-"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _result(proc):
@@ -135,14 +139,21 @@ def test_stage_lock_names_the_holder_and_waits(tmp_path, caplog):
     entered.wait(30)
     second = []
     caplog.set_level("INFO", logger="trustser.stages")
-    t2 = threading.Thread(target=lambda: second.append(StageRunner(tmp_path, SingleProcess()).run("cem", {"a": 1}, lambda o: order.append("second ran"))))
+    t2 = threading.Thread(
+        target=lambda: second.append(
+            StageRunner(tmp_path, SingleProcess()).run("cem", {"a": 1}, lambda o: order.append("second ran"))
+        )
+    )
     t2.start()
     time.sleep(0.5)
     release.set()
     t.join(30)
     t2.join(30)
     assert order == ["first done"] and second[0].reused
-    assert any("being computed by another run" in r.getMessage() and f"pid {os.getpid()}" in r.getMessage() for r in caplog.records)
+    assert any(
+        "being computed by another run" in r.getMessage() and f"pid {os.getpid()}" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -202,28 +213,53 @@ def test_annotate_refuses_to_replace_its_input_or_a_foreign_folder(tmp_path, cap
     for extra in ([], ["--overwrite"]):  # replacing the input is refused even with --overwrite
         assert main(["annotate", "synthetic", str(corpus), "--out", str(corpus), "--split", "train", *extra]) == 1
         assert "replacing it would delete the input" in capsys.readouterr().err
-    assert main(["annotate", "synthetic", str(corpus / "train"), "--out", str(corpus)]) == 1  # a folder holding the input
+    assert (
+        main(["annotate", "synthetic", str(corpus / "train"), "--out", str(corpus)]) == 1
+    )  # a folder holding the input
     assert "holds the input" in capsys.readouterr().err
     other = _foreign(tmp_path / "other")
     assert main(["annotate", "synthetic", str(corpus), "--out", str(other), "--split", "train"]) == 1
     err = capsys.readouterr().err
-    assert f"--out {other}: exists and was not written by this command (no annotation.json)" in err and "--overwrite" in err
+    assert (
+        f"--out {other}: exists and was not written by this command (no annotation.json)" in err
+        and "--overwrite" in err
+    )
     assert sorted(p.relative_to(corpus) for p in corpus.rglob("*")) == before
     assert (other / "notes.txt").read_text() == "keep me" and (corpus / "notes.txt").read_text() == "keep me"
 
 
 def test_annotate_overwrite_replaces_and_reruns_replace_their_own_output(tmp_path, capsys):
     from faults_helpers import write_corpus
+
     from trustser.cli import main
 
     corpus = write_corpus(tmp_path / "corpus", n_train=4, n_test=2, n_reference=8)
     out = _foreign(tmp_path / "annotated")
-    args = ["annotate", "audiofolder", str(corpus), "--corpus-options", '{"text_column": "text"}', "--out", str(out),
-            "--split", "train", "--num-proc", "1", "--gender-backend", "reference", "--age-backend", "reference"]
+    args = [
+        "annotate",
+        "audiofolder",
+        str(corpus),
+        "--corpus-options",
+        '{"text_column": "text"}',
+        "--out",
+        str(out),
+        "--split",
+        "train",
+        "--num-proc",
+        "1",
+        "--gender-backend",
+        "reference",
+        "--age-backend",
+        "reference",
+    ]
     assert main(args) == 1 and (out / "notes.txt").exists()
     capsys.readouterr()
     assert main([*args, "--overwrite"]) == 0, capsys.readouterr().err
-    assert not (out / "notes.txt").exists() and (out / "annotation.json").is_file() and (out / "dataset_dict.json").is_file()
+    assert (
+        not (out / "notes.txt").exists()
+        and (out / "annotation.json").is_file()
+        and (out / "dataset_dict.json").is_file()
+    )
     assert main(args) == 0  # its own earlier output: replaced without --overwrite
     assert json.loads((out / "annotation.json").read_text())["splits"]["train"]["rows"] == 4
 
@@ -233,7 +269,17 @@ def test_select_and_push_refuse_foreign_folders(tmp_path, capsys):
 
     data = _foreign(tmp_path / "data")
     out = _foreign(tmp_path / "out")
-    base = ["select", "--cem", str(tmp_path / "cem"), "--slm", str(tmp_path / "slm"), "--data", str(data), "--ratio", "0.5"]
+    base = [
+        "select",
+        "--cem",
+        str(tmp_path / "cem"),
+        "--slm",
+        str(tmp_path / "slm"),
+        "--data",
+        str(data),
+        "--ratio",
+        "0.5",
+    ]
     assert main([*base, "--out", str(out)]) == 1
     assert "no selection_stats.json" in capsys.readouterr().err
     assert main([*base, "--out", str(data), "--overwrite"]) == 1
@@ -302,7 +348,6 @@ class _DieAtStep5:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     import torch
-
     from faults_helpers import save_tiny_model
 
     torch.set_num_threads(1)
@@ -311,12 +356,23 @@ def tiny_model(tmp_path_factory):
 
 def _trainer(kind: str, model_dir: Path, out: Path):
     import datasets
-
     from ser_slm_fixtures import make_rows
+
     from trustser.models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
 
-    common = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, logging_steps=3, save_strategy="steps",
-                  save_steps=2, use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0, learning_rate=3e-3)
+    common = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        logging_steps=3,
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        learning_rate=3e-3,
+    )
     model = SerSlmForConditionalGeneration.from_pretrained(model_dir)
     processor = SerSlmProcessor.from_pretrained(model_dir)
     train = datasets.Dataset.from_list(make_rows(12))  # 3 batches an epoch: checkpoint-4 is inside epoch 2
@@ -328,8 +384,14 @@ def _trainer(kind: str, model_dir: Path, out: Path):
     from trustser.trainers.rectify import SEDRectifyTrainer
     from trustser.trainers.rectify_config import SEDRectifyConfig
 
-    args = SEDRectifyConfig(num_policies=2, controller_n_mels=16, controller_hidden_size=16, controller_embedding_size=4,
-                            sed_source="auto", **common)
+    args = SEDRectifyConfig(
+        num_policies=2,
+        controller_n_mels=16,
+        controller_hidden_size=16,
+        controller_embedding_size=4,
+        sed_source="auto",
+        **common,
+    )
     return SEDRectifyTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
 
 
@@ -365,7 +427,9 @@ def test_resumed_training_equals_the_uninterrupted_run(kind, tiny_model, tmp_pat
         ca, cb = ref.controller.state_dict(), resumed.controller.state_dict()
         assert [k for k in ca if not torch.equal(ca[k], cb[k])] == []
         summary = rectification_summary(resumed.state.log_history)
-        assert summary and "rectify/label_accuracy" in summary and summary == rectification_summary(ref.state.log_history)
+        assert (
+            summary and "rectify/label_accuracy" in summary and summary == rectification_summary(ref.state.log_history)
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -394,8 +458,11 @@ def test_from_pretrained_refuses_missing_or_unexpected_weights(tiny_model, tmp_p
     shutil.copytree(tiny_model, slm)
     renamed = _rename_tensor(slm / "model.safetensors", "model.projector.", "model.projector_v2.")
     assert renamed
-    with pytest.raises(ValueError, match=r"slm: not a complete SerSlmForConditionalGeneration checkpoint: \d+ missing weight\(s\) "
-                                         r"\['model\.projector\.linear_1.*unexpected weight\(s\) \['model\.projector_v2"):
+    with pytest.raises(
+        ValueError,
+        match=r"slm: not a complete SerSlmForConditionalGeneration checkpoint: \d+ missing weight\(s\) "
+        r"\['model\.projector\.linear_1.*unexpected weight\(s\) \['model\.projector_v2",
+    ):
         SerSlmForConditionalGeneration.from_pretrained(slm)
     wav = tmp_path / "a.wav"
     sf.write(wav, np.zeros(16000, np.float32) + 0.01, 16000)
@@ -403,7 +470,10 @@ def test_from_pretrained_refuses_missing_or_unexpected_weights(tiny_model, tmp_p
     assert "missing weight" in capsys.readouterr().err
 
     torch.manual_seed(0)
-    for model, part in ((ConfidenceEstimationModel(CemConfig(input_size=8)), "layer1"), (SedController(SedControllerConfig()), None)):
+    for model, part in (
+        (ConfidenceEstimationModel(CemConfig(input_size=8)), "layer1"),
+        (SedController(SedControllerConfig()), None),
+    ):
         d = tmp_path / type(model).__name__
         model.save_pretrained(d)
         assert type(model).from_pretrained(d) is not None  # a complete checkpoint loads
@@ -411,11 +481,15 @@ def test_from_pretrained_refuses_missing_or_unexpected_weights(tiny_model, tmp_p
 
         first = part or sorted(load_file(str(d / "model.safetensors")))[0].rsplit(".", 1)[0]
         _rename_tensor(d / "model.safetensors", first, first + "_old")
-        with pytest.raises(ValueError, match=rf"{type(model).__name__}: not a complete {type(model).__name__} checkpoint: .*missing"):
+        with pytest.raises(
+            ValueError, match=rf"{type(model).__name__}: not a complete {type(model).__name__} checkpoint: .*missing"
+        ):
             type(model).from_pretrained(d)
     # a complete checkpoint loads, with the loading report when asked for
     model, info = SerSlmForConditionalGeneration.from_pretrained(tiny_model, output_loading_info=True)
-    assert isinstance(model, SerSlmForConditionalGeneration) and not info["missing_keys"] and not info["unexpected_keys"]
+    assert (
+        isinstance(model, SerSlmForConditionalGeneration) and not info["missing_keys"] and not info["unexpected_keys"]
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -433,8 +507,14 @@ def _bad_clips(d: Path, prefix: str = "") -> dict[str, str]:
     nan = tone(1.0, 180.0, 0.3)
     nan[10:20] = np.nan
     sf.write(d / f"{prefix}nan.wav", nan, 16000, subtype="FLOAT")
-    reasons = {"good": None, "empty": "empty file", "corrupt": "unreadable audio", "silent": "silent",
-               "long": "longer than 2 s (3.0 s)", "nan": "non-finite"}
+    reasons = {
+        "good": None,
+        "empty": "empty file",
+        "corrupt": "unreadable audio",
+        "silent": "silent",
+        "long": "longer than 2 s (3.0 s)",
+        "nan": "non-finite",
+    }
     return {f"{prefix}{k}.wav": v for k, v in reasons.items()}
 
 
@@ -466,6 +546,7 @@ def test_recipe_pretraining_skips_an_empty_wav_instead_of_dying_midway(tmp_path,
     """The issue's probe: one empty wav in the pre-training split killed training mid-run with a raw
     decoder error from inside ``datasets``; the pre-training stage now names and skips it."""
     from faults_helpers import write_corpus
+
     from trustser.recipe import stage_pretrain
     from trustser.recipe_config import RecipeConfig
     from trustser.stages import StageRunner
@@ -475,12 +556,27 @@ def test_recipe_pretraining_skips_an_empty_wav_instead_of_dying_midway(tmp_path,
     (root / "reference" / "empty.wav").write_bytes(b"")
     with (root / "reference" / "metadata.csv").open("a") as fh:
         fh.write("empty.wav,sad,The train leaves at nine tonight.,s0,male,child\n")
-    cfg = RecipeConfig(output_dir=str(tmp_path / "out"), pretrain_corpus="audiofolder", pretrain_root=str(root),
-                       target_corpus="audiofolder", target_root=str(root), pretrain_split="reference",
-                       pretrain_max_steps=3, per_device_batch_size=3, cpu_threads=1)
+    cfg = RecipeConfig(
+        output_dir=str(tmp_path / "out"),
+        pretrain_corpus="audiofolder",
+        pretrain_root=str(root),
+        target_corpus="audiofolder",
+        target_root=str(root),
+        pretrain_split="reference",
+        pretrain_max_steps=3,
+        per_device_batch_size=3,
+        cpu_threads=1,
+    )
     caplog.set_level("WARNING", logger="trustser.data")
-    stage = stage_pretrain(StageRunner(tmp_path / "out" / "cache", SingleProcess()), cfg, get_system("sys1"), str(root),
-                           annotated=None, sed_source="truth", upstream=[])
+    stage = stage_pretrain(
+        StageRunner(tmp_path / "out" / "cache", SingleProcess()),
+        cfg,
+        get_system("sys1"),
+        str(root),
+        annotated=None,
+        sed_source="truth",
+        upstream=[],
+    )
     assert (stage.path / "model" / "model.safetensors").is_file()
     assert any("empty.wav: empty file" in r.getMessage() for r in caplog.records)
     assert json.loads((stage.path / "log_history.json").read_text())[-1]["step"] == 3
@@ -496,13 +592,17 @@ def _synthetic_layout(root: Path, rows: list[str], *, with_wavs: bool = True) ->
     return root / "train" / "metadata.csv"
 
 
-ROW = "wav/u{i}.wav,u{i},Hello there.,{emotion},spk0,female/young adult,female,young adult,normal,high,slow,0.1,0.2,-0.3"
+ROW = (
+    "wav/u{i}.wav,u{i},Hello there.,{emotion},spk0,female/young adult,female,young adult,normal,high,slow,0.1,0.2,-0.3"
+)
 
 
 def test_synthetic_loader_flags_missing_wavs_unknown_labels_and_bad_text(tmp_path):
     from trustser.data import corpus_stats, load_corpus
 
-    meta = _synthetic_layout(tmp_path / "a", [ROW.format(i=i, emotion=e) for i, e in enumerate(["happy", "sad", "angry"])])
+    meta = _synthetic_layout(
+        tmp_path / "a", [ROW.format(i=i, emotion=e) for i, e in enumerate(["happy", "sad", "angry"])]
+    )
     (meta.parent / "wav" / "u1.wav").unlink()  # crashed annotation at the final save before
     dd = load_corpus("synthetic", meta.parent.parent, splits=["train"])
     assert list(dd["train"]["id"]) == ["u0", "u2"]
@@ -531,8 +631,12 @@ def test_audiofolder_reads_only_the_bad_line_in_another_encoding(tmp_path):
 
     for name in ("a", "b", "c"):
         sf.write(tmp_path / f"{name}.wav", np.full(1600, 0.1, np.float32), 16000)
-    text = ("file_name,emotion,text\n".encode() + "a.wav,happy,Très bien café\n".encode("utf-8")
-            + "b.wav,sad,Na\xefve\n".encode("cp1252") + "c.wav,angry,Zoë\n".encode("utf-8"))
+    text = (
+        "file_name,emotion,text\n".encode()
+        + "a.wav,happy,Très bien café\n".encode("utf-8")
+        + "b.wav,sad,Na\xefve\n".encode("cp1252")
+        + "c.wav,angry,Zoë\n".encode("utf-8")
+    )
     (tmp_path / "metadata.csv").write_bytes(text)
     dd = load_corpus("audiofolder", tmp_path, text_column="text", cache_dir=tmp_path / "c")
     assert list(dd["train"]["text"]) == ["Très bien café", "Na\u00efve", "Zoë"]
@@ -541,6 +645,7 @@ def test_audiofolder_reads_only_the_bad_line_in_another_encoding(tmp_path):
 
 def test_iemocap_unknown_code_is_an_error_naming_the_line(tmp_path):
     from fixtures_real import build_iemocap
+
     from trustser.data import corpus_stats, load_corpus
 
     fx = build_iemocap(tmp_path / "iemocap")
@@ -560,15 +665,21 @@ def test_edited_corpus_is_annotated_afresh(tmp_path):
     """Stage keys used to hash the corpus path only: after fixing a label in metadata.csv every
     stage was reused with the old label. The annotation stage now reruns and sees the new one."""
     import datasets
-
     from faults_helpers import write_corpus
+
     from trustser.recipe import stage_annotate
     from trustser.recipe_config import RecipeConfig
     from trustser.stages import StageRunner
 
     root = write_corpus(tmp_path / "corpus", n_train=4, n_test=2, n_reference=8)
-    cfg = RecipeConfig(output_dir=str(tmp_path / "out"), target_corpus="audiofolder", target_root=str(root),
-                       target_options={"text_column": "text"}, annotation_num_proc=1, cpu_threads=1)
+    cfg = RecipeConfig(
+        output_dir=str(tmp_path / "out"),
+        target_corpus="audiofolder",
+        target_root=str(root),
+        target_options={"text_column": "text"},
+        annotation_num_proc=1,
+        cpu_threads=1,
+    )
     runner = StageRunner(tmp_path / "out" / "cache", SingleProcess())
     first = stage_annotate(runner, cfg, str(root), [])
     assert stage_annotate(runner, cfg, str(root), []).reused  # unchanged: reused
@@ -596,16 +707,37 @@ print("RESULT " + json.dumps({"stages": res["stages"], "test": res["test"]}))
 
 
 def _recipe_cfg(out: Path, corpus: Path, system: str) -> dict:
-    return dict(system=system, output_dir=str(out), target_root=str(corpus), pretrain_root=str(corpus), synth_size="small",
-                pretrain_max_steps=4, posttrain_max_steps=2, per_device_batch_size=4, max_eval_samples=8, tsne_samples=16,
-                eval_batch_size=8, annotation_num_proc=1, cpu_threads=1)
+    return dict(
+        system=system,
+        output_dir=str(out),
+        target_root=str(corpus),
+        pretrain_root=str(corpus),
+        synth_size="small",
+        pretrain_max_steps=4,
+        posttrain_max_steps=2,
+        per_device_batch_size=4,
+        max_eval_samples=8,
+        tsne_samples=16,
+        eval_batch_size=8,
+        annotation_num_proc=1,
+        cpu_threads=1,
+    )
 
 
 def _recipe_together(tmp_path, out: Path, corpus: Path, systems: list[str]) -> list[dict]:
     script = tmp_path / "recipe_run.py"
     script.write_text(_RECIPE_RUN)
-    procs = [subprocess.Popen([sys.executable, str(script), json.dumps(_recipe_cfg(out, corpus, s))], cwd=tmp_path, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in systems]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), json.dumps(_recipe_cfg(out, corpus, s))],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for s in systems
+    ]
     results = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=3000)
@@ -622,7 +754,9 @@ def test_two_recipe_runs_started_together_compute_each_stage_once(tmp_path, synt
     from trustser.recipe import run_system
     from trustser.recipe_config import RecipeConfig
 
-    alone = {s: run_system(RecipeConfig(**_recipe_cfg(tmp_path / "alone", synthetic_small, s))) for s in ("sys4", "sys3")}
+    alone = {
+        s: run_system(RecipeConfig(**_recipe_cfg(tmp_path / "alone", synthetic_small, s))) for s in ("sys4", "sys3")
+    }
     for name, systems in (("same", ["sys4", "sys4"]), ("different", ["sys4", "sys3"])):
         out = tmp_path / name
         results = _recipe_together(tmp_path, out, synthetic_small, systems)
@@ -634,7 +768,10 @@ def test_two_recipe_runs_started_together_compute_each_stage_once(tmp_path, synt
         assert (next(cache.glob("posttrain-*")) / "model" / "model.safetensors").is_file()
         assert (next(cache.glob("annotate-*")) / "data" / "dataset_dict.json").is_file()
         for stage in ("annotate", "pretrain"):  # computed by one run, reused by the other
-            assert sorted(next(s["reused"] for s in r["stages"] if s["name"] == stage) for r in results) == [False, True]
+            assert sorted(next(s["reused"] for s in r["stages"] if s["name"] == stage) for r in results) == [
+                False,
+                True,
+            ]
         for system, r in zip(systems, results):
             assert r["test"] == alone[system]["test"], (name, system)
 
@@ -645,14 +782,29 @@ def test_stage_lock_under_two_processes(tmp_path):
     other recognises its run's lock by the broadcast run id; both agree on computing and reusing."""
     out = tmp_path / "out"
     out.mkdir()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu.yaml"),
-           "--main_process_port", "29533", str(REPO / "tests" / "stage_two_ranks.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(ENV, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes/accelerate_configs/cpu.yaml"),
+        "--main_process_port",
+        "29533",
+        str(REPO / "tests" / "stage_two_ranks.py"),
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=dict(ENV, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     seen = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["num_processes"] for s in seen] == [2, 2] and seen[0]["run_id"] == seen[1]["run_id"]
-    assert seen[0]["stages"] == seen[1]["stages"] == [
-        ["pretrain", False, ["STAGE.json", "from_rank0.txt", "from_rank1.txt"]],
-        ["pretrain", True, ["STAGE.json", "from_rank0.txt", "from_rank1.txt"]],
-        ["cem", False, ["STAGE.json", "from_rank0.txt"]],
-    ]
+    assert (
+        seen[0]["stages"]
+        == seen[1]["stages"]
+        == [
+            ["pretrain", False, ["STAGE.json", "from_rank0.txt", "from_rank1.txt"]],
+            ["pretrain", True, ["STAGE.json", "from_rank0.txt", "from_rank1.txt"]],
+            ["cem", False, ["STAGE.json", "from_rank0.txt"]],
+        ]
+    )

@@ -118,7 +118,9 @@ def test_group_normalize():
 def test_group_normalize_scaling_options():
     r = torch.tensor([[1.0, 1.02, 0.98], [0.0, 2.0, 1.0]])
     # "none" keeps the size of the reward differences (Dr. GRPO): r - group mean
-    assert torch.allclose(group_normalize(r, scale="none"), torch.tensor([[0.0, 0.02, -0.02], [-1.0, 1.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(
+        group_normalize(r, scale="none"), torch.tensor([[0.0, 0.02, -0.02], [-1.0, 1.0, 0.0]]), atol=1e-6
+    )
     # "group" turns a 0.02-nat spread into the same unit-size advantages as a 1-nat spread
     g = group_normalize(r, scale="group")
     assert torch.allclose(g[0], g[1][[2, 1, 0]], atol=1e-2)
@@ -146,7 +148,9 @@ def test_hidden_head_option(tmp_path):
     assert torch.equal(again(ids, input_features=feats).logits, logits)
     with pytest.raises(Exception, match="head_hidden_size"):  # strict-dataclass validation error
         SedControllerConfig(head_hidden_size=-1)
-    assert SedController(SedControllerConfig(hidden_size=16, embedding_size=4, n_mels=16)).head_hidden is None  # paper: linear
+    assert (
+        SedController(SedControllerConfig(hidden_size=16, embedding_size=4, n_mels=16)).head_hidden is None
+    )  # paper: linear
 
 
 def test_clipped_loss_clips_gradient():
@@ -243,8 +247,9 @@ def test_waveform_and_logmel_inputs_agree_and_errors():
 
 
 def test_save_load_auto(tmp_path):
-    import trustser  # noqa: F401  (registers the Auto classes)
     from transformers import AutoConfig, AutoModel
+
+    import trustser  # noqa: F401  (registers the Auto classes)
 
     ctrl = _controller()
     ctrl.save_pretrained(tmp_path)

@@ -16,7 +16,11 @@ from trustser.selection import STATS_FILENAME, score_confidence, select_by_confi
 
 def _table(n=20, seed=0):
     rng = np.random.default_rng(seed)
-    truth = {f: ["low"] * n for f in ("pitch", "volume")} | {"speed": ["slow"] * n, "gender": ["male"] * n, "age": ["child"] * n}
+    truth = {f: ["low"] * n for f in ("pitch", "volume")} | {
+        "speed": ["slow"] * n,
+        "gender": ["male"] * n,
+        "age": ["child"] * n,
+    }
     auto = {f + "_auto": list(v) for f, v in truth.items()}
     wrong = rng.random(n) < 0.4
     auto["pitch_auto"] = ["high" if w else "low" for w in wrong]
@@ -55,8 +59,9 @@ def test_select_by_confidence_columns_stats_and_files(tmp_path):
     ds, wrong = _table(20)
     scores = np.where(wrong, 0.2, 0.8) + np.linspace(0, 0.01, 20)
     fields = np.tile(scores[:, None], (1, 5))
-    sel, stats = select_by_confidence(ds, scores, ratio=0.5, field_scores=fields, output_dir=tmp_path / "out",
-                                      stats_path=tmp_path / "stats.json")
+    sel, stats = select_by_confidence(
+        ds, scores, ratio=0.5, field_scores=fields, output_dir=tmp_path / "out", stats_path=tmp_path / "stats.json"
+    )
     assert len(sel) == 10 and stats["n_selected"] == 10 and stats["kept_share"] == 0.5
     assert {"confidence", *(f"confidence_{f}" for f in SED_FIELDS)} <= set(sel.column_names)
     expected = np.sort(np.argsort(-scores, kind="stable")[:10])
@@ -68,7 +73,9 @@ def test_select_by_confidence_columns_stats_and_files(tmp_path):
     assert stats["annotation_accuracy_selected"]["pitch"] >= acc_all
     on_disk = datasets.load_from_disk(str(tmp_path / "out"))
     assert on_disk["id"] == sel["id"]
-    assert json.loads((tmp_path / "out" / STATS_FILENAME).read_text()) == json.loads((tmp_path / "stats.json").read_text())
+    assert json.loads((tmp_path / "out" / STATS_FILENAME).read_text()) == json.loads(
+        (tmp_path / "stats.json").read_text()
+    )
     assert json.loads((tmp_path / "stats.json").read_text())["n_selected"] == 10
     # threshold mode
     sel2, stats2 = select_by_confidence(ds, scores, threshold=0.5)
@@ -105,15 +112,27 @@ def models(tmp_path_factory):
 def annotated():
     rng = np.random.default_rng(0)
     n = 6
-    return datasets.Dataset.from_dict({
-        "id": [f"u{i}" for i in range(n)],
-        "audio": [{"array": (0.1 * rng.normal(size=12000 + 1500 * i)).astype(np.float32), "sampling_rate": 16000} for i in range(n)],
-        "text": [f"the parcel number {i} arrived today" for i in range(n)],
-        "emotion": ["happy", "sad", "neutral", "angry", "happy", "sad"],
-        "pitch": ["low"] * n, "volume": ["high"] * n, "speed": ["fast"] * n, "gender": ["male"] * n, "age": ["child"] * n,
-        "pitch_auto": ["low", "", "high", "low", "normal", "high"], "volume_auto": ["high"] * n, "speed_auto": ["fast"] * n,
-        "gender_auto": ["male", "male", "female", "male", "female", "male"], "age_auto": ["child"] * n,
-    }).cast_column("audio", datasets.Audio(sampling_rate=16000))
+    return datasets.Dataset.from_dict(
+        {
+            "id": [f"u{i}" for i in range(n)],
+            "audio": [
+                {"array": (0.1 * rng.normal(size=12000 + 1500 * i)).astype(np.float32), "sampling_rate": 16000}
+                for i in range(n)
+            ],
+            "text": [f"the parcel number {i} arrived today" for i in range(n)],
+            "emotion": ["happy", "sad", "neutral", "angry", "happy", "sad"],
+            "pitch": ["low"] * n,
+            "volume": ["high"] * n,
+            "speed": ["fast"] * n,
+            "gender": ["male"] * n,
+            "age": ["child"] * n,
+            "pitch_auto": ["low", "", "high", "low", "normal", "high"],
+            "volume_auto": ["high"] * n,
+            "speed_auto": ["fast"] * n,
+            "gender_auto": ["male", "male", "female", "male", "female", "male"],
+            "age_auto": ["child"] * n,
+        }
+    ).cast_column("audio", datasets.Audio(sampling_rate=16000))
 
 
 def test_score_confidence_matches_cem_on_features(models, annotated):
@@ -141,8 +160,21 @@ def test_select_with_models_and_cli(models, annotated, tmp_path):
     expected = select_indices(scores, ratio=0.5)
     assert sel["id"] == [f"u{i}" for i in expected] and stats["n_unscorable"] == 1
     annotated.save_to_disk(str(tmp_path / "data"))
-    rc = main(["select", "--cem", str(root / "cem"), "--slm", str(root / "slm"), "--data", str(tmp_path / "data"),
-               "--ratio", "0.5", "--out", str(tmp_path / "out")])
+    rc = main(
+        [
+            "select",
+            "--cem",
+            str(root / "cem"),
+            "--slm",
+            str(root / "slm"),
+            "--data",
+            str(tmp_path / "data"),
+            "--ratio",
+            "0.5",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     out = datasets.load_from_disk(str(tmp_path / "out"))
     assert out["id"] == sel["id"]
@@ -151,12 +183,46 @@ def test_select_with_models_and_cli(models, annotated, tmp_path):
     assert saved["n_selected"] == 3 and saved["ratio"] == 0.5
     # DatasetDict input: per split, and a clear error for a missing directory
     datasets.DatasetDict({"train": annotated, "dev": annotated.select(range(4))}).save_to_disk(str(tmp_path / "dd"))
-    assert main(["select", "--cem", str(root / "cem"), "--slm", str(root / "slm"), "--data", str(tmp_path / "dd"),
-                 "--split", "dev", "--threshold", "0.0", "--out", str(tmp_path / "out2")]) == 0
+    assert (
+        main(
+            [
+                "select",
+                "--cem",
+                str(root / "cem"),
+                "--slm",
+                str(root / "slm"),
+                "--data",
+                str(tmp_path / "dd"),
+                "--split",
+                "dev",
+                "--threshold",
+                "0.0",
+                "--out",
+                str(tmp_path / "out2"),
+            ]
+        )
+        == 0
+    )
     dd = datasets.load_from_disk(str(tmp_path / "out2"))
     assert list(dd) == ["dev"] and len(dd["dev"]) == 3  # row 1 (failed annotation) is unscorable
-    assert main(["select", "--cem", str(root / "cem"), "--slm", str(root / "slm"), "--data", str(tmp_path / "nope"),
-                 "--ratio", "0.5", "--out", str(tmp_path / "out3")]) == 1
+    assert (
+        main(
+            [
+                "select",
+                "--cem",
+                str(root / "cem"),
+                "--slm",
+                str(root / "slm"),
+                "--data",
+                str(tmp_path / "nope"),
+                "--ratio",
+                "0.5",
+                "--out",
+                str(tmp_path / "out3"),
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "out3").exists()
 
 
@@ -173,8 +239,27 @@ def test_select_under_accelerate_launch_two_processes(models, annotated, tmp_pat
     accelerate = Path(sys.executable).with_name("accelerate")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate_configs" / "cpu.yaml"
-    cmd = [str(accelerate), "launch", "--config_file", str(config), "-m", "trustser.cli", "select", "--cem", str(root / "cem"), "--slm", str(root / "slm"),
-           "--data", str(tmp_path / "data"), "--ratio", "1.0", "--out", str(tmp_path / "out"), "--batch-size", "2"]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--config_file",
+        str(config),
+        "-m",
+        "trustser.cli",
+        "select",
+        "--cem",
+        str(root / "cem"),
+        "--slm",
+        str(root / "slm"),
+        "--data",
+        str(tmp_path / "data"),
+        "--ratio",
+        "1.0",
+        "--out",
+        str(tmp_path / "out"),
+        "--batch-size",
+        "2",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "scored on 2 processes" in res.stderr
@@ -189,7 +274,13 @@ def test_selection_quality_reports_the_calibration_error_of_the_cem_probabilitie
     from trustser.selection import selection_quality
 
     n = 10
-    truth = {"pitch": ["low"] * n, "volume": ["low"] * n, "speed": ["slow"] * n, "gender": ["male"] * n, "age": ["child"] * n}
+    truth = {
+        "pitch": ["low"] * n,
+        "volume": ["low"] * n,
+        "speed": ["slow"] * n,
+        "gender": ["male"] * n,
+        "age": ["child"] * n,
+    }
     auto = {f + "_auto": list(v) for f, v in truth.items()}
     auto["pitch_auto"] = ["high"] * 4 + ["low"] * 6  # 4 wrong pitch labels, the rest right
     ds = datasets.Dataset.from_dict({**truth, **auto})

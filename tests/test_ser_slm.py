@@ -10,14 +10,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from ser_slm_fixtures import LABELS, TEXTS, make_rows, tone
 
 import trustser  # noqa: F401  (registers the Auto classes)
 from trustser import descriptors
 from trustser.descriptors import SED_FIELDS, build_caption
 from trustser.models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor, build_tiny_ser_slm
 from trustser.models.ser_slm import processing_ser_slm as P
-
-from ser_slm_fixtures import LABELS, TEXTS, make_rows, tone
 
 torch.set_num_threads(1)
 
@@ -69,7 +68,9 @@ def test_tokenizer_keeps_descriptor_and_emotion_words_whole(tiny):
     tok = processor.tokenizer
     for word in ["low", "normal", "high", "slow", "fast", "male", "female", "child", "elderly", *LABELS]:
         assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
-    caption = build_caption(TEXTS[2], "angry", dict(pitch="high", volume="low", speed="fast", gender="male", age="teenager"))
+    caption = build_caption(
+        TEXTS[2], "angry", dict(pitch="high", volume="low", speed="fast", gender="male", age="teenager")
+    )
     assert tok.decode(tok(caption, add_special_tokens=False)["input_ids"]) == caption
 
 
@@ -78,7 +79,9 @@ def test_processor_layout_labels_and_positions(tiny, batch):
     rows, audio, captions, b = batch
     tok = processor.tokenizer
     B, L = b["input_ids"].shape
-    assert b["labels"].shape == (B, L) and b["sed_token_index"].shape == (B, 5) and b["emotion_token_mask"].shape == (B, L)
+    assert (
+        b["labels"].shape == (B, L) and b["sed_token_index"].shape == (B, 5) and b["emotion_token_mask"].shape == (B, L)
+    )
     for i in range(B):
         ids, labels = b["input_ids"][i], b["labels"][i]
         n_audio = int((ids == processor.audio_token_id).sum())
@@ -142,7 +145,8 @@ def test_precomputed_audio_embeds_repeat_interleave(tiny, batch):
         emb = model.get_audio_features(b["input_features"], b["feature_attention_mask"], b["energy"]).pooler_output
         K = 2
         rep = model(
-            input_ids=b["input_ids"].repeat_interleave(K, 0), attention_mask=b["attention_mask"].repeat_interleave(K, 0),
+            input_ids=b["input_ids"].repeat_interleave(K, 0),
+            attention_mask=b["attention_mask"].repeat_interleave(K, 0),
             audio_embeds=emb.repeat_interleave(K, 0),
         ).logits
     torch.testing.assert_close(rep[::K], ref)
@@ -203,13 +207,13 @@ def test_remote_code_loads_without_trustser(tiny, batch, tmp_path):
         sys.meta_path.insert(0, Block())
         import numpy as np, torch
         from transformers import AutoModelForCausalLM, AutoProcessor
-        d = {str(tmp_path / 'ckpt')!r}
+        d = {str(tmp_path / "ckpt")!r}
         m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
         p = AutoProcessor.from_pretrained(d, trust_remote_code=True)
-        b = p(audio=[np.load({str(tmp_path / 'audio.npy')!r})])
+        b = p(audio=[np.load({str(tmp_path / "audio.npy")!r})])
         with torch.no_grad():
             logits = m(**b).logits
-        ref = torch.load({str(tmp_path / 'ref.pt')!r})
+        ref = torch.load({str(tmp_path / "ref.pt")!r})
         assert "trustser" not in sys.modules
         assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
         print("MAXDIFF", float((logits - ref).abs().max()))
@@ -228,23 +232,38 @@ def test_paper_preset_path_with_tiny_local_models(tmp_path):
     from trustser.models.ser_slm.presets import train_caption_tokenizer
 
     hub = HubertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(16, 16, 16, 16, 16, 16, 16), feat_extract_norm="layer", num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2, do_stable_layer_norm=True,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16, 16, 16, 16, 16, 16),
+        feat_extract_norm="layer",
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        do_stable_layer_norm=True,
     )
     HubertModel(hub).save_pretrained(tmp_path / "hubert")
     Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(tmp_path / "hubert")
     tok = train_caption_tokenizer(TEXTS, vocab_size=600)
     llama_cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     lm = LlamaForCausalLM(llama_cfg)
     lm.save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
 
-    model, processor = build_paper_ser_slm(str(tmp_path / "hubert"), str(tmp_path / "llama"), dtype=torch.float32, lora_r=4)
+    model, processor = build_paper_ser_slm(
+        str(tmp_path / "hubert"), str(tmp_path / "llama"), dtype=torch.float32, lora_r=4
+    )
     base = model.get_base_model()
     # pretrained weights were loaded, not re-initialised
     torch.testing.assert_close(
@@ -267,7 +286,11 @@ def test_paper_preset_path_with_tiny_local_models(tmp_path):
     assert torch.isfinite(out.loss) and out.kl_loss.item() > 0
     out.loss.backward()
     assert all(p.grad is None for p in base.model.audio_tower.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n or "sed_vib" in n)
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if "lora_B" in n or "sed_vib" in n
+    )
 
 
 def test_f0_stream_option(tmp_path):
@@ -291,23 +314,51 @@ def test_f0_stream_option(tmp_path):
     p2 = AutoProcessor.from_pretrained(tmp_path)
     assert p2.f0_stream
     with torch.no_grad():
-        assert torch.equal(AutoModel.from_pretrained(tmp_path)(**_model_inputs(p2(audio=[r["audio"]["array"] for r in rows], captions=processor.build_captions(rows)))).logits, ref)
+        assert torch.equal(
+            AutoModel.from_pretrained(tmp_path)(
+                **_model_inputs(p2(audio=[r["audio"]["array"] for r in rows], captions=processor.build_captions(rows)))
+            ).logits,
+            ref,
+        )
 
 
 def test_any_pair_with_tied_llm_embeddings_saves_and_loads(tmp_path):
     """build_ser_slm with a tied-embedding LLM (Qwen2-style) and a wav2vec2 encoder keeps the tie across save/load."""
-    from transformers import AutoModel, Qwen2Config, Qwen2ForCausalLM, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    from transformers import (
+        AutoModel,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Wav2Vec2Config,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2Model,
+    )
 
     from trustser.models.ser_slm import build_ser_slm
     from trustser.models.ser_slm.presets import train_caption_tokenizer
 
-    enc = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                         conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    enc = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     Wav2Vec2Model(enc).save_pretrained(tmp_path / "enc")
     Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(tmp_path / "enc")
     tok = train_caption_tokenizer(TEXTS, vocab_size=500)
-    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    lm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     lm.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     model, processor = build_ser_slm(str(tmp_path / "enc"), str(tmp_path / "lm"), dtype=torch.float32)

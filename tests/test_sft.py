@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ser_slm_fixtures import LABELS, TEXTS, make_dataset, make_rows, train_tiny
 
 import trustser  # noqa: F401
+from trustser.audio import AudioError, decode_audio
 from trustser.descriptors import build_caption, parse_caption, sed_from_row
 from trustser.models.ser_slm import build_tiny_ser_slm
-from trustser.audio import AudioError, decode_audio
 from trustser.trainers.sft import SerSlmDataCollator, SerSlmSFTConfig, SerSlmSFTTrainer
-
-from ser_slm_fixtures import LABELS, TEXTS, make_dataset, make_rows, train_tiny
 
 torch.set_num_threads(1)
 
@@ -58,7 +57,13 @@ def test_collator_plain_caption_and_ready_captions(processor):
     assert text == build_caption(rows[0]["text"], rows[0]["emotion"], with_sed=False)
     assert parse_caption(text, with_sed=False).ok
     assert (b["sed_token_index"] == -1).all() and b["emotion_token_mask"].any(-1).all()
-    ready = [dict(r, caption=f"The speaker says '{r['text']}'. Based on the audio caption, the emotional state of this speaker is sad.") for r in rows]
+    ready = [
+        dict(
+            r,
+            caption=f"The speaker says '{r['text']}'. Based on the audio caption, the emotional state of this speaker is sad.",
+        )
+        for r in rows
+    ]
     b2 = SerSlmDataCollator(processor, with_sed=False, caption_column="caption")(ready)
     assert _caption_text(processor, b2, 1).endswith("is sad.")
 
@@ -110,8 +115,15 @@ def test_training_until_generated_captions_parse(tmp_path):
     ds = make_dataset(8)
     model, processor = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, seed=0)
     args = SerSlmSFTConfig(
-        output_dir=str(tmp_path), max_steps=150, per_device_train_batch_size=8, learning_rate=3e-3,
-        logging_steps=50, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=150,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=50,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     SerSlmSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor).train()
     metrics = evaluate_ser(model, processor, ds, LABELS)

@@ -1,5 +1,3 @@
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -86,7 +84,13 @@ def test_killed_stage_is_rerun(tmp_path):
 def test_systems_table_matches_paper():
     assert [s for s in SYSTEMS if s.startswith("sys")] == [f"sys{i}" for i in range(1, 14)]
     s10 = get_system(10)
-    assert (s10.with_sed, s10.domain_sft, s10.selection_ratio, s10.rectify, s10.num_policies) == (True, True, 0.9, True, 6)
+    assert (s10.with_sed, s10.domain_sft, s10.selection_ratio, s10.rectify, s10.num_policies) == (
+        True,
+        True,
+        0.9,
+        True,
+        6,
+    )
     assert s10.paper_iemocap == 80.98 and s10.paper_meld == 64.11
     assert get_system("sys1").with_sed is False and get_system(1).domain_sft is False
     assert get_system(4).selection_ratio is None and not get_system(4).rectify

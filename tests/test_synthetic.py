@@ -155,7 +155,9 @@ def test_speakers_groups_and_split_roles(synthetic_small):
         assert {r["gender"] for r in rows} == {"male", "female"}
         assert len({r["age"] for r in rows}) >= 3
         # a speaker always has the same group, gender and age
-        assert len({(r["speaker"], r["group"], r["gender"], r["age"]) for r in rows}) == len({r["speaker"] for r in rows})
+        assert len({(r["speaker"], r["group"], r["gender"], r["age"]) for r in rows}) == len(
+            {r["speaker"] for r in rows}
+        )
     kinds = {s: {S.speaker_group_kind(r["group"]) for r in _rows(synthetic_small, s)} for s in S.SPLITS}
     assert {"high voice", "low voice"}.isdisjoint(kinds["reference"])  # the tool's population has no unusual voices
     for split in ("train", "dev", "test"):  # the target corpus has every kind
@@ -279,7 +281,7 @@ def test_target_channel_is_a_reverberant_room(synthetic_small):
             env = np.sqrt(np.convolve(x.astype(np.float64) ** 2, np.ones(frame) / frame, mode="same"))
             active = np.flatnonzero(env > 0.1 * env.max())
             end = active[-1]
-            after = env[end + frame: end + 6 * frame]  # 10-60 ms after the last loud frame
+            after = env[end + frame : end + 6 * frame]  # 10-60 ms after the last loud frame
             out.append(20 * np.log10(after.mean() / env[active].mean() + 1e-12) if after.size else -120.0)
         return np.median(out)
 
@@ -320,9 +322,14 @@ def test_loads_with_audiofolder(synthetic_small, tmp_path):
     # the whole corpus: audiofolder maps train/dev/test to train/validation/test ...
     dd = datasets.load_dataset("audiofolder", data_dir=str(synthetic_small), cache_dir=str(tmp_path / "hf"))
     assert {k: len(v) for k, v in dd.items()} == {
-        "train": S.SIZES["small"]["train"], "validation": S.SIZES["small"]["dev"], "test": S.SIZES["small"]["test"]}
+        "train": S.SIZES["small"]["train"],
+        "validation": S.SIZES["small"]["dev"],
+        "test": S.SIZES["small"]["test"],
+    }
     # ... and one split directory at a time (the reference split included)
-    ref = datasets.load_dataset("audiofolder", data_dir=str(synthetic_small / "reference"), cache_dir=str(tmp_path / "hf"))
+    ref = datasets.load_dataset(
+        "audiofolder", data_dir=str(synthetic_small / "reference"), cache_dir=str(tmp_path / "hf")
+    )
     (ds,) = ref.values()
     assert len(ds) == S.SIZES["small"]["reference"]
     cols = {"audio", "id", "emotion", "pitch", "volume", "speed", "gender", "age", "speaker", "text"}

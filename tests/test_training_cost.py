@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from ser_slm_fixtures import LABELS, TEXTS, make_rows
 
 from trustser.descriptors import SED_FIELDS, SED_VOCAB
 from trustser.trainers.rectify import (
@@ -26,16 +27,22 @@ from trustser.trainers.rectify import (
 from trustser.trainers.rectify_config import SEDRectifyConfig
 from trustser.trainers.sft import MODEL_INPUTS, SerSlmSFTConfig, SerSlmSFTTrainer
 
-from ser_slm_fixtures import LABELS, TEXTS, make_rows
-
 
 @pytest.fixture(scope="module")
 def tiny():
     from trustser.models.ser_slm import build_tiny_ser_slm
 
     torch.set_num_threads(2)
-    return build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, max_audio_seconds=2.0, lm_hidden=64, encoder_dim=64,
-                              vocab_size=400, aux_sed_loss_weight=0.5, seed=0)
+    return build_tiny_ser_slm(
+        TEXTS,
+        emotion_labels=LABELS,
+        max_audio_seconds=2.0,
+        lm_hidden=64,
+        encoder_dim=64,
+        vocab_size=400,
+        aux_sed_loss_weight=0.5,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +84,12 @@ def test_sft_loss_and_gradients_equal_the_old_computation(tiny, rows, tmp_path):
     import datasets
 
     model, proc = tiny
-    trainer = SerSlmSFTTrainer(copy.deepcopy(model), args=SerSlmSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
-                               train_dataset=datasets.Dataset.from_list(rows), processing_class=proc)
+    trainer = SerSlmSFTTrainer(
+        copy.deepcopy(model),
+        args=SerSlmSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=proc,
+    )
     inputs = trainer._prepare_inputs(trainer.data_collator(rows))
     assert "sed_labels" in inputs  # the auxiliary loss is part of the comparison
     m = trainer.model
@@ -145,8 +156,17 @@ def _compare(model, batch, rect, packed, k, impl):
     _assert_grads_close(got[2], ref[2])
 
 
-@pytest.mark.parametrize("k,impl", [(1, "sdpa"), (2, "sdpa"), (6, "sdpa"), (6, "eager"),
-                                    pytest.param(1, "eager", marks=pytest.mark.slow), pytest.param(2, "eager", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "k,impl",
+    [
+        (1, "sdpa"),
+        (2, "sdpa"),
+        (6, "sdpa"),
+        (6, "eager"),
+        pytest.param(1, "eager", marks=pytest.mark.slow),
+        pytest.param(2, "eager", marks=pytest.mark.slow),
+    ],
+)
 def test_packed_equals_unpacked(tiny, rows, k, impl):
     model = copy.deepcopy(tiny[0])
     model.set_attn_implementation(impl)
@@ -158,7 +178,9 @@ def test_packed_equals_unpacked(tiny, rows, k, impl):
     if k > 1:
         assert len(set((rect["labels"] != -100).sum(1).tolist())) > 1  # captions of different lengths
     # the packed rows hold P + K*S tokens per utterance instead of K*(P + S)
-    assert int(lengths.sum()) == int(rect["attention_mask"].sum()) - (k - 1) * int((rect["labels"] != -100).long().argmax(1)[::k].sum())
+    assert int(lengths.sum()) == int(rect["attention_mask"].sum()) - (k - 1) * int(
+        (rect["labels"] != -100).long().argmax(1)[::k].sum()
+    )
     _compare(model, batch, rect, packed, k, impl)
 
 
@@ -196,12 +218,26 @@ def test_packed_mask_blocks():
 def _rectify_trainer(tiny, rows, tmp_path, **kw):
     import datasets
 
-    args = SEDRectifyConfig(**{
-        "output_dir": str(tmp_path), "per_device_train_batch_size": 4, "max_steps": 1, "save_strategy": "no", "use_cpu": True,
-        "seed": 0, "num_policies": 6, "reward_timing": "reuse_forward", "controller_n_mels": 16, "controller_hidden_size": 16,
-        "controller_embedding_size": 4, "report_to": "none", **kw,
-    })
-    return SEDRectifyTrainer(copy.deepcopy(tiny[0]), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny[1])
+    args = SEDRectifyConfig(
+        **{
+            "output_dir": str(tmp_path),
+            "per_device_train_batch_size": 4,
+            "max_steps": 1,
+            "save_strategy": "no",
+            "use_cpu": True,
+            "seed": 0,
+            "num_policies": 6,
+            "reward_timing": "reuse_forward",
+            "controller_n_mels": 16,
+            "controller_hidden_size": 16,
+            "controller_embedding_size": 4,
+            "report_to": "none",
+            **kw,
+        }
+    )
+    return SEDRectifyTrainer(
+        copy.deepcopy(tiny[0]), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny[1]
+    )
 
 
 def test_trainer_packed_step_equals_unpacked_and_processes_fewer_tokens(tiny, rows, tmp_path):
@@ -210,7 +246,9 @@ def test_trainer_packed_step_equals_unpacked_and_processes_fewer_tokens(tiny, ro
         t = _rectify_trainer(tiny, rows, tmp_path / str(shared), shared_prefix=shared)
         tokens = []
         hook = t._language_model().register_forward_pre_hook(
-            lambda _m, _a, kw: tokens.append(kw["inputs_embeds"].shape[0] * kw["inputs_embeds"].shape[1]), with_kwargs=True)
+            lambda _m, _a, kw: tokens.append(kw["inputs_embeds"].shape[0] * kw["inputs_embeds"].shape[1]),
+            with_kwargs=True,
+        )
         batch = t._prepare_inputs(t.data_collator(rows))
         t.model.train()
         t.policy_generator.manual_seed(5)
@@ -265,19 +303,44 @@ def test_data_loader_workers_give_the_batches_of_zero_workers(rows, tmp_path, re
 
     from trustser.models.ser_slm import build_tiny_ser_slm
 
-    model, proc = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, max_audio_seconds=2.0, lm_hidden=32, encoder_dim=32,
-                                     vocab_size=400, sed_f0_stream=True, seed=0)
-    data = [dict(r, id=f"{r['id']}-{j}", audio={"array": np.asarray(r["audio"]["array"])[::2].repeat(2), "sampling_rate": 22050})
-            for j in range(2) for r in rows]  # 22.05 kHz: resampled in the collator
+    model, proc = build_tiny_ser_slm(
+        TEXTS,
+        emotion_labels=LABELS,
+        max_audio_seconds=2.0,
+        lm_hidden=32,
+        encoder_dim=32,
+        vocab_size=400,
+        sed_f0_stream=True,
+        seed=0,
+    )
+    data = [
+        dict(
+            r,
+            id=f"{r['id']}-{j}",
+            audio={"array": np.asarray(r["audio"]["array"])[::2].repeat(2), "sampling_rate": 22050},
+        )
+        for j in range(2)
+        for r in rows
+    ]  # 22.05 kHz: resampled in the collator
     ds = datasets.Dataset.from_list(data)
 
     def batches(workers):
-        common = dict(output_dir=str(tmp_path / str(workers)), use_cpu=True, per_device_train_batch_size=2, seed=0,
-                      dataloader_num_workers=workers, report_to="none")
+        common = dict(
+            output_dir=str(tmp_path / str(workers)),
+            use_cpu=True,
+            per_device_train_batch_size=2,
+            seed=0,
+            dataloader_num_workers=workers,
+            report_to="none",
+        )
         if rectify:
-            t = SEDRectifyTrainer(model, args=SEDRectifyConfig(**common, controller_n_mels=16), train_dataset=ds, processing_class=proc)
+            t = SEDRectifyTrainer(
+                model, args=SEDRectifyConfig(**common, controller_n_mels=16), train_dataset=ds, processing_class=proc
+            )
         else:
-            t = SerSlmSFTTrainer(model, args=SerSlmSFTConfig(**common, channel_augmentation=1.0), train_dataset=ds, processing_class=proc)
+            t = SerSlmSFTTrainer(
+                model, args=SerSlmSFTConfig(**common, channel_augmentation=1.0), train_dataset=ds, processing_class=proc
+            )
         t.data_collator.epoch = 1
         torch.manual_seed(0)  # the sampler's order
         return list(t.get_train_dataloader()), t
@@ -288,7 +351,7 @@ def test_data_loader_workers_give_the_batches_of_zero_workers(rows, tmp_path, re
     for a, b in zip(zero, two):
         assert a.keys() == b.keys() and "f0" in a
         for key in a:
-            assert (torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]), key
+            assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
     if not rectify:  # another epoch, other channels; the trainer's callback sets the epoch
         from transformers import TrainerState
 
@@ -299,6 +362,15 @@ def test_data_loader_workers_give_the_batches_of_zero_workers(rows, tmp_path, re
         first = t0.data_collator([data[0], data[1]])
         assert not torch.equal(again["input_features"], first["input_features"])
         with pytest.raises(ValueError, match="persistent"):
-            SerSlmSFTTrainer(model, args=SerSlmSFTConfig(output_dir=str(tmp_path / "p"), use_cpu=True, channel_augmentation=0.5,
-                                                         dataloader_num_workers=2, dataloader_persistent_workers=True),
-                             train_dataset=ds, processing_class=proc)
+            SerSlmSFTTrainer(
+                model,
+                args=SerSlmSFTConfig(
+                    output_dir=str(tmp_path / "p"),
+                    use_cpu=True,
+                    channel_augmentation=0.5,
+                    dataloader_num_workers=2,
+                    dataloader_persistent_workers=True,
+                ),
+                train_dataset=ds,
+                processing_class=proc,
+            )

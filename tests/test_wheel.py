@@ -23,13 +23,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from explain_fixtures import LABELS, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-DATA_FILES = ["trustser/model_cards/ser_slm.md", "trustser/model_cards/cem.md", "trustser/model_cards/sed_controller.md",
-              "trustser/metrics/ser_metrics/ser_metrics.py", "trustser/metrics/ser_metrics/README.md"]
+DATA_FILES = [
+    "trustser/model_cards/ser_slm.md",
+    "trustser/model_cards/cem.md",
+    "trustser/model_cards/sed_controller.md",
+    "trustser/metrics/ser_metrics/ser_metrics.py",
+    "trustser/metrics/ser_metrics/README.md",
+]
 
 
 def readme_blocks(lang: str) -> list[str]:
@@ -55,8 +59,11 @@ def wheel(tmp_path_factory):
         shutil.copy2(REPO / name, tree / name)
     shutil.copytree(REPO / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)],
-         env=os.environ, cwd=tree)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)],
+        env=os.environ,
+        cwd=tree,
+    )
     (whl,) = dist.glob("trustser-*.whl")
     return whl
 
@@ -77,8 +84,13 @@ def fresh(wheel, tmp_path_factory):
     venv = tmp_path_factory.mktemp("venv") / "env"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env=os.environ, cwd=venv.parent)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(PYTHONPATH=str(Path(torch.__file__).resolve().parents[1]), PATH=f"{venv / 'bin'}:{env.get('PATH', '')}",
-               HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONNOUSERSITE="1")
+    env.update(
+        PYTHONPATH=str(Path(torch.__file__).resolve().parents[1]),
+        PATH=f"{venv / 'bin'}:{env.get('PATH', '')}",
+        HF_HUB_OFFLINE="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        PYTHONNOUSERSITE="1",
+    )
     return venv, env
 
 
@@ -105,13 +117,27 @@ def workdir(tmp_path_factory, wheel, explain_model_dir, explain_clips):
     sf.write(d / "conversation.wav", np.concatenate(parts), 16000)
     run = d / "outputs" / "sys10-seed0"
     run.mkdir()
-    metrics = {"wa": 0.5, "ua": 0.5, "weighted_f1": 0.5, "unparseable_rate": 0.0, "n": 4, "sed_accuracy": {"pitch": 0.75},
-               "confusion_matrix": {"labels": list(LABELS), "matrix": [[1, 0, 0, 0]] * 4}}
-    results = {"system": {"name": "sys10", "with_sed": True, "domain_sft": True, "rectify": False},
-               "target_corpus": "synthetic", "test": {"synthetic": metrics}, "seed": 0,
-               "settings": {"preset": "tiny", "pretrain_corpus": "synthetic", "emotion_labels": list(LABELS)},
-               "stages": [{"name": "corpus", "key": "k0", "path": str(corpus.parent)},
-                          {"name": "cem", "key": "k2", "path": str(cem)}, {"name": "posttrain", "key": "k1", "path": str(post)}]}
+    metrics = {
+        "wa": 0.5,
+        "ua": 0.5,
+        "weighted_f1": 0.5,
+        "unparseable_rate": 0.0,
+        "n": 4,
+        "sed_accuracy": {"pitch": 0.75},
+        "confusion_matrix": {"labels": list(LABELS), "matrix": [[1, 0, 0, 0]] * 4},
+    }
+    results = {
+        "system": {"name": "sys10", "with_sed": True, "domain_sft": True, "rectify": False},
+        "target_corpus": "synthetic",
+        "test": {"synthetic": metrics},
+        "seed": 0,
+        "settings": {"preset": "tiny", "pretrain_corpus": "synthetic", "emotion_labels": list(LABELS)},
+        "stages": [
+            {"name": "corpus", "key": "k0", "path": str(corpus.parent)},
+            {"name": "cem", "key": "k2", "path": str(cem)},
+            {"name": "posttrain", "key": "k1", "path": str(post)},
+        ],
+    }
     (run / "results.json").write_text(json.dumps(results))
     for f in (post / "model").iterdir():  # the run folder is the model (recipe.export_model_folder's layout)
         if f.is_file():
@@ -180,9 +206,24 @@ def test_readme_user_paths_from_the_installed_wheel(fresh, workdir, tmp_path):
         args = shlex.split(line.split("  #")[0])
         if args[0] == "pip":
             assert args[1] == "install"
-            _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q",
-                  *args[2:]], env={**os.environ, "PIP_NO_INDEX": "1"}, cwd=workdir)
-            found = _run([str(venv / "bin" / "python"), "-c", "import trustser; print(trustser.__file__)"], env, workdir)
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "--python",
+                    str(venv / "bin" / "python"),
+                    "install",
+                    "--no-deps",
+                    "-q",
+                    *args[2:],
+                ],
+                env={**os.environ, "PIP_NO_INDEX": "1"},
+                cwd=workdir,
+            )
+            found = _run(
+                [str(venv / "bin" / "python"), "-c", "import trustser; print(trustser.__file__)"], env, workdir
+            )
             assert found.stdout.strip().startswith(str(venv)), found.stdout  # the wheel's, not the repository's
         elif args[:2] == ["trustser", "explain"]:
             p = _run([str(venv / "bin" / "trustser"), *args[1:], "--no-progress", "--device", "cpu"], env, workdir)
@@ -194,18 +235,25 @@ def test_readme_user_paths_from_the_installed_wheel(fresh, workdir, tmp_path):
             else:
                 assert len(rows) == 1 + 4 and all(Path(r.split()[0]).parent.name == "clips" for r in rows[1:])
         elif args[:2] == ["trustser", "demo"]:
-            _serve_and_stop([str(venv / "bin" / "trustser"), *args[1:], "--device", "cpu"], env, workdir, tmp_path / "demo.log")
+            _serve_and_stop(
+                [str(venv / "bin" / "trustser"), *args[1:], "--device", "cpu"], env, workdir, tmp_path / "demo.log"
+            )
         elif args[:2] == ["trustser", "push"]:
             hub = tmp_path / "hub"
             repo, space = args[3], args[args.index("--space") + 1]
             driver = PUSH_DRIVER.format(tests=str(TESTS), hub=str(hub), args=args[1:], space=space, repo=repo)
             p = _run([str(venv / "bin" / "python"), "-c", driver], env, workdir)
-            assert f"TRUSTSER_FILE {venv}" in p.stdout and re.search(r"METRICS \S+site-packages/trustser/metrics\S+ 0.5", p.stdout)
+            assert f"TRUSTSER_FILE {venv}" in p.stdout and re.search(
+                r"METRICS \S+site-packages/trustser/metrics\S+ 0.5", p.stdout
+            )
             card = (hub / repo / "README.md").read_text()
             assert card.startswith("---\n") and "model-index" in card and 'pipeline("explainable-ser"' in card
             assert (hub / repo / "cem" / "README.md").is_file() and (hub / repo / "model.safetensors").is_file()
             sp = hub / "spaces" / space
-            assert "sdk: gradio" in (sp / "README.md").read_text() and (sp / "requirements.txt").read_text().strip() == "trustser"
+            assert (
+                "sdk: gradio" in (sp / "README.md").read_text()
+                and (sp / "requirements.txt").read_text().strip() == "trustser"
+            )
             assert sorted(p.name for p in (sp / "examples").iterdir()) == [f"{i:02d}-u{i}.wav" for i in range(4)]
         else:
             raise AssertionError(f"README command not covered by this test: {line}")

@@ -47,7 +47,9 @@ def read_encoded_audio(source: str | os.PathLike | bytes) -> tuple[np.ndarray, i
     try:
         import soundfile as sf
 
-        wav, sr = sf.read(io.BytesIO(source) if isinstance(source, bytes) else str(source), dtype="float32", always_2d=True)
+        wav, sr = sf.read(
+            io.BytesIO(source) if isinstance(source, bytes) else str(source), dtype="float32", always_2d=True
+        )
         return wav.T, int(sr)
     except Exception:
         from torchcodec.decoders import AudioDecoder
@@ -217,6 +219,17 @@ def read_rows(dataset, indices: Sequence[int], audio_column: str = "audio") -> t
 
 
 __all__ = [
-    "TARGET_SR", "AudioError", "to_mono_float", "resample", "read_encoded_audio", "read_audio_file", "load_audio",
-    "audio_problem", "audio_cell_samples", "decode_audio", "analysis_waveform", "undecoded_audio", "read_rows",
+    "TARGET_SR",
+    "AudioError",
+    "to_mono_float",
+    "resample",
+    "read_encoded_audio",
+    "read_audio_file",
+    "load_audio",
+    "audio_problem",
+    "audio_cell_samples",
+    "decode_audio",
+    "analysis_waveform",
+    "undecoded_audio",
+    "read_rows",
 ]

@@ -72,7 +72,9 @@ def extract_cem_features(
     if sed_source == "predicted" and (sed is None or len(sed) != len(dataset)):
         raise ValueError("sed_source='predicted' needs sed= with one descriptor dict per dataset row")
     if sed_source in ("auto", "pseudo"):
-        missing = [f + SED_SOURCES[sed_source] for f in SED_FIELDS if f + SED_SOURCES[sed_source] not in dataset.column_names]
+        missing = [
+            f + SED_SOURCES[sed_source] for f in SED_FIELDS if f + SED_SOURCES[sed_source] not in dataset.column_names
+        ]
         if missing:
             made_by = "`trustser annotate`" if sed_source == "auto" else "the controller's pseudo-labelling"
             raise ValueError(f"dataset has no {sed_source} descriptor columns {missing}; run {made_by} first")
@@ -89,7 +91,7 @@ def extract_cem_features(
 
         steps = tqdm(steps, desc=f"CEM features ({sed_source})")
     for start in steps:
-        pos = order[start:start + batch_size]
+        pos = order[start : start + batch_size]
         rows, wavs, errors = read_rows(dataset, pos)  # one unreadable file only flags its own row
         if sed_source == "predicted":
             seds = [dict(sed[i]) for i in pos]
@@ -111,7 +113,9 @@ def extract_cem_features(
         if not keep:
             continue
         enc = processor(audio=audio, captions=captions)
-        model_inputs = {k: v.to(device) for k, v in enc.items() if k not in ("labels", "sed_token_index", "emotion_token_mask")}
+        model_inputs = {
+            k: v.to(device) for k, v in enc.items() if k not in ("labels", "sed_token_index", "emotion_token_mask")
+        }
         res = slm(**model_inputs, output_hidden_states=True, logits_to_keep=1, return_dict=True)
         states = res.hidden_states[-1].float()  # (B, L, H), last decoder layer (normed), before the LM head
         if pooling == "sed_tokens" and bool((enc["sed_token_index"] < 0).any()):
@@ -132,7 +136,7 @@ def predict_cem(cem, features, batch_size: int = 1024) -> np.ndarray:
     cem.eval()
     device = next(cem.parameters()).device
     for start in range(0, len(ok), batch_size):
-        rows = ok[start:start + batch_size]
+        rows = ok[start : start + batch_size]
         res = cem(torch.from_numpy(x[rows]).to(device))
         out[rows] = res.field_confidence.float().cpu().numpy()
     cem.train(was_training)

@@ -29,8 +29,9 @@ EXAMPLES_PER_EMOTION = 1
 # ------------------------------------------------------------------------------------------------
 # example clips
 # ------------------------------------------------------------------------------------------------
-def example_clips(source: str | os.PathLike | None, *, split: str = "test", per_emotion: int = EXAMPLES_PER_EMOTION,
-                  limit: int = 8) -> list[str]:
+def example_clips(
+    source: str | os.PathLike | None, *, split: str = "test", per_emotion: int = EXAMPLES_PER_EMOTION, limit: int = 8
+) -> list[str]:
     """Example clips: from a synthetic/audiofolder corpus root (``per_emotion`` of each emotion of
     its ``split``), a trustser output directory (its corpus stage), or a folder of audio files."""
     if source is None:
@@ -108,8 +109,16 @@ def describe(results: Sequence[dict]) -> dict[str, Any]:
             rows.append([_fmt(r.get("start")), _fmt(r.get("end")), "ERROR", "", "", *[""] * len(SED_FIELDS)])
             continue
         p = (r.get("probabilities") or {}).get(r.get("emotion"))
-        rows.append([_fmt(r["start"]), _fmt(r["end"]), r.get("emotion") or "?", _fmt(p), _fmt(r.get("trust")),
-                     *[(r.get("descriptors") or {}).get(f) or "?" for f in SED_FIELDS]])
+        rows.append(
+            [
+                _fmt(r["start"]),
+                _fmt(r["end"]),
+                r.get("emotion") or "?",
+                _fmt(p),
+                _fmt(r.get("trust")),
+                *[(r.get("descriptors") or {}).get(f) or "?" for f in SED_FIELDS],
+            ]
+        )
     return {
         "caption": "\n".join(f"[{r['start']:.1f}-{r['end']:.1f} s] {r.get('caption') or ''}" for r in ok),
         "probabilities": probs,
@@ -132,7 +141,9 @@ def build_demo(model, *, examples: Sequence[str] | str | None = None, cem=None, 
 
     pipe = model if isinstance(model, ExplainableSerPipeline) else load_explainer(model, cem=cem, device=device)
     if examples is None or isinstance(examples, (str, os.PathLike)):
-        examples = example_clips(examples if examples is not None else model if isinstance(model, (str, os.PathLike)) else None)
+        examples = example_clips(
+            examples if examples is not None else model if isinstance(model, (str, os.PathLike)) else None
+        )
     window = pipe.max_seconds
 
     def run(path):
@@ -155,16 +166,26 @@ def build_demo(model, *, examples: Sequence[str] | str | None = None, cem=None, 
             from .plots import plot_timeline
 
             timeline = str(plot_timeline(results, Path(tempfile.mkdtemp(prefix="trustser-demo-")) / "timeline.png"))
-        return (shown["caption"], shown["probabilities"], shown["descriptors"], shown["trust"], shown["segments"],
-                timeline)
+        return (
+            shown["caption"],
+            shown["probabilities"],
+            shown["descriptors"],
+            shown["trust"],
+            shown["segments"],
+            timeline,
+        )
 
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
     name = title or f"trustser: explainable speech emotion recognition ({Path(str(pipe.model.name_or_path)).name})"
     with gr.Blocks(title=name, analytics_enabled=False) as demo:
         demo.theme = theme  # applied by launch() too; kept here so a Space's plain demo.launch() gets it
-        gr.Markdown(f"## {name}\nUpload or record a clip{f' (up to {window:g} s; longer ones are cut into speech segments)' if window else ''}. "
-                    "The model writes a caption with the emotion and five speech emotion descriptors; the "
-                    "confidence model scores each descriptor, and the trust score is their mean.")
+        gr.Markdown(
+            f"## {name}\nUpload or record a clip{f' (up to {window:g} s; longer ones are cut into speech segments)' if window else ''}. "
+            "The model writes a caption with the emotion and five speech emotion descriptors; the "
+            "confidence model scores each descriptor, and the trust score is their mean."
+        )
         with gr.Row():
             with gr.Column():
                 audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Clip", elem_id="clip")
@@ -173,25 +194,47 @@ def build_demo(model, *, examples: Sequence[str] | str | None = None, cem=None, 
                     gr.Examples(examples=[[c] for c in examples], inputs=[audio], label="Examples (synthetic corpus)")
             with gr.Column():
                 caption = gr.Textbox(label="Caption", lines=3, elem_id="caption")
-                probs = gr.Label(label="Emotion probabilities", num_top_classes=len(pipe.emotion_labels),
-                                 elem_id="probabilities")
+                probs = gr.Label(
+                    label="Emotion probabilities", num_top_classes=len(pipe.emotion_labels), elem_id="probabilities"
+                )
                 trust = gr.Textbox(label="Trust score (CEM)", elem_id="trust")
-                descriptors = gr.Dataframe(headers=["descriptor", "value", "confidence"], label="Descriptors",
-                                           interactive=False, elem_id="descriptors")
-        segments = gr.Dataframe(headers=SEGMENT_HEADERS, label="Segments (long recordings)", interactive=False,
-                                elem_id="segments")
+                descriptors = gr.Dataframe(
+                    headers=["descriptor", "value", "confidence"],
+                    label="Descriptors",
+                    interactive=False,
+                    elem_id="descriptors",
+                )
+        segments = gr.Dataframe(
+            headers=SEGMENT_HEADERS, label="Segments (long recordings)", interactive=False, elem_id="segments"
+        )
         timeline = gr.Image(label="Timeline", type="filepath", interactive=False, elem_id="timeline")
         button.click(run, inputs=[audio], outputs=[caption, probs, descriptors, trust, segments, timeline])
     demo._trustser_theme = theme
     return demo
 
 
-def launch(model, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, examples=None, cem=None, device=None,
-           block: bool = True):
+def launch(
+    model,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    examples=None,
+    cem=None,
+    device=None,
+    block: bool = True,
+):
     """Builds and serves the demo on ``host:port`` (loopback by default; no share link)."""
     demo = build_demo(model, examples=examples, cem=cem, device=device)
-    demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
-                theme=demo._trustser_theme, prevent_thread_lock=not block, quiet=False)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        ssr_mode=False,
+        theme=demo._trustser_theme,
+        prevent_thread_lock=not block,
+        quiet=False,
+    )
     return demo
 
 
@@ -211,8 +254,15 @@ if __name__ == "__main__":
 '''
 
 
-def space_files(dest: str | os.PathLike, model_id: str, *, examples: Sequence[str] = (), requirement: str = "trustser",
-                wheel: str | os.PathLike | None = None, title: str | None = None) -> Path:
+def space_files(
+    dest: str | os.PathLike,
+    model_id: str,
+    *,
+    examples: Sequence[str] = (),
+    requirement: str = "trustser",
+    wheel: str | os.PathLike | None = None,
+    title: str | None = None,
+) -> Path:
     """Writes a Gradio Space for ``model_id`` to ``dest`` (atomically): ``app.py``,
     ``requirements.txt`` (``requirement``, or ``wheel`` copied in and installed from the Space),
     ``README.md`` (Space card: sdk gradio, the model linked) and ``examples/``."""
@@ -229,21 +279,38 @@ def space_files(dest: str | os.PathLike, model_id: str, *, examples: Sequence[st
             shutil.copy2(clip, tmp / "examples" / f"{i:02d}-{Path(clip).name}")
         import gradio
 
-        meta = {"title": title or f"trustser demo: {model_id.split('/')[-1]}", "emoji": "🗣️", "sdk": "gradio",
-                "sdk_version": gradio.__version__, "app_file": "app.py", "models": [model_id],
-                "tags": ["trustser", "speech-emotion-recognition", "explainable-ai"], "pinned": False}
+        meta = {
+            "title": title or f"trustser demo: {model_id.split('/')[-1]}",
+            "emoji": "🗣️",
+            "sdk": "gradio",
+            "sdk_version": gradio.__version__,
+            "app_file": "app.py",
+            "models": [model_id],
+            "tags": ["trustser", "speech-emotion-recognition", "explainable-ai"],
+            "pinned": False,
+        }
         import yaml
 
         (tmp / "README.md").write_text(
             "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n"
             f"Explained speech emotion recognition with [`{model_id}`](https://huggingface.co/{model_id}): "
             "upload or record a clip to see the caption, the emotion probabilities, each speech emotion "
-            "descriptor with its confidence and the trust score. Made with `trustser push --space`.\n")
+            "descriptor with its confidence and the trust score. Made with `trustser push --space`.\n"
+        )
     return Path(dest)
 
 
-def push_space(space_id: str, model_id: str, api=None, *, examples: Sequence[str] = (), requirement: str = "trustser",
-               wheel=None, private: bool = False, token: str | None = None) -> dict[str, Any]:
+def push_space(
+    space_id: str,
+    model_id: str,
+    api=None,
+    *,
+    examples: Sequence[str] = (),
+    requirement: str = "trustser",
+    wheel=None,
+    private: bool = False,
+    token: str | None = None,
+) -> dict[str, Any]:
     """Creates/updates the Gradio Space ``space_id`` serving ``model_id`` (one commit). ``api``: an
     ``HfApi`` or anything with ``create_repo``/``upload_folder`` (tests use a local fake)."""
     import tempfile
@@ -256,8 +323,12 @@ def push_space(space_id: str, model_id: str, api=None, *, examples: Sequence[str
         folder = space_files(Path(tmp) / "space", model_id, examples=examples, requirement=requirement, wheel=wheel)
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         repo = api.create_repo(repo_id=space_id, private=private, exist_ok=True, repo_type="space", space_sdk="gradio")
-        commit = api.upload_folder(folder_path=str(folder), repo_id=space_id, repo_type="space",
-                                   commit_message=f"trustser: demo Space for {model_id}")
+        commit = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=space_id,
+            repo_type="space",
+            commit_message=f"trustser: demo Space for {model_id}",
+        )
     url = str(getattr(repo, "url", None) or repo or f"https://huggingface.co/spaces/{space_id}")
     return {"space_id": space_id, "url": url, "files": files, "commit": str(getattr(commit, "oid", "") or commit or "")}
 

@@ -40,8 +40,12 @@ def ser_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], emotion_lab
     """WA, UA (mean per-class recall), weighted F1 and the confusion matrix of predicted emotion
     labels (the packaged ``evaluate`` module with ``parse=False``); a prediction outside
     ``emotion_labels`` (unparsed) counts as wrong."""
-    m = load_ser_metric().compute(predictions=[p if isinstance(p, str) else "" for p in y_pred], references=list(y_true),
-                                  emotion_labels=list(emotion_labels), parse=False)
+    m = load_ser_metric().compute(
+        predictions=[p if isinstance(p, str) else "" for p in y_pred],
+        references=list(y_true),
+        emotion_labels=list(emotion_labels),
+        parse=False,
+    )
     return {k: m[k] for k in ("wa", "ua", "weighted_f1", "confusion_matrix")}
 
 
@@ -72,20 +76,30 @@ def evaluate_ser(
     unknown = sorted(set(y_true_all) - set(emotion_labels))
     if unknown:
         rows = [str(i) for i, e in zip(ids, y_true_all) if e in unknown][:5]
-        raise ValueError(f"reference emotions {unknown} (rows {', '.join(rows)}{', ...' if len(rows) == 5 else ''}) "
-                         f"are not in emotion_labels {list(emotion_labels)}")
+        raise ValueError(
+            f"reference emotions {unknown} (rows {', '.join(rows)}{', ...' if len(rows) == 5 else ''}) "
+            f"are not in emotion_labels {list(emotion_labels)}"
+        )
     failed: dict[int, str] = {}
     if captions is None:
         captions, failed = generate_captions(
-            model, processor, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
-            errors="skip", return_errors=True,
+            model,
+            processor,
+            dataset,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+            errors="skip",
+            return_errors=True,
         )
     if len(captions) != len(dataset):
         raise ValueError(f"{len(captions)} captions for {len(dataset)} rows")
     keep = [i for i in range(len(dataset)) if i not in failed]
     if not keep:
-        raise ValueError(f"no usable utterances to evaluate: all {len(dataset)} rows failed "
-                         f"(first: {next(iter(failed.values()), '?')})")
+        raise ValueError(
+            f"no usable utterances to evaluate: all {len(dataset)} rows failed "
+            f"(first: {next(iter(failed.values()), '?')})"
+        )
     captions = [captions[i] for i in keep]
     y_true = [y_true_all[i] for i in keep]
     cols = set(dataset.column_names)
@@ -97,11 +111,20 @@ def evaluate_ser(
             if f + suffix in cols:
                 ref_all = list(dataset[f + suffix])
                 refs[f] = [ref_all[i] for i in keep]
-    m = load_ser_metric().compute(predictions=captions, references=y_true, emotion_labels=list(emotion_labels),
-                                  with_sed=with_sed, descriptor_references=refs)
+    m = load_ser_metric().compute(
+        predictions=captions,
+        references=y_true,
+        emotion_labels=list(emotion_labels),
+        with_sed=with_sed,
+        descriptor_references=refs,
+    )
     result: dict[str, Any] = {"n": len(captions)}
-    result.update({k: m[k] for k in ("wa", "ua", "weighted_f1", "confusion_matrix", "unparseable_rate",
-                                     "emotion_unparseable_rate")})
+    result.update(
+        {
+            k: m[k]
+            for k in ("wa", "ua", "weighted_f1", "confusion_matrix", "unparseable_rate", "emotion_unparseable_rate")
+        }
+    )
     if with_sed:
         result["sed_accuracy"] = m["sed_accuracy"]
         result["sed_source"] = sed_source
@@ -115,7 +138,6 @@ def evaluate_ser(
             for i, c, p in zip(keep, captions, parsed)
         ]
     return result
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,6 +236,15 @@ def cem_metrics(scores, labels, *, field_names: Sequence[str] = SED_FIELDS, n_bi
 
 
 __all__ = [
-    "generate_captions", "evaluate_ser", "ser_metrics", "load_ser_metric", "ser_metrics_path", "UNPARSED",
-    "binary_auc", "normalized_cross_entropy", "calibration_bins", "expected_calibration_error", "cem_metrics",
+    "generate_captions",
+    "evaluate_ser",
+    "ser_metrics",
+    "load_ser_metric",
+    "ser_metrics_path",
+    "UNPARSED",
+    "binary_auc",
+    "normalized_cross_entropy",
+    "calibration_bins",
+    "expected_calibration_error",
+    "cem_metrics",
 ]

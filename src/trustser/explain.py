@@ -43,8 +43,12 @@ logger = logging.getLogger(__name__)
 TASK = "explainable-ser"
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".mp4", ".aac", ".webm")
 # audio_problem() reasons that make an explanation meaningless; "clipping" only warns
-_FATAL_PROBLEMS = {"empty": "no samples", "nan": "non-finite (NaN/inf) samples",
-                   "too_short": "shorter than 0.3 s", "silence": "silent (below -60 dBFS)"}
+_FATAL_PROBLEMS = {
+    "empty": "no samples",
+    "nan": "non-finite (NaN/inf) samples",
+    "too_short": "shorter than 0.3 s",
+    "silence": "silent (below -60 dBFS)",
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,8 +191,11 @@ class ExplainableSerPipeline(Pipeline):
         self._label_ids: list[int] | None = ids
         if len(set(ids)) < len(ids):
             clash = [l for l, i in zip(self.emotion_labels, ids) if ids.count(i) > 1]
-            logger.warning("emotion labels %s share their first token: probabilities are not reported "
-                           "(add the label words as tokens, see recipes/finetune_new_corpus.py)", clash)
+            logger.warning(
+                "emotion labels %s share their first token: probabilities are not reported "
+                "(add the label words as tokens, see recipes/finetune_new_corpus.py)",
+                clash,
+            )
             self._label_ids = None
         self.max_seconds = max_audio_seconds(self.processor)
 
@@ -255,8 +262,15 @@ class ExplainableSerPipeline(Pipeline):
         out = [self.explain_recording(x, **kwargs) for x in ([inputs] if single else inputs)]
         return out[0] if single else out
 
-    def explain_recording(self, inputs, *, errors: str = "raise", batch_size: int | None = None,
-                          max_recording_seconds: float | None = None, **kwargs) -> list[dict]:
+    def explain_recording(
+        self,
+        inputs,
+        *,
+        errors: str = "raise",
+        batch_size: int | None = None,
+        max_recording_seconds: float | None = None,
+        **kwargs,
+    ) -> list[dict]:
         """Explanations of each speech segment of one recording, in time order (``start``,
         ``end``, ``segment`` added). No speech, an over-long or unusable recording: an AudioError
         naming it, or (``errors="record"``) a single result with ``error`` set."""
@@ -273,8 +287,14 @@ class ExplainableSerPipeline(Pipeline):
             if errors == "raise":
                 raise
             return [{**_empty_result(name, str(exc)), "start": None, "end": None, "segment": None}]
-        pieces = [{"array": wav[int(round(a * TARGET_SR)):int(round(b * TARGET_SR))], "sampling_rate": TARGET_SR,
-                   "path": name} for a, b in spans]
+        pieces = [
+            {
+                "array": wav[int(round(a * TARGET_SR)) : int(round(b * TARGET_SR))],
+                "sampling_rate": TARGET_SR,
+                "path": name,
+            }
+            for a, b in spans
+        ]
         results = super().__call__(pieces, batch_size=batch_size or 1, errors=errors, **kwargs)
         for k, (r, (a, b)) in enumerate(zip(results, spans)):
             r.update(start=round(a, 3), end=round(b, 3), segment=k)
@@ -301,8 +321,9 @@ class ExplainableSerPipeline(Pipeline):
         audio_embeds = model.get_audio_features(
             prompts["input_features"], prompts["feature_attention_mask"], prompts.get("energy"), prompts.get("f0")
         ).pooler_output
-        captions = greedy_captions(model, proc, prompts, max_new_tokens=max_new_tokens_of(model, max_new_tokens),
-                                   audio_embeds=audio_embeds)
+        captions = greedy_captions(
+            model, proc, prompts, max_new_tokens=max_new_tokens_of(model, max_new_tokens), audio_embeds=audio_embeds
+        )
         out = []
         teacher: dict[bool, list[int]] = {True: [], False: []}
         canon: dict[int, str] = {}
@@ -327,8 +348,9 @@ class ExplainableSerPipeline(Pipeline):
             out.append(res)
         for with_sed, rows in teacher.items():
             if rows:
-                self._teacher_forced(rows, [canon[i] for i in rows], [audio[i] for i in rows],
-                                     audio_embeds[rows], with_sed, out)
+                self._teacher_forced(
+                    rows, [canon[i] for i in rows], [audio[i] for i in rows], audio_embeds[rows], with_sed, out
+                )
         return out
 
     def _teacher_forced(self, rows, captions, audio, audio_embeds, with_sed, out):
@@ -349,8 +371,11 @@ class ExplainableSerPipeline(Pipeline):
         if self.cem is None or not with_sed:
             return
         if self.cem_slm is not None:
-            res = self.cem_slm(**{k: v for k, v in enc.items() if k in self.processor.model_input_names},
-                               output_hidden_states=True, logits_to_keep=1)
+            res = self.cem_slm(
+                **{k: v for k, v in enc.items() if k in self.processor.model_input_names},
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
             states = res.hidden_states[-1]
         feats = cem_features(states.float(), enc, self.cem.config.feature_pooling)
         ok = torch.isfinite(feats).all(1)
@@ -366,9 +391,16 @@ class ExplainableSerPipeline(Pipeline):
 
 def _empty_result(name: str, error: str | None) -> dict:
     return {
-        "file": name, "error": error, "caption": None, "emotion": None, "probabilities": None,
-        "transcription": None, "descriptors": {f: None for f in SED_FIELDS}, "confidence": None,
-        "trust": None, "unparsed": [],
+        "file": name,
+        "error": error,
+        "caption": None,
+        "emotion": None,
+        "probabilities": None,
+        "transcription": None,
+        "descriptors": {f: None for f in SED_FIELDS},
+        "confidence": None,
+        "trust": None,
+        "unparsed": [],
     }
 
 
@@ -406,8 +438,9 @@ def register_pipeline() -> None:
 
     if TASK in PIPELINE_REGISTRY.supported_tasks:
         return
-    PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=ExplainableSerPipeline,
-                                        pt_model=SerSlmForConditionalGeneration, type="multimodal")
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=ExplainableSerPipeline, pt_model=SerSlmForConditionalGeneration, type="multimodal"
+    )
 
 
 register_pipeline()
@@ -441,8 +474,12 @@ def resolve_model_dir(model: str | os.PathLike) -> dict[str, Any]:
     if (run / "config.json").is_file():  # the run folder is the model (cem/, pretrained/ inside)
         cem_dir = run / "cem" if (run / "cem" / "config.json").is_file() else None
         pre = run / "pretrained" if cem_dir is not None and (run / "pretrained" / "config.json").is_file() else None
-        return {"model": str(run), "cem": str(cem_dir) if cem_dir else None, "cem_slm": str(pre) if pre else None,
-                "emotion_labels": tuple(labels) if labels else None}
+        return {
+            "model": str(run),
+            "cem": str(cem_dir) if cem_dir else None,
+            "cem_slm": str(pre) if pre else None,
+            "emotion_labels": tuple(labels) if labels else None,
+        }
     # older run folders: the stages' paths (relative to the run folder)
     stages = {s["name"]: run / s["path"] for s in data.get("stages", [])}
     model_dir = stages.get("posttrain", stages.get("pretrain"))
@@ -452,12 +489,17 @@ def resolve_model_dir(model: str | os.PathLike) -> dict[str, Any]:
     cem_dir = cem / "cem" if cem is not None and (cem / "cem" / "config.json").exists() else None
     pre = stages.get("pretrain")
     cem_slm = pre / "model" if cem_dir is not None and pre is not None and pre != model_dir else None
-    return {"model": str(model_dir / "model"), "cem": str(cem_dir) if cem_dir else None,
-            "cem_slm": str(cem_slm) if cem_slm else None, "emotion_labels": tuple(labels) if labels else None}
+    return {
+        "model": str(model_dir / "model"),
+        "cem": str(cem_dir) if cem_dir else None,
+        "cem_slm": str(cem_slm) if cem_slm else None,
+        "emotion_labels": tuple(labels) if labels else None,
+    }
 
 
-def load_explainer(model, *, cem=None, cem_slm=None, emotion_labels=None, device=None, use_cem_slm: bool = True,
-                   **kwargs) -> ExplainableSerPipeline:
+def load_explainer(
+    model, *, cem=None, cem_slm=None, emotion_labels=None, device=None, use_cem_slm: bool = True, **kwargs
+) -> ExplainableSerPipeline:
     """``pipeline("explainable-ser", ...)`` for a model folder, Hub id or trustser output directory
     (see :func:`resolve_model_dir`); explicit arguments win over what the directory says."""
     from transformers import pipeline
@@ -471,7 +513,9 @@ def load_explainer(model, *, cem=None, cem_slm=None, emotion_labels=None, device
     labels = emotion_labels or found["emotion_labels"]
     if device is None:
         device = 0 if torch.cuda.is_available() else -1
-    return pipeline(TASK, model=found["model"], cem=cem, cem_slm=cem_slm, emotion_labels=labels, device=device, **kwargs)
+    return pipeline(
+        TASK, model=found["model"], cem=cem, cem_slm=cem_slm, emotion_labels=labels, device=device, **kwargs
+    )
 
 
 def expand_audio_paths(inputs: Iterable[str | os.PathLike]) -> list[str]:
@@ -517,8 +561,11 @@ def explain_files(
     one dict per speech segment of each file (``start``, ``end``, ``segment`` added), files in
     order, segments in time order; ``max_recording_seconds`` caps a recording's length."""
     paths = expand_audio_paths([files] if isinstance(files, (str, os.PathLike)) else files)
-    pipe = model if isinstance(model, ExplainableSerPipeline) else load_explainer(
-        model, cem=cem, emotion_labels=emotion_labels, device=device, use_cem_slm=use_cem_slm)
+    pipe = (
+        model
+        if isinstance(model, ExplainableSerPipeline)
+        else load_explainer(model, cem=cem, emotion_labels=emotion_labels, device=device, use_cem_slm=use_cem_slm)
+    )
     kwargs: dict[str, Any] = {"errors": errors}
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
@@ -530,8 +577,13 @@ def explain_files(
             from tqdm.auto import tqdm
 
             stream = tqdm(paths, desc="explain", unit="recording")
-        return [r for p in stream for r in pipe(p, long_audio="segment", batch_size=batch_size,
-                                                 max_recording_seconds=max_recording_seconds, **kwargs)]
+        return [
+            r
+            for p in stream
+            for r in pipe(
+                p, long_audio="segment", batch_size=batch_size, max_recording_seconds=max_recording_seconds, **kwargs
+            )
+        ]
     stream = pipe((p for p in paths), batch_size=batch_size, long_audio=long_audio, **kwargs) if paths else []
     if progress:
         from tqdm.auto import tqdm
@@ -564,13 +616,30 @@ def format_table(results: Sequence[dict]) -> str:
             v = (r.get("descriptors") or {}).get(f) or "?"
             cells.append(f"{v} ({conf[f]:.2f})" if f in conf else v)
         note = f"unparsed: {', '.join(r['unparsed'])}" if r.get("unparsed") else ""
-        rows.append([r["file"], *times, emo, f"{p[emo]:.2f}" if emo in p else "",
-                     f"{r['trust']:.2f}" if r.get("trust") is not None else "", *cells, note])
+        rows.append(
+            [
+                r["file"],
+                *times,
+                emo,
+                f"{p[emo]:.2f}" if emo in p else "",
+                f"{r['trust']:.2f}" if r.get("trust") is not None else "",
+                *cells,
+                note,
+            ]
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 __all__ = [
-    "ExplainableSerPipeline", "explain_files", "load_explainer", "resolve_model_dir", "expand_audio_paths",
-    "format_table", "label_first_token_ids", "cem_features", "register_pipeline", "TASK",
+    "ExplainableSerPipeline",
+    "explain_files",
+    "load_explainer",
+    "resolve_model_dir",
+    "expand_audio_paths",
+    "format_table",
+    "label_first_token_ids",
+    "cem_features",
+    "register_pipeline",
+    "TASK",
 ]

@@ -23,7 +23,9 @@ def max_new_tokens_of(model, max_new_tokens: int | None = None) -> int:
 
 
 @torch.no_grad()
-def greedy_captions(model, processor, prompts, *, max_new_tokens: int, audio_embeds: torch.Tensor | None = None) -> list[str]:
+def greedy_captions(
+    model, processor, prompts, *, max_new_tokens: int, audio_embeds: torch.Tensor | None = None
+) -> list[str]:
     """Greedy captions (stripped) for a batch of generation prompts
     (``processor(audio=..., padding_side="left")``, on the model's device). With ``audio_embeds``
     (``model.get_audio_features(...).pooler_output`` of the prompts) the audio is not encoded again."""
@@ -31,12 +33,20 @@ def greedy_captions(model, processor, prompts, *, max_new_tokens: int, audio_emb
     if audio_embeds is None:
         inputs = dict(prompts)
     else:
-        inputs = {"input_ids": prompts["input_ids"], "attention_mask": prompts["attention_mask"], "audio_embeds": audio_embeds}
+        inputs = {
+            "input_ids": prompts["input_ids"],
+            "attention_mask": prompts["attention_mask"],
+            "audio_embeds": audio_embeds,
+        }
     gen = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
-    return [t.strip() for t in tok.batch_decode(gen[:, prompts["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return [t.strip() for t in tok.batch_decode(gen[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)]
 
 
 @torch.no_grad()
@@ -91,8 +101,15 @@ def generate_captions(
     return (out, failed) if return_errors else out
 
 
-def generate_sed_predictions(slm, processor, dataset, *, batch_size: int = 16, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                             indices: Sequence[int] | None = None) -> tuple[list[str], list[dict]]:
+def generate_sed_predictions(
+    slm,
+    processor,
+    dataset,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    indices: Sequence[int] | None = None,
+) -> tuple[list[str], list[dict]]:
     """Greedy captions from the SER-SLM (``generate_captions``; an unusable row raises) and the
     descriptors parsed from them (a field that could not be parsed is ``None``); the model's
     training mode is kept."""
@@ -107,4 +124,10 @@ def generate_sed_predictions(slm, processor, dataset, *, batch_size: int = 16, m
     return captions, parsed
 
 
-__all__ = ["greedy_captions", "generate_captions", "generate_sed_predictions", "max_new_tokens_of", "DEFAULT_MAX_NEW_TOKENS"]
+__all__ = [
+    "greedy_captions",
+    "generate_captions",
+    "generate_sed_predictions",
+    "max_new_tokens_of",
+    "DEFAULT_MAX_NEW_TOKENS",
+]

@@ -37,8 +37,15 @@ def plot_confusion_matrix(matrix, labels: Sequence[str], path: str | Path, *, ti
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
-            ax.text(j, i, f"{int(m[i, j])}\n{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(m[i, j])}\n{norm[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.6 else "black",
+            )
     ax.set_xticks(range(len(cols)), cols, rotation=30)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
@@ -79,7 +86,9 @@ def prompt_hidden_states(model, processor, dataset, *, batch_size: int = 32, ret
     return (x, usable) if return_rows else x
 
 
-def plot_tsne(model, processor, dataset, path: str | Path, *, max_samples: int = 600, seed: int = 0, title: str = "") -> Path:
+def plot_tsne(
+    model, processor, dataset, path: str | Path, *, max_samples: int = 600, seed: int = 0, title: str = ""
+) -> Path:
     """t-SNE (scikit-learn) of last hidden states, coloured by reference emotion."""
     import matplotlib
 
@@ -125,7 +134,10 @@ def plot_rectification(log_history: Sequence[dict], path: str | Path, *, title: 
     repair = [f for f in SED_FIELDS if any(f"rectify/fixed_{f}" in h for h in rows)]
     fig, axes = plt.subplots(1, 3 if repair else 2, figsize=(15 if repair else 10, 3.8))
     a1, a2 = axes[0], axes[1]
-    for key, label in (("rectify/label_accuracy", "rectified labels"), ("rectify/annotation_accuracy", "annotated labels")):
+    for key, label in (
+        ("rectify/label_accuracy", "rectified labels"),
+        ("rectify/annotation_accuracy", "annotated labels"),
+    ):
         ys = [h.get(key) for h in rows]
         if any(y is not None for y in ys):
             a1.plot(steps, ys, marker="o", ms=3, label=label)
@@ -180,10 +192,24 @@ def plot_timeline(segments: Sequence[dict], path: str | Path, *, title: str = ""
             if key not in colours:
                 colours[key] = cmap(sum(1 for k in colours if k[0] == row) % 10)
             alpha = 0.25 + 0.75 * (1.0 if sure is None else float(sure))
-            ax.barh(y, s["end"] - s["start"], left=s["start"], height=0.8, color=colours[key], alpha=alpha,
-                    edgecolor="black", linewidth=0.5)
-            ax.text((s["start"] + s["end"]) / 2, y, value if sure is None else f"{value}\n{sure:.2f}",
-                    ha="center", va="center", fontsize=7)
+            ax.barh(
+                y,
+                s["end"] - s["start"],
+                left=s["start"],
+                height=0.8,
+                color=colours[key],
+                alpha=alpha,
+                edgecolor="black",
+                linewidth=0.5,
+            )
+            ax.text(
+                (s["start"] + s["end"]) / 2,
+                y,
+                value if sure is None else f"{value}\n{sure:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+            )
     ax.set_yticks(range(len(rows)), rows)
     ax.invert_yaxis()
     ax.set_xlim(0, segs[-1]["end"] + 0.2)
@@ -194,7 +220,9 @@ def plot_timeline(segments: Sequence[dict], path: str | Path, *, title: str = ""
     return out
 
 
-def reliability_diagram(scores, labels, path, *, field_names: Sequence[str] = SED_FIELDS, n_bins: int = 10, title: str = "CEM reliability") -> Path:
+def reliability_diagram(
+    scores, labels, path, *, field_names: Sequence[str] = SED_FIELDS, n_bins: int = 10, title: str = "CEM reliability"
+) -> Path:
     """Accuracy against mean confidence per bin, one line per field plus the utterance level; PNG,
     written atomically."""
     import matplotlib
@@ -215,8 +243,14 @@ def reliability_diagram(scores, labels, path, *, field_names: Sequence[str] = SE
         b = calibration_bins(sc, lb, n_bins)
         used = b["count"] > 0
         ece = expected_calibration_error(sc, lb, n_bins)
-        ax.plot(b["confidence"][used], b["accuracy"][used], marker="o", ms=3,
-                lw=2.2 if name == "utterance" else 1.2, label=f"{name} (ECE {ece:.3f})")
+        ax.plot(
+            b["confidence"][used],
+            b["accuracy"][used],
+            marker="o",
+            ms=3,
+            lw=2.2 if name == "utterance" else 1.2,
+            label=f"{name} (ECE {ece:.3f})",
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("mean confidence")

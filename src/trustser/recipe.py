@@ -52,10 +52,16 @@ def load_ser_slm(path: Path):
 def _audio_window(processor) -> float | None:
     """Seconds of audio the SER-SLM sees (its feature extractor's window); longer clips are skipped."""
     fe = getattr(processor, "feature_extractor", None)
-    return fe.n_samples / fe.sampling_rate if getattr(fe, "n_samples", None) and getattr(fe, "sampling_rate", None) else None
+    return (
+        fe.n_samples / fe.sampling_rate
+        if getattr(fe, "n_samples", None) and getattr(fe, "sampling_rate", None)
+        else None
+    )
 
 
-def _training_args(cfg: RecipeConfig, output_dir: Path, *, stage: str, max_steps: int, epochs: float, lr: float, cls=None, **extra):
+def _training_args(
+    cfg: RecipeConfig, output_dir: Path, *, stage: str, max_steps: int, epochs: float, lr: float, cls=None, **extra
+):
     """The trainer config of an SER-SLM training ``stage`` ('pretrain' or 'posttrain'): the
     recipe's fields (steps, learning rate, batch, seed, checkpointing), then the trainer fields
     set for all stages or for this one (``RecipeConfig.stage_training_args``), which win."""
@@ -79,9 +85,11 @@ def _training_args(cfg: RecipeConfig, output_dir: Path, *, stage: str, max_steps
     kwargs.update(cfg.stage_training_args(stage, rectify=issubclass(cls, SEDRectifyConfig)))
     strategy = str(getattr(kwargs.get("eval_strategy", "no"), "value", kwargs.get("eval_strategy", "no")))
     if stage == "posttrain" and strategy != "no":
-        raise ValueError(f"eval_strategy={strategy!r} in post-training: the recipe evaluates the post-trained model on "
-                         f"test_split afterwards; evaluation during training is for pre-training (pretrain_training_args "
-                         f"with pretrain_eval_split)")
+        raise ValueError(
+            f"eval_strategy={strategy!r} in post-training: the recipe evaluates the post-trained model on "
+            f"test_split afterwards; evaluation during training is for pre-training (pretrain_training_args "
+            f"with pretrain_eval_split)"
+        )
     return cls(**kwargs)
 
 
@@ -146,7 +154,9 @@ def stage_corpus(runner: StageRunner, cfg: RecipeConfig) -> tuple[str | None, St
 
     # the generator's version is part of the key: a cache from another version of the corpus is not reused
     settings = {"seed": cfg.corpus_seed, "size": cfg.synth_size, "generator": GENERATOR_VERSION}
-    stage = runner.run("corpus", settings, lambda out: synthesize_corpus(out / "corpus", seed=cfg.corpus_seed, size=cfg.synth_size))
+    stage = runner.run(
+        "corpus", settings, lambda out: synthesize_corpus(out / "corpus", seed=cfg.corpus_seed, size=cfg.synth_size)
+    )
     return str(stage.path / "corpus"), stage
 
 
@@ -160,13 +170,17 @@ def _pretrain_sed_source(cfg: RecipeConfig, target_root: str, pretrain_root: str
     if source not in ("auto", "truth"):
         raise ValueError(f"pretrain_sed_source must be 'auto' or 'truth', got {source!r}")
     if source == "auto" and not _pretrain_in_target(cfg, target_root, pretrain_root):
-        raise ValueError("pretrain_sed_source='auto' needs the pre-training split inside the annotated corpus "
-                         f"(pretrain_corpus == target_corpus and the same root); got {cfg.pretrain_corpus!r} at {pretrain_root} "
-                         f"and {cfg.target_corpus!r} at {target_root}: use 'truth' (the corpus' own labels)")
+        raise ValueError(
+            "pretrain_sed_source='auto' needs the pre-training split inside the annotated corpus "
+            f"(pretrain_corpus == target_corpus and the same root); got {cfg.pretrain_corpus!r} at {pretrain_root} "
+            f"and {cfg.target_corpus!r} at {target_root}: use 'truth' (the corpus' own labels)"
+        )
     return source
 
 
-def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, upstream: list[Stage], pretrain_root: str | None = None) -> Stage:
+def stage_annotate(
+    runner: StageRunner, cfg: RecipeConfig, target_root: str, upstream: list[Stage], pretrain_root: str | None = None
+) -> Stage:
     """Automatic SED labels (``<field>_auto``) on the target corpus' splits, and on the pre-training
     split when it is part of the same corpus (the embedded default, whose pre-training descriptors
     come from the tool as SpeechCraft's do). With ``annotation_calibrate`` the tool's fixed
@@ -184,29 +198,58 @@ def stage_annotate(runner: StageRunner, cfg: RecipeConfig, target_root: str, ups
         state = runner.state
         with state.main_process_first():  # one process builds the datasets cache, the others read it
             corpus = load_corpus(cfg.target_corpus, target_root, **cfg.target_options)
-        names = [*([cfg.pretrain_split] if with_pretrain and cfg.pretrain_split in corpus else []), *(s for s in TARGET_SPLITS if s in corpus)]
+        names = [
+            *([cfg.pretrain_split] if with_pretrain and cfg.pretrain_split in corpus else []),
+            *(s for s in TARGET_SPLITS if s in corpus),
+        ]
         splits = {s: corpus[s] for s in names}
         reference = corpus["reference"] if "reference" in corpus else None
-        calibrate = bool(cfg.annotation_calibrate and reference is not None and cfg.annotation_method != "speechcraft"
-                         and all(f in reference.column_names and any(reference[f]) for f in ("pitch", "volume", "speed")))
-        annotated = annotate(datasets.DatasetDict(splits), method=cfg.annotation_method, reference=reference, seed=cfg.corpus_seed,
-                             calibrate=calibrate,
-                             num_proc=cfg.annotation_num_proc or max(1, (os.cpu_count() or 1) // state.num_processes),
-                             gender_backend=_annotation_backend(cfg, "gender"), age_backend=_annotation_backend(cfg, "age"))
+        calibrate = bool(
+            cfg.annotation_calibrate
+            and reference is not None
+            and cfg.annotation_method != "speechcraft"
+            and all(f in reference.column_names and any(reference[f]) for f in ("pitch", "volume", "speed"))
+        )
+        annotated = annotate(
+            datasets.DatasetDict(splits),
+            method=cfg.annotation_method,
+            reference=reference,
+            seed=cfg.corpus_seed,
+            calibrate=calibrate,
+            num_proc=cfg.annotation_num_proc or max(1, (os.cpu_count() or 1) // state.num_processes),
+            gender_backend=_annotation_backend(cfg, "gender"),
+            age_backend=_annotation_backend(cfg, "age"),
+        )
         if state.is_main_process:
             annotated.save_to_disk(str(out / "data"))
             atomic_write_json(out / "annotation_report.json", {s: annotation_report(annotated[s]) for s in annotated})
 
-    settings = {"corpus": cfg.target_corpus, "root": target_root, "options": cfg.target_options, "method": cfg.annotation_method,
-                "seed": cfg.corpus_seed, "calibrate": cfg.annotation_calibrate, "with_pretrain_split": with_pretrain}
+    settings = {
+        "corpus": cfg.target_corpus,
+        "root": target_root,
+        "options": cfg.target_options,
+        "method": cfg.annotation_method,
+        "seed": cfg.corpus_seed,
+        "calibrate": cfg.annotation_calibrate,
+        "with_pretrain_split": with_pretrain,
+    }
     settings.update(runner.input_settings(target_root))  # an edited corpus is annotated afresh
-    settings.update({f"{f}_model": getattr(cfg, f"{f}_model") for f in ("gender", "age") if getattr(cfg, f"{f}_model") != "auto"})
+    settings.update(
+        {f"{f}_model": getattr(cfg, f"{f}_model") for f in ("gender", "age") if getattr(cfg, f"{f}_model") != "auto"}
+    )
     # every process annotates its shard (trustser.annotation gathers them)
     return runner.run("annotate", settings, run, upstream, all_processes=True)
 
 
-def _pretrain_split(cfg: RecipeConfig, pretrain_root: str, annotated: Stage, sed_source: str, *, as_reliable: bool = False,
-                    part: str = "all"):
+def _pretrain_split(
+    cfg: RecipeConfig,
+    pretrain_root: str,
+    annotated: Stage,
+    sed_source: str,
+    *,
+    as_reliable: bool = False,
+    part: str = "all",
+):
     """The pre-training split with the labels pre-training reads: the corpus as loaded ('truth'), or
     its annotated copy ('auto', rows the tool could not annotate left out). ``as_reliable``: the
     ``_auto`` labels moved into the plain columns, for code that reads "the reliable labels" there
@@ -242,8 +285,12 @@ def _build_slm(cfg: RecipeConfig, corpus, train, *, use_lora: bool = True):
         if cfg.target_corpus == cfg.pretrain_corpus and "train" in corpus:
             texts += list(corpus["train"]["text"])
         return build_tiny_ser_slm(
-            texts, emotion_labels=_emotion_labels(cfg.pretrain_corpus, train), seed=cfg.seed, sed_f0_stream=cfg.f0_stream,
-            aux_sed_loss_weight=cfg.aux_sed_loss_weight, aux_ctc_loss_weight=cfg.aux_ctc_loss_weight,
+            texts,
+            emotion_labels=_emotion_labels(cfg.pretrain_corpus, train),
+            seed=cfg.seed,
+            sed_f0_stream=cfg.f0_stream,
+            aux_sed_loss_weight=cfg.aux_sed_loss_weight,
+            aux_ctc_loss_weight=cfg.aux_ctc_loss_weight,
         )
     if cfg.preset == "paper":
         kwargs = cfg.model_args.build_kwargs()
@@ -264,8 +311,15 @@ def _annotation_backend(cfg: RecipeConfig, field: str):
     return HubAudioClassifier(spec, field, device=cfg.annotation_device, batch_size=cfg.annotation_batch_size)
 
 
-def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pretrain_root: str, annotated: Stage,
-                   sed_source: str, upstream: list[Stage]) -> Stage:
+def stage_pretrain(
+    runner: StageRunner,
+    cfg: RecipeConfig,
+    spec: SystemSpec,
+    pretrain_root: str,
+    annotated: Stage,
+    sed_source: str,
+    upstream: list[Stage],
+) -> Stage:
     """SER-SLM pre-training on the pre-training corpus (SpeechCraft's role), with its automatic
     labels ('auto': the annotation stage's) or its own label columns ('truth')."""
 
@@ -277,24 +331,45 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
             corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
             train = _pretrain_split(cfg, pretrain_root, annotated, sed_source, part="slm")
         model, processor = _build_slm(cfg, corpus, train)
-        train = validate_audio(train, max_seconds=_audio_window(processor))  # bad clips named and skipped now, not mid-run
+        train = validate_audio(
+            train, max_seconds=_audio_window(processor)
+        )  # bad clips named and skipped now, not mid-run
         args = _training_args(
-            cfg, out / "trainer", stage="pretrain", max_steps=cfg.pretrain_max_steps, epochs=cfg.pretrain_epochs,
-            lr=cfg.pretrain_learning_rate, sed_source=sed_source, with_sed=spec.with_sed, kl_warmup_steps=cfg.kl_warmup_steps,
+            cfg,
+            out / "trainer",
+            stage="pretrain",
+            max_steps=cfg.pretrain_max_steps,
+            epochs=cfg.pretrain_epochs,
+            lr=cfg.pretrain_learning_rate,
+            sed_source=sed_source,
+            with_sed=spec.with_sed,
+            kl_warmup_steps=cfg.kl_warmup_steps,
             channel_augmentation=cfg.channel_augmentation,
         )
         eval_dataset = _eval_split(corpus, cfg.pretrain_eval_split, args, "pretrain_eval_split", cfg.pretrain_corpus)
-        trainer = SerSlmSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_dataset, processing_class=processor)
+        trainer = SerSlmSFTTrainer(
+            model=model, args=args, train_dataset=train, eval_dataset=eval_dataset, processing_class=processor
+        )
         _train(trainer, cfg, out / "trainer")
         _save_trained(trainer, processor, out / "model", base=lambda: _build_slm(cfg, corpus, train, use_lora=False)[0])
         if trainer.accelerator.is_main_process:
             atomic_write_json(out / "log_history.json", trainer.state.log_history)
 
     settings = {
-        "corpus": cfg.pretrain_corpus, "root": cfg.pretrain_root or "synthetic", "split": cfg.pretrain_split, "preset": cfg.preset,
-        "with_sed": spec.with_sed, "epochs": cfg.pretrain_epochs, "max_steps": cfg.pretrain_max_steps,
-        "lr": cfg.pretrain_learning_rate, "batch": cfg.per_device_batch_size, "warmup": cfg.warmup_ratio, "seed": cfg.seed,
-        "kl_warmup": cfg.kl_warmup_steps, "f0": cfg.f0_stream, "channel_augmentation": cfg.channel_augmentation,
+        "corpus": cfg.pretrain_corpus,
+        "root": cfg.pretrain_root or "synthetic",
+        "split": cfg.pretrain_split,
+        "preset": cfg.preset,
+        "with_sed": spec.with_sed,
+        "epochs": cfg.pretrain_epochs,
+        "max_steps": cfg.pretrain_max_steps,
+        "lr": cfg.pretrain_learning_rate,
+        "batch": cfg.per_device_batch_size,
+        "warmup": cfg.warmup_ratio,
+        "seed": cfg.seed,
+        "kl_warmup": cfg.kl_warmup_steps,
+        "f0": cfg.f0_stream,
+        "channel_augmentation": cfg.channel_augmentation,
         "sed_source": sed_source,
     }
     if cfg.preset == "tiny":
@@ -302,8 +377,11 @@ def stage_pretrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, pre
     else:  # the tiny preset reads no model setting (and keeps the keys it had before they existed)
         settings["model"] = dataclasses.asdict(cfg.model_args)
     # only when set, so that the stages cached before these settings existed keep their keys
-    for name, value in (("training", cfg.stage_training_key("pretrain")), ("eval_split", cfg.pretrain_eval_split),
-                        ("cem_holdout_speakers", cfg.cem_holdout_speakers)):
+    for name, value in (
+        ("training", cfg.stage_training_key("pretrain")),
+        ("eval_split", cfg.pretrain_eval_split),
+        ("cem_holdout_speakers", cfg.cem_holdout_speakers),
+    ):
         if value:
             settings[name] = value
     settings.update(runner.input_settings(pretrain_root))
@@ -316,14 +394,18 @@ def _eval_split(corpus, split: str | None, args, setting: str, corpus_name: str)
     strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
     if split is None:
         if strategy != "no":
-            raise ValueError(f"eval_strategy={strategy!r} needs an evaluation split: set {setting} (a split of the {corpus_name} corpus)")
+            raise ValueError(
+                f"eval_strategy={strategy!r} needs an evaluation split: set {setting} (a split of the {corpus_name} corpus)"
+            )
         return None
     if split not in corpus:
         raise ValueError(f"{setting}={split!r}: the {corpus_name} corpus has splits {sorted(corpus)}")
     return corpus[split]
 
 
-def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretrain: Stage, annotated: Stage, sed_source: str) -> Stage:
+def stage_cem(
+    runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretrain: Stage, annotated: Stage, sed_source: str
+) -> Stage:
     """CEM trained on the pre-trained SLM's states over the pre-training corpus, against that corpus'
     labels (the paper's "reliable SED": the tool's labels with 'auto'); with ``cem_holdout_speakers``
     only on the speakers pre-training left out."""
@@ -334,41 +416,79 @@ def stage_cem(runner: StageRunner, cfg: RecipeConfig, pretrain_root: str, pretra
 
         set_seed(cfg.seed)
         slm, processor = load_ser_slm(pretrain.path / "model")
-        ref = validate_audio(_pretrain_split(cfg, pretrain_root, annotated, sed_source, as_reliable=True, part="cem"),
-                             max_seconds=_audio_window(processor))
+        ref = validate_audio(
+            _pretrain_split(cfg, pretrain_root, annotated, sed_source, as_reliable=True, part="cem"),
+            max_seconds=_audio_window(processor),
+        )
         if cfg.cem_max_samples and len(ref) > cfg.cem_max_samples:
             ref = ref.shuffle(seed=cfg.seed).select(range(cfg.cem_max_samples))
         data = prepare_cem_training_data(
-            slm, processor, ref, captions=cfg.cem_training_captions, corrupt_prob=cfg.cem_corrupt_prob,
-            perturbation=cfg.cem_perturbation, captions_per_utterance=cfg.cem_captions_per_utterance,
-            pooling=cfg.cem_pooling, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+            slm,
+            processor,
+            ref,
+            captions=cfg.cem_training_captions,
+            corrupt_prob=cfg.cem_corrupt_prob,
+            perturbation=cfg.cem_perturbation,
+            captions_per_utterance=cfg.cem_captions_per_utterance,
+            pooling=cfg.cem_pooling,
+            batch_size=cfg.eval_batch_size,
+            seed=cfg.seed,
+        )
         # a held-out fifth of the utterances (all their captions) measures the CEM (AUC, NCE, ECE, reliability)
         fit, held = eval_split_by_utterance(data["utterance"], 0.2)
         feats, labels = data["features"], data["labels"]
         train_cem(
-            feats[fit], labels[fit], eval_features=feats[held], eval_labels=labels[held],
-            output_dir=out / "cem", feature_pooling=cfg.cem_pooling, balance=cfg.cem_balance,
-            slm_hidden_size=slm.config.text_config.hidden_size, learning_rate=cfg.cem_learning_rate,
-            seed=cfg.seed, training_args={"max_steps": cfg.cem_max_steps, **cfg.stage_training_args("cem")},
-            data_summary={"utterances": len(ref), "rows": int(len(labels)), "eval_rows": int(len(held)),
-                          "captions": cfg.cem_training_captions, "holdout_speakers": cfg.cem_holdout_speakers,
-                          "speakers": sorted(set(ref["speaker"])) if "speaker" in ref.column_names else None},
+            feats[fit],
+            labels[fit],
+            eval_features=feats[held],
+            eval_labels=labels[held],
+            output_dir=out / "cem",
+            feature_pooling=cfg.cem_pooling,
+            balance=cfg.cem_balance,
+            slm_hidden_size=slm.config.text_config.hidden_size,
+            learning_rate=cfg.cem_learning_rate,
+            seed=cfg.seed,
+            training_args={"max_steps": cfg.cem_max_steps, **cfg.stage_training_args("cem")},
+            data_summary={
+                "utterances": len(ref),
+                "rows": int(len(labels)),
+                "eval_rows": int(len(held)),
+                "captions": cfg.cem_training_captions,
+                "holdout_speakers": cfg.cem_holdout_speakers,
+                "speakers": sorted(set(ref["speaker"])) if "speaker" in ref.column_names else None,
+            },
         )
 
-    settings = {"pooling": cfg.cem_pooling, "steps": cfg.cem_max_steps, "lr": cfg.cem_learning_rate, "seed": cfg.seed, "samples": cfg.cem_max_samples, "eval_share": 0.2,
-                "captions": cfg.cem_training_captions, "corrupt": cfg.cem_corrupt_prob if cfg.cem_training_captions == "perturbed" else None,
-                "sed_source": sed_source}
+    settings = {
+        "pooling": cfg.cem_pooling,
+        "steps": cfg.cem_max_steps,
+        "lr": cfg.cem_learning_rate,
+        "seed": cfg.seed,
+        "samples": cfg.cem_max_samples,
+        "eval_share": 0.2,
+        "captions": cfg.cem_training_captions,
+        "corrupt": cfg.cem_corrupt_prob if cfg.cem_training_captions == "perturbed" else None,
+        "sed_source": sed_source,
+    }
     if cfg.stage_training_key("cem"):  # only when set: earlier cached stages keep their keys
         settings["training"] = cfg.stage_training_key("cem")
-    for name, value, default in (("holdout_speakers", cfg.cem_holdout_speakers, 0), ("captions_per_utterance", cfg.cem_captions_per_utterance, 1),
-                                 ("perturbation", cfg.cem_perturbation, "random"), ("balance", cfg.cem_balance, "utterance")):
+    for name, value, default in (
+        ("holdout_speakers", cfg.cem_holdout_speakers, 0),
+        ("captions_per_utterance", cfg.cem_captions_per_utterance, 1),
+        ("perturbation", cfg.cem_perturbation, "random"),
+        ("balance", cfg.cem_balance, "utterance"),
+    ):
         if value != default:  # likewise: a setting enters the key only when it differs from the earlier behaviour
             settings[name] = value
     # all processes: the CEM's Trainer joins the process group (the features are computed on each)
-    return runner.run("cem", settings, run, [pretrain, annotated] if sed_source == "auto" else [pretrain], all_processes=True)
+    return runner.run(
+        "cem", settings, run, [pretrain, annotated] if sed_source == "auto" else [pretrain], all_processes=True
+    )
 
 
-def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated: Stage, pretrain: Stage, cem: Stage) -> Stage:
+def stage_select(
+    runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated: Stage, pretrain: Stage, cem: Stage
+) -> Stage:
     """Scores the annotated target captions with the CEM and keeps the top share; on a corpus with
     ground truth also writes how well the scores find the wrong labels (``selection_quality.json``),
     and the same for the CEM's scores of ``cem_quality_split`` (``selection_quality_<split>.json``:
@@ -385,8 +505,15 @@ def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated
         data = datasets.load_from_disk(str(annotated.path / "data"))
         train = data[cfg.train_split]
         # scoring is sharded over the processes and gathered; the selection is written once
-        scores, field_scores = score_confidence(cem_model, slm, processor, train, sed_source="auto",
-                                                batch_size=cfg.eval_batch_size, return_field_scores=True)
+        scores, field_scores = score_confidence(
+            cem_model,
+            slm,
+            processor,
+            train,
+            sed_source="auto",
+            batch_size=cfg.eval_batch_size,
+            return_field_scores=True,
+        )
         if runner.state.is_main_process:
             select_by_confidence(train, scores, field_scores=field_scores, ratio=ratio, output_dir=out / "data")
             quality = selection_quality(train, scores, field_scores, seed=cfg.seed)
@@ -394,13 +521,24 @@ def stage_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated
                 atomic_write_json(out / "selection_quality.json", quality)
         split = cfg.cem_quality_split
         if split and split != cfg.train_split and split in data and annotation_correctness(data[split]) is not None:
-            dev_scores, dev_field_scores = score_confidence(cem_model, slm, processor, data[split], sed_source="auto",
-                                                            batch_size=cfg.eval_batch_size, return_field_scores=True)
+            dev_scores, dev_field_scores = score_confidence(
+                cem_model,
+                slm,
+                processor,
+                data[split],
+                sed_source="auto",
+                batch_size=cfg.eval_batch_size,
+                return_field_scores=True,
+            )
             if runner.state.is_main_process:
-                atomic_write_json(out / f"selection_quality_{split}.json",
-                                  selection_quality(data[split], dev_scores, dev_field_scores, seed=cfg.seed))
+                atomic_write_json(
+                    out / f"selection_quality_{split}.json",
+                    selection_quality(data[split], dev_scores, dev_field_scores, seed=cfg.seed),
+                )
 
-    return runner.run("select", {"ratio": ratio, "split": cfg.train_split}, run, [annotated, pretrain, cem], all_processes=True)
+    return runner.run(
+        "select", {"ratio": ratio, "split": cfg.train_split}, run, [annotated, pretrain, cem], all_processes=True
+    )
 
 
 def stage_oracle_select(runner: StageRunner, cfg: RecipeConfig, ratio: float, annotated: Stage) -> Stage:
@@ -443,7 +581,9 @@ def stage_pseudo_labels(runner: StageRunner, cfg: RecipeConfig, annotated: Stage
         train.save_to_disk(str(out / "data"))
         atomic_write_json(out / "pseudo_labels.json", {"rows": len(train), "missing_from_caption": dict(missing)})
 
-    return runner.run("pseudo-labels", {"split": cfg.train_split, "batch": cfg.eval_batch_size}, run, [annotated, pretrain])
+    return runner.run(
+        "pseudo-labels", {"split": cfg.train_split, "batch": cfg.eval_batch_size}, run, [annotated, pretrain]
+    )
 
 
 def posttrain_training_args(cfg: RecipeConfig, spec: SystemSpec, output_dir: Path):
@@ -451,13 +591,21 @@ def posttrain_training_args(cfg: RecipeConfig, spec: SystemSpec, output_dir: Pat
     ``cfg.num_policies`` overrides it; the controller settings via ``stage_training_args``) with
     rectification, else ``SerSlmSFTConfig``. Captions only: the auxiliary heads are a pre-training
     device (and rectification has no equivalent)."""
-    common = dict(max_steps=cfg.posttrain_max_steps, epochs=1.0, lr=cfg.posttrain_learning_rate, sed_source=spec.sed_labels,
-                  with_sed=spec.with_sed, aux_losses=False)
+    common = dict(
+        max_steps=cfg.posttrain_max_steps,
+        epochs=1.0,
+        lr=cfg.posttrain_learning_rate,
+        sed_source=spec.sed_labels,
+        with_sed=spec.with_sed,
+        aux_losses=False,
+    )
     if not spec.rectify:
         return _training_args(cfg, output_dir, stage="posttrain", **common)
     from .trainers.rectify_config import SEDRectifyConfig
 
-    return _training_args(cfg, output_dir, stage="posttrain", cls=SEDRectifyConfig, num_policies=num_policies_used(cfg, spec), **common)
+    return _training_args(
+        cfg, output_dir, stage="posttrain", cls=SEDRectifyConfig, num_policies=num_policies_used(cfg, spec), **common
+    )
 
 
 def num_policies_used(cfg: RecipeConfig, spec: SystemSpec) -> int:
@@ -465,9 +613,12 @@ def num_policies_used(cfg: RecipeConfig, spec: SystemSpec) -> int:
     return cfg.num_policies or spec.num_policies
 
 
-def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, data: Stage, data_subdir: str, pretrain: Stage) -> Stage:
+def stage_posttrain(
+    runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, data: Stage, data_subdir: str, pretrain: Stage
+) -> Stage:
     """Domain post-training on the (selected) annotated target data: plain SFT, or SFT with the
     RL SED controller rectifying the descriptor labels on the fly."""
+
     def run(out: Path):
         import datasets
 
@@ -480,8 +631,10 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
             errors = Counter(e for e in train["annotation_error"] if e)
             train = train.filter(lambda e: not e, input_columns="annotation_error")
             if len(train) == 0:
-                raise ValueError(f"{data.path / data_subdir}: no usable utterances in split {cfg.train_split!r} "
-                                 f"(every row failed annotation: {dict(errors)})")
+                raise ValueError(
+                    f"{data.path / data_subdir}: no usable utterances in split {cfg.train_split!r} "
+                    f"(every row failed annotation: {dict(errors)})"
+                )
         if len(train) == 0:
             raise ValueError(f"{data.path / data_subdir}: split {cfg.train_split!r} has no utterances to train on")
         model, processor = load_ser_slm(pretrain.path / "model")
@@ -490,8 +643,12 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
             from .trainers.rectify import SEDRectifyTrainer as trainer_cls
         else:
             trainer_cls = SerSlmSFTTrainer
-        trainer = trainer_cls(model=model, args=posttrain_training_args(cfg, spec, out / "trainer"), train_dataset=train,
-                              processing_class=processor)
+        trainer = trainer_cls(
+            model=model,
+            args=posttrain_training_args(cfg, spec, out / "trainer"),
+            train_dataset=train,
+            processing_class=processor,
+        )
         _train(trainer, cfg, out / "trainer")
         _save_trained(trainer, processor, out / "model", base=lambda: load_ser_slm(pretrain.path / "model")[0])
         if trainer.accelerator.is_main_process:
@@ -501,17 +658,28 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
                 if any(f in train.column_names and any(train[f]) for f in SED_FIELDS):
                     from .trainers.controller_audit import audit_controller
 
-                    atomic_write_json(out / "controller_audit.json", audit_controller(trainer.controller, train, batch_size=cfg.eval_batch_size))
+                    atomic_write_json(
+                        out / "controller_audit.json",
+                        audit_controller(trainer.controller, train, batch_size=cfg.eval_batch_size),
+                    )
             atomic_write_json(out / "log_history.json", trainer.state.log_history)
 
     settings = {
-        "rectify": spec.rectify, "num_policies": num_policies_used(cfg, spec) if spec.rectify else None, "with_sed": spec.with_sed,
-        "steps": cfg.posttrain_max_steps, "lr": cfg.posttrain_learning_rate, "batch": cfg.per_device_batch_size, "seed": cfg.seed, "split": cfg.train_split,
+        "rectify": spec.rectify,
+        "num_policies": num_policies_used(cfg, spec) if spec.rectify else None,
+        "with_sed": spec.with_sed,
+        "steps": cfg.posttrain_max_steps,
+        "lr": cfg.posttrain_learning_rate,
+        "batch": cfg.per_device_batch_size,
+        "seed": cfg.seed,
+        "split": cfg.train_split,
         **({"sed_labels": spec.sed_labels} if spec.sed_labels != "auto" else {}),
     }
     if cfg.stage_training_key("posttrain", spec.rectify):  # only when set: earlier cached stages keep their keys
         settings["training"] = cfg.stage_training_key("posttrain", spec.rectify)
-    return runner.run("posttrain", settings, run, [data, pretrain], all_processes=True, resume=cfg.resume_from_checkpoint)
+    return runner.run(
+        "posttrain", settings, run, [data, pretrain], all_processes=True, resume=cfg.resume_from_checkpoint
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,7 +688,9 @@ def stage_posttrain(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, da
 EVALUATION_FILES = ("metrics.json", "predictions.json", "confusion_matrix.png", "tsne.png")
 
 
-def evaluate_system(cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target_root: str, annotated: Stage, out_dir: Path) -> dict[str, Any]:
+def evaluate_system(
+    cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target_root: str, annotated: Stage, out_dir: Path
+) -> dict[str, Any]:
     """Metrics of a trained SLM on ``cfg.test_split``, written with the per-utterance predictions
     (``predictions.json``: paired comparisons between systems read them) and the plots into
     ``out_dir`` (``EVALUATION_FILES``); returns the metrics."""
@@ -535,8 +705,16 @@ def evaluate_system(cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target
         test = test.select(range(min(cfg.max_eval_samples, len(test))))
     labels = _emotion_labels(cfg.target_corpus, test)
     has_truth = all(any(test[f]) for f in SED_FIELDS)
-    metrics = evaluate_ser(model, processor, test, emotion_labels=labels, with_sed=spec.with_sed,
-                           sed_source="truth" if has_truth else "auto", batch_size=cfg.eval_batch_size, return_predictions=True)
+    metrics = evaluate_ser(
+        model,
+        processor,
+        test,
+        emotion_labels=labels,
+        with_sed=spec.with_sed,
+        sed_source="truth" if has_truth else "auto",
+        batch_size=cfg.eval_batch_size,
+        return_predictions=True,
+    )
     predictions = metrics.pop("predictions")
     truth = dict(zip(test["id"], test["emotion"]))
     groups = dict(zip(test["id"], test["group"])) if "group" in test.column_names else {}
@@ -545,27 +723,52 @@ def evaluate_system(cfg: RecipeConfig, spec: SystemSpec, model_dir: Path, target
         for p in predictions:
             by_group.setdefault(groups[p["id"]], []).append(p["emotion"] == truth[p["id"]])
         metrics["wa_by_group"] = {g: round(float(sum(v) / len(v)), 4) for g, v in sorted(by_group.items())}
-    atomic_write_json(out_dir / "predictions.json", [
-        {"id": p["id"], "emotion": truth[p["id"]], "prediction": p["emotion"], **{f: p[f] for f in SED_FIELDS},
-         **({"group": groups[p["id"]]} if groups else {})} for p in predictions])
+    atomic_write_json(
+        out_dir / "predictions.json",
+        [
+            {
+                "id": p["id"],
+                "emotion": truth[p["id"]],
+                "prediction": p["emotion"],
+                **{f: p[f] for f in SED_FIELDS},
+                **({"group": groups[p["id"]]} if groups else {}),
+            }
+            for p in predictions
+        ],
+    )
     atomic_write_json(out_dir / "metrics.json", metrics)
     cm = metrics["confusion_matrix"]
     where = f"{cfg.target_corpus} {cfg.test_split}"
     plot_confusion_matrix(cm["matrix"], cm["labels"], out_dir / "confusion_matrix.png", title=f"{spec.name} on {where}")
-    plot_tsne(model, processor, test, out_dir / "tsne.png", max_samples=cfg.tsne_samples, seed=cfg.seed,
-              title=f"{spec.name}: last hidden states ({where})")
+    plot_tsne(
+        model,
+        processor,
+        test,
+        out_dir / "tsne.png",
+        max_samples=cfg.tsne_samples,
+        seed=cfg.seed,
+        title=f"{spec.name}: last hidden states ({where})",
+    )
     return metrics
 
 
-def stage_evaluate(runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, model_stage: Stage, annotated: Stage) -> Stage:
+def stage_evaluate(
+    runner: StageRunner, cfg: RecipeConfig, spec: SystemSpec, model_stage: Stage, annotated: Stage
+) -> Stage:
     """``evaluate_system`` as a cached stage, so an interrupted table resumes without evaluating again
     (systems with the same model, e.g. Sys. 10 and Table 3's V3, share it)."""
 
     def run(out: Path):
         evaluate_system(cfg, spec, model_stage.path / "model", "", annotated, out)
 
-    settings = {"split": cfg.test_split, "max_samples": cfg.max_eval_samples, "with_sed": spec.with_sed, "batch": cfg.eval_batch_size,
-                "tsne": cfg.tsne_samples, "seed": cfg.seed}
+    settings = {
+        "split": cfg.test_split,
+        "max_samples": cfg.max_eval_samples,
+        "with_sed": spec.with_sed,
+        "batch": cfg.eval_batch_size,
+        "tsne": cfg.tsne_samples,
+        "seed": cfg.seed,
+    }
     return runner.run("evaluate", settings, run, [model_stage, annotated])
 
 
@@ -588,8 +791,15 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
     pretrain_root = cfg.pretrain_root or synth_root
     sed_source = _pretrain_sed_source(cfg, target_root, pretrain_root)
     annotated = stage_annotate(runner, cfg, target_root, upstream, pretrain_root)
-    pretrain = stage_pretrain(runner, cfg, spec, pretrain_root, annotated, sed_source,
-                              upstream + ([annotated] if sed_source == "auto" else []))
+    pretrain = stage_pretrain(
+        runner,
+        cfg,
+        spec,
+        pretrain_root,
+        annotated,
+        sed_source,
+        upstream + ([annotated] if sed_source == "auto" else []),
+    )
 
     ratio = cfg.selection_ratio if cfg.selection_ratio is not None else spec.selection_ratio
     cem = selected = None
@@ -619,23 +829,44 @@ def run_system(cfg: RecipeConfig) -> dict[str, Any]:
         for name in EVALUATION_FILES:
             shutil.copy2(evaluated.path / name, run_dir / name)
         metrics = read_json(evaluated.path / "metrics.json")
-        results = run_results(spec, cfg.target_corpus, metrics, annotated=annotated, cem=cem, selected=selected, post=post,
-                              settings={**cfg.to_dict(), "num_policies_used": num_policies_used(cfg, spec)}, seed=cfg.seed,
-                              stages=runner.stages, started=started, relative_to=run_dir,
-                              processes={"num_processes": state.num_processes, "torch_threads_per_process": threads})
+        results = run_results(
+            spec,
+            cfg.target_corpus,
+            metrics,
+            annotated=annotated,
+            cem=cem,
+            selected=selected,
+            post=post,
+            settings={**cfg.to_dict(), "num_policies_used": num_policies_used(cfg, spec)},
+            seed=cfg.seed,
+            stages=runner.stages,
+            started=started,
+            relative_to=run_dir,
+            processes={"num_processes": state.num_processes, "torch_threads_per_process": threads},
+        )
         if post is not None and spec.rectify:
             from .plots import plot_rectification
 
-            plot_rectification(read_json(post.path / "log_history.json") or [], run_dir / "rectification.png",
-                               title=f"{spec.name}: on-the-fly SED rectification")
+            plot_rectification(
+                read_json(post.path / "log_history.json") or [],
+                run_dir / "rectification.png",
+                title=f"{spec.name}: on-the-fly SED rectification",
+            )
         results["model_folder"] = export_model_folder(
-            run_dir, model_dir, pretrained=pretrain.path / "model" if post is not None else None,
-            cem=cem.path / "cem" if cem else None, controller=post.path / "controller" if post is not None and spec.rectify else None,
-            emotion_labels=_evaluated_labels(metrics, cfg))
+            run_dir,
+            model_dir,
+            pretrained=pretrain.path / "model" if post is not None else None,
+            cem=cem.path / "cem" if cem else None,
+            controller=post.path / "controller" if post is not None and spec.rectify else None,
+            emotion_labels=_evaluated_labels(metrics, cfg),
+        )
         write_results(results, run_dir)
         from .utils import honour_umask_tree
 
-        for folder in [run_dir, *(s.path for s in runner.stages)]:  # readable as the umask says (also the linked stage files)
+        for folder in [
+            run_dir,
+            *(s.path for s in runner.stages),
+        ]:  # readable as the umask says (also the linked stage files)
             honour_umask_tree(folder)
         logger.info("results written to %s", run_dir)
     state.wait_for_everyone()
@@ -728,16 +959,24 @@ def check_model_sources(cfg: RecipeConfig) -> None:
     for setting, name in _models_needed(cfg):
         origin = origins.get(setting, "the default")
         where = f"set by {setting} ({'default' if origin == 'the default' else 'from ' + origin})"
-        fix = (f"to use a local copy, download it where the Hub is reachable (`hf download {name} --local-dir DIR`), "
-               f"then pass --{setting} DIR or set `{setting}: DIR` in the YAML")
+        fix = (
+            f"to use a local copy, download it where the Hub is reachable (`hf download {name} --local-dir DIR`), "
+            f"then pass --{setting} DIR or set `{setting}: DIR` in the YAML"
+        )
         path = Path(str(name)).expanduser()
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise ModelSourceError(f"model folder {str(name)!r} ({where}) has no config.json: point {setting} at a folder written by save_pretrained")
+                raise ModelSourceError(
+                    f"model folder {str(name)!r} ({where}) has no config.json: point {setting} at a folder written by save_pretrained"
+                )
             continue
         if str(name).startswith((".", "/", "~")) or str(name).count("/") > 1 or (os.sep != "/" and os.sep in str(name)):
-            raise ModelSourceError(f"model folder {str(name)!r} ({where}) does not exist; point {setting} at a folder written by save_pretrained or a Hub id")
-        problem = _hub_problem(str(name), cfg.model_args.model_revision if setting in ("audio_model", "text_model") else None)
+            raise ModelSourceError(
+                f"model folder {str(name)!r} ({where}) does not exist; point {setting} at a folder written by save_pretrained or a Hub id"
+            )
+        problem = _hub_problem(
+            str(name), cfg.model_args.model_revision if setting in ("audio_model", "text_model") else None
+        )
         if problem:
             raise ModelSourceError(f"cannot load {str(name)!r} ({where}): {problem}; {fix}")
 
@@ -745,7 +984,12 @@ def check_model_sources(cfg: RecipeConfig) -> None:
 def _hub_problem(repo_id: str, revision: str | None) -> str | None:
     """Why the Hub model ``repo_id`` cannot be used here (None: its config is fetched or cached)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         hf_hub_download(repo_id, "config.json", revision=None if revision in (None, "main") else revision)
@@ -804,8 +1048,15 @@ def _place_folder(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
                 _link_or_copy(f, tmp / rel)
 
 
-def export_model_folder(run_dir: Path, model_dir: Path, *, pretrained: Path | None = None, cem: Path | None = None,
-                        controller: Path | None = None, emotion_labels: list[str] | None = None) -> dict[str, Any]:
+def export_model_folder(
+    run_dir: Path,
+    model_dir: Path,
+    *,
+    pretrained: Path | None = None,
+    cem: Path | None = None,
+    controller: Path | None = None,
+    emotion_labels: list[str] | None = None,
+) -> dict[str, Any]:
     """Makes ``run_dir`` (``<output_dir>/<system>-seed<N>/``) the run's model: the evaluated
     SER-SLM with its processor at the root (``config.json`` gains ``emotion_labels``), ``cem/``,
     ``controller/``, ``pretrained/`` (the pre-trained SER-SLM: the one the CEM reads, and the base
@@ -830,15 +1081,26 @@ def export_model_folder(run_dir: Path, model_dir: Path, *, pretrained: Path | No
         config["emotion_labels"] = list(emotion_labels)
         atomic_write_json(run_dir / "config.json", config)
     layout: dict[str, Any] = {"model": ".", "lora": (model_dir / "adapter" / "adapter_config.json").is_file()}
-    for name, src in (("cem", cem), ("controller", controller), ("pretrained", pretrained),
-                      ("adapter", model_dir / "adapter" if layout["lora"] else None)):
+    for name, src in (
+        ("cem", cem),
+        ("controller", controller),
+        ("pretrained", pretrained),
+        ("adapter", model_dir / "adapter" if layout["lora"] else None),
+    ):
         if src is not None and src.is_dir():
-            _place_folder(src, run_dir / name, skip=("trainer", "adapter", "controller", "README.md", "training_args.bin")
-                          if name != "controller" else ("README.md",))
+            _place_folder(
+                src,
+                run_dir / name,
+                skip=("trainer", "adapter", "controller", "README.md", "training_args.bin")
+                if name != "controller"
+                else ("README.md",),
+            )
             layout[name] = name
         else:
             layout[name] = None
-    if layout["adapter"]:  # the adapter's base, relative to the run folder (None: the preset's build from the model ids)
+    if layout[
+        "adapter"
+    ]:  # the adapter's base, relative to the run folder (None: the preset's build from the model ids)
         adapter_cfg = run_dir / "adapter" / "adapter_config.json"
         data = json.loads(adapter_cfg.read_text())
         data["base_model_name_or_path"] = "../pretrained" if layout["pretrained"] else None

@@ -46,23 +46,73 @@ RECTIFY_DEFAULTS: dict[str, Any] = {
 }
 # Trainer fields each stage sets from the recipe (its learning rate, steps, batch, seed, ...), so
 # they are not top-level settings; a stage's ``*_training_args`` may still override them.
-STAGE_OWNED = ("output_dir", "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
-               "warmup_steps", "data_seed", "sed_source", "with_sed", "aux_losses", "dataset_kwargs",
-               "remove_unused_columns")
+STAGE_OWNED = (
+    "output_dir",
+    "max_steps",
+    "num_train_epochs",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "warmup_steps",
+    "data_seed",
+    "sed_source",
+    "with_sed",
+    "aux_losses",
+    "dataset_kwargs",
+    "remove_unused_columns",
+)
 # Trainer fields that do not change what a stage computes (not part of its cache key).
-NOT_IN_STAGE_KEY = frozenset({
-    "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "logging_nan_inf_filter", "log_level",
-    "log_level_replica", "log_on_each_node", "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm",
-    "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_persistent_workers", "dataloader_pin_memory",
-    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node", "push_to_hub",
-    "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision",
-    "eval_strategy", "eval_steps", "eval_delay", "per_device_eval_batch_size", "eval_on_start",
-    "include_num_input_tokens_seen", "skip_memory_metrics", "ddp_timeout",
-})
+NOT_IN_STAGE_KEY = frozenset(
+    {
+        "logging_steps",
+        "logging_strategy",
+        "logging_first_step",
+        "logging_dir",
+        "logging_nan_inf_filter",
+        "log_level",
+        "log_level_replica",
+        "log_on_each_node",
+        "report_to",
+        "run_name",
+        "project",
+        "trackio_space_id",
+        "disable_tqdm",
+        "dataloader_num_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_persistent_workers",
+        "dataloader_pin_memory",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "save_only_model",
+        "save_on_each_node",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_strategy",
+        "hub_token",
+        "hub_private_repo",
+        "hub_always_push",
+        "hub_revision",
+        "eval_strategy",
+        "eval_steps",
+        "eval_delay",
+        "per_device_eval_batch_size",
+        "eval_on_start",
+        "include_num_input_tokens_seen",
+        "skip_memory_metrics",
+        "ddp_timeout",
+    }
+)
 # never written to results.json
 SECRET_FIELDS = ("hub_token",)
 # trainer fields meaningful for the SER-SLM only (not for the CEM's small MLP)
-SLM_ONLY = frozenset({"gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing", "activation_checkpointing_kwargs"})
+SLM_ONLY = frozenset(
+    {
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+        "activation_checkpointing",
+        "activation_checkpointing_kwargs",
+    }
+)
 
 
 @dataclass
@@ -70,32 +120,69 @@ class SerSlmModelArguments:
     """Model settings of the ``paper`` preset, named as in TRL's ``ModelConfig`` where it has the
     setting. The tiny preset (random init) reads none of them."""
 
-    audio_model: str = field(default="facebook/hubert-large-ll60k", metadata={"help": "Speech encoder: a Hub id or a local folder (AutoModel + AutoFeatureExtractor); the paper: HuBERT-large, frozen."})
-    text_model: str = field(default="meta-llama/Llama-3.1-8B-Instruct", metadata={"help": "LLM: a Hub id or a local folder (AutoModelForCausalLM + AutoTokenizer); the paper: Llama-3.1-8B-Instruct."})
-    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit) of both models."})
-    dtype: str = field(default="bfloat16", metadata={"help": "Weights dtype of the pretrained parts: 'bfloat16', 'float16', 'float32' or 'auto' (the checkpoints' own)."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "Attention implementation of both models ('sdpa', 'eager', 'flash_attention_2', ...); None: transformers' choice."})
+    audio_model: str = field(
+        default="facebook/hubert-large-ll60k",
+        metadata={
+            "help": "Speech encoder: a Hub id or a local folder (AutoModel + AutoFeatureExtractor); the paper: HuBERT-large, frozen."
+        },
+    )
+    text_model: str = field(
+        default="meta-llama/Llama-3.1-8B-Instruct",
+        metadata={
+            "help": "LLM: a Hub id or a local folder (AutoModelForCausalLM + AutoTokenizer); the paper: Llama-3.1-8B-Instruct."
+        },
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Hub revision (branch, tag or commit) of both models."}
+    )
+    dtype: str = field(
+        default="bfloat16",
+        metadata={
+            "help": "Weights dtype of the pretrained parts: 'bfloat16', 'float16', 'float32' or 'auto' (the checkpoints' own)."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention implementation of both models ('sdpa', 'eager', 'flash_attention_2', ...); None: transformers' choice."
+        },
+    )
     use_peft: bool = field(default=True, metadata={"help": "LoRA on the LLM (the paper); False trains the LLM fully."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "LLM module names LoRA adapts (e.g. q_proj v_proj), matched inside the LLM only; None: every attention and MLP projection."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "LLM module names LoRA adapts (e.g. q_proj v_proj), matched inside the LLM only; None: every attention and MLP projection."
+        },
+    )
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.lora_target_modules is not None:  # "q_proj v_proj", "q_proj,v_proj" or a list
-            items = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else self.lora_target_modules
+            items = (
+                [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else self.lora_target_modules
+            )
             self.lora_target_modules = [m for item in items for m in str(item).replace(",", " ").split() if m]
 
     def build_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``build_paper_ser_slm``."""
         import torch
 
-        return dict(audio_model=self.audio_model, text_model=self.text_model, revision=self.model_revision,
-                    dtype=None if self.dtype == "auto" else getattr(torch, self.dtype),
-                    attn_implementation=self.attn_implementation, use_lora=self.use_peft, lora_r=self.lora_r,
-                    lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules)
+        return dict(
+            audio_model=self.audio_model,
+            text_model=self.text_model,
+            revision=self.model_revision,
+            dtype=None if self.dtype == "auto" else getattr(torch, self.dtype),
+            attn_implementation=self.attn_implementation,
+            use_lora=self.use_peft,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            lora_target_modules=self.lora_target_modules,
+        )
 
 
 DTYPES = ("bfloat16", "float16", "float32", "auto")
@@ -122,7 +209,11 @@ def _training_settings_class():
             default = f.default_factory()
         else:
             continue
-        spec = field(default_factory=lambda v=default: copy.deepcopy(v)) if isinstance(default, (list, dict, set)) else field(default=default)
+        spec = (
+            field(default_factory=lambda v=default: copy.deepcopy(v))
+            if isinstance(default, (list, dict, set))
+            else field(default=default)
+        )
         spec.metadata = f.metadata  # help texts of the trainer config
         fields.append((f.name, _parsable_type(SEDRectifyConfig, f.name, hints[f.name]), spec))
     cls = dataclasses.make_dataclass("TrainingSettings", fields)
@@ -152,7 +243,9 @@ def rectify_only_fields() -> frozenset[str]:
     from .trainers.rectify_config import SEDRectifyConfig
     from .trainers.sft import SerSlmSFTConfig
 
-    return frozenset(f.name for f in dataclasses.fields(SEDRectifyConfig)) - {f.name for f in dataclasses.fields(SerSlmSFTConfig)}
+    return frozenset(f.name for f in dataclasses.fields(SEDRectifyConfig)) - {
+        f.name for f in dataclasses.fields(SerSlmSFTConfig)
+    }
 
 
 def training_settings_class():
@@ -197,7 +290,9 @@ def _json_setting(name: str, value):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"--{name}: not a JSON object ({exc}); e.g. --{name} '{{\"gradient_accumulation_steps\": 4}}'") from exc
+            raise ValueError(
+                f"--{name}: not a JSON object ({exc}); e.g. --{name} '{{\"gradient_accumulation_steps\": 4}}'"
+            ) from exc
     if not isinstance(value, dict):
         raise ValueError(f"{name}: expected a mapping, got {type(value).__name__}")
     return dict(value)
@@ -205,74 +300,260 @@ def _json_setting(name: str, value):
 
 @dataclass
 class RecipeConfig:
-    system: str = field(default="sys10", metadata={"help": "Which system of the paper's Table 1 (sys1..sys13) or Table 3 (v1..v5)."})
-    output_dir: str = field(default="outputs", metadata={"help": "Root of all outputs: cached stages under <output_dir>/cache, this system's results under <output_dir>/<system>-seed<seed>."})
-    seed: int = field(default=0, metadata={"help": "Seed of the training stages (initialisation, data order, policy sampling)."})
-    corpus_seed: int = field(default=0, metadata={"help": "Seed of the synthetic corpus (fixed across training seeds, so that seeds compare on the same data)."})
+    system: str = field(
+        default="sys10", metadata={"help": "Which system of the paper's Table 1 (sys1..sys13) or Table 3 (v1..v5)."}
+    )
+    output_dir: str = field(
+        default="outputs",
+        metadata={
+            "help": "Root of all outputs: cached stages under <output_dir>/cache, this system's results under <output_dir>/<system>-seed<seed>."
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the training stages (initialisation, data order, policy sampling)."}
+    )
+    corpus_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the synthetic corpus (fixed across training seeds, so that seeds compare on the same data)."
+        },
+    )
     # ---- data
-    pretrain_corpus: str = field(default="synthetic", metadata={"help": "Corpus for SER-SLM pre-training and CEM training (reliable labels): 'synthetic' or 'speechcraft'."})
-    pretrain_root: str | None = field(default=None, metadata={"help": "Root of the pre-training corpus; None with 'synthetic' synthesises it under the cache."})
-    pretrain_split: str = field(default="reference", metadata={"help": "Split of the pre-training corpus used for pre-training and CEM training."})
-    target_corpus: str = field(default="synthetic", metadata={"help": "Target emotion corpus for domain post-training and testing: 'synthetic', 'iemocap', 'meld' or 'audiofolder'."})
-    target_root: str | None = field(default=None, metadata={"help": "Root of the target corpus; None with 'synthetic' uses the synthesised corpus."})
-    target_options: dict | str | None = field(default_factory=dict, metadata={"help": "Extra load_corpus options for the target corpus (a YAML mapping, or JSON on the command line: '{\"protocol\": \"session5\"}')."})
+    pretrain_corpus: str = field(
+        default="synthetic",
+        metadata={
+            "help": "Corpus for SER-SLM pre-training and CEM training (reliable labels): 'synthetic' or 'speechcraft'."
+        },
+    )
+    pretrain_root: str | None = field(
+        default=None,
+        metadata={"help": "Root of the pre-training corpus; None with 'synthetic' synthesises it under the cache."},
+    )
+    pretrain_split: str = field(
+        default="reference",
+        metadata={"help": "Split of the pre-training corpus used for pre-training and CEM training."},
+    )
+    target_corpus: str = field(
+        default="synthetic",
+        metadata={
+            "help": "Target emotion corpus for domain post-training and testing: 'synthetic', 'iemocap', 'meld' or 'audiofolder'."
+        },
+    )
+    target_root: str | None = field(
+        default=None, metadata={"help": "Root of the target corpus; None with 'synthetic' uses the synthesised corpus."}
+    )
+    target_options: dict | str | None = field(
+        default_factory=dict,
+        metadata={
+            "help": 'Extra load_corpus options for the target corpus (a YAML mapping, or JSON on the command line: \'{"protocol": "session5"}\').'
+        },
+    )
     train_split: str = field(default="train", metadata={"help": "Target split used for post-training."})
     test_split: str = field(default="test", metadata={"help": "Target split used for evaluation."})
     synth_size: str = field(default="default", metadata={"help": "Size of the synthetic corpus: 'small' or 'default'."})
-    annotation_method: str = field(default="unified", metadata={"help": "Automatic SED annotation of the target corpus: 'speechcraft', 'unified' or 'speaker_adaptive'."})
-    annotation_calibrate: bool = field(default=True, metadata={"help": "Calibrate the unified thresholds (pitch per gender) / speaker-adaptive cut points once on the pre-training split's labels, as a released tool is calibrated on its population, when the annotated corpus has that split (the embedded default); otherwise the tool's fixed defaults."})
-    pretrain_sed_source: str | None = field(default=None, metadata={"help": "Descriptor labels of pre-training and CEM training: 'auto' (the annotation tool's labels of the pre-training split, as SpeechCraft's come from its tool; needs that split in the annotated corpus) or 'truth' (the corpus' own label columns, e.g. SpeechCraft's shipped labels). None: 'auto' when the pre-training split is part of the annotated corpus (the embedded default), else 'truth'."})
-    pretrain_eval_split: str | None = field(default=None, metadata={"help": "Split of the pre-training corpus evaluated during pre-training when eval_strategy is not 'no' (None: no evaluation during training)."})
+    annotation_method: str = field(
+        default="unified",
+        metadata={
+            "help": "Automatic SED annotation of the target corpus: 'speechcraft', 'unified' or 'speaker_adaptive'."
+        },
+    )
+    annotation_calibrate: bool = field(
+        default=True,
+        metadata={
+            "help": "Calibrate the unified thresholds (pitch per gender) / speaker-adaptive cut points once on the pre-training split's labels, as a released tool is calibrated on its population, when the annotated corpus has that split (the embedded default); otherwise the tool's fixed defaults."
+        },
+    )
+    pretrain_sed_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "Descriptor labels of pre-training and CEM training: 'auto' (the annotation tool's labels of the pre-training split, as SpeechCraft's come from its tool; needs that split in the annotated corpus) or 'truth' (the corpus' own label columns, e.g. SpeechCraft's shipped labels). None: 'auto' when the pre-training split is part of the annotated corpus (the embedded default), else 'truth'."
+        },
+    )
+    pretrain_eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split of the pre-training corpus evaluated during pre-training when eval_strategy is not 'no' (None: no evaluation during training)."
+        },
+    )
     # ---- annotation
-    gender_model: str = field(default="auto", metadata={"help": "Gender classifier of the annotation: a Hub id or local folder (audio-classification or audEERING age/gender layout), an OfflineClassifier .json, 'reference' (fitted on the target's reference split) or 'auto' (the reference fit when the target corpus has a labelled reference split, else SpeechCraft's alefiury/wav2vec2-large-xlsr-53-gender-recognition-librispeech)."})
-    age_model: str = field(default="auto", metadata={"help": "Age classifier of the annotation, as gender_model ('auto' without a reference split: SpeechCraft's audeering/wav2vec2-large-robust-24-ft-age-gender)."})
+    gender_model: str = field(
+        default="auto",
+        metadata={
+            "help": "Gender classifier of the annotation: a Hub id or local folder (audio-classification or audEERING age/gender layout), an OfflineClassifier .json, 'reference' (fitted on the target's reference split) or 'auto' (the reference fit when the target corpus has a labelled reference split, else SpeechCraft's alefiury/wav2vec2-large-xlsr-53-gender-recognition-librispeech)."
+        },
+    )
+    age_model: str = field(
+        default="auto",
+        metadata={
+            "help": "Age classifier of the annotation, as gender_model ('auto' without a reference split: SpeechCraft's audeering/wav2vec2-large-robust-24-ft-age-gender)."
+        },
+    )
     annotation_batch_size: int = field(default=8, metadata={"help": "Batch size of the Hub gender/age classifiers."})
-    annotation_device: str | None = field(default=None, metadata={"help": "Device of the Hub gender/age classifiers (e.g. 'cuda:0', 'cpu'); None: the process' GPU if any, else CPU."})
+    annotation_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Device of the Hub gender/age classifiers (e.g. 'cuda:0', 'cpu'); None: the process' GPU if any, else CPU."
+        },
+    )
     # ---- model
-    preset: str = field(default="tiny", metadata={"help": "SER-SLM preset: 'tiny' (random init, CPU) or 'paper' (HuBERT-large + Llama-3.1-8B-Instruct with LoRA)."})
+    preset: str = field(
+        default="tiny",
+        metadata={
+            "help": "SER-SLM preset: 'tiny' (random init, CPU) or 'paper' (HuBERT-large + Llama-3.1-8B-Instruct with LoRA)."
+        },
+    )
     # ---- pre-training
-    pretrain_epochs: float = field(default=2.0, metadata={"help": "SER-SLM pre-training epochs (the paper: 2); used when pretrain_max_steps <= 0."})
-    pretrain_max_steps: int = field(default=2000, metadata={"help": "If > 0, overrides pretrain_epochs (embedded default: 2000 steps, 8 epochs of the synthetic reference split)."})
-    pretrain_learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate for pre-training (tiny preset default)."})
+    pretrain_epochs: float = field(
+        default=2.0, metadata={"help": "SER-SLM pre-training epochs (the paper: 2); used when pretrain_max_steps <= 0."}
+    )
+    pretrain_max_steps: int = field(
+        default=2000,
+        metadata={
+            "help": "If > 0, overrides pretrain_epochs (embedded default: 2000 steps, 8 epochs of the synthetic reference split)."
+        },
+    )
+    pretrain_learning_rate: float = field(
+        default=2e-3, metadata={"help": "AdamW learning rate for pre-training (tiny preset default)."}
+    )
     per_device_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of SER-SLM training."})
-    kl_warmup_steps: int = field(default=100, metadata={"help": "Steps over which the VIB KL weight ramps up from 0 (keeps the bottleneck from collapsing before the LM reads the audio)."})
-    f0_stream: bool = field(default=True, metadata={"help": "Tiny preset: feed the SED branch a Praat F0 stream besides the energy stream."})
-    aux_sed_loss_weight: float = field(default=1.0, metadata={"help": "Tiny preset: weight of the auxiliary descriptor-classification loss on the SED branch during pre-training (a random-init encoder needs it to learn from the audio in minutes; 0 = off)."})
-    aux_ctc_loss_weight: float = field(default=0.3, metadata={"help": "Tiny preset: weight of the auxiliary transcript CTC loss on the semantic branch during pre-training (0 = off)."})
-    channel_augmentation: float = field(default=0.8, metadata={"help": "Pre-training: probability that a reference utterance passes through a random recording channel (band-pass + noise floor, level kept), so the SLM transfers to the target corpus' channel; 0 = off."})
+    kl_warmup_steps: int = field(
+        default=100,
+        metadata={
+            "help": "Steps over which the VIB KL weight ramps up from 0 (keeps the bottleneck from collapsing before the LM reads the audio)."
+        },
+    )
+    f0_stream: bool = field(
+        default=True, metadata={"help": "Tiny preset: feed the SED branch a Praat F0 stream besides the energy stream."}
+    )
+    aux_sed_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Tiny preset: weight of the auxiliary descriptor-classification loss on the SED branch during pre-training (a random-init encoder needs it to learn from the audio in minutes; 0 = off)."
+        },
+    )
+    aux_ctc_loss_weight: float = field(
+        default=0.3,
+        metadata={
+            "help": "Tiny preset: weight of the auxiliary transcript CTC loss on the semantic branch during pre-training (0 = off)."
+        },
+    )
+    channel_augmentation: float = field(
+        default=0.8,
+        metadata={
+            "help": "Pre-training: probability that a reference utterance passes through a random recording channel (band-pass + noise floor, level kept), so the SLM transfers to the target corpus' channel; 0 = off."
+        },
+    )
     warmup_ratio: float = field(default=0.05, metadata={"help": "Warm-up ratio of the SLM's learning-rate schedule."})
     # ---- CEM and selection
     cem_max_steps: int = field(default=400, metadata={"help": "CEM training steps."})
-    cem_max_samples: int | None = field(default=1500, metadata={"help": "Reference utterances the pre-trained SLM captions for CEM training data (None: all)."})
+    cem_max_samples: int | None = field(
+        default=1500,
+        metadata={"help": "Reference utterances the pre-trained SLM captions for CEM training data (None: all)."},
+    )
     cem_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the CEM."})
-    cem_training_captions: str = field(default="perturbed", metadata={"help": "CEM training captions: 'perturbed' (reliable captions with descriptors replaced at random, matched to scoring annotated captions; our default) or 'predicted' (the SLM's own predictions, as the paper)."})
-    cem_corrupt_prob: float = field(default=0.3, metadata={"help": "With 'perturbed': probability that each descriptor is replaced."})
+    cem_training_captions: str = field(
+        default="perturbed",
+        metadata={
+            "help": "CEM training captions: 'perturbed' (reliable captions with descriptors replaced at random, matched to scoring annotated captions; our default) or 'predicted' (the SLM's own predictions, as the paper)."
+        },
+    )
+    cem_corrupt_prob: float = field(
+        default=0.3, metadata={"help": "With 'perturbed': probability that each descriptor is replaced."}
+    )
     cem_pooling: str = field(default="sed_tokens", metadata={"help": "CEM input pooling: 'sed_tokens' or 'mean'."})
-    cem_holdout_speakers: int = field(default=0, metadata={"help": "Speakers of the pre-training split (chosen from the seed, spread over the speaker groups) removed from the SLM's pre-training and used only for CEM training, so that the CEM learns from SLM states of voices the SLM never trained on, as on the target (0: the CEM reads the pre-training utterances, as the paper)."})
-    cem_captions_per_utterance: int = field(default=1, metadata={"help": "With 'perturbed' captions: independently perturbed captions per CEM training utterance (> 1: plus the unperturbed caption), so a few hundred utterances give thousands of (caption, right/wrong) pairs."})
-    cem_perturbation: str = field(default="random", metadata={"help": "With 'perturbed' captions, how a descriptor is perturbed: 'random' (any other value), 'adjacent' (one step: low<->normal<->high, slow<->normal<->fast, a neighbouring age, the other gender; the annotator's error near a threshold) or 'speaker' (a one-step shift drawn once per speaker and field, applied to all of that speaker's utterances, as a threshold miscalibrated for a voice errs)."})
-    cem_balance: str = field(default="utterance", metadata={"help": "Balancing of the CEM's right/wrong training pairs: 'utterance' (all five right vs not, the paper's counts), 'field' (right and wrong entries balanced per field, the others ignored by the loss) or 'none'."})
-    cem_quality_split: str | None = field(default="dev", metadata={"help": "Target split that the select stage also scores with the CEM (no selection) and measures against the ground truth, into selection_quality_<split>.json, so that CEM variants are compared on it; skipped when the split is absent or has no ground truth (None: off)."})
+    cem_holdout_speakers: int = field(
+        default=0,
+        metadata={
+            "help": "Speakers of the pre-training split (chosen from the seed, spread over the speaker groups) removed from the SLM's pre-training and used only for CEM training, so that the CEM learns from SLM states of voices the SLM never trained on, as on the target (0: the CEM reads the pre-training utterances, as the paper)."
+        },
+    )
+    cem_captions_per_utterance: int = field(
+        default=1,
+        metadata={
+            "help": "With 'perturbed' captions: independently perturbed captions per CEM training utterance (> 1: plus the unperturbed caption), so a few hundred utterances give thousands of (caption, right/wrong) pairs."
+        },
+    )
+    cem_perturbation: str = field(
+        default="random",
+        metadata={
+            "help": "With 'perturbed' captions, how a descriptor is perturbed: 'random' (any other value), 'adjacent' (one step: low<->normal<->high, slow<->normal<->fast, a neighbouring age, the other gender; the annotator's error near a threshold) or 'speaker' (a one-step shift drawn once per speaker and field, applied to all of that speaker's utterances, as a threshold miscalibrated for a voice errs)."
+        },
+    )
+    cem_balance: str = field(
+        default="utterance",
+        metadata={
+            "help": "Balancing of the CEM's right/wrong training pairs: 'utterance' (all five right vs not, the paper's counts), 'field' (right and wrong entries balanced per field, the others ignored by the loss) or 'none'."
+        },
+    )
+    cem_quality_split: str | None = field(
+        default="dev",
+        metadata={
+            "help": "Target split that the select stage also scores with the CEM (no selection) and measures against the ground truth, into selection_quality_<split>.json, so that CEM variants are compared on it; skipped when the split is absent or has no ground truth (None: off)."
+        },
+    )
     selection_ratio: float | None = field(default=None, metadata={"help": "Override the system's kept share (0-1]."})
     # ---- post-training
     posttrain_max_steps: int = field(default=200, metadata={"help": "Domain post-training steps (the paper: 20k)."})
-    posttrain_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for post-training (all systems; chosen on the synthetic dev split, the real configs set 1e-4)."})
-    cpu_threads: int = field(default=0, metadata={"help": "Torch threads per process on a machine without an accelerator (0: the cores divided among the processes; `accelerate launch` alone would set 1)."})
-    annotation_num_proc: int | None = field(default=None, metadata={"help": "Processes for annotation feature extraction (None: all cores)."})
-    num_policies: int | None = field(default=None, metadata={"help": "Override the system's K (policies per utterance)."})
+    posttrain_learning_rate: float = field(
+        default=1e-3,
+        metadata={
+            "help": "AdamW learning rate for post-training (all systems; chosen on the synthetic dev split, the real configs set 1e-4)."
+        },
+    )
+    cpu_threads: int = field(
+        default=0,
+        metadata={
+            "help": "Torch threads per process on a machine without an accelerator (0: the cores divided among the processes; `accelerate launch` alone would set 1)."
+        },
+    )
+    annotation_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for annotation feature extraction (None: all cores)."}
+    )
+    num_policies: int | None = field(
+        default=None, metadata={"help": "Override the system's K (policies per utterance)."}
+    )
     # ---- trainer fields for one stage (any SEDRectifyConfig / SerSlmSFTConfig / TrainingArguments field)
-    pretrain_training_args: dict | str | None = field(default_factory=dict, metadata={"help": "Trainer fields for pre-training only (a YAML mapping, or JSON on the command line); they win over the top-level ones and the recipe's."})
-    cem_training_args: dict | str | None = field(default_factory=dict, metadata={"help": "TrainingArguments fields for the CEM's Trainer only."})
-    posttrain_training_args: dict | str | None = field(default_factory=dict, metadata={"help": "Trainer fields for post-training only (SEDRectifyConfig with rectification, else SerSlmSFTConfig)."})
+    pretrain_training_args: dict | str | None = field(
+        default_factory=dict,
+        metadata={
+            "help": "Trainer fields for pre-training only (a YAML mapping, or JSON on the command line); they win over the top-level ones and the recipe's."
+        },
+    )
+    cem_training_args: dict | str | None = field(
+        default_factory=dict, metadata={"help": "TrainingArguments fields for the CEM's Trainer only."}
+    )
+    posttrain_training_args: dict | str | None = field(
+        default_factory=dict,
+        metadata={
+            "help": "Trainer fields for post-training only (SEDRectifyConfig with rectification, else SerSlmSFTConfig)."
+        },
+    )
     # ---- set by the parser from the other two dataclasses (recipe.main); not command-line options
-    model_args: Any = field(default=None, metadata={"help": "SerSlmModelArguments (set from the model settings; a YAML mapping also works)."})
-    training_args: Any = field(default=None, metadata={"help": "TrainingSettings (set from the top-level trainer fields)."})
+    model_args: Any = field(
+        default=None,
+        metadata={"help": "SerSlmModelArguments (set from the model settings; a YAML mapping also works)."},
+    )
+    training_args: Any = field(
+        default=None, metadata={"help": "TrainingSettings (set from the top-level trainer fields)."}
+    )
     # ---- interruption
-    save_steps: int = field(default=0, metadata={"help": "Checkpoint the training stages (pre- and post-training) every N optimizer steps inside their unfinished stage folder (0: no checkpoints; the last two are kept). Does not change the stage keys or the results."})
-    resume_from_checkpoint: bool = field(default=False, metadata={"help": "Resume an interrupted training stage from the newest complete checkpoint in its unfinished stage folder (needs save_steps > 0 in the interrupted run), instead of starting it over."})
+    save_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Checkpoint the training stages (pre- and post-training) every N optimizer steps inside their unfinished stage folder (0: no checkpoints; the last two are kept). Does not change the stage keys or the results."
+        },
+    )
+    resume_from_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume an interrupted training stage from the newest complete checkpoint in its unfinished stage folder (needs save_steps > 0 in the interrupted run), instead of starting it over."
+        },
+    )
     # ---- evaluation
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of caption generation at evaluation."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many test utterances."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many test utterances."}
+    )
     tsne_samples: int = field(default=600, metadata={"help": "Utterances in the t-SNE plot of last hidden states."})
 
     def __post_init__(self):
@@ -289,11 +570,18 @@ class RecipeConfig:
     def to_dict(self) -> dict[str, Any]:
         """The settings as results.json records them: the recipe's fields, the model settings and
         the trainer fields that were set and the controller's (``RECTIFY_DEFAULTS``; secrets left out)."""
-        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("model_args", "training_args")}
+        out = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in ("model_args", "training_args")
+        }
         out["model_args"] = dataclasses.asdict(self.model_args)
         explicit = explicit_training_settings(self.training_args)
-        out["training_args"] = {k: v for k, v in {**{k: getattr(self.training_args, k) for k in RECTIFY_DEFAULTS}, **explicit}.items()
-                                if k not in SECRET_FIELDS}
+        out["training_args"] = {
+            k: v
+            for k, v in {**{k: getattr(self.training_args, k) for k in RECTIFY_DEFAULTS}, **explicit}.items()
+            if k not in SECRET_FIELDS
+        }
         for name in ("pretrain_training_args", "cem_training_args", "posttrain_training_args"):
             out[name] = {k: v for k, v in out[name].items() if k not in SECRET_FIELDS}
         return out
@@ -322,7 +610,13 @@ class RecipeConfig:
         differs from the recipe's defaults (``TRAINING_DEFAULTS``; ``RECTIFY_DEFAULTS`` too for a
         rectifying post-training), so the key is empty when nothing else is set."""
         args = self.stage_training_args(stage, rectify)
-        base = {} if stage == "cem" else {**TRAINING_DEFAULTS, **RECTIFY_DEFAULTS} if stage == "posttrain" and rectify else TRAINING_DEFAULTS
+        base = (
+            {}
+            if stage == "cem"
+            else {**TRAINING_DEFAULTS, **RECTIFY_DEFAULTS}
+            if stage == "posttrain" and rectify
+            else TRAINING_DEFAULTS
+        )
         return {k: v for k, v in sorted(args.items()) if k not in NOT_IN_STAGE_KEY and not (k in base and base[k] == v)}
 
 
@@ -331,29 +625,42 @@ def _check_stage_fields(cfg: RecipeConfig) -> None:
     from transformers import TrainingArguments
 
     from .trainers.rectify_config import SEDRectifyConfig
-
     from .trainers.sft import SerSlmSFTConfig
 
-    for name, cls in (("pretrain_training_args", SerSlmSFTConfig), ("posttrain_training_args", SEDRectifyConfig),
-                      ("cem_training_args", TrainingArguments)):
+    for name, cls in (
+        ("pretrain_training_args", SerSlmSFTConfig),
+        ("posttrain_training_args", SEDRectifyConfig),
+        ("cem_training_args", TrainingArguments),
+    ):
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(getattr(cfg, name)) - known)
         if unknown:
-            raise ValueError(f"{name}: {unknown} {'is not a' if len(unknown) == 1 else 'are not'} {cls.__name__} field"
-                             f"{'' if len(unknown) == 1 else 's'}; see `python recipes/sys10.py --help` for the fields")
+            raise ValueError(
+                f"{name}: {unknown} {'is not a' if len(unknown) == 1 else 'are not'} {cls.__name__} field"
+                f"{'' if len(unknown) == 1 else 's'}; see `python recipes/sys10.py --help` for the fields"
+            )
 
 
 def _check_cem_fields(cfg: RecipeConfig) -> None:
     """The CEM training options named in the error, at configuration time (not after pre-training)."""
     from .trainers.cem import BALANCE_MODES, PERTURBATIONS, TRAINING_CAPTIONS
 
-    for name, allowed in (("cem_training_captions", TRAINING_CAPTIONS), ("cem_perturbation", PERTURBATIONS),
-                          ("cem_balance", BALANCE_MODES)):
+    for name, allowed in (
+        ("cem_training_captions", TRAINING_CAPTIONS),
+        ("cem_perturbation", PERTURBATIONS),
+        ("cem_balance", BALANCE_MODES),
+    ):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name}={getattr(cfg, name)!r}: choose one of {allowed}")
     if cfg.cem_holdout_speakers < 0 or cfg.cem_captions_per_utterance < 1:
-        raise ValueError(f"cem_holdout_speakers must be >= 0 and cem_captions_per_utterance >= 1, got "
-                         f"{cfg.cem_holdout_speakers} and {cfg.cem_captions_per_utterance}")
-    if cfg.cem_training_captions == "predicted" and (cfg.cem_captions_per_utterance != 1 or cfg.cem_perturbation != "random"):
-        raise ValueError("cem_captions_per_utterance and cem_perturbation apply to cem_training_captions='perturbed' only "
-                         "('predicted' is the SLM's one greedy caption per utterance)")
+        raise ValueError(
+            f"cem_holdout_speakers must be >= 0 and cem_captions_per_utterance >= 1, got "
+            f"{cfg.cem_holdout_speakers} and {cfg.cem_captions_per_utterance}"
+        )
+    if cfg.cem_training_captions == "predicted" and (
+        cfg.cem_captions_per_utterance != 1 or cfg.cem_perturbation != "random"
+    ):
+        raise ValueError(
+            "cem_captions_per_utterance and cem_perturbation apply to cem_training_captions='perturbed' only "
+            "('predicted' is the SLM's one greedy caption per utterance)"
+        )

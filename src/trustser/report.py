@@ -32,9 +32,23 @@ def rectification_summary(log_history: list[dict] | None) -> dict | None:
     return {k: {"first": v[0], "last": v[-1]} for k, v in last.items()} or None
 
 
-def run_results(spec, target_corpus: str, metrics: dict, *, annotated, cem=None, selected=None, post=None,
-                settings: dict, seed: int, stages: list, started: float, relative_to: Path | None = None,
-                processes: dict | None = None, ground_truth_checks: bool = True) -> dict[str, Any]:
+def run_results(
+    spec,
+    target_corpus: str,
+    metrics: dict,
+    *,
+    annotated,
+    cem=None,
+    selected=None,
+    post=None,
+    settings: dict,
+    seed: int,
+    stages: list,
+    started: float,
+    relative_to: Path | None = None,
+    processes: dict | None = None,
+    ground_truth_checks: bool = True,
+) -> dict[str, Any]:
     """results.json's content: the system, the test metrics, what the stages wrote (annotation
     report, CEM metrics, selection statistics, rectification summary), the settings and the stage
     table. ``ground_truth_checks`` adds the CEM's scores of the target's captions (``cem_target``)
@@ -51,15 +65,24 @@ def run_results(spec, target_corpus: str, metrics: dict, *, annotated, cem=None,
         # the CEM's scores of the target's annotated captions against the ground truth (never utterances the SLM trained on)
         results["cem_target"] = read_json(selected.path / "selection_quality.json") if cem else None
     results["selection"] = read_json(selected.path / "data" / "selection_stats.json") if selected else None
-    results["rectification"] = rectification_summary(read_json(post.path / "log_history.json")) if post and spec.rectify else None
+    results["rectification"] = (
+        rectification_summary(read_json(post.path / "log_history.json")) if post and spec.rectify else None
+    )
     if ground_truth_checks:
         results["controller_audit"] = read_json(post.path / "controller_audit.json") if post and spec.rectify else None
     results["settings"] = settings
     results["seed"] = seed
     results.update(processes or {})
-    results["stages"] = [{"name": s.name, "key": s.key, "reused": s.reused,
-                          "path": os.path.relpath(s.path, relative_to) if relative_to is not None else str(s.path),
-                          "seconds": s.record().get("seconds")} for s in stages]
+    results["stages"] = [
+        {
+            "name": s.name,
+            "key": s.key,
+            "reused": s.reused,
+            "path": os.path.relpath(s.path, relative_to) if relative_to is not None else str(s.path),
+            "seconds": s.record().get("seconds"),
+        }
+        for s in stages
+    ]
     results["wall_seconds"] = round(time.time() - started, 1)
     return results
 
@@ -70,7 +93,9 @@ def write_results(results: dict, run_dir: Path) -> None:
     atomic_write_json(run_dir / "results.json", results)
     write_report(results, run_dir / "report.md")
     m = results["test"][results["target_corpus"]]
-    print(f"[trustser] {results['system']['name']}: WA {m['wa']:.4f}  UA {m['ua']:.4f}  wF1 {m['weighted_f1']:.4f}  -> {run_dir}/results.json")
+    print(
+        f"[trustser] {results['system']['name']}: WA {m['wa']:.4f}  UA {m['ua']:.4f}  wF1 {m['weighted_f1']:.4f}  -> {run_dir}/results.json"
+    )
 
 
 def write_report(results: dict, path: Path) -> None:
@@ -78,61 +103,115 @@ def write_report(results: dict, path: Path) -> None:
     truth, the CEM, selection and rectification outputs, the controller audit and the stage table."""
     spec = results["system"]
     lines = [f"# trustser {spec['name']} — {results['target_corpus']}", ""]
-    lines.append(f"Settings: SED in caption {spec['with_sed']}, domain SFT {spec['domain_sft']}, selection {spec['selection_ratio'] or '100%'}, "
-                 f"RL rectification {spec['rectify']}{' (K=%d)' % results['settings'].get('num_policies_used', spec['num_policies']) if spec['rectify'] else ''}; seed {results['settings']['seed']}.")
+    lines.append(
+        f"Settings: SED in caption {spec['with_sed']}, domain SFT {spec['domain_sft']}, selection {spec['selection_ratio'] or '100%'}, "
+        f"RL rectification {spec['rectify']}{' (K=%d)' % results['settings'].get('num_policies_used', spec['num_policies']) if spec['rectify'] else ''}; seed {results['settings']['seed']}."
+    )
     lines.append("")
     for corpus, m in results["test"].items():
         lines += [f"## Test: {corpus} ({m['n']} utterances)", "", "| metric | value |", "|---|---|"]
-        lines += [f"| WA (accuracy) | {m['wa']:.4f} |", f"| UA (balanced accuracy) | {m['ua']:.4f} |", f"| weighted F1 | {m['weighted_f1']:.4f} |",
-                  f"| unparseable captions | {m['unparseable_rate']:.4f} |"]
+        lines += [
+            f"| WA (accuracy) | {m['wa']:.4f} |",
+            f"| UA (balanced accuracy) | {m['ua']:.4f} |",
+            f"| weighted F1 | {m['weighted_f1']:.4f} |",
+            f"| unparseable captions | {m['unparseable_rate']:.4f} |",
+        ]
         lines += [f"| SED accuracy: {f} | {m.get('sed_accuracy', {}).get(f, float('nan')):.4f} |" for f in SED_FIELDS]
         lines.append("")
         if spec.get("paper_iemocap") is not None:
-            lines.append(f"The paper reports {spec['paper_iemocap']}% (IEMOCAP) and {spec['paper_meld']}% (MELD) for this system.")
+            lines.append(
+                f"The paper reports {spec['paper_iemocap']}% (IEMOCAP) and {spec['paper_meld']}% (MELD) for this system."
+            )
             lines.append("")
         if m.get("wa_by_group"):
-            lines += ["Emotion accuracy per speaker group: " + ", ".join(f"{g} {v:.3f}" for g, v in m["wa_by_group"].items()), ""]
+            lines += [
+                "Emotion accuracy per speaker group: " + ", ".join(f"{g} {v:.3f}" for g, v in m["wa_by_group"].items()),
+                "",
+            ]
     lines += _annotation_lines(results.get("annotation"))
     target = results.get("cem_target")
     if target:
-        lines += [f"## Confidence scores of the target's annotated captions ({target['n']} training utterances, against the ground truth)", "",
-                  f"Utterance AUC (all five labels right): {target['utterance_auc']:.4f}; per field: "
-                  + ", ".join(f"{f} {v:.4f}" for f, v in (target.get("field_auc") or {}).items()), "",
-                  "| kept share | label accuracy, CEM selection | oracle selection |", "|---|---|---|"]
-        lines += [f"| {r['share']:.0%} | {r['scores']:.4f} | {r['oracle']:.4f} |" for r in target["kept_share_accuracy"]]
+        lines += [
+            f"## Confidence scores of the target's annotated captions ({target['n']} training utterances, against the ground truth)",
+            "",
+            f"Utterance AUC (all five labels right): {target['utterance_auc']:.4f}; per field: "
+            + ", ".join(f"{f} {v:.4f}" for f, v in (target.get("field_auc") or {}).items()),
+            "",
+            "| kept share | label accuracy, CEM selection | oracle selection |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r['share']:.0%} | {r['scores']:.4f} | {r['oracle']:.4f} |" for r in target["kept_share_accuracy"]
+        ]
         lines.append("")
     if results.get("cem"):
         lines += ["## Confidence estimation", "", "```json", json.dumps(results["cem"], indent=1)[:3000], "```", ""]
     if results.get("selection"):
         lines += ["## Selection", "", "```json", json.dumps(results["selection"], indent=1)[:3000], "```", ""]
     if results.get("rectification"):
-        lines += ["## Rectification (last logged values)", "", "```json", json.dumps(results["rectification"], indent=1)[:3000], "```", ""]
+        lines += [
+            "## Rectification (last logged values)",
+            "",
+            "```json",
+            json.dumps(results["rectification"], indent=1)[:3000],
+            "```",
+            "",
+        ]
     audit = results.get("controller_audit")
     if audit:
-        lines += ["## Descriptor labels after rectification (trained controller, every training utterance)", "",
-                  "| field | annotation | rectified (expected under the policy) | rectified (greedy) | P(modify) |", "|---|---|---|---|---|"]
-        lines += [f"| {f} | {v['annotation']:.4f} | {v['expected']:.4f} | {v['greedy']:.4f} | {v['modify_probability']:.4f} |"
-                  for f, v in audit["per_field"].items()]
-        lines += [f"| **all** | {audit['annotation_accuracy']:.4f} | {audit['expected_accuracy']:.4f} | {audit['greedy_accuracy']:.4f} | |", ""]
-        lines += ["Per-utterance repair (greedy policy; labels): wrong labels fixed, right labels broken, left as they were.", "",
-                  "| field | fixed | broken | unchanged wrong | unchanged right |", "|---|---|---|---|---|"]
-        lines += [f"| {f} | {v['repair']['fixed']:.1f} | {v['repair']['broken']} | {v['repair']['unchanged_wrong']} | {v['repair']['unchanged_right']} |"
-                  for f, v in audit["per_field"].items() if "repair" in v]
+        lines += [
+            "## Descriptor labels after rectification (trained controller, every training utterance)",
+            "",
+            "| field | annotation | rectified (expected under the policy) | rectified (greedy) | P(modify) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {f} | {v['annotation']:.4f} | {v['expected']:.4f} | {v['greedy']:.4f} | {v['modify_probability']:.4f} |"
+            for f, v in audit["per_field"].items()
+        ]
+        lines += [
+            f"| **all** | {audit['annotation_accuracy']:.4f} | {audit['expected_accuracy']:.4f} | {audit['greedy_accuracy']:.4f} | |",
+            "",
+        ]
+        lines += [
+            "Per-utterance repair (greedy policy; labels): wrong labels fixed, right labels broken, left as they were.",
+            "",
+            "| field | fixed | broken | unchanged wrong | unchanged right |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {f} | {v['repair']['fixed']:.1f} | {v['repair']['broken']} | {v['repair']['unchanged_wrong']} | {v['repair']['unchanged_right']} |"
+            for f, v in audit["per_field"].items()
+            if "repair" in v
+        ]
         lines.append("")
     lines += ["## Stages", "", "| stage | key | reused | seconds |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['key']} | {s['reused']} | {s.get('seconds', '')} |" for s in results["stages"]]
-    lines += ["", "Plots: `confusion_matrix.png`, `tsne.png` (last hidden states coloured by emotion, the paper's Figure 2)"
-              + (", `rectification.png` (rectified vs annotated label accuracy, modify rates)." if spec["rectify"] else "."), ""]
+    lines += [
+        "",
+        "Plots: `confusion_matrix.png`, `tsne.png` (last hidden states coloured by emotion, the paper's Figure 2)"
+        + (", `rectification.png` (rectified vs annotated label accuracy, modify rates)." if spec["rectify"] else "."),
+        "",
+    ]
     atomic_write_text(path, "\n".join(lines))
 
 
 def _annotation_lines(report: dict | None) -> list[str]:
     """The annotation's accuracy against the ground truth per split and speaker group (report.md)."""
     rows = [(split, "all", r["accuracy"]) for split, r in (report or {}).items() if r.get("accuracy")]
-    rows += [(split, g, a) for split, r in (report or {}).items() for g, a in (r.get("accuracy_by_group") or {}).items()]
+    rows += [
+        (split, g, a) for split, r in (report or {}).items() for g, a in (r.get("accuracy_by_group") or {}).items()
+    ]
     if not rows:
         return []
-    lines = ["## Annotation accuracy against the ground truth", "", "| split | speaker group | n | " + " | ".join(SED_FIELDS) + " | all five |",
-             "|---|---|---|" + "---|" * (len(SED_FIELDS) + 1)]
-    lines += [f"| {split} | {g} | {a['n']} | " + " | ".join(f"{a[f]:.3f}" for f in SED_FIELDS) + f" | {a['all_right']:.3f} |" for split, g, a in rows]
+    lines = [
+        "## Annotation accuracy against the ground truth",
+        "",
+        "| split | speaker group | n | " + " | ".join(SED_FIELDS) + " | all five |",
+        "|---|---|---|" + "---|" * (len(SED_FIELDS) + 1),
+    ]
+    lines += [
+        f"| {split} | {g} | {a['n']} | " + " | ".join(f"{a[f]:.3f}" for f in SED_FIELDS) + f" | {a['all_right']:.3f} |"
+        for split, g, a in rows
+    ]
     return lines + [""]

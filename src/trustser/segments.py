@@ -54,9 +54,13 @@ def speech_segments(
     limit = float("inf") if not max_seconds else max(0.5, max_seconds - 2 * pad_seconds)
     with torch.inference_mode():
         spans = get_speech_timestamps(
-            torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)), model, threshold=threshold,
-            sampling_rate=TARGET_SR, min_silence_duration_ms=int(min_silence_seconds * 1000),
-            speech_pad_ms=int(pad_seconds * 1000), max_speech_duration_s=limit,
+            torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)),
+            model,
+            threshold=threshold,
+            sampling_rate=TARGET_SR,
+            min_silence_duration_ms=int(min_silence_seconds * 1000),
+            speech_pad_ms=int(pad_seconds * 1000),
+            max_speech_duration_s=limit,
         )
     return [(s["start"] / TARGET_SR, s["end"] / TARGET_SR) for s in spans]
 
@@ -92,7 +96,7 @@ def fit_segments(
             if cands:
                 j = min(cands)[1]
                 lo, hi = min(i, j), max(i, j)
-                out[lo:hi + 1] = [(out[lo][0], out[hi][1])]
+                out[lo : hi + 1] = [(out[lo][0], out[hi][1])]
                 merged = True
                 break
     widened = []
@@ -125,7 +129,9 @@ def segment_recording(
     return fit_segments(spans, window, total)
 
 
-def check_recording_length(seconds: float | None, name: str, max_recording_seconds: float = MAX_RECORDING_SECONDS) -> None:
+def check_recording_length(
+    seconds: float | None, name: str, max_recording_seconds: float = MAX_RECORDING_SECONDS
+) -> None:
     if seconds is not None and seconds > max_recording_seconds:
         raise AudioError(
             f"{name}: {seconds / 60:.1f} min is longer than the {max_recording_seconds / 60:g} min a recording may have "
@@ -134,5 +140,11 @@ def check_recording_length(seconds: float | None, name: str, max_recording_secon
         )
 
 
-__all__ = ["speech_segments", "fit_segments", "segment_recording", "check_recording_length", "load_vad",
-           "MAX_RECORDING_SECONDS"]
+__all__ = [
+    "speech_segments",
+    "fit_segments",
+    "segment_recording",
+    "check_recording_length",
+    "load_vad",
+    "MAX_RECORDING_SECONDS",
+]

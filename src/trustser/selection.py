@@ -24,6 +24,7 @@ STATS_FILENAME = "selection_stats.json"
 def _distributed_state():
     try:
         from .utils import distributed_state
+
         state = distributed_state()
         return state if state.num_processes > 1 else None
     except Exception:  # accelerate not initialisable: single process
@@ -57,8 +58,14 @@ def score_confidence(
         my_indices = indices
     cem = cem.to(next(slm.parameters()).device)
     feats = extract_cem_features(
-        slm, processor, dataset, sed_source=sed_source, pooling=cem.config.feature_pooling,
-        batch_size=batch_size, indices=my_indices, progress=progress,
+        slm,
+        processor,
+        dataset,
+        sed_source=sed_source,
+        pooling=cem.config.feature_pooling,
+        batch_size=batch_size,
+        indices=my_indices,
+        progress=progress,
     )
     field_scores = predict_cem(cem, feats)
     if state is not None:
@@ -100,8 +107,10 @@ def annotation_correctness(dataset) -> np.ndarray | None:
     if any(v in ("", None) for f in SED_FIELDS for v in table[f]):
         return None
     return np.array(
-        [[normalize_sed_value(f, table[f + "_auto"][i]) == normalize_sed_value(f, table[f][i]) for f in SED_FIELDS]
-         for i in range(len(dataset))],
+        [
+            [normalize_sed_value(f, table[f + "_auto"][i]) == normalize_sed_value(f, table[f][i]) for f in SED_FIELDS]
+            for i in range(len(dataset))
+        ],
         dtype=bool,
     ).reshape(len(dataset), len(SED_FIELDS))
 
@@ -125,14 +134,18 @@ def oracle_scores(dataset, seed: int = 0) -> np.ndarray:
     each row, ties broken at random (seeded), so keeping the top share keeps the cleanest rows."""
     correct = annotation_correctness(dataset)
     if correct is None:
-        raise ValueError("oracle selection needs ground-truth descriptor columns beside the annotation (<field> and <field>_auto)")
+        raise ValueError(
+            "oracle selection needs ground-truth descriptor columns beside the annotation (<field> and <field>_auto)"
+        )
     return correct.sum(1) + np.random.default_rng(seed).uniform(0.0, 0.5, len(correct))
 
 
 KEPT_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
-def selection_quality(dataset, scores, field_scores=None, *, shares=KEPT_SHARES, seed: int = 0) -> dict[str, Any] | None:
+def selection_quality(
+    dataset, scores, field_scores=None, *, shares=KEPT_SHARES, seed: int = 0
+) -> dict[str, Any] | None:
     """How well confidence scores find the wrong annotated labels, measured against the ground
     truth: AUC of each field's score for "this label is right", AUC of the utterance score for "all
     five are right", their expected calibration errors (``field_ece``, ``utterance_ece``: the
@@ -163,7 +176,9 @@ def selection_quality(dataset, scores, field_scores=None, *, shares=KEPT_SHARES,
     if field_scores is not None:
         fs = np.asarray(field_scores, dtype=np.float64)
         out["field_auc"] = {f: round(float(binary_auc(fs[:, j], correct[:, j])), 4) for j, f in enumerate(SED_FIELDS)}
-        out["field_ece"] = {f: round(float(expected_calibration_error(fs[:, j], correct[:, j])), 4) for j, f in enumerate(SED_FIELDS)}
+        out["field_ece"] = {
+            f: round(float(expected_calibration_error(fs[:, j], correct[:, j])), 4) for j, f in enumerate(SED_FIELDS)
+        }
     return out
 
 
@@ -195,8 +210,9 @@ def select_by_confidence(
     if scores is None:
         if cem is None or slm is None or processor is None:
             raise ValueError("select_by_confidence needs scores= or cem=, slm= and processor= to compute them")
-        scores, field_scores = score_confidence(cem, slm, processor, dataset, sed_source=sed_source,
-                                                batch_size=batch_size, return_field_scores=True)
+        scores, field_scores = score_confidence(
+            cem, slm, processor, dataset, sed_source=sed_source, batch_size=batch_size, return_field_scores=True
+        )
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(scores) != len(dataset):
         raise ValueError(f"{len(scores)} scores for a dataset of {len(dataset)} rows")
@@ -243,5 +259,13 @@ def select_by_confidence(
     return selected, stats
 
 
-__all__ = ["score_confidence", "select_by_confidence", "select_indices", "annotation_correctness", "oracle_scores",
-           "selection_quality", "KEPT_SHARES", "STATS_FILENAME"]
+__all__ = [
+    "score_confidence",
+    "select_by_confidence",
+    "select_indices",
+    "annotation_correctness",
+    "oracle_scores",
+    "selection_quality",
+    "KEPT_SHARES",
+    "STATS_FILENAME",
+]

@@ -111,11 +111,22 @@ class _StageLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 h = self.holder() or {}
-                logger.info("%s: being computed by another run (pid %s on %s since %s); waiting for it",
-                            what, h.get("pid", "?"), h.get("host", "?"), h.get("since", "?"))
+                logger.info(
+                    "%s: being computed by another run (pid %s on %s since %s); waiting for it",
+                    what,
+                    h.get("pid", "?"),
+                    h.get("host", "?"),
+                    h.get("since", "?"),
+                )
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            record = json.dumps({"run": run, "pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode()
+            record = json.dumps(
+                {
+                    "run": run,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            ).encode()
             os.ftruncate(fd, 0)
             os.pwrite(fd, record, 0)
             os.fsync(fd)
@@ -148,6 +159,7 @@ class StageRunner:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         if state is None:
             from .utils import distributed_state
+
             state = distributed_state()
         self.state = state
         self.stages: list[Stage] = []

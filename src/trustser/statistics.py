@@ -16,7 +16,9 @@ import numpy as np
 VERDICTS = ("holds", "reversed", "not resolved")
 
 
-def correctness_matrix(runs: Sequence[Mapping[str, Any]], ids: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+def correctness_matrix(
+    runs: Sequence[Mapping[str, Any]], ids: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """(seeds, utterances) 0/1 matrix from runs' predictions (``[{"id", "emotion", "prediction"}]``
     each), on the utterances every run evaluated (in ``ids`` order when given)."""
     maps = [{p["id"]: float(p["prediction"] == p["emotion"]) for p in r["predictions"]} for r in runs]
@@ -26,7 +28,9 @@ def correctness_matrix(runs: Sequence[Mapping[str, Any]], ids: Sequence[str] | N
     return np.array([[m[i] for i in common] for m in maps]), list(common)
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
     """Mean of ``a - b`` (two (seeds, utterances) correctness matrices on the same utterances and
     seeds, matched row for row) with a percentile bootstrap interval over seeds and utterances."""
     a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
@@ -42,12 +46,17 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, confid
         draws[k] = d[s][:, u].mean()
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
-    return {"diff": float(d.mean()), "ci": [float(lo), float(hi)], "seeds": int(n_seeds), "utterances": int(n_utts),
-            "per_seed_diff": [float(x) for x in d.mean(1)]}
+    return {
+        "diff": float(d.mean()),
+        "ci": [float(lo), float(hi)],
+        "seeds": int(n_seeds),
+        "utterances": int(n_utts),
+        "per_seed_diff": [float(x) for x in d.mean(1)],
+    }
 
 
 def verdict(ci: Sequence[float]) -> str:
-    """"holds" when the whole interval is above 0, "reversed" when below, else "not resolved"."""
+    """ "holds" when the whole interval is above 0, "reversed" when below, else "not resolved"."""
     lo, hi = ci
     return "holds" if lo > 0 else "reversed" if hi < 0 else "not resolved"
 

@@ -59,7 +59,9 @@ SYSTEMS: dict[str, SystemSpec] = {
     ]
 }
 # Table 3: Sys. 10's setting with K = 2, 4, 6, 8, 10 (V3 is Sys. 10 itself).
-for _i, (_k, _ie, _me) in enumerate([(2, 79.37, 62.69), (4, 79.94, 63.04), (6, 80.98, 64.11), (8, 81.06, 63.69), (10, 80.26, 63.57)], 1):
+for _i, (_k, _ie, _me) in enumerate(
+    [(2, 79.37, 62.69), (4, 79.94, 63.04), (6, 80.98, 64.11), (8, 81.06, 63.69), (10, 80.26, 63.57)], 1
+):
     SYSTEMS[f"v{_i}"] = SystemSpec(f"v{_i}", True, True, 0.9, True, _k, _ie, _me)
 
 
@@ -76,7 +78,7 @@ BRACKETS: tuple[str, ...] = ("oracle_labels", "pseudo_labels", "oracle_sel90", "
 
 @dataclass(frozen=True)
 class Claim:
-    """"``better`` beats ``worse``": one ordering the paper reports (or a bracket against a system)."""
+    """ "``better`` beats ``worse``": one ordering the paper reports (or a bracket against a system)."""
 
     better: str
     worse: str
@@ -97,13 +99,24 @@ def paper_claims(systems) -> list[Claim]:
     K = 8 > 6 > 10 > 4 > 2, adjacent pairs), and each bracket against Sys. 4 (Sys. 6 for oracle
     selection at 80%)."""
     have = set(systems)
-    pairs = [("sys2", "sys1"), ("sys4", "sys3"), ("sys4", "sys2"), ("sys6", "sys4"), ("sys9", "sys4"), ("sys10", "sys4")]
+    pairs = [
+        ("sys2", "sys1"),
+        ("sys4", "sys3"),
+        ("sys4", "sys2"),
+        ("sys6", "sys4"),
+        ("sys9", "sys4"),
+        ("sys10", "sys4"),
+    ]
     claims = [Claim(a, b, "Table 1") for a, b in pairs]
     claims += [Claim("sys10", f"sys{n}", "Table 1: Sys. 10 best") for n in range(5, 14) if n not in (6, 9, 10)]
     k_order = sorted((n for n in SYSTEMS if n.startswith("v")), key=lambda n: -(SYSTEMS[n].paper_iemocap or 0))
     claims += [Claim(a, b, "Table 3 (IEMOCAP K ordering)") for a, b in zip(k_order, k_order[1:])]
-    claims += [Claim("oracle_labels", "sys4", "bracket"), Claim("pseudo_labels", "sys4", "bracket"),
-               Claim("oracle_sel90", "sys4", "bracket"), Claim("oracle_sel80", "sys6", "bracket")]
+    claims += [
+        Claim("oracle_labels", "sys4", "bracket"),
+        Claim("pseudo_labels", "sys4", "bracket"),
+        Claim("oracle_sel90", "sys4", "bracket"),
+        Claim("oracle_sel80", "sys6", "bracket"),
+    ]
     seen, out = set(), []
     for c in claims:
         if c.better in have and c.worse in have and (c.better, c.worse) not in seen:

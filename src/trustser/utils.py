@@ -121,8 +121,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def check_output_dir(path: str | os.PathLike, *, marker: str, overwrite: bool = False,
-                     inputs: tuple | list = (), option: str = "--out") -> Path:
+def check_output_dir(
+    path: str | os.PathLike, *, marker: str, overwrite: bool = False, inputs: tuple | list = (), option: str = "--out"
+) -> Path:
     """Before a command replaces the folder ``path``: refuses (FileExistsError naming it) a file, or
     a non-empty folder without ``marker`` (the file the command writes into its outputs, so a
     folder it made is replaced as before), unless ``overwrite``; and always refuses a folder that is
@@ -134,15 +135,19 @@ def check_output_dir(path: str | os.PathLike, *, marker: str, overwrite: bool = 
             continue
         src_path = Path(src).expanduser().resolve()
         if src_path == resolved or resolved in src_path.parents:
-            raise FileExistsError(f"{option} {path}: is or holds the input {src}; replacing it would delete the input "
-                                  "(choose another folder)")
+            raise FileExistsError(
+                f"{option} {path}: is or holds the input {src}; replacing it would delete the input "
+                "(choose another folder)"
+            )
     if not path.exists() or overwrite:
         return path
     if not path.is_dir():
         raise FileExistsError(f"{option} {path}: exists and is not a folder; pass --overwrite to replace it")
     if any(path.iterdir()) and not (path / marker).exists():
-        raise FileExistsError(f"{option} {path}: exists and was not written by this command (no {marker}); "
-                              "choose another folder or pass --overwrite to replace it")
+        raise FileExistsError(
+            f"{option} {path}: exists and was not written by this command (no {marker}); "
+            "choose another folder or pass --overwrite to replace it"
+        )
     return path
 
 
@@ -204,4 +209,3 @@ def json_object_argument(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
     return value
-

@@ -15,6 +15,16 @@ from .binning import METHODS, AdaptiveConfig, UnifiedThresholds
 from .classifiers import HubAudioClassifier, OfflineClassifier
 
 __all__ = [
-    "annotate", "rebin", "annotation_report", "fit_reference_classifiers", "AUTO_COLUMNS", "FEATURE_COLUMNS", "ERROR_COLUMN",
-    "UnifiedThresholds", "AdaptiveConfig", "OfflineClassifier", "HubAudioClassifier", "METHODS",
+    "annotate",
+    "rebin",
+    "annotation_report",
+    "fit_reference_classifiers",
+    "AUTO_COLUMNS",
+    "FEATURE_COLUMNS",
+    "ERROR_COLUMN",
+    "UnifiedThresholds",
+    "AdaptiveConfig",
+    "OfflineClassifier",
+    "HubAudioClassifier",
+    "METHODS",
 ]

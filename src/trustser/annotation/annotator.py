@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..descriptors import SED_FIELDS
 from ..audio import TARGET_SR, AudioError, analysis_waveform, audio_problem, undecoded_audio
+from ..descriptors import SED_FIELDS
 from .binning import METHODS, AdaptiveConfig, UnifiedThresholds, bin_features, speaker_vote
 from .classifiers import DEFAULT_AGE_MODEL, DEFAULT_GENDER_MODEL, OfflineClassifier, resolve_backend
 from .features import SIGNAL_FEATURES, acoustic_embedding, count_phonemes, signal_features
@@ -32,7 +32,15 @@ ERROR_COLUMN = "annotation_error"
 _EMB = "_trustser_embedding"
 _TRAIT_COLS = ("_trustser_gender", "_trustser_age")
 
-__all__ = ["annotate", "rebin", "annotation_report", "fit_reference_classifiers", "AUTO_COLUMNS", "FEATURE_COLUMNS", "ERROR_COLUMN"]
+__all__ = [
+    "annotate",
+    "rebin",
+    "annotation_report",
+    "fit_reference_classifiers",
+    "AUTO_COLUMNS",
+    "FEATURE_COLUMNS",
+    "ERROR_COLUMN",
+]
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,7 +88,16 @@ def _feature_batch(batch, *, audio_column: str, text_column: str | None, embed: 
 # ------------------------------------------------------------------------------------------
 # Backends
 # ------------------------------------------------------------------------------------------
-def fit_reference_classifiers(reference, *, num_proc: int | None = None, batch_size: int = 32, seed: int = 0, fields=("gender", "age"), voice: str = "en-us", extracted=None) -> dict[str, OfflineClassifier]:
+def fit_reference_classifiers(
+    reference,
+    *,
+    num_proc: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    fields=("gender", "age"),
+    voice: str = "en-us",
+    extracted=None,
+) -> dict[str, OfflineClassifier]:
     """Offline gender/age classifiers fitted on a labelled split (its ``gender``/``age`` columns)."""
     if extracted is None:
         extracted = _extract(reference, embed=True, num_proc=num_proc, batch_size=batch_size, voice=voice)
@@ -103,7 +120,9 @@ def _resolve(spec, field, reference_clfs):
         spec = DEFAULT_GENDER_MODEL if field == "gender" else DEFAULT_AGE_MODEL
     if spec == "reference":
         if reference_clfs is None:
-            raise ValueError(f"{field}_backend='reference' needs a reference split (a DatasetDict with one, or reference=)")
+            raise ValueError(
+                f"{field}_backend='reference' needs a reference split (a DatasetDict with one, or reference=)"
+            )
         return reference_clfs[field]
     return resolve_backend(spec, field)
 
@@ -118,8 +137,13 @@ def _extract(ds, *, embed: bool, num_proc, batch_size, voice, audio_column="audi
     raw = raw.select_columns(keep)  # the map then writes features only, never a copy of the audio
     fn_kwargs = dict(audio_column=audio_column, text_column=text_column, embed=embed, voice=voice)
     return raw.map(
-        _feature_batch, batched=True, batch_size=batch_size, num_proc=num_proc, fn_kwargs=fn_kwargs,
-        remove_columns=keep, desc="annotation features",
+        _feature_batch,
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        fn_kwargs=fn_kwargs,
+        remove_columns=keep,
+        desc="annotation features",
     )
 
 
@@ -133,7 +157,9 @@ def _traits(ds, extracted, backends: dict, *, audio_column, batch_size) -> dict[
         if getattr(backend, "needs_embedding", False):
             preds = []
             if valid:  # a split may have no usable utterance at all: every row keeps its error
-                preds = backend.predict(np.asarray([extracted[_EMB][i] for i in valid], dtype=np.float64).reshape(len(valid), -1))
+                preds = backend.predict(
+                    np.asarray([extracted[_EMB][i] for i in valid], dtype=np.float64).reshape(len(valid), -1)
+                )
         else:
             raw = undecoded_audio(ds, audio_column)
             preds = []
@@ -151,7 +177,19 @@ def _process_split(ds, backends, *, num_proc, batch_size, voice, audio_column, t
     import datasets
 
     embed = any(getattr(b, "needs_embedding", False) for b in backends.values())
-    ext = extracted if extracted is not None else _extract(ds, embed=embed, num_proc=num_proc, batch_size=batch_size, voice=voice, audio_column=audio_column, text_column=text_column)
+    ext = (
+        extracted
+        if extracted is not None
+        else _extract(
+            ds,
+            embed=embed,
+            num_proc=num_proc,
+            batch_size=batch_size,
+            voice=voice,
+            audio_column=audio_column,
+            text_column=text_column,
+        )
+    )
     traits = _traits(ds, ext, backends, audio_column=audio_column, batch_size=batch_size)
     cols = {k: ext[k] for k in (*FEATURE_COLUMNS, ERROR_COLUMN)}
     cols["_trustser_gender"], cols["_trustser_age"] = traits["gender"], traits["age"]
@@ -168,6 +206,7 @@ def _sharded(ds, fn):
     state = None
     try:
         from ..utils import distributed_state
+
         state = distributed_state()
     except Exception:  # pragma: no cover - accelerate always present in this package
         pass
@@ -195,7 +234,9 @@ def _distributed_pass1(ds, backends, extracted=None, **kw):
     return _sharded(ds, lambda shard: _process_split(shard, backends, **kw))
 
 
-def _bin_tables(tables: list, speakers: list, method, *, unified_thresholds, adaptive_config, vote: bool = False) -> list[dict[str, list[str]]]:
+def _bin_tables(
+    tables: list, speakers: list, method, *, unified_thresholds, adaptive_config, vote: bool = False
+) -> list[dict[str, list[str]]]:
     """Bins the valid rows of the given tables as one population (one table = per-split binning;
     several = speaker statistics pooled over splits) and scatters the words back per table.
     ``vote``: gender/age become each speaker's majority prediction first."""
@@ -213,8 +254,12 @@ def _bin_tables(tables: list, speakers: list, method, *, unified_thresholds, ada
     idx = np.flatnonzero(valid)
     if idx.size:
         binned = bin_features(
-            method, {k: v[idx] for k, v in feats.items()}, genders=genders[idx].tolist(), speakers=spk[idx].tolist(),
-            unified_thresholds=unified_thresholds, adaptive_config=adaptive_config,
+            method,
+            {k: v[idx] for k, v in feats.items()},
+            genders=genders[idx].tolist(),
+            speakers=spk[idx].tolist(),
+            unified_thresholds=unified_thresholds,
+            adaptive_config=adaptive_config,
         )
         for f, vals in binned.items():
             words[f][idx] = vals
@@ -228,7 +273,9 @@ def _bin_tables(tables: list, speakers: list, method, *, unified_thresholds, ada
     return out
 
 
-def _bin_splits(tables: dict, speakers: dict, names: list, method, *, speaker_scope: str, **kw) -> dict[str, dict[str, list[str]]]:
+def _bin_splits(
+    tables: dict, speakers: dict, names: list, method, *, speaker_scope: str, **kw
+) -> dict[str, dict[str, list[str]]]:
     """Words per split: speaker statistics pooled over all splits (``speaker_scope="corpus"``,
     speaker_adaptive only) or each split binned as its own population."""
     if method == "speaker_adaptive" and speaker_scope == "corpus":
@@ -249,8 +296,13 @@ def _calibrate(method, ref_table, reference, speaker_column):
         gen = np.asarray(reference["gender"], dtype=object)[ok].tolist() if "gender" in reference.column_names else None
         return fit_unified_thresholds(feats, labels, gen), None
     if method == "speaker_adaptive":
-        spk = np.asarray(reference[speaker_column] if speaker_column in reference.column_names else [""] * len(reference), dtype=object)[ok]
-        gen = np.asarray(reference["gender"] if "gender" in reference.column_names else [""] * len(reference), dtype=object)[ok]
+        spk = np.asarray(
+            reference[speaker_column] if speaker_column in reference.column_names else [""] * len(reference),
+            dtype=object,
+        )[ok]
+        gen = np.asarray(
+            reference["gender"] if "gender" in reference.column_names else [""] * len(reference), dtype=object
+        )[ok]
         return None, fit_adaptive_config(feats, labels, spk.tolist(), gen.tolist())
     return None, None
 
@@ -317,8 +369,18 @@ def annotate(
         raise ValueError("calibrate=True needs a labelled reference split (reference= or a DatasetDict with one)")
     ref_clfs, ref_ext = None, None
     if (needs_ref or calibrate) and reference is not None:
-        ref_ext = _sharded(reference, lambda shard: _extract(shard, embed=True, num_proc=num_proc, batch_size=batch_size, voice=voice,
-                                                             audio_column=audio_column, text_column=text_column))
+        ref_ext = _sharded(
+            reference,
+            lambda shard: _extract(
+                shard,
+                embed=True,
+                num_proc=num_proc,
+                batch_size=batch_size,
+                voice=voice,
+                audio_column=audio_column,
+                text_column=text_column,
+            ),
+        )
         if needs_ref and all(c in reference.column_names and any(reference[c]) for c in ("gender", "age")):
             ref_clfs = fit_reference_classifiers(reference, seed=seed, extracted=ref_ext)
             logger.info("offline classifiers fitted on %d reference utterances", len(reference))
@@ -331,11 +393,28 @@ def annotate(
     tables, speakers = {}, {}
     for name, ds in splits.items():
         reuse = ref_ext if (ref_ext is not None and ds is reference) else None
-        tables[name] = _distributed_pass1(ds, backends, reuse, num_proc=num_proc, batch_size=batch_size, voice=voice, audio_column=audio_column, text_column=text_column)
+        tables[name] = _distributed_pass1(
+            ds,
+            backends,
+            reuse,
+            num_proc=num_proc,
+            batch_size=batch_size,
+            voice=voice,
+            audio_column=audio_column,
+            text_column=text_column,
+        )
         speakers[name] = [str(s) for s in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds)
     names = list(splits)
-    words = _bin_splits(tables, speakers, names, method, speaker_scope=speaker_scope, unified_thresholds=unified_thresholds,
-                        adaptive_config=adaptive_config, vote=speaker_traits)
+    words = _bin_splits(
+        tables,
+        speakers,
+        names,
+        method,
+        speaker_scope=speaker_scope,
+        unified_thresholds=unified_thresholds,
+        adaptive_config=adaptive_config,
+        vote=speaker_traits,
+    )
 
     out = {}
     for name, ds in splits.items():
@@ -349,8 +428,14 @@ def annotate(
         res = res.add_column(ERROR_COLUMN, table[ERROR_COLUMN])
         n_err = sum(1 for e in table[ERROR_COLUMN] if e)
         if n_err:
-            logger.warning("split %s: %d of %d utterances not annotated (%s)%s", name, n_err, len(ds), annotation_report(res)["errors"],
-                           ": no usable utterance" if n_err == len(ds) else "")
+            logger.warning(
+                "split %s: %d of %d utterances not annotated (%s)%s",
+                name,
+                n_err,
+                len(ds),
+                annotation_report(res)["errors"],
+                ": no usable utterance" if n_err == len(ds) else "",
+            )
         out[name] = res
     return datasets.DatasetDict(out) if is_dict else out["_"]
 
@@ -382,17 +467,31 @@ def rebin(
         missing = [c for c in need if c not in ds.column_names]
         if missing:
             raise ValueError(f"split {name!r} is not annotated (missing {missing}); run annotate() first")
-    tables = {n: ds.select_columns(need).rename_columns({"gender_auto": "_trustser_gender", "age_auto": "_trustser_age"}) for n, ds in splits.items()}
+    tables = {
+        n: ds.select_columns(need).rename_columns({"gender_auto": "_trustser_gender", "age_auto": "_trustser_age"})
+        for n, ds in splits.items()
+    }
     if calibrate:
         if not is_dict or reference_split not in splits:
             raise ValueError(f"calibrate=True needs the annotated {reference_split!r} split in the DatasetDict")
         cal_u, cal_a = _calibrate(method, splits[reference_split], splits[reference_split], speaker_column)
         unified_thresholds = cal_u or unified_thresholds
         adaptive_config = cal_a or adaptive_config
-    speakers = {n: ([str(x) for x in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds)) for n, ds in splits.items()}
+    speakers = {
+        n: ([str(x) for x in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds))
+        for n, ds in splits.items()
+    }
     names = list(splits)
-    words = _bin_splits(tables, speakers, names, method, speaker_scope=speaker_scope, unified_thresholds=unified_thresholds,
-                        adaptive_config=adaptive_config, vote=speaker_traits)
+    words = _bin_splits(
+        tables,
+        speakers,
+        names,
+        method,
+        speaker_scope=speaker_scope,
+        unified_thresholds=unified_thresholds,
+        adaptive_config=adaptive_config,
+        vote=speaker_traits,
+    )
     out = {}
     for name, ds in splits.items():
         fields = SED_FIELDS if speaker_traits else ("pitch", "volume", "speed")
@@ -417,11 +516,16 @@ def annotation_report(ds, group_column: str = "group") -> dict:
     }
     if all(f in ds.column_names for f in SED_FIELDS) and all(any(ds[f]) for f in SED_FIELDS):
         ok = np.asarray([not e for e in ds[ERROR_COLUMN]], dtype=bool)
-        right = np.stack([np.asarray(ds[f], dtype=object) == np.asarray(ds[f"{f}_auto"], dtype=object) for f in SED_FIELDS], 1)[ok]
+        right = np.stack(
+            [np.asarray(ds[f], dtype=object) == np.asarray(ds[f"{f}_auto"], dtype=object) for f in SED_FIELDS], 1
+        )[ok]
 
         def summary(rows: np.ndarray) -> dict:
-            return {"n": int(len(rows)), **{f: round(float(rows[:, j].mean()), 4) for j, f in enumerate(SED_FIELDS)},
-                    "all_right": round(float(rows.all(1).mean()), 4)}
+            return {
+                "n": int(len(rows)),
+                **{f: round(float(rows[:, j].mean()), 4) for j, f in enumerate(SED_FIELDS)},
+                "all_right": round(float(rows.all(1).mean()), 4),
+            }
 
         report["accuracy"] = summary(right) if len(right) else None
         if group_column in ds.column_names and len(right):

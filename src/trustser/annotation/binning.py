@@ -75,7 +75,9 @@ def age_bucket(years) -> list[str]:
 # ------------------------------------------------------------------------------------------
 # speechcraft
 # ------------------------------------------------------------------------------------------
-def speechcraft_pitch(f0, genders: Sequence[str], percentiles: Mapping[str, tuple[float, float]] = SPEECHCRAFT_PITCH_PERCENTILES) -> list[str]:
+def speechcraft_pitch(
+    f0, genders: Sequence[str], percentiles: Mapping[str, tuple[float, float]] = SPEECHCRAFT_PITCH_PERCENTILES
+) -> list[str]:
     """Per gender, percentiles of that gender's pitch values over the dataset: male low <= p40,
     normal <= p90; female low <= p10, normal <= p60; else high. Unknown gender -> ""."""
     v = _arr(f0)
@@ -120,8 +122,9 @@ class UnifiedThresholds:
         return asdict(self)
 
 
-def unified(features: Mapping[str, Sequence], thresholds: UnifiedThresholds | None = None,
-            genders: Sequence[str] | None = None) -> dict[str, list[str]]:
+def unified(
+    features: Mapping[str, Sequence], thresholds: UnifiedThresholds | None = None, genders: Sequence[str] | None = None
+) -> dict[str, list[str]]:
     t = thresholds or UnifiedThresholds()
     f0 = _arr(features["f0_median"])
     pitch = np.asarray(cut(f0, *t.pitch_hz, PITCH_WORDS), dtype=object)
@@ -158,12 +161,16 @@ class AdaptiveConfig:
         return asdict(self)
 
 
-def speaker_zscores(values, speakers: Sequence[str], groups: Sequence[str] | None = None, min_utterances: int = 5) -> np.ndarray:
+def speaker_zscores(
+    values, speakers: Sequence[str], groups: Sequence[str] | None = None, min_utterances: int = 5
+) -> np.ndarray:
     """(v - mean_speaker) / std_speaker; falls back to the group's, then the population's, mean
     and std for speakers with too few finite values (or zero spread)."""
     v = _arr(values)
     spk = np.asarray([str(s) for s in speakers], dtype=object)
-    grp = np.asarray([str(g) for g in groups], dtype=object) if groups is not None else np.full(v.shape, "", dtype=object)
+    grp = (
+        np.asarray([str(g) for g in groups], dtype=object) if groups is not None else np.full(v.shape, "", dtype=object)
+    )
     finite = np.isfinite(v)
 
     def stats(mask):
@@ -237,8 +244,9 @@ def prior_edges(values, labels: Sequence[str], words: Sequence[str]) -> tuple[fl
     return float(lo), float(hi)
 
 
-def fit_unified_thresholds(features: Mapping[str, Sequence], labels: Mapping[str, Sequence[str]],
-                           genders: Sequence[str] | None = None) -> UnifiedThresholds:
+def fit_unified_thresholds(
+    features: Mapping[str, Sequence], labels: Mapping[str, Sequence[str]], genders: Sequence[str] | None = None
+) -> UnifiedThresholds:
     """Population-wide cut points from a reference split: still one threshold pair for everybody
     (the unified method), but at the reference's label proportions instead of textbook values.
     With ``genders``: the pitch pair is fitted per gender (``pitch_hz_by_gender``; genders with
@@ -253,8 +261,12 @@ def fit_unified_thresholds(features: Mapping[str, Sequence], labels: Mapping[str
             sel = g == gender
             if (np.isfinite(f0[sel]) & np.isin(lab[sel], PITCH_WORDS)).sum() >= 3:
                 by_gender[gender] = prior_edges(f0[sel], lab[sel], PITCH_WORDS)
-    return UnifiedThresholds(pitch_hz=edges["pitch"], volume_db=edges["volume"], speed_pps=edges["speed"],
-                             pitch_hz_by_gender=by_gender or None)
+    return UnifiedThresholds(
+        pitch_hz=edges["pitch"],
+        volume_db=edges["volume"],
+        speed_pps=edges["speed"],
+        pitch_hz_by_gender=by_gender or None,
+    )
 
 
 def fit_adaptive_config(

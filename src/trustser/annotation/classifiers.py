@@ -23,8 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..descriptors import SED_VOCAB, normalize_sed_value
 from ..audio import TARGET_SR
+from ..descriptors import SED_VOCAB, normalize_sed_value
 from ..utils import atomic_write_json
 from .binning import age_bucket
 
@@ -45,6 +45,7 @@ def group_columns(groups: Sequence[str]) -> list[int]:
     if unknown:
         raise ValueError(f"unknown embedding groups {unknown}; known: {list(EMBEDDING_GROUPS)}")
     return [i for g in groups for i in range(*EMBEDDING_GROUPS[g])]
+
 
 _LABEL_ALIASES = {
     "gender": {"m": "male", "man": "male", "f": "female", "woman": "female"},
@@ -79,7 +80,16 @@ class OfflineClassifier:
     needs_embedding = True
 
     @classmethod
-    def fit(cls, embeddings: np.ndarray, labels: Sequence[str], field: str, *, groups: Sequence[str] | None = None, C: float = 0.1, seed: int = 0) -> "OfflineClassifier":
+    def fit(
+        cls,
+        embeddings: np.ndarray,
+        labels: Sequence[str],
+        field: str,
+        *,
+        groups: Sequence[str] | None = None,
+        C: float = 0.1,
+        seed: int = 0,
+    ) -> "OfflineClassifier":
         """``groups``: embedding column groups to use (default DEFAULT_FEATURE_GROUPS[field];
         ``()`` = every column). Fails with ValueError on fewer than 2 labelled rows/classes."""
         from sklearn.linear_model import LogisticRegression
@@ -111,7 +121,14 @@ class OfflineClassifier:
             coef=lr.coef_.copy(),
             intercept=lr.intercept_.copy(),
             columns=columns,
-            metadata={"n_train": int(len(y)), "train_accuracy": train_acc, "C": C, "seed": seed, "groups": list(groups), "embedding": EMBEDDING_VERSION},
+            metadata={
+                "n_train": int(len(y)),
+                "train_accuracy": train_acc,
+                "C": C,
+                "seed": seed,
+                "groups": list(groups),
+                "embedding": EMBEDDING_VERSION,
+            },
         )
 
     def decision(self, embeddings: np.ndarray) -> np.ndarray:
@@ -165,7 +182,9 @@ class OfflineClassifier:
         if d.get("type") != "trustser.OfflineClassifier":
             raise ValueError(f"{path}: not a trustser OfflineClassifier JSON file (type={d.get('type')!r})")
         if d.get("metadata", {}).get("embedding", EMBEDDING_VERSION) != EMBEDDING_VERSION:
-            raise ValueError(f"{path}: fitted on embedding {d['metadata']['embedding']!r}, this version computes {EMBEDDING_VERSION!r}")
+            raise ValueError(
+                f"{path}: fitted on embedding {d['metadata']['embedding']!r}, this version computes {EMBEDDING_VERSION!r}"
+            )
         return cls(
             field=d["field"],
             classes=list(d["classes"]),
@@ -237,7 +256,16 @@ class HubAudioClassifier:
 
     needs_embedding = False
 
-    def __init__(self, model_id: str, field: str, *, head: str = "auto", device: str | int | None = None, batch_size: int = 8, max_seconds: float | None = 5.0):
+    def __init__(
+        self,
+        model_id: str,
+        field: str,
+        *,
+        head: str = "auto",
+        device: str | int | None = None,
+        batch_size: int = 8,
+        max_seconds: float | None = 5.0,
+    ):
         if field not in ("gender", "age"):
             raise ValueError(f"HubAudioClassifier predicts gender or age, not {field!r}")
         self.model_id, self.field, self.batch_size, self.max_seconds = str(model_id), field, batch_size, max_seconds
@@ -271,7 +299,9 @@ class HubAudioClassifier:
             if not self.regression:
                 unmapped = [l for l in labels if label_to_vocab(field, l) is None]
                 if unmapped:
-                    raise ValueError(f"{self.model_id}: labels {unmapped} have no {field} descriptor ({SED_VOCAB[field]})")
+                    raise ValueError(
+                        f"{self.model_id}: labels {unmapped} have no {field} descriptor ({SED_VOCAB[field]})"
+                    )
         else:
             raise ValueError(f"unknown head {head!r} (auto, age_gender, classification)")
 
@@ -313,9 +343,18 @@ class HubAudioClassifier:
 
         out = []
         for i in range(0, len(waves), self.batch_size):
-            inputs = self.feature_extractor(waves[i : i + self.batch_size], sampling_rate=sr, return_tensors="pt", padding=True, return_attention_mask=True)
+            inputs = self.feature_extractor(
+                waves[i : i + self.batch_size],
+                sampling_rate=sr,
+                return_tensors="pt",
+                padding=True,
+                return_attention_mask=True,
+            )
             with torch.no_grad():
-                _, age, gender = self.model(inputs["input_values"].to(self.device), inputs.get("attention_mask").to(self.device) if "attention_mask" in inputs else None)
+                _, age, gender = self.model(
+                    inputs["input_values"].to(self.device),
+                    inputs.get("attention_mask").to(self.device) if "attention_mask" in inputs else None,
+                )
             if self.field == "age":
                 out += age_bucket(np.clip(age[:, 0].float().cpu().numpy(), 0, 1) * 100)
             else:

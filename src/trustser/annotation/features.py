@@ -108,7 +108,9 @@ def count_phonemes(texts: Sequence[str], voice: str = DEFAULT_ESPEAK_VOICE) -> l
         if not t.strip():
             counts.append(0)
             continue
-        res = subprocess.run([exe, "-q", "--ipa", "--sep=_", "-v", voice, t], capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [exe, "-q", "--ipa", "--sep=_", "-v", voice, t], capture_output=True, text=True, check=True
+        )
         counts.append(_count_ipa(res.stdout))
     return counts
 
@@ -170,7 +172,9 @@ def extract_features(waveform: np.ndarray, sr: int, text: str, *, n_phonemes: in
     ``duration`` (s, whole clip). Missing quantities (no voiced frame, empty text) are NaN."""
     feats, _ = signal_features(waveform, sr)
     n = count_phonemes([text])[0] if n_phonemes is None else n_phonemes
-    feats["phonemes_per_second"] = n / feats["speech_duration"] if n > 0 and feats["speech_duration"] > 0 else float("nan")
+    feats["phonemes_per_second"] = (
+        n / feats["speech_duration"] if n > 0 and feats["speech_duration"] > 0 else float("nan")
+    )
     feats.pop("speech_duration")
     return {k: feats[k] for k in SIGNAL_FEATURES}
 
@@ -181,7 +185,11 @@ def extract_features(waveform: np.ndarray, sr: int, text: str, *, n_phonemes: in
 N_MELS = 40
 N_MFCC = 20
 # Named column groups of the embedding; classifiers pick groups (classifiers.DEFAULT_FEATURE_GROUPS).
-EMBEDDING_GROUPS: dict[str, tuple[int, int]] = {"mfcc_mean": (0, N_MFCC), "mfcc_std": (N_MFCC, 2 * N_MFCC), "prosody": (2 * N_MFCC, 2 * N_MFCC + 6)}
+EMBEDDING_GROUPS: dict[str, tuple[int, int]] = {
+    "mfcc_mean": (0, N_MFCC),
+    "mfcc_std": (N_MFCC, 2 * N_MFCC),
+    "prosody": (2 * N_MFCC, 2 * N_MFCC + 6),
+}
 EMBEDDING_DIM = 2 * N_MFCC + 6
 
 
@@ -189,7 +197,11 @@ EMBEDDING_DIM = 2 * N_MFCC + 6
 def _mel_filters(sr: int, n_fft: int) -> np.ndarray:
     import torchaudio.functional as AF
 
-    return AF.melscale_fbanks(n_fft // 2 + 1, 40.0, sr / 2, N_MELS, sr, norm="slaney", mel_scale="slaney").numpy().astype(np.float32)
+    return (
+        AF.melscale_fbanks(n_fft // 2 + 1, 40.0, sr / 2, N_MELS, sr, norm="slaney", mel_scale="slaney")
+        .numpy()
+        .astype(np.float32)
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -197,7 +209,13 @@ def _window(n: int) -> np.ndarray:
     return np.hanning(n).astype(np.float32)
 
 
-def acoustic_embedding(wav: np.ndarray, sr: int, f0: np.ndarray | None = None, rms_db: float = float("nan"), phonemes_per_second: float = float("nan")) -> np.ndarray:
+def acoustic_embedding(
+    wav: np.ndarray,
+    sr: int,
+    f0: np.ndarray | None = None,
+    rms_db: float = float("nan"),
+    phonemes_per_second: float = float("nan"),
+) -> np.ndarray:
     """A fixed-length vector for the offline gender/age classifiers: MFCC means and standard
     deviations over active frames (``mfcc_mean``, ``mfcc_std``) and ``prosody`` = log-F0 mean,
     median and std, voiced fraction, level (dBFS) and log phoneme rate. MFCC means carry the
@@ -225,4 +243,6 @@ def acoustic_embedding(wav: np.ndarray, sr: int, f0: np.ndarray | None = None, r
         f0_stats = [0.0, 0.0, 0.0, 0.0]
     rate = float(np.log(phonemes_per_second)) if np.isfinite(phonemes_per_second) and phonemes_per_second > 0 else 0.0
     level = float(rms_db) if np.isfinite(rms_db) else 0.0
-    return np.concatenate([mfcc.mean(axis=0), mfcc.std(axis=0), np.asarray(f0_stats + [level, rate])]).astype(np.float32)
+    return np.concatenate([mfcc.mean(axis=0), mfcc.std(axis=0), np.asarray(f0_stats + [level, rate])]).astype(
+        np.float32
+    )

@@ -21,7 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trustser", description="Explainable and trustworthy speech emotion recognition.")
+    parser = argparse.ArgumentParser(
+        prog="trustser", description="Explainable and trustworthy speech emotion recognition."
+    )
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"trustser {__version__}")
@@ -49,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if getattr(args, "_unavailable", None):
-        print(f"trustser {args.command}: not available in this installation ({args._unavailable} missing)", file=sys.stderr)
+        print(
+            f"trustser {args.command}: not available in this installation ({args._unavailable} missing)",
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     try:

@@ -15,18 +15,40 @@ from ..utils import json_object_argument as _json_dict
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("corpus", help="corpus name for trustser.data.load_corpus (e.g. synthetic, iemocap, meld)")
     p.add_argument("root", help="corpus root directory")
-    p.add_argument("--corpus-options", type=_json_dict, default={}, metavar="JSON",
-                   help='load_corpus options as a JSON object, e.g. \'{"text_column": "text", "label_map": {"joy": "happy"}}\'')
+    p.add_argument(
+        "--corpus-options",
+        type=_json_dict,
+        default={},
+        metavar="JSON",
+        help='load_corpus options as a JSON object, e.g. \'{"text_column": "text", "label_map": {"joy": "happy"}}\'',
+    )
     p.add_argument("--out", required=True, help="output directory (DatasetDict save_to_disk layout)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier annotation output")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not an earlier annotation output"
+    )
     p.add_argument("--method", choices=METHODS, default="speechcraft", help="binning method (default: speechcraft)")
     p.add_argument("--split", action="append", default=None, help="split(s) to annotate (repeatable; default: all)")
-    p.add_argument("--reference-split", default="reference", help="labelled split the offline classifiers/calibration use")
-    p.add_argument("--calibrate", action="store_true", help="set unified/speaker-adaptive cut points at the reference label proportions")
-    p.add_argument("--speaker-scope", choices=("corpus", "split"), default="corpus", help="speaker statistics over all splits or per split")
+    p.add_argument(
+        "--reference-split", default="reference", help="labelled split the offline classifiers/calibration use"
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="set unified/speaker-adaptive cut points at the reference label proportions",
+    )
+    p.add_argument(
+        "--speaker-scope",
+        choices=("corpus", "split"),
+        default="corpus",
+        help="speaker statistics over all splits or per split",
+    )
     p.add_argument("--speaker-traits", action="store_true", help="gender/age = each speaker's majority prediction")
-    p.add_argument("--gender-backend", default="auto", help="auto | reference | Hub model id / local dir | classifier .json")
-    p.add_argument("--age-backend", default="auto", help="auto | reference | Hub model id / local dir | classifier .json")
+    p.add_argument(
+        "--gender-backend", default="auto", help="auto | reference | Hub model id / local dir | classifier .json"
+    )
+    p.add_argument(
+        "--age-backend", default="auto", help="auto | reference | Hub model id / local dir | classifier .json"
+    )
     p.add_argument("--num-proc", type=int, default=None, help="datasets.map worker processes")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -39,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_corpus
     from ..utils import atomic_directory, check_output_dir, set_seed
 
-    check_output_dir(args.out, marker="annotation.json", overwrite=args.overwrite, inputs=[args.root])  # before the work
+    check_output_dir(
+        args.out, marker="annotation.json", overwrite=args.overwrite, inputs=[args.root]
+    )  # before the work
     set_seed(args.seed)
     corpus = load_corpus(args.corpus, args.root, **args.corpus_options)
     if not isinstance(corpus, datasets.DatasetDict):
@@ -69,12 +93,22 @@ def run(args: argparse.Namespace) -> int:
     reports = {s: annotation_report(ds) for s, ds in result.items()}
     if sum(r["rows"] for r in reports.values()) == sum(r["n_errors"] for r in reports.values()):
         reasons = {s: r["errors"] for s, r in reports.items()}
-        raise ValueError(f"{args.root}: no usable utterances in corpus {args.corpus!r} (every row failed: {reasons}); nothing written")
+        raise ValueError(
+            f"{args.root}: no usable utterances in corpus {args.corpus!r} (every row failed: {reasons}); nothing written"
+        )
     if state.is_main_process:
         summary = {
-            "corpus": args.corpus, "root": str(args.root), "options": args.corpus_options, "method": args.method, "calibrate": args.calibrate,
-            "speaker_scope": args.speaker_scope, "speaker_traits": args.speaker_traits, "gender_backend": args.gender_backend, "age_backend": args.age_backend,
-            "seed": args.seed, "splits": reports,
+            "corpus": args.corpus,
+            "root": str(args.root),
+            "options": args.corpus_options,
+            "method": args.method,
+            "calibrate": args.calibrate,
+            "speaker_scope": args.speaker_scope,
+            "speaker_traits": args.speaker_traits,
+            "gender_backend": args.gender_backend,
+            "age_backend": args.age_backend,
+            "seed": args.seed,
+            "splits": reports,
         }
         with atomic_directory(args.out) as tmp:
             result.save_to_disk(str(tmp))
@@ -84,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         for s, r in reports.items():
             print(f"{s}: {r['rows']} utterances, {r['n_errors']} not annotated {r['errors'] or ''}".rstrip())
         procs = f" on {state.num_processes} processes" if state.num_processes > 1 else ""
-        print(f"annotated {n_rows - n_err}/{n_rows} utterances ({n_err} errors) with {args.method}{procs} -> {args.out}")
+        print(
+            f"annotated {n_rows - n_err}/{n_rows} utterances ({n_err} errors) with {args.method}{procs} -> {args.out}"
+        )
     state.wait_for_everyone()
     return 0

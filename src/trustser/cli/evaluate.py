@@ -14,11 +14,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="saved SER-SLM (model + processor)")
     p.add_argument("corpus_root", help="corpus directory")
     p.add_argument("--corpus", default="synthetic", help="corpus loader name (trustser.data.load_corpus)")
-    p.add_argument("--corpus-options", type=_json_dict, default={}, metavar="JSON",
-                   help='load_corpus options as a JSON object, e.g. \'{"text_column": "text", "label_map": {"joy": "happy"}}\'')
+    p.add_argument(
+        "--corpus-options",
+        type=_json_dict,
+        default={},
+        metavar="JSON",
+        help='load_corpus options as a JSON object, e.g. \'{"text_column": "text", "label_map": {"joy": "happy"}}\'',
+    )
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="metrics JSON path (default: print only)")
-    p.add_argument("--sed-source", choices=["truth", "auto"], default="truth", help="reference descriptors for SED accuracy")
+    p.add_argument(
+        "--sed-source", choices=["truth", "auto"], default="truth", help="reference descriptors for SED accuracy"
+    )
     p.add_argument("--no-sed", action="store_true", help="the model generates the plain (no-descriptor) caption")
     p.add_argument("--emotion-labels", default=None, help="comma-separated label set (default: the corpus')")
     p.add_argument("--batch-size", type=int, default=16)
@@ -59,8 +66,15 @@ def run(args) -> int:
     if args.limit:
         ds = ds.select(range(min(args.limit, len(ds))))
     metrics = evaluate_ser(
-        model, processor, ds, labels, sed_source=args.sed_source, with_sed=not args.no_sed,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, return_predictions=args.predictions,
+        model,
+        processor,
+        ds,
+        labels,
+        sed_source=args.sed_source,
+        with_sed=not args.no_sed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        return_predictions=args.predictions,
         progress=True,
     )
     metrics.update({"model_dir": str(model_dir), "corpus": args.corpus, "split": args.split})

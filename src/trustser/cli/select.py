@@ -13,16 +13,28 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cem", required=True, help="trained CEM directory (save_pretrained)")
     parser.add_argument("--slm", required=True, help="SER-SLM directory (model + processor, save_pretrained)")
-    parser.add_argument("--data", required=True, help="annotated corpus saved with save_to_disk (Dataset or DatasetDict)")
-    parser.add_argument("--split", action="append", default=None,
-                        help="split(s) of a DatasetDict to select from (repeatable; default: every split)")
+    parser.add_argument(
+        "--data", required=True, help="annotated corpus saved with save_to_disk (Dataset or DatasetDict)"
+    )
+    parser.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        help="split(s) of a DatasetDict to select from (repeatable; default: every split)",
+    )
     keep = parser.add_mutually_exclusive_group(required=True)
     keep.add_argument("--ratio", type=float, help="share of utterances to keep (0..1), highest confidence first")
     keep.add_argument("--threshold", type=float, help="keep utterances whose confidence is >= this value")
     parser.add_argument("--out", required=True, help="output directory (selected dataset + selection_stats.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier selection output")
-    parser.add_argument("--sed-source", default="auto", choices=("auto", "truth"),
-                        help="descriptors scored: the annotation (<field>_auto, default) or the plain columns")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not an earlier selection output"
+    )
+    parser.add_argument(
+        "--sed-source",
+        default="auto",
+        choices=("auto", "truth"),
+        help="descriptors scored: the annotation (<field>_auto, default) or the plain columns",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="torch device (default: accelerate's device for this process)")
 
@@ -39,16 +51,18 @@ def _load_models(cem_dir: str, slm_dir: str, device):
     processor = SerSlmProcessor.from_pretrained(slm_dir)
     hidden = slm.config.text_config.hidden_size
     if cem.config.slm_hidden_size and cem.config.slm_hidden_size != hidden:
-        raise ValueError(f"CEM {cem_dir} was trained on SLM hidden size {cem.config.slm_hidden_size}, "
-                         f"but SLM {slm_dir} has hidden size {hidden}")
+        raise ValueError(
+            f"CEM {cem_dir} was trained on SLM hidden size {cem.config.slm_hidden_size}, "
+            f"but SLM {slm_dir} has hidden size {hidden}"
+        )
     return cem, slm, processor
 
 
 def run(args: argparse.Namespace) -> int:
     import datasets
-    from ..utils import distributed_state
+
     from ..selection import STATS_FILENAME, select_by_confidence
-    from ..utils import atomic_directory, atomic_write_json, check_output_dir
+    from ..utils import atomic_directory, atomic_write_json, check_output_dir, distributed_state
 
     state = distributed_state()
     device = args.device or state.device
@@ -61,8 +75,15 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # not a save_to_disk directory
         raise ValueError(f"--data {data_path}: not a dataset saved with save_to_disk ({exc})") from exc
     cem, slm, processor = _load_models(args.cem, args.slm, device)
-    kw = dict(ratio=args.ratio, threshold=args.threshold, cem=cem, slm=slm, processor=processor,
-              sed_source=args.sed_source, batch_size=args.batch_size)
+    kw = dict(
+        ratio=args.ratio,
+        threshold=args.threshold,
+        cem=cem,
+        slm=slm,
+        processor=processor,
+        sed_source=args.sed_source,
+        batch_size=args.batch_size,
+    )
     if isinstance(data, datasets.DatasetDict):
         names = args.split or list(data)
         unknown = [s for s in names if s not in data]
@@ -86,5 +107,8 @@ def run(args: argparse.Namespace) -> int:
     state.wait_for_everyone()
     if state.is_main_process:
         print(json.dumps(stats))
-        print(f"scored on {state.num_processes} process{'es' if state.num_processes > 1 else ''} -> {args.out}", file=sys.stderr)
+        print(
+            f"scored on {state.num_processes} process{'es' if state.num_processes > 1 else ''} -> {args.out}",
+            file=sys.stderr,
+        )
     return 0

@@ -11,12 +11,21 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="corpus directory (written atomically; a no-op if up to date)")
+    parser.add_argument(
+        "out_dir", metavar="OUT_DIR", help="corpus directory (written atomically; a no-op if up to date)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    parser.add_argument("--size", choices=["small", "default"], default="default",
-                        help="default: ~4100 utterances, 40 speakers; small: ~410 utterances for tests")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT_DIR even if it is not a trustser synthetic corpus (kept until the new one is complete)")
+    parser.add_argument(
+        "--size",
+        choices=["small", "default"],
+        default="default",
+        help="default: ~4100 utterances, 40 speakers; small: ~410 utterances for tests",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR even if it is not a trustser synthetic corpus (kept until the new one is complete)",
+    )
     parser.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
 
 
@@ -33,8 +42,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     manifest = json.loads((out / "manifest.json").read_text())
     for split, info in manifest["splits"].items():
-        print(f"{split:10s} {info['utterances']:5d} utterances  {len(info['speakers']):3d} speakers  "
-              f"{info['hours'] * 60:6.1f} min  channel={info['channel']}")
+        print(
+            f"{split:10s} {info['utterances']:5d} utterances  {len(info['speakers']):3d} speakers  "
+            f"{info['hours'] * 60:6.1f} min  channel={info['channel']}"
+        )
     print(f"corpus at {out}")
     return 0
 

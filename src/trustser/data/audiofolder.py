@@ -25,7 +25,9 @@ def _decoded_row(rec: dict) -> dict | None:
     try:
         wav = decode_clip(rec["audio"])
     except Exception as exc:
-        logging.getLogger("trustser.data").warning("%s: unreadable audio skipped (%s: %s)", rec["audio"], type(exc).__name__, exc)
+        logging.getLogger("trustser.data").warning(
+            "%s: unreadable audio skipped (%s: %s)", rec["audio"], type(exc).__name__, exc
+        )
         return None
     if wav.size == 0:
         return None
@@ -54,13 +56,23 @@ class _LabelMapper:
         return False, None
 
 
-def _read_metadata(csv_path: Path, audio_dir: Path, split_default: str, cfg: dict, mapper: _LabelMapper,
-                   stats: CorpusStats, splits: dict, seen: set, read_files: list) -> None:
+def _read_metadata(
+    csv_path: Path,
+    audio_dir: Path,
+    split_default: str,
+    cfg: dict,
+    mapper: _LabelMapper,
+    stats: CorpusStats,
+    splits: dict,
+    seen: set,
+    read_files: list,
+) -> None:
     read_files.append(csv_path)
     reader = csv.DictReader(io.StringIO(read_csv_text(csv_path, stats), newline=""))
     header = reader.fieldnames or []
-    needed = [cfg["file_column"], cfg["label_column"]] + [c for c in (cfg["text_column"], cfg["speaker_column"],
-                                                                       cfg["split_column"], cfg["id_column"]) if c]
+    needed = [cfg["file_column"], cfg["label_column"]] + [
+        c for c in (cfg["text_column"], cfg["speaker_column"], cfg["split_column"], cfg["id_column"]) if c
+    ]
     missing = [c for c in needed if c not in header]
     if missing:
         raise ValueError(f"{csv_path}: missing column(s) {missing}; header is {header}")
@@ -85,7 +97,11 @@ def _read_metadata(csv_path: Path, audio_dir: Path, split_default: str, cfg: dic
             stats.bad_line(csv_path, lineno, f"empty {cfg['file_column']!r}")
             continue
         audio = Path(rel) if Path(rel).is_absolute() else audio_dir / rel
-        uid = (row[cfg["id_column"]] or "").strip() if cfg["id_column"] else str(Path(rel).with_suffix("")).replace("\\", "/")
+        uid = (
+            (row[cfg["id_column"]] or "").strip()
+            if cfg["id_column"]
+            else str(Path(rel).with_suffix("")).replace("\\", "/")
+        )
         if uid in seen:
             stats.bad_line(csv_path, lineno, f"duplicate id {uid!r}")
             continue
@@ -105,17 +121,48 @@ def _read_metadata(csv_path: Path, audio_dir: Path, split_default: str, cfg: dic
         if not split:
             stats.bad_line(csv_path, lineno, f"empty split column {cfg['split_column']!r}")
             continue
-        splits.setdefault(split, []).append(make_row(
-            uid, str(audio), text=(row[cfg["text_column"]] or "") if cfg["text_column"] else "", emotion=label,
-            speaker=(row[cfg["speaker_column"]] or "").strip() if cfg["speaker_column"] else "", **values))
+        splits.setdefault(split, []).append(
+            make_row(
+                uid,
+                str(audio),
+                text=(row[cfg["text_column"]] or "") if cfg["text_column"] else "",
+                emotion=label,
+                speaker=(row[cfg["speaker_column"]] or "").strip() if cfg["speaker_column"] else "",
+                **values,
+            )
+        )
 
 
-def _load(kind, root, sources, *, label_column, label_map, labels, on_unknown, text_column, speaker_column,
-          gender_column, id_column, file_column, split_column, decode, cache_dir, num_proc):
+def _load(
+    kind,
+    root,
+    sources,
+    *,
+    label_column,
+    label_map,
+    labels,
+    on_unknown,
+    text_column,
+    speaker_column,
+    gender_column,
+    id_column,
+    file_column,
+    split_column,
+    decode,
+    cache_dir,
+    num_proc,
+):
     check_on_unknown(on_unknown)
-    cfg = dict(label_column=label_column, text_column=text_column, speaker_column=speaker_column,
-               gender_column=gender_column or "gender", id_column=id_column, file_column=file_column,
-               split_column=split_column, on_unknown=on_unknown)
+    cfg = dict(
+        label_column=label_column,
+        text_column=text_column,
+        speaker_column=speaker_column,
+        gender_column=gender_column or "gender",
+        id_column=id_column,
+        file_column=file_column,
+        split_column=split_column,
+        on_unknown=on_unknown,
+    )
     options = {**cfg, "label_map": label_map, "labels": list(labels) if labels is not None else None, "decode": decode}
     stats = CorpusStats(kind, str(root), options)
     mapper = _LabelMapper(label_map, labels)
@@ -124,8 +171,15 @@ def _load(kind, root, sources, *, label_column, label_map, labels, on_unknown, t
     read_files: list[Path] = []
     for csv_path, audio_dir, split in sources:
         _read_metadata(csv_path, audio_dir, split, cfg, mapper, stats, splits, seen, read_files)
-    return build_dataset_dict(stats, splits, manifest=file_manifest(read_files), options=options,
-                              make=_decoded_row if decode else None, cache_dir=cache_dir, num_proc=num_proc)
+    return build_dataset_dict(
+        stats,
+        splits,
+        manifest=file_manifest(read_files),
+        options=options,
+        make=_decoded_row if decode else None,
+        cache_dir=cache_dir,
+        num_proc=num_proc,
+    )
 
 
 def load_audiofolder(
@@ -165,10 +219,24 @@ def load_audiofolder(
         sources = [(d / metadata, d, d.name) for d in sorted(root.iterdir()) if d.is_dir() and (d / metadata).is_file()]
         if not sources:
             raise FileNotFoundError(f"audiofolder: neither {top} nor any {root}/<split>/{metadata} exists")
-    return _load("audiofolder", root, sources, label_column=label_column, label_map=label_map, labels=labels,
-                 on_unknown=on_unknown, text_column=text_column, speaker_column=speaker_column,
-                 gender_column=gender_column, id_column=id_column, file_column=file_column,
-                 split_column=split_column, decode=decode, cache_dir=cache_dir, num_proc=num_proc)
+    return _load(
+        "audiofolder",
+        root,
+        sources,
+        label_column=label_column,
+        label_map=label_map,
+        labels=labels,
+        on_unknown=on_unknown,
+        text_column=text_column,
+        speaker_column=speaker_column,
+        gender_column=gender_column,
+        id_column=id_column,
+        file_column=file_column,
+        split_column=split_column,
+        decode=decode,
+        cache_dir=cache_dir,
+        num_proc=num_proc,
+    )
 
 
 def load_csv(root, *, audio_root=None, default_split: str = "train", **options):
@@ -178,9 +246,21 @@ def load_csv(root, *, audio_root=None, default_split: str = "train", **options):
     if not path.is_file():
         raise FileNotFoundError(f"csv corpus: {path} does not exist or is not a file")
     audio_dir = require_dir(audio_root, "csv audio root") if audio_root is not None else path.parent
-    defaults = dict(label_column="emotion", label_map=None, labels=None, on_unknown="error", text_column=None,
-                    speaker_column=None, gender_column=None, id_column=None, file_column="file_name",
-                    split_column=None, decode=False, cache_dir=None, num_proc=None)
+    defaults = dict(
+        label_column="emotion",
+        label_map=None,
+        labels=None,
+        on_unknown="error",
+        text_column=None,
+        speaker_column=None,
+        gender_column=None,
+        id_column=None,
+        file_column="file_name",
+        split_column=None,
+        decode=False,
+        cache_dir=None,
+        num_proc=None,
+    )
     unknown = set(options) - set(defaults)
     if unknown:
         raise TypeError(f"load_csv: unknown options {sorted(unknown)}")

@@ -10,7 +10,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .schema import CorpusStats, build_dataset_dict, check_on_unknown, file_manifest, make_row, read_text, require_dir, seeded_fraction
+from .schema import (
+    CorpusStats,
+    build_dataset_dict,
+    check_on_unknown,
+    file_manifest,
+    make_row,
+    read_text,
+    require_dir,
+    seeded_fraction,
+)
 
 SESSIONS = (1, 2, 3, 4, 5)
 _ID = re.compile(r"^Ses\d{2}[FM]_\S+_[FM]\w*$")
@@ -26,7 +35,9 @@ def parse_emo_evaluation(path: Path, stats: CorpusStats) -> list[tuple[str, str,
             continue
         parts = line.rstrip("\r").split("\t")
         if len(parts) < 3 or not _ID.match(parts[1].strip()) or not parts[2].strip():
-            stats.bad_line(path, lineno, f"not a '[start - end]<TAB>id<TAB>label<TAB>[v, a, d]' line: {line.strip()[:80]!r}")
+            stats.bad_line(
+                path, lineno, f"not a '[start - end]<TAB>id<TAB>label<TAB>[v, a, d]' line: {line.strip()[:80]!r}"
+            )
             continue
         out.append((parts[1].strip(), parts[2].strip(), lineno))
     return out
@@ -97,7 +108,9 @@ def load_iemocap(
         rows = []
         seen: set[str] = set()
         transcripts: dict[str, dict[str, str]] = {}
-        for eval_file in sorted(p for p in eval_dir.iterdir() if p.is_file() and p.suffix == ".txt" and not p.name.startswith(".")):
+        for eval_file in sorted(
+            p for p in eval_dir.iterdir() if p.is_file() and p.suffix == ".txt" and not p.name.startswith(".")
+        ):
             read_files.append(eval_file)
             for utt, code, lineno in parse_emo_evaluation(eval_file, stats):
                 emotion = stats.map_label("iemocap", code, eval_file, lineno)
@@ -122,10 +135,16 @@ def load_iemocap(
                     continue
                 read_files.append(wav)
                 letter = utt.rsplit("_", 1)[1][0]
-                rows.append(make_row(
-                    utt, str(wav), text=transcripts[dialog].get(utt, ""), emotion=emotion,
-                    speaker=f"Ses{n:02d}{letter}", gender=_GENDER[letter],
-                ))
+                rows.append(
+                    make_row(
+                        utt,
+                        str(wav),
+                        text=transcripts[dialog].get(utt, ""),
+                        emotion=emotion,
+                        speaker=f"Ses{n:02d}{letter}",
+                        gender=_GENDER[letter],
+                    )
+                )
         rows_by_session[n] = rows
 
     splits = {"train": [], "dev": [], "test": list(rows_by_session[fold])}
@@ -135,8 +154,9 @@ def load_iemocap(
         dev_dialogs = _dev_dialogs(rows_by_session[n], dev_fraction, seed)
         for row in rows_by_session[n]:
             splits["dev" if row["id"].rsplit("_", 1)[0] in dev_dialogs else "train"].append(row)
-    return build_dataset_dict(stats, splits, manifest=file_manifest(read_files), options=options,
-                              cache_dir=cache_dir, num_proc=num_proc)
+    return build_dataset_dict(
+        stats, splits, manifest=file_manifest(read_files), options=options, cache_dir=cache_dir, num_proc=num_proc
+    )
 
 
 def _dev_dialogs(rows: list[dict], fraction: float, seed: int) -> set[str]:

@@ -19,7 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from ..audio import TARGET_SR
-from .schema import CorpusStats, build_dataset_dict, check_on_unknown, file_manifest, make_row, read_text, require_dir, wav_bytes
+from .schema import (
+    CorpusStats,
+    build_dataset_dict,
+    check_on_unknown,
+    file_manifest,
+    make_row,
+    read_text,
+    require_dir,
+    wav_bytes,
+)
 
 logger = logging.getLogger("trustser.data")
 
@@ -84,8 +93,13 @@ def _clip_row(rec: dict) -> dict | None:
     if wav.size == 0:
         logger.warning("MELD: %s: clip has no audio samples; skipped", rec["path"])
         return None
-    return make_row(rec["id"], {"path": f"{rec['id']}.wav", "bytes": wav_bytes(wav)}, text=rec["text"],
-                    emotion=rec["emotion"], speaker=rec["speaker"])
+    return make_row(
+        rec["id"],
+        {"path": f"{rec['id']}.wav", "bytes": wav_bytes(wav)},
+        text=rec["text"],
+        emotion=rec["emotion"],
+        speaker=rec["speaker"],
+    )
 
 
 def load_meld(
@@ -108,8 +122,11 @@ def load_meld(
     bad = [s for s in splits if s not in SPLIT_FILES]
     if bad:
         raise ValueError(f"unknown MELD splits {bad}; known: {list(SPLIT_FILES)}")
-    options = {"splits": list(splits), "repair_text": repair_text,
-               "clip_dirs": {k: str(v) for k, v in (clip_dirs or {}).items()}}
+    options = {
+        "splits": list(splits),
+        "repair_text": repair_text,
+        "clip_dirs": {k: str(v) for k, v in (clip_dirs or {}).items()},
+    }
     stats = CorpusStats("meld", str(root), options, on_unknown=check_on_unknown(on_unknown))
     options["on_unknown"] = on_unknown
     found = find_by_name(root, {SPLIT_FILES[s][0] for s in splits}, {SPLIT_FILES[s][1] for s in splits})
@@ -130,13 +147,19 @@ def load_meld(
         reader = csv.DictReader(io.StringIO(text, newline=""))
         missing_cols = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing_cols:
-            raise ValueError(f"{csv_path}: not a MELD CSV, missing columns {missing_cols} (header: {reader.fieldnames})")
+            raise ValueError(
+                f"{csv_path}: not a MELD CSV, missing columns {missing_cols} (header: {reader.fieldnames})"
+            )
         for row in reader:
             lineno = reader.line_num
             try:
                 dia, utt = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
             except (TypeError, ValueError):
-                stats.bad_line(csv_path, lineno, f"Dialogue_ID/Utterance_ID not integers: {row.get('Dialogue_ID')!r}/{row.get('Utterance_ID')!r}")
+                stats.bad_line(
+                    csv_path,
+                    lineno,
+                    f"Dialogue_ID/Utterance_ID not integers: {row.get('Dialogue_ID')!r}/{row.get('Utterance_ID')!r}",
+                )
                 continue
             raw_label = (row["Emotion"] or "").strip()
             emotion = stats.map_label("meld", raw_label, csv_path, lineno)
@@ -153,12 +176,24 @@ def load_meld(
                 continue
             read_files.append(clip)
             utterance = row["Utterance"] or ""
-            records[split].append({
-                "id": uid, "path": str(clip), "emotion": emotion, "speaker": (row["Speaker"] or "").strip(),
-                "text": repair_mojibake(utterance) if repair_text else utterance,
-            })
-    return build_dataset_dict(stats, records, manifest=file_manifest(read_files), options=options, make=_clip_row,
-                              cache_dir=cache_dir, num_proc=num_proc)
+            records[split].append(
+                {
+                    "id": uid,
+                    "path": str(clip),
+                    "emotion": emotion,
+                    "speaker": (row["Speaker"] or "").strip(),
+                    "text": repair_mojibake(utterance) if repair_text else utterance,
+                }
+            )
+    return build_dataset_dict(
+        stats,
+        records,
+        manifest=file_manifest(read_files),
+        options=options,
+        make=_clip_row,
+        cache_dir=cache_dir,
+        num_proc=num_proc,
+    )
 
 
 def _unique(paths: list[Path], name: str, root: Path, stats: CorpusStats) -> Path:

@@ -48,13 +48,22 @@ def corpus_features(sampling_rate: int = TARGET_SR) -> datasets.Features:
 FEATURES = corpus_features()
 
 
-def make_row(id: str, audio: Any, *, text: str = "", emotion: str, speaker: str = "", gender: str = "", **optional: str) -> dict:
+def make_row(
+    id: str, audio: Any, *, text: str = "", emotion: str, speaker: str = "", gender: str = "", **optional: str
+) -> dict:
     """One schema row; ``audio`` is a path (decoded lazily by ``datasets.Audio``) or
     ``{"path": name, "bytes": wav_bytes}`` for media decoded at load time."""
     unknown = set(optional) - set(OPTIONAL_COLUMNS)
     if unknown:
         raise TypeError(f"make_row: unknown columns {sorted(unknown)}")
-    row = {"id": id, "audio": audio, "text": text or "", "emotion": emotion, "speaker": speaker or "", "gender": gender or ""}
+    row = {
+        "id": id,
+        "audio": audio,
+        "text": text or "",
+        "emotion": emotion,
+        "speaker": speaker or "",
+        "gender": gender or "",
+    }
     for name in OPTIONAL_COLUMNS:
         row[name] = optional.get(name) or ""
     return row
@@ -152,12 +161,22 @@ class CorpusStats:
         d = self.to_dict()
         logger.info(
             "%s: kept %d (%s); dropped %d %s; missing audio %d; unreadable %d; unparseable lines %d",
-            self.corpus, d["kept"], d["splits"], d["dropped_total"], d["dropped_labels"],
-            len(self.missing_audio), len(self.unreadable_audio), len(self.unparseable),
+            self.corpus,
+            d["kept"],
+            d["splits"],
+            d["dropped_total"],
+            d["dropped_labels"],
+            len(self.missing_audio),
+            len(self.unreadable_audio),
+            len(self.unparseable),
         )
         if self.missing_audio:
-            logger.warning("%s: %d utterances without audio skipped: %s", self.corpus, len(self.missing_audio),
-                           ", ".join(self.missing_audio[:20]) + (" ..." if len(self.missing_audio) > 20 else ""))
+            logger.warning(
+                "%s: %d utterances without audio skipped: %s",
+                self.corpus,
+                len(self.missing_audio),
+                ", ".join(self.missing_audio[:20]) + (" ..." if len(self.missing_audio) > 20 else ""),
+            )
 
 
 def check_on_unknown(value: str) -> str:
@@ -166,8 +185,13 @@ def check_on_unknown(value: str) -> str:
     return value
 
 
-def read_text(path: str | os.PathLike, stats: CorpusStats | None = None, *, fallback: str | None = None,
-              universal_newlines: bool = False) -> str:
+def read_text(
+    path: str | os.PathLike,
+    stats: CorpusStats | None = None,
+    *,
+    fallback: str | None = None,
+    universal_newlines: bool = False,
+) -> str:
     """A text file, decoded line by line as UTF-8 (a BOM tolerated). A line that is not valid
     UTF-8 is a ValueError naming the file and line, or, with ``fallback`` (e.g. ``"cp1252"``,
     latin-1 for the bytes it leaves undefined), that line alone is read in ``fallback`` and noted
@@ -191,12 +215,16 @@ def _decode_lines(path, stats, fallback) -> str:
             lines[i] = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             if fallback is None:
-                raise ValueError(f"{path}:{i + 1}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line); "
-                                 "save the file as UTF-8") from exc
+                raise ValueError(
+                    f"{path}:{i + 1}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line); "
+                    "save the file as UTF-8"
+                ) from exc
             bad.append(i + 1)
             lines[i] = "".join(bytes([b]).decode(fallback, errors="ignore") or chr(b) for b in line)
-    note = (f"{path}: line(s) {bad[:20]}{' ...' if len(bad) > 20 else ''} ({len(bad)}) not valid UTF-8; "
-            f"those lines read as {fallback}")
+    note = (
+        f"{path}: line(s) {bad[:20]}{' ...' if len(bad) > 20 else ''} ({len(bad)}) not valid UTF-8; "
+        f"those lines read as {fallback}"
+    )
     if stats is not None:
         stats.notes.append(note)
     logger.warning(note)
@@ -247,8 +275,14 @@ def _problem_column(cell, max_seconds, silence_dbfs):
     return {"_audio_problem": audio_problem_of(cell, max_seconds, silence_dbfs) or ""}
 
 
-def validate_audio(dataset, *, max_seconds: float | None = None, silence_dbfs: float = -60.0, num_proc: int | None = None,
-                   audio_column: str = "audio"):
+def validate_audio(
+    dataset,
+    *,
+    max_seconds: float | None = None,
+    silence_dbfs: float = -60.0,
+    num_proc: int | None = None,
+    audio_column: str = "audio",
+):
     """``dataset`` (a Dataset or DatasetDict from ``load_corpus``) without the rows whose audio is
     missing, empty, unreadable, without samples, non-finite, silent or longer than ``max_seconds``:
     each is logged with its file and reason and listed in the load statistics (``bad_audio``:
@@ -274,22 +308,40 @@ def validate_audio(dataset, *, max_seconds: float | None = None, silence_dbfs: f
 
 def _validate_split(ds, name, max_seconds, silence_dbfs, num_proc, audio_column):
     if isinstance(ds, datasets.IterableDataset):
-        raise ValueError("validate_audio needs a map-style dataset (the training collators reject the bad clips of a streamed one)")
+        raise ValueError(
+            "validate_audio needs a map-style dataset (the training collators reject the bad clips of a streamed one)"
+        )
     feature = ds.features.get(audio_column)
-    raw = ds.cast_column(audio_column, datasets.Audio(sampling_rate=feature.sampling_rate, decode=False)) \
-        if isinstance(feature, datasets.Audio) else ds
-    problems = raw.map(_problem_column, input_columns=audio_column, fn_kwargs={"max_seconds": max_seconds, "silence_dbfs": silence_dbfs},
-                       num_proc=num_proc if num_proc and num_proc > 1 and len(raw) >= num_proc else None,
-                       remove_columns=raw.column_names, desc=f"checking {name} audio")["_audio_problem"]
+    raw = (
+        ds.cast_column(audio_column, datasets.Audio(sampling_rate=feature.sampling_rate, decode=False))
+        if isinstance(feature, datasets.Audio)
+        else ds
+    )
+    problems = raw.map(
+        _problem_column,
+        input_columns=audio_column,
+        fn_kwargs={"max_seconds": max_seconds, "silence_dbfs": silence_dbfs},
+        num_proc=num_proc if num_proc and num_proc > 1 and len(raw) >= num_proc else None,
+        remove_columns=raw.column_names,
+        desc=f"checking {name} audio",
+    )["_audio_problem"]
     bad = [i for i, p in enumerate(problems) if p]
     if not bad:
         return ds, []
     rows = raw.select(bad)
     ids = rows["id"] if "id" in rows.column_names else [str(i) for i in bad]
     cells = rows[audio_column]
-    found = [f"{(c.get('path') if isinstance(c, Mapping) else c) or uid}: {problems[i]}" for uid, c, i in zip(ids, cells, bad)]
-    logger.warning("%s: %d clip(s) skipped before training: %s%s", name, len(found), "; ".join(found[:20]),
-                   " ..." if len(found) > 20 else "")
+    found = [
+        f"{(c.get('path') if isinstance(c, Mapping) else c) or uid}: {problems[i]}"
+        for uid, c, i in zip(ids, cells, bad)
+    ]
+    logger.warning(
+        "%s: %d clip(s) skipped before training: %s%s",
+        name,
+        len(found),
+        "; ".join(found[:20]),
+        " ..." if len(found) > 20 else "",
+    )
     if len(bad) == len(ds):
         raise ValueError(f"split {name!r}: no usable audio (every clip failed the check: {'; '.join(found[:5])} ...)")
     bad_set = set(bad)
@@ -325,8 +377,13 @@ def file_manifest(paths: Iterable[str | os.PathLike]) -> list[tuple[str, int, in
 
 def fingerprint(corpus: str, split: str, manifest: Sequence, options: Mapping, extra: Any = None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([SCHEMA_VERSION, corpus, split, list(manifest), _jsonable(options), _jsonable(extra)],
-                        sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            [SCHEMA_VERSION, corpus, split, list(manifest), _jsonable(options), _jsonable(extra)],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()[:32]
 
 
@@ -390,16 +447,25 @@ def build_dataset_dict(
             present = set(ds["id"])
             lost = [_record_id(r) for r in records if _record_id(r) not in present]
             stats.unreadable_audio.extend(lost)
-            logger.warning("%s/%s: %d clips could not be decoded and were skipped: %s", stats.corpus, split,
-                           len(lost), ", ".join(lost[:20]))
+            logger.warning(
+                "%s/%s: %d clips could not be decoded and were skipped: %s",
+                stats.corpus,
+                split,
+                len(lost),
+                ", ".join(lost[:20]),
+            )
         out[split] = ds
     return finish(stats, out)
 
 
-def build_iterable_dataset_dict(stats: CorpusStats, split_generators: Mapping[str, tuple[Callable, dict]]) -> datasets.IterableDatasetDict:
+def build_iterable_dataset_dict(
+    stats: CorpusStats, split_generators: Mapping[str, tuple[Callable, dict]]
+) -> datasets.IterableDatasetDict:
     """Streaming counterpart: ``{split: (generator, gen_kwargs)}`` -> IterableDatasetDict."""
     out = {
-        split: datasets.IterableDataset.from_generator(gen, features=FEATURES, gen_kwargs=kw, split=datasets.NamedSplit(split))
+        split: datasets.IterableDataset.from_generator(
+            gen, features=FEATURES, gen_kwargs=kw, split=datasets.NamedSplit(split)
+        )
         for split, (gen, kw) in split_generators.items()
     }
     dd = datasets.IterableDatasetDict(out)
@@ -410,7 +476,9 @@ def build_iterable_dataset_dict(stats: CorpusStats, split_generators: Mapping[st
 def finish(stats: CorpusStats, splits: Mapping[str, datasets.Dataset]) -> datasets.DatasetDict:
     stats.splits = {name: len(ds) for name, ds in splits.items()}
     if not any(stats.splits.values()):
-        raise ValueError(f"{stats.corpus}: no usable utterances under {stats.root} (stats: {json.dumps(stats.to_dict())[:2000]})")
+        raise ValueError(
+            f"{stats.corpus}: no usable utterances under {stats.root} (stats: {json.dumps(stats.to_dict())[:2000]})"
+        )
     dd = datasets.DatasetDict(splits)
     attach_stats(stats, dd)
     return dd

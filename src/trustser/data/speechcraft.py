@@ -18,7 +18,14 @@ from typing import Iterator
 
 from ..descriptors import SED_FIELDS, map_emotion, normalize_sed_value
 from .schema import (
-    CorpusStats, build_dataset_dict, build_iterable_dataset_dict, check_on_unknown, file_manifest, make_row, read_text, require_dir,
+    CorpusStats,
+    build_dataset_dict,
+    build_iterable_dataset_dict,
+    check_on_unknown,
+    file_manifest,
+    make_row,
+    read_text,
+    require_dir,
     seeded_fraction,
 )
 
@@ -45,8 +52,11 @@ def iter_records(path: Path, stats: CorpusStats | None = None) -> Iterator[tuple
     text = read_text(path, stats, fallback="cp1252", universal_newlines=True)
     stripped = text.lstrip()
     first_line = stripped.split("\n", 1)[0].strip()
-    if path.suffix.lower() == ".jsonl" or (stripped.startswith("{") and _is_json_object(first_line)
-                                           and (path.suffix.lower() != ".json" or "\n{" in stripped)):
+    if path.suffix.lower() == ".jsonl" or (
+        stripped.startswith("{")
+        and _is_json_object(first_line)
+        and (path.suffix.lower() != ".json" or "\n{" in stripped)
+    ):
         yield from _json_lines(path, text, bad)
         return
     if path.suffix.lower() == ".json" or stripped.startswith(("[", "{")):
@@ -158,7 +168,9 @@ def record_to_row(rec: dict, where: str, resolve: _AudioResolver, stats: CorpusS
         emotion = map_emotion("speechcraft", raw_emotion or "")
     except KeyError:
         path, _, line = where.rpartition(":")
-        stats.unknown_label(path, int(line), f"unknown SpeechCraft emotion {raw_emotion!r} for {key}", raw_emotion or "")
+        stats.unknown_label(
+            path, int(line), f"unknown SpeechCraft emotion {raw_emotion!r} for {key}", raw_emotion or ""
+        )
         return None
     stats.labelled += 1
     if emotion is None:
@@ -191,8 +203,9 @@ def _split_of(row_id: str, dev_fraction: float, seed: int) -> str:
     return "dev" if dev_fraction > 0 and seeded_fraction(seed, row_id) < dev_fraction else "train"
 
 
-def _stream_rows(files: list[str], audio_root: str, split: str, dev_fraction: float, seed: int, root: str,
-                 on_unknown: str = "error") -> Iterator[dict]:
+def _stream_rows(
+    files: list[str], audio_root: str, split: str, dev_fraction: float, seed: int, root: str, on_unknown: str = "error"
+) -> Iterator[dict]:
     stats = CorpusStats("speechcraft", root, on_unknown=on_unknown)
     resolve = _AudioResolver(Path(audio_root))
     seen = set()
@@ -204,8 +217,12 @@ def _stream_rows(files: list[str], audio_root: str, split: str, dev_fraction: fl
             seen.add(row["id"])
             yield row
     if stats.missing_audio:
-        logger.warning("speechcraft/%s (streaming): %d records without audio skipped: %s", split,
-                       len(stats.missing_audio), ", ".join(stats.missing_audio[:20]))
+        logger.warning(
+            "speechcraft/%s (streaming): %d records without audio skipped: %s",
+            split,
+            len(stats.missing_audio),
+            ", ".join(stats.missing_audio[:20]),
+        )
 
 
 def load_speechcraft(
@@ -237,7 +254,9 @@ def load_speechcraft(
     if descriptions is None:
         files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in DESCRIPTION_SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"SpeechCraft: no description files (*{', *'.join(DESCRIPTION_SUFFIXES)}) in {root}")
+            raise FileNotFoundError(
+                f"SpeechCraft: no description files (*{', *'.join(DESCRIPTION_SUFFIXES)}) in {root}"
+            )
     else:
         items = [descriptions] if isinstance(descriptions, (str, os.PathLike)) else list(descriptions)
         files = []
@@ -248,18 +267,36 @@ def load_speechcraft(
             files.append(p)
     if not 0 <= dev_fraction < 1:
         raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
-    options = {"descriptions": [str(f) for f in files], "audio_root": str(audio_root), "dev_fraction": dev_fraction, "seed": seed}
+    options = {
+        "descriptions": [str(f) for f in files],
+        "audio_root": str(audio_root),
+        "dev_fraction": dev_fraction,
+        "seed": seed,
+    }
     stats = CorpusStats("speechcraft", str(root), options, on_unknown=check_on_unknown(on_unknown))
     options["on_unknown"] = on_unknown
 
     if streaming:
         splits = ["train"] + (["dev"] if dev_fraction > 0 else [])
         stats.notes.append("streaming: skipped records are logged while iterating, not counted here")
-        return build_iterable_dataset_dict(stats, {
-            s: (_stream_rows, {"files": [str(f) for f in files], "audio_root": str(audio_root), "split": s,
-                               "dev_fraction": dev_fraction, "seed": seed, "root": str(root), "on_unknown": on_unknown})
-            for s in splits
-        })
+        return build_iterable_dataset_dict(
+            stats,
+            {
+                s: (
+                    _stream_rows,
+                    {
+                        "files": [str(f) for f in files],
+                        "audio_root": str(audio_root),
+                        "split": s,
+                        "dev_fraction": dev_fraction,
+                        "seed": seed,
+                        "root": str(root),
+                        "on_unknown": on_unknown,
+                    },
+                )
+                for s in splits
+            },
+        )
 
     resolve = _AudioResolver(audio_root)
     rows: dict[str, list[dict]] = {"train": [], "dev": []}

@@ -60,7 +60,18 @@ from ..utils import TARGET_SR, atomic_directory, atomic_write_json
 
 GENERATOR_VERSION = "2.0"
 SPLITS: tuple[str, ...] = ("reference", "train", "dev", "test")
-LABEL_COLUMNS: tuple[str, ...] = ("id", "text", "emotion", "speaker", "group", "gender", "age", "pitch", "volume", "speed")
+LABEL_COLUMNS: tuple[str, ...] = (
+    "id",
+    "text",
+    "emotion",
+    "speaker",
+    "group",
+    "gender",
+    "age",
+    "pitch",
+    "volume",
+    "speed",
+)
 OFFSET_COLUMNS: tuple[str, ...] = ("pitch_z", "volume_z", "speed_z")
 TRUE_EMOTION_COLUMN = "emotion_true"  # reference only: the truth behind the automatic emotion label
 
@@ -94,7 +105,9 @@ class GroupNorm:
     voicing: int  # percent; < 100 for breathy voices
 
 
-def _group(gender, age, kind, f0, rate, level, formants, flutter, roughness, breath=0, voicing=100) -> tuple[str, GroupNorm]:
+def _group(
+    gender, age, kind, f0, rate, level, formants, flutter, roughness, breath=0, voicing=100
+) -> tuple[str, GroupNorm]:
     name = f"{gender}/{age}" + ("" if kind in ("typical", "child", "elderly") else f"/{kind}")
     return name, GroupNorm(gender, age, kind, f0, rate, level, formants, flutter, roughness, breath, voicing)
 
@@ -126,14 +139,28 @@ ATYPICAL_GROUPS = tuple(g for g, n in GROUP_NORMS.items() if n.kind != "typical"
 SPEAKERS: dict[str, dict[str, dict[str, int]]] = {
     "default": {
         # SpeechCraft's role: 32 speakers, 28 typical adults, 4 children/elderly, no unusual voices
-        "reference": {**{g: 7 for g in TYPICAL_GROUPS}, "male/child": 1, "female/child": 1, "male/elderly": 1, "female/elderly": 1},
+        "reference": {
+            **{g: 7 for g in TYPICAL_GROUPS},
+            "male/child": 1,
+            "female/child": 1,
+            "male/elderly": 1,
+            "female/elderly": 1,
+        },
         # IEMOCAP's role: 16 speakers per split, half of them from the groups a calibrated tool gets wrong
         **{s: {**{g: 2 for g in TYPICAL_GROUPS}, **{g: 1 for g in ATYPICAL_GROUPS}} for s in ("train", "dev", "test")},
     },
     "small": {
         "reference": {**{g: 2 for g in TYPICAL_GROUPS}, "female/child": 1, "male/elderly": 1},
-        **{s: {**{g: 1 for g in TYPICAL_GROUPS}, "male/child": 1, "female/elderly": 1, "male/young adult/high voice": 1,
-               "female/middle-aged/low voice": 1} for s in ("train", "dev", "test")},
+        **{
+            s: {
+                **{g: 1 for g in TYPICAL_GROUPS},
+                "male/child": 1,
+                "female/elderly": 1,
+                "male/young adult/high voice": 1,
+                "female/middle-aged/low voice": 1,
+            }
+            for s in ("train", "dev", "test")
+        },
     },
 }
 
@@ -149,8 +176,18 @@ EMOTION_PRIOR: dict[str, dict[str, float]] = {
 # mean speaker-relative offset (pitch, volume, speed) of each emotion, in category units: mild in read
 # speech, stronger and differently shaped when acted (happy speeds up, anger is loud but not fast)
 EMOTION_EFFECTS: dict[str, dict[str, tuple[float, float, float]]] = {
-    "pretrain": {"neutral": (0.0, 0.0, 0.0), "happy": (0.5, 0.2, 0.2), "angry": (0.2, 0.6, 0.3), "sad": (-0.4, -0.4, -0.5)},
-    "target": {"neutral": (0.0, 0.0, 0.0), "happy": (1.0, 0.3, 0.7), "angry": (0.4, 1.1, 0.1), "sad": (-0.9, -0.8, -0.9)},
+    "pretrain": {
+        "neutral": (0.0, 0.0, 0.0),
+        "happy": (0.5, 0.2, 0.2),
+        "angry": (0.2, 0.6, 0.3),
+        "sad": (-0.4, -0.4, -0.5),
+    },
+    "target": {
+        "neutral": (0.0, 0.0, 0.0),
+        "happy": (1.0, 0.3, 0.7),
+        "angry": (0.4, 1.1, 0.1),
+        "sad": (-0.9, -0.8, -0.9),
+    },
 }
 UTTERANCE_NOISE_SD = {"pretrain": 0.6, "target": 0.5}  # spread around the emotion's mean (category units)
 Z_CLIP = 2.0  # keeps espeak-ng's rate within 80-450 wpm and F0 within Praat's 60-600 Hz
@@ -272,12 +309,42 @@ EMOTIONAL_PHRASES: dict[str, dict[str, tuple[str, ...]]] = {
         "sad": ("sadly", "to our great sorrow", "tragically", "with a heavy heart"),
     },
     "target": {
-        "happy": ("oh how wonderful", "I am so happy", "this is great news", "I love it", "what a lovely surprise",
-                  "that is fantastic", "I am delighted", "hooray", "this is brilliant", "I feel wonderful"),
-        "angry": ("this is ridiculous", "I am furious", "how dare you", "this is unacceptable", "stop it right now",
-                  "I hate this", "that is outrageous", "what a stupid mess", "I am sick of this", "leave me alone"),
-        "sad": ("I feel so lonely", "I miss her so much", "this is heartbreaking", "I am so sorry", "it hurts so much",
-                "everything feels empty", "I wish it were different", "nobody cares anymore", "I feel hopeless", "such a sad day"),
+        "happy": (
+            "oh how wonderful",
+            "I am so happy",
+            "this is great news",
+            "I love it",
+            "what a lovely surprise",
+            "that is fantastic",
+            "I am delighted",
+            "hooray",
+            "this is brilliant",
+            "I feel wonderful",
+        ),
+        "angry": (
+            "this is ridiculous",
+            "I am furious",
+            "how dare you",
+            "this is unacceptable",
+            "stop it right now",
+            "I hate this",
+            "that is outrageous",
+            "what a stupid mess",
+            "I am sick of this",
+            "leave me alone",
+        ),
+        "sad": (
+            "I feel so lonely",
+            "I miss her so much",
+            "this is heartbreaking",
+            "I am so sorry",
+            "it hurts so much",
+            "everything feels empty",
+            "I wish it were different",
+            "nobody cares anymore",
+            "I feel hopeless",
+            "such a sad day",
+        ),
     },
 }
 SENTENCES = {"pretrain": READ_SENTENCES, "target": TARGET_CLAUSES}
@@ -577,8 +644,20 @@ def render_utterance(u: Utterance, data_dir: Path, work_dir: Path) -> np.ndarray
     variant = data_dir / "voices" / "!v" / u.id
     variant.write_text(_variant_text(u))
     wav_path = work_dir / f"{u.id}.raw.wav"
-    cmd = [_ESPEAK or _espeak_binary(), "--path", str(data_dir), "-v", f"{ESPEAK_BASE_VOICE}+{u.id}",
-           "-s", str(u.rate_wpm), "-a", "100", "-w", str(wav_path), u.text]
+    cmd = [
+        _ESPEAK or _espeak_binary(),
+        "--path",
+        str(data_dir),
+        "-v",
+        f"{ESPEAK_BASE_VOICE}+{u.id}",
+        "-s",
+        str(u.rate_wpm),
+        "-a",
+        "100",
+        "-w",
+        str(wav_path),
+        u.text,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not wav_path.exists():
         raise RuntimeError(f"espeak-ng failed for {u.id} ({' '.join(cmd)}): {proc.stderr.strip()}")
@@ -625,14 +704,31 @@ def _fmt(v: float) -> str:
 
 
 def _write_metadata(path: Path, rows: list[Utterance]) -> None:
-    with_truth = bool(rows) and SPLIT_DOMAIN[rows[0].split] == "pretrain"  # the corpus' emotion label is automatic there
+    with_truth = (
+        bool(rows) and SPLIT_DOMAIN[rows[0].split] == "pretrain"
+    )  # the corpus' emotion label is automatic there
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file_name", *LABEL_COLUMNS, *OFFSET_COLUMNS, *([TRUE_EMOTION_COLUMN] if with_truth else [])])
     for u in rows:
         lab, s = u.labels, u.speaker
-        w.writerow([f"wav/{u.id}.wav", u.id, u.text, u.emotion_label, s.speaker, s.group, s.gender, s.age,
-                    lab["pitch"], lab["volume"], lab["speed"], *(_fmt(v) for v in u.z), *([u.emotion] if with_truth else [])])
+        w.writerow(
+            [
+                f"wav/{u.id}.wav",
+                u.id,
+                u.text,
+                u.emotion_label,
+                s.speaker,
+                s.group,
+                s.gender,
+                s.age,
+                lab["pitch"],
+                lab["volume"],
+                lab["speed"],
+                *(_fmt(v) for v in u.z),
+                *([u.emotion] if with_truth else []),
+            ]
+        )
     path.write_text(buf.getvalue(), encoding="utf-8")
 
 
@@ -675,8 +771,10 @@ def synthesize_corpus(
     if _is_current(out, expected):
         return out
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
-        raise FileExistsError(f"{out} exists and is not a trustser synthetic corpus (no manifest.json); "
-                              "choose another directory or remove it")
+        raise FileExistsError(
+            f"{out} exists and is not a trustser synthetic corpus (no manifest.json); "
+            "choose another directory or remove it"
+        )
     _ESPEAK = _espeak_binary()
     speakers, utterances = make_plan(seed, size)
     if num_proc is None:
@@ -692,7 +790,9 @@ def synthesize_corpus(
         durations: dict[str, float] = {}
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs), desc="synthesising", unit="utt", disable=(not progress) if progress is not None else None)
+        bar = tqdm(
+            total=len(jobs), desc="synthesising", unit="utt", disable=(not progress) if progress is not None else None
+        )
         if num_proc == 1:
             results: Iterable = map(_render_job, jobs)
             pool = None
@@ -721,7 +821,11 @@ def synthesize_corpus(
                 "speakers": sorted({u.speaker.speaker for u in rows}),
                 "channel": SPLIT_CHANNEL[split],
                 "hours": round(sum(durs) / 3600, 4),
-                "duration_s": {"min": round(min(durs), 3), "mean": round(float(np.mean(durs)), 3), "max": round(max(durs), 3)},
+                "duration_s": {
+                    "min": round(min(durs), 3),
+                    "mean": round(float(np.mean(durs)), 3),
+                    "max": round(max(durs), 3),
+                },
                 "emotions": {e: sum(u.emotion_label == e for u in rows) for e in EMOTIONS},
                 "true_emotions": {e: sum(u.emotion == e for u in rows) for e in EMOTIONS},
                 "kinds": {k: len({u.speaker.speaker for u in rows if u.speaker.kind == k}) for k in KINDS},
@@ -730,7 +834,9 @@ def synthesize_corpus(
         atomic_write_json(tmp / "speakers.json", [asdict(s) for s in speakers])
         from .. import __version__
 
-        atomic_write_json(tmp / "manifest.json", {"settings": expected, "trustser_version": __version__, "splits": split_info})
+        atomic_write_json(
+            tmp / "manifest.json", {"settings": expected, "trustser_version": __version__, "splits": split_info}
+        )
     return out
 
 
@@ -756,8 +862,12 @@ def _read_metadata(path: Path, stats=None) -> dict[str, list]:
         unknown = [f"{c} {r[c]!r}" for c in ("emotion", *extra) if r[c] not in emotions]
         unknown += [f"{f} {r[f]!r}" for f in SED_FIELDS if normalize_sed_value(f, r[f]) is None]
         if unknown:
-            stats.unknown_label(path, lineno, f"unknown label(s) {', '.join(unknown)} (emotions: {sorted(emotions)})",
-                                r["emotion"] if r["emotion"] not in emotions else ",".join(unknown))
+            stats.unknown_label(
+                path,
+                lineno,
+                f"unknown label(s) {', '.join(unknown)} (emotions: {sorted(emotions)})",
+                r["emotion"] if r["emotion"] not in emotions else ",".join(unknown),
+            )
             continue
         audio = path.parent / r["file_name"]
         if not audio.is_file():
@@ -801,29 +911,41 @@ def load_synthetic(
         synthesize_corpus(root, seed=seed, size=size, num_proc=num_proc)
     if not (root / "manifest.json").is_file():
         what = "does not exist" if not root.exists() else "is not a synthetic corpus (no manifest.json)"
-        raise FileNotFoundError(f"synthetic corpus {root} {what}; generate it with `trustser synth {root}` "
-                                f"(or load_corpus('synthetic', root, generate=True))")
+        raise FileNotFoundError(
+            f"synthetic corpus {root} {what}; generate it with `trustser synth {root}` "
+            f"(or load_corpus('synthetic', root, generate=True))"
+        )
     wanted = list(SPLITS if splits is None else ([splits] if isinstance(splits, str) else splits))
     unknown = [s for s in wanted if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown synthetic split(s) {unknown}; available: {list(SPLITS)}")
     string = datasets.Value("string")
     features = datasets.Features(
-        {"id": string, "audio": datasets.Audio(sampling_rate=TARGET_SR),
-         **{c: string for c in LABEL_COLUMNS[1:]}, **{c: datasets.Value("float32") for c in OFFSET_COLUMNS}}
+        {
+            "id": string,
+            "audio": datasets.Audio(sampling_rate=TARGET_SR),
+            **{c: string for c in LABEL_COLUMNS[1:]},
+            **{c: datasets.Value("float32") for c in OFFSET_COLUMNS},
+        }
     )
     stats = CorpusStats("synthetic", str(root), {"on_unknown": on_unknown}, on_unknown=check_on_unknown(on_unknown))
     out = {}
     for split in wanted:
         meta = root / split / "metadata.csv"
         if not meta.is_file():
-            raise FileNotFoundError(f"{meta}: missing split {split!r} of the synthetic corpus; regenerate with `trustser synth {root}`")
+            raise FileNotFoundError(
+                f"{meta}: missing split {split!r} of the synthetic corpus; regenerate with `trustser synth {root}`"
+            )
         cols = _read_metadata(meta, stats)
-        feats = datasets.Features({**features, **({TRUE_EMOTION_COLUMN: string} if TRUE_EMOTION_COLUMN in cols else {})})
+        feats = datasets.Features(
+            {**features, **({TRUE_EMOTION_COLUMN: string} if TRUE_EMOTION_COLUMN in cols else {})}
+        )
         out[split] = datasets.Dataset.from_dict(cols, features=feats, split=datasets.NamedSplit(split))
     if stats.missing_audio:
-        stats.notes.append(f"{len(stats.missing_audio)} wav file(s) listed in the metadata are missing; regenerate with "
-                           f"`trustser synth {root}`")
+        stats.notes.append(
+            f"{len(stats.missing_audio)} wav file(s) listed in the metadata are missing; regenerate with "
+            f"`trustser synth {root}`"
+        )
     stats.splits = {s: len(ds) for s, ds in out.items()}
     dd = datasets.DatasetDict(out)
     attach_stats(stats, dd)

@@ -50,8 +50,10 @@ def refuse_incomplete_weights(path, info: dict, what: str) -> None:
         if keys:
             problems.append(f"{len(keys)} {kind} weight(s) {keys[:10]}{' ...' if len(keys) > 10 else ''}")
     if problems:
-        raise ValueError(f"{path}: not a complete {what} checkpoint: {'; '.join(problems)} "
-                         "(a renamed, truncated or foreign weights file?)")
+        raise ValueError(
+            f"{path}: not a complete {what} checkpoint: {'; '.join(problems)} "
+            "(a renamed, truncated or foreign weights file?)"
+        )
 
 
 def require_model_type(path, wanted: str, what: str) -> None:
@@ -63,4 +65,6 @@ def require_model_type(path, wanted: str, what: str) -> None:
         return
     found = checkpoint_model_type(str(path))
     if found is not None and found != wanted:
-        raise ValueError(f"{path}: holds a {found!r} checkpoint, not a {what} (model_type {wanted!r}); point to the right directory")
+        raise ValueError(
+            f"{path}: holds a {found!r} checkpoint, not a {what} (model_type {wanted!r}); point to the right directory"
+        )

@@ -33,8 +33,11 @@ BALANCE_MODES = ("utterance", "field", "none")
 # ------------------------------------------------------------------------------------------
 # Correctness labels and balanced sampling
 # ------------------------------------------------------------------------------------------
-def correctness_labels(predicted: Sequence[Mapping[str, str | None]], reference: Sequence[Mapping[str, str]],
-                       field_names: Sequence[str] = SED_FIELDS) -> np.ndarray:
+def correctness_labels(
+    predicted: Sequence[Mapping[str, str | None]],
+    reference: Sequence[Mapping[str, str]],
+    field_names: Sequence[str] = SED_FIELDS,
+) -> np.ndarray:
     """(N, 5) array: 1 where the predicted descriptor equals the reliable one, 0 otherwise (a missing
     or unparseable prediction is wrong)."""
     if len(predicted) != len(reference):
@@ -47,7 +50,9 @@ def correctness_labels(predicted: Sequence[Mapping[str, str | None]], reference:
     return out
 
 
-def balanced_sample(labels, *, mode: str = "utterance", num_pairs: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def balanced_sample(
+    labels, *, mode: str = "utterance", num_pairs: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Balanced positive/negative pairs for CEM training; returns (row indices, labels for those rows).
 
     ``utterance`` (default; the paper's counts, 261.3k incorrect vs 408.7k correct of 670k utterances,
@@ -79,7 +84,9 @@ def balanced_sample(labels, *, mode: str = "utterance", num_pairs: int | None = 
             pos, neg = np.flatnonzero(y[:, j] == 1), np.flatnonzero(y[:, j] == 0)
             n = min(len(pos), len(neg), num_pairs if num_pairs is not None else len(y))
             if n == 0:
-                logger.warning("field %d has %d positives and %d negatives: left out of CEM training", j, len(pos), len(neg))
+                logger.warning(
+                    "field %d has %d positives and %d negatives: left out of CEM training", j, len(pos), len(neg)
+                )
                 continue
             chosen[rng.choice(pos, n, replace=False), j] = True
             chosen[rng.choice(neg, n, replace=False), j] = True
@@ -109,7 +116,9 @@ def _trainer_metrics(field_names):
         scores = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
         m = cem_metrics(scores, eval_pred.label_ids, field_names=field_names)
         flat = {f"auc_{f}": m[f]["auc"] for f in field_names}
-        flat.update(utterance_auc=m["utterance"]["auc"], mean_field_auc=m["mean_field_auc"], pooled_nce=m["pooled"]["nce"])
+        flat.update(
+            utterance_auc=m["utterance"]["auc"], mean_field_auc=m["mean_field_auc"], pooled_nce=m["pooled"]["nce"]
+        )
         return flat
 
     return compute
@@ -173,8 +182,11 @@ def train_cem(
     if len(x_bal) < 2:
         raise ValueError(f"train_cem: only {len(x_bal)} training rows after balancing")
     config = CemConfig(
-        input_size=int(features.shape[1]), hidden_size=hidden_size, dropout=dropout,
-        feature_pooling=feature_pooling, slm_hidden_size=slm_hidden_size,
+        input_size=int(features.shape[1]),
+        hidden_size=hidden_size,
+        dropout=dropout,
+        feature_pooling=feature_pooling,
+        slm_hidden_size=slm_hidden_size,
     )
     model = ConfidenceEstimationModel(config)
     output_dir = Path(output_dir)
@@ -239,23 +251,27 @@ def train_cem(
 # ------------------------------------------------------------------------------------------
 # Training data from the SER-SLM
 # ------------------------------------------------------------------------------------------
-def prepare_cem_data(slm, processor, dataset, *, pooling: str = DEFAULT_POOLING, batch_size: int = 16,
-                     max_new_tokens: int = 96) -> dict[str, Any]:
+def prepare_cem_data(
+    slm, processor, dataset, *, pooling: str = DEFAULT_POOLING, batch_size: int = 16, max_new_tokens: int = 96
+) -> dict[str, Any]:
     """CEM training data from a corpus with reliable descriptors (paper section 2.2): the SLM's
     greedy captions, the 0/1 correctness of each predicted descriptor against the reliable columns,
     and the features of the utterance teacher-forced with its *predicted* descriptors (transcription
     and emotion from the corpus, as in the captions scored at selection). Rows whose prediction
     misses a descriptor keep their labels (that field is wrong) but have NaN features; train_cem
     drops them, and ``unparseable`` counts them."""
-    captions, predicted = generate_sed_predictions(slm, processor, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    captions, predicted = generate_sed_predictions(
+        slm, processor, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
     cols = dataset.select_columns(list(SED_FIELDS))[:]
     reference = [{f: cols[f][i] for f in SED_FIELDS} for i in range(len(dataset))]
     labels = correctness_labels(predicted, reference)
     # a descriptor the SLM did not produce counts as wrong (label 0); to still score the utterance,
     # the caption is teacher-forced with the field's first vocabulary value in its place
     filled = [{f: (p.get(f) or SED_VOCAB[f][0]) for f in SED_FIELDS} for p in predicted]
-    features = extract_cem_features(slm, processor, dataset, sed_source="predicted", pooling=pooling,
-                                    batch_size=batch_size, sed=filled)
+    features = extract_cem_features(
+        slm, processor, dataset, sed_source="predicted", pooling=pooling, batch_size=batch_size, sed=filled
+    )
     return {
         "features": features,
         "labels": labels,
@@ -278,8 +294,14 @@ def _shifted(field_name: str, value: str, step: int) -> str:
     return vocab[min(max(vocab.index(value) + step, 0), len(vocab) - 1)]
 
 
-def perturb_descriptors(truth: Sequence[Mapping[str, str]], *, mode: str = "random", corrupt_prob: float = 0.3, rng=None,
-                        speakers: Sequence[str] | None = None) -> tuple[list[dict[str, str]], np.ndarray]:
+def perturb_descriptors(
+    truth: Sequence[Mapping[str, str]],
+    *,
+    mode: str = "random",
+    corrupt_prob: float = 0.3,
+    rng=None,
+    speakers: Sequence[str] | None = None,
+) -> tuple[list[dict[str, str]], np.ndarray]:
     """Claimed descriptors for CEM training and their (N, 5) 0/1 correctness, one caption per row.
 
     Each field is perturbed with probability ``corrupt_prob``:
@@ -327,9 +349,18 @@ def perturb_descriptors(truth: Sequence[Mapping[str, str]], *, mode: str = "rand
     return claimed, labels
 
 
-def prepare_cem_data_perturbed(slm, processor, dataset, *, corrupt_prob: float = 0.3, pooling: str = DEFAULT_POOLING,
-                               batch_size: int = 16, seed: int = 0, perturbation: str = "random",
-                               captions_per_utterance: int = 1) -> dict[str, Any]:
+def prepare_cem_data_perturbed(
+    slm,
+    processor,
+    dataset,
+    *,
+    corrupt_prob: float = 0.3,
+    pooling: str = DEFAULT_POOLING,
+    batch_size: int = 16,
+    seed: int = 0,
+    perturbation: str = "random",
+    captions_per_utterance: int = 1,
+) -> dict[str, Any]:
     """CEM training data matched to how selection uses the CEM (our option; the paper's is
     :func:`prepare_cem_data`): each reliable caption's descriptors are perturbed field by field with
     probability ``corrupt_prob`` (``perturbation``, see :func:`perturb_descriptors`), and the CEM
@@ -348,36 +379,63 @@ def prepare_cem_data_perturbed(slm, processor, dataset, *, corrupt_prob: float =
     speakers = list(dataset["speaker"]) if perturbation == "speaker" and "speaker" in dataset.column_names else None
     if perturbation == "speaker" and speakers is None:
         raise ValueError("perturbation 'speaker' needs a 'speaker' column in the CEM training split")
-    copies = [perturb_descriptors(truth, mode=perturbation, corrupt_prob=corrupt_prob, rng=rng, speakers=speakers)
-              for _ in range(captions_per_utterance)]
+    copies = [
+        perturb_descriptors(truth, mode=perturbation, corrupt_prob=corrupt_prob, rng=rng, speakers=speakers)
+        for _ in range(captions_per_utterance)
+    ]
     if captions_per_utterance > 1:
         copies.insert(0, ([dict(t) for t in truth], correctness_labels(truth, truth)))
     # rows grouped by utterance: utterance i's captions are rows i*C .. i*C+C-1
     n, c = len(dataset), len(copies)
     claimed = [copies[k][0][i] for i in range(n) for k in range(c)]
-    labels = np.stack([copies[k][1][i] for i in range(n) for k in range(c)]) if n else np.zeros((0, len(SED_FIELDS)), np.float32)
+    labels = (
+        np.stack([copies[k][1][i] for i in range(n) for k in range(c)])
+        if n
+        else np.zeros((0, len(SED_FIELDS)), np.float32)
+    )
     utterance = np.repeat(np.arange(n), c)
     expanded = dataset if c == 1 else dataset.select(utterance.tolist())
-    features = extract_cem_features(slm, processor, expanded, sed_source="predicted", pooling=pooling,
-                                    batch_size=batch_size, sed=claimed)
+    features = extract_cem_features(
+        slm, processor, expanded, sed_source="predicted", pooling=pooling, batch_size=batch_size, sed=claimed
+    )
     return {"features": features, "labels": labels.astype(np.float32), "claimed": claimed, "utterance": utterance}
 
 
-def prepare_cem_training_data(slm, processor, dataset, *, captions: str = "perturbed", corrupt_prob: float = 0.3,
-                              perturbation: str = "random", captions_per_utterance: int = 1,
-                              pooling: str = DEFAULT_POOLING, batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
+def prepare_cem_training_data(
+    slm,
+    processor,
+    dataset,
+    *,
+    captions: str = "perturbed",
+    corrupt_prob: float = 0.3,
+    perturbation: str = "random",
+    captions_per_utterance: int = 1,
+    pooling: str = DEFAULT_POOLING,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The CEM's training data in one of its two forms (``captions``): ``predicted`` (the paper:
     the SLM's own greedy predictions, :func:`prepare_cem_data`) or ``perturbed`` (reliable captions
     with perturbed descriptors, :func:`prepare_cem_data_perturbed`). Both carry ``utterance``, the
     dataset row of each training row, so held-out rows can be split by utterance."""
     if captions == "perturbed":
-        return prepare_cem_data_perturbed(slm, processor, dataset, corrupt_prob=corrupt_prob, pooling=pooling,
-                                          batch_size=batch_size, seed=seed, perturbation=perturbation,
-                                          captions_per_utterance=captions_per_utterance)
+        return prepare_cem_data_perturbed(
+            slm,
+            processor,
+            dataset,
+            corrupt_prob=corrupt_prob,
+            pooling=pooling,
+            batch_size=batch_size,
+            seed=seed,
+            perturbation=perturbation,
+            captions_per_utterance=captions_per_utterance,
+        )
     if captions == "predicted":
         if captions_per_utterance != 1 or perturbation != "random":
-            raise ValueError("captions_per_utterance and perturbation apply to 'perturbed' CEM training captions only "
-                             "('predicted' uses the SLM's one greedy caption per utterance)")
+            raise ValueError(
+                "captions_per_utterance and perturbation apply to 'perturbed' CEM training captions only "
+                "('predicted' uses the SLM's one greedy caption per utterance)"
+            )
         data = prepare_cem_data(slm, processor, dataset, pooling=pooling, batch_size=batch_size)
         data["utterance"] = np.arange(len(dataset))
         return data
@@ -401,7 +459,9 @@ def holdout_speakers(dataset, n: int, seed: int = 0) -> list[str]:
     split has a ``group`` column (one speaker of each group in turn, groups in a seeded order), so
     the CEM sees SLM states of voices the SLM never trained on, across the kinds of voices."""
     if "speaker" not in dataset.column_names:
-        raise ValueError(f"holding out {n} speakers for the CEM needs a 'speaker' column; the split has {dataset.column_names}")
+        raise ValueError(
+            f"holding out {n} speakers for the CEM needs a 'speaker' column; the split has {dataset.column_names}"
+        )
     speakers = list(dataset["speaker"])
     groups = list(dataset["group"]) if "group" in dataset.column_names else ["all"] * len(speakers)
     by_group: dict[str, list[str]] = {}
@@ -425,5 +485,7 @@ def split_holdout_speakers(dataset, n: int, seed: int = 0):
     """(rows for the SLM, rows for the CEM): the rows of :func:`holdout_speakers` go to the CEM only."""
     held = set(holdout_speakers(dataset, n, seed))
     is_held = [s in held for s in dataset["speaker"]]
-    return (dataset.select([i for i, h in enumerate(is_held) if not h]),
-            dataset.select([i for i, h in enumerate(is_held) if h]))
+    return (
+        dataset.select([i for i, h in enumerate(is_held) if not h]),
+        dataset.select([i for i, h in enumerate(is_held) if h]),
+    )

@@ -61,10 +61,19 @@ def _field_repair(p: np.ndarray, v: np.ndarray, t: np.ndarray, size: int, strate
 def _repair_summary(r: dict) -> dict:
     """A group's per-field entry: shares, counts and the modify AUC."""
     c = max(r["count"], 1)
-    return {"n": r["count"], "wrong": r["wrong"], "annotation": _r4(r["annotation"] / c), "greedy": _r4(r["greedy"] / c),
-            "modify_probability": _r4(r["modify_probability"] / c), "modify_auc": _r4(r["modify_auc"]),
-            "fixed": _r4(r["fixed"]), "broken": r["broken"], "unchanged": r["unchanged_wrong"] + r["unchanged_right"],
-            "unchanged_wrong": r["unchanged_wrong"], "unchanged_right": r["unchanged_right"]}
+    return {
+        "n": r["count"],
+        "wrong": r["wrong"],
+        "annotation": _r4(r["annotation"] / c),
+        "greedy": _r4(r["greedy"] / c),
+        "modify_probability": _r4(r["modify_probability"] / c),
+        "modify_auc": _r4(r["modify_auc"]),
+        "fixed": _r4(r["fixed"]),
+        "broken": r["broken"],
+        "unchanged": r["unchanged_wrong"] + r["unchanged_right"],
+        "unchanged_wrong": r["unchanged_wrong"],
+        "unchanged_right": r["unchanged_right"],
+    }
 
 
 @torch.no_grad()
@@ -131,19 +140,32 @@ def audit_controller(controller: SedController, dataset, batch_size: int = 32, s
         "annotation_accuracy": _r4(sum(r["annotation"] for r in per_field.values()) / total),
         "expected_accuracy": _r4(sum(r["expected"] for r in per_field.values()) / total),
         "greedy_accuracy": _r4(sum(r["greedy"] for r in per_field.values()) / total),
-        "per_field": {f: {"annotation": _r4(r["annotation"] / r["count"]), "expected": _r4(r["expected"] / r["count"]),
-                          "greedy": _r4(r["greedy"] / r["count"]), "modify_probability": _r4(r["modify_probability"] / r["count"]),
-                          # counts of labels: wrong ones the greedy policy makes right, right ones it makes wrong, untouched
-                          "repair": {"fixed": _r4(r["fixed"]), "broken": r["broken"], "unchanged_wrong": r["unchanged_wrong"],
-                                     "unchanged_right": r["unchanged_right"], "expected_fixed": _r4(r["expected_fixed"]),
-                                     "expected_broken": _r4(r["expected_broken"])}}
-                      for f, r in per_field.items()},
+        "per_field": {
+            f: {
+                "annotation": _r4(r["annotation"] / r["count"]),
+                "expected": _r4(r["expected"] / r["count"]),
+                "greedy": _r4(r["greedy"] / r["count"]),
+                "modify_probability": _r4(r["modify_probability"] / r["count"]),
+                # counts of labels: wrong ones the greedy policy makes right, right ones it makes wrong, untouched
+                "repair": {
+                    "fixed": _r4(r["fixed"]),
+                    "broken": r["broken"],
+                    "unchanged_wrong": r["unchanged_wrong"],
+                    "unchanged_right": r["unchanged_right"],
+                    "expected_fixed": _r4(r["expected_fixed"]),
+                    "expected_broken": _r4(r["expected_broken"]),
+                },
+            }
+            for f, r in per_field.items()
+        },
         # does P(modify) single out the wrong labels, per utterance (not a constant field flip)?
         "modify_auc": {f: _r4(r["modify_auc"]) for f, r in per_field.items()},
     }
     if groups is not None:
         g = np.asarray(groups)
-        audit["by_group"] = {name: {f: _repair_summary(r) for f, r in fields(g == name).items()} for name in sorted(set(groups))}
+        audit["by_group"] = {
+            name: {f: _repair_summary(r) for f, r in fields(g == name).items()} for name in sorted(set(groups))
+        }
     return audit
 
 

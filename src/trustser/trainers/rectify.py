@@ -37,7 +37,16 @@ from transformers import TrainerCallback
 
 from ..audio import TARGET_SR, decode_audio
 from ..descriptors import SED_FIELDS, SED_SOURCES, SED_VOCAB, normalize_sed_value
-from ..models.sed_controller import MODIFY, RETAIN, SedController, SedControllerConfig, ids_to_sed, modify_labels, sample_policies, sed_to_ids
+from ..models.sed_controller import (
+    MODIFY,
+    RETAIN,
+    SedController,
+    SedControllerConfig,
+    ids_to_sed,
+    modify_labels,
+    sample_policies,
+    sed_to_ids,
+)
 from ..utils import atomic_directory
 from .controller_audit import audit_controller
 from .optimizer_state import load_optimizer_state, save_optimizer_state, save_tensors
@@ -72,8 +81,15 @@ class SEDRectifyCollator(SerSlmDataCollator):
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, Any]:
         audio = [decode_audio(f[self.audio_column], f.get("id", "?")) for f in features]
-        batch = dict(self.processor(audio=audio, captions=self.captions(features), sampling_rate=TARGET_SR, with_sed=True,
-                                    f0_tracks=self._f0_tracks(features, audio)))
+        batch = dict(
+            self.processor(
+                audio=audio,
+                captions=self.captions(features),
+                sampling_rate=TARGET_SR,
+                with_sed=True,
+                f0_tracks=self._f0_tracks(features, audio),
+            )
+        )
         suffix = SED_SOURCES[self.sed_source]
         batch["rectify_sed_ids"] = sed_to_ids([{f: row.get(f + suffix) for f in SED_FIELDS} for row in features])
         batch["rectify_truth_ids"] = self.truth_ids(features)
@@ -106,7 +122,9 @@ class SEDRectifyCollator(SerSlmDataCollator):
 # ------------------------------------------------------------------------------------------------
 # Rectified caption batch
 # ------------------------------------------------------------------------------------------------
-def rectified_caption_inputs(processor, input_ids, labels, captions: Sequence[str], repeats: int) -> dict[str, torch.Tensor]:
+def rectified_caption_inputs(
+    processor, input_ids, labels, captions: Sequence[str], repeats: int
+) -> dict[str, torch.Tensor]:
     """Token inputs for ``captions`` (row ``b*repeats + j`` is utterance b's j-th policy), reusing
     each utterance's prompt (audio placeholders + instruction) from the collated ``input_ids``/
     ``labels`` instead of re-running the processor's feature extraction K times; the tokens come
@@ -160,7 +178,9 @@ def pack_rectified_captions(rect: Mapping[str, torch.Tensor], repeats: int) -> d
     last position for the first token, shared by the K captions), ``caption_targets``,
     ``caption_valid``, ``emotion_token_mask``; ``first_predictor``: the earliest predictor position
     (the LM head runs from there on)."""
-    ids, mask, labels, emo = (rect[k].detach().cpu() for k in ("input_ids", "attention_mask", "labels", "emotion_token_mask"))
+    ids, mask, labels, emo = (
+        rect[k].detach().cpu() for k in ("input_ids", "attention_mask", "labels", "emotion_token_mask")
+    )
     n = ids.shape[0]
     if n % repeats:
         raise ValueError(f"{n} rectified rows are not a multiple of {repeats} policies")
@@ -171,7 +191,7 @@ def pack_rectified_captions(rect: Mapping[str, torch.Tensor], repeats: int) -> d
     cap_len = [ends[i] - starts[i] for i in range(n)]
     if any(starts[i] != prefix[i // repeats] for i in range(n)) or min(prefix) < 1:
         raise ValueError("the K rectified rows of an utterance must share one non-empty prompt")
-    row_len = [prefix[b] + sum(cap_len[b * repeats:(b + 1) * repeats]) for b in range(b_count)]
+    row_len = [prefix[b] + sum(cap_len[b * repeats : (b + 1) * repeats]) for b in range(b_count)]
     length, s_max = max(row_len), max(cap_len)
     pad_id = int(ids[0, ends[0] - 1])  # a caption's EOS: any token but an audio placeholder will do
     out_ids = torch.full((b_count, length), pad_id, dtype=torch.long)
@@ -189,25 +209,32 @@ def pack_rectified_captions(rect: Mapping[str, torch.Tensor], repeats: int) -> d
         for j in range(repeats):
             i = b * repeats + j
             s = cap_len[i]
-            out_ids[b, off:off + s] = ids[i, p:p + s]
-            segments[b, off:off + s] = j + 1
-            positions[b, off:off + s] = torch.arange(p, p + s)
+            out_ids[b, off : off + s] = ids[i, p : p + s]
+            segments[b, off : off + s] = j + 1
+            positions[b, off : off + s] = torch.arange(p, p + s)
             predictor[i, 0] = p - 1
             predictor[i, 1:s] = torch.arange(off, off + s - 1)
-            targets[i, :s] = labels[i, p:p + s]
-            emo_out[i, :s] = emo[i, p:p + s]
+            targets[i, :s] = labels[i, p : p + s]
+            emo_out[i, :s] = emo[i, p : p + s]
             off += s
     first = min(prefix) - 1
     dev = rect["input_ids"].device
     return {
-        "input_ids": out_ids.to(dev), "segments": segments.to(dev), "position_ids": positions.to(dev),
-        "caption_row": (torch.arange(n) // repeats).to(dev), "caption_predictor": predictor.to(dev),
-        "caption_targets": targets.to(dev), "caption_valid": (targets != -100).to(dev),
-        "emotion_token_mask": emo_out.to(dev), "first_predictor": torch.tensor(first),
+        "input_ids": out_ids.to(dev),
+        "segments": segments.to(dev),
+        "position_ids": positions.to(dev),
+        "caption_row": (torch.arange(n) // repeats).to(dev),
+        "caption_predictor": predictor.to(dev),
+        "caption_targets": targets.to(dev),
+        "caption_valid": (targets != -100).to(dev),
+        "emotion_token_mask": emo_out.to(dev),
+        "first_predictor": torch.tensor(first),
     }
 
 
-def packed_attention_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def packed_attention_mask(
+    segments: torch.Tensor, implementation: str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(B, 1, L, L) mask of packed rows (``segments`` from ``pack_rectified_captions``): causal, and
     a caption's tokens see the prefix and their own caption only. Boolean (True = attend) for
     ``sdpa``, additive (0 / dtype min) for ``eager``; a padding position sees itself only, so no
@@ -218,14 +245,23 @@ def packed_attention_mask(segments: torch.Tensor, implementation: str, dtype: to
     allowed = (ar[None, :] <= ar[:, None]) & (sq >= 0) & (sk >= 0) & ((sk == 0) | (sk == sq))
     allowed = (allowed | torch.eye(length, dtype=torch.bool, device=segments.device))[:, None]
     if implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
     if implementation == "sdpa":
         return allowed
     raise ValueError(f"packed rows need the 'sdpa' or 'eager' attention implementation, not {implementation!r}")
 
 
-def packed_caption_token_nll(model, packed: Mapping[str, torch.Tensor], *, audio_inputs: Mapping[str, torch.Tensor],
-                             attn_implementation: str, dtype: torch.dtype = torch.float32, from_predictor: int | None = None):
+def packed_caption_token_nll(
+    model,
+    packed: Mapping[str, torch.Tensor],
+    *,
+    audio_inputs: Mapping[str, torch.Tensor],
+    attn_implementation: str,
+    dtype: torch.dtype = torch.float32,
+    from_predictor: int | None = None,
+):
     """``caption_token_nll`` of packed rows: one LLM forward over the B packed rows (the encoder
     once per utterance), the LM head from ``first_predictor`` (or ``from_predictor``) on, and the
     NLL of every caption token read off its predictor's logits. Returns (nll (N, S), valid mask,
@@ -278,7 +314,15 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
     ground truth, ``reward/mean``, ``reward/std``, ``controller/loss``, ``controller/entropy``,
     ``controller/clip_fraction``."""
 
-    def __init__(self, model, args: SEDRectifyConfig | None = None, data_collator=None, processing_class=None, controller: SedController | None = None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: SEDRectifyConfig | None = None,
+        data_collator=None,
+        processing_class=None,
+        controller: SedController | None = None,
+        **kwargs,
+    ):
         if args is None:
             args = SEDRectifyConfig(output_dir="sed_rectify")
         if not isinstance(args, SEDRectifyConfig):
@@ -287,7 +331,9 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
             raise ValueError("SEDRectifyTrainer needs processing_class=SerSlmProcessor")
         if data_collator is None:
             data_collator = SEDRectifyCollator(processing_class, sed_source=args.sed_source)
-        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
+        )
         if controller is None:
             if args.controller_name_or_path:
                 controller = SedController.from_pretrained(args.controller_name_or_path)
@@ -317,8 +363,10 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         self.reward_model = None
         if args.reward_scorer != "policy":
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError(f"reward_scorer={args.reward_scorer!r} keeps a full copy of the SLM beside it; "
-                                 "it is not supported with DeepSpeed or FSDP (sharded weights): use 'policy' there")
+                raise ValueError(
+                    f"reward_scorer={args.reward_scorer!r} keeps a full copy of the SLM beside it; "
+                    "it is not supported with DeepSpeed or FSDP (sharded weights): use 'policy' there"
+                )
             self.reward_model = copy.deepcopy(self.model).requires_grad_(False).eval()
             # an instance-level forward patched in by TRL's trainer closes over the *trained* model's
             # forward, which the copy would then call: the copy runs its class' own forward
@@ -341,7 +389,11 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
     def _ema_parameters(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (scorer parameter, SLM parameter), for the weights the SLM trains."""
         scorer = dict(self.reward_model.named_parameters())
-        return {n: (scorer[n], p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+        return {
+            n: (scorer[n], p)
+            for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
+            if p.requires_grad
+        }
 
     @torch.no_grad()
     def update_reward_model(self) -> None:
@@ -360,10 +412,16 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         """Controller frozen: log-mel once, logits, K policies and their captions."""
         with torch.no_grad():
             feats, fmask = self.controller.log_mel(inputs["rectify_waveforms"], inputs["rectify_waveform_lengths"])
-            logits = self.controller(inputs["rectify_sed_ids"], input_features=feats, feature_attention_mask=fmask).logits
+            logits = self.controller(
+                inputs["rectify_sed_ids"], input_features=feats, feature_attention_mask=fmask
+            ).logits
         sample = sample_policies(
-            logits, inputs["rectify_sed_ids"], k, generator=self.policy_generator,
-            strategy=self.controller.config.modify_strategy, force_retain=force_retain,
+            logits,
+            inputs["rectify_sed_ids"],
+            k,
+            generator=self.policy_generator,
+            strategy=self.controller.config.modify_strategy,
+            force_retain=force_retain,
         )
         captions = self._captions(inputs, sample.rectified_ids)
         return (sample, captions, feats, fmask, logits) if return_logits else (sample, captions, feats, fmask)
@@ -383,7 +441,9 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         replacement a "modify" draws comes from the policy generator, as for the samples)."""
         actions = (logits[..., MODIFY] > logits[..., RETAIN]).long()[:, None, :]
         ids = inputs["rectify_sed_ids"][:, None, :]
-        return self._captions(inputs, modify_labels(ids, actions, self.controller.config.modify_strategy, self.policy_generator))
+        return self._captions(
+            inputs, modify_labels(ids, actions, self.controller.config.modify_strategy, self.policy_generator)
+        )
 
     # ---------------------------------------------------------------------------- shared prefix
     def _language_model(self):
@@ -412,16 +472,22 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         if not hasattr(self, "_packing_blocked"):
             self._packing_blocked = self._shared_prefix_reason()
             if self._packing_blocked:
-                warnings.warn(f"shared_prefix: {self._packing_blocked}; the K rectified captions go through the LLM "
-                              "as K full rows instead", stacklevel=3)
+                warnings.warn(
+                    f"shared_prefix: {self._packing_blocked}; the K rectified captions go through the LLM "
+                    "as K full rows instead",
+                    stacklevel=3,
+                )
         if self._packing_blocked:
             return None
         packed = pack_rectified_captions(rect, k)
         window = getattr(self._language_model().config, "sliding_window", None)
         if isinstance(window, int) and packed["input_ids"].shape[1] > window:
             if not getattr(self, "_warned_window", False):
-                warnings.warn(f"shared_prefix: a packed row ({packed['input_ids'].shape[1]} tokens) is longer than the "
-                              f"LLM's sliding window ({window}); such batches go through unpacked", stacklevel=3)
+                warnings.warn(
+                    f"shared_prefix: a packed row ({packed['input_ids'].shape[1]} tokens) is longer than the "
+                    f"LLM's sliding window ({window}); such batches go through unpacked",
+                    stacklevel=3,
+                )
                 self._warned_window = True
             return None
         return packed
@@ -429,15 +495,21 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
     def _packed_nll(self, model, packed, audio_inputs, from_predictor: int | None = None):
         lm = self._language_model()
         return packed_caption_token_nll(
-            model, packed, audio_inputs=audio_inputs, attn_implementation=lm.config._attn_implementation,
-            dtype=lm.get_input_embeddings().weight.dtype, from_predictor=from_predictor,
+            model,
+            packed,
+            audio_inputs=audio_inputs,
+            attn_implementation=lm.config._attn_implementation,
+            dtype=lm.get_input_embeddings().weight.dtype,
+            from_predictor=from_predictor,
         )
 
     # ---------------------------------------------------------------------------- SLM step
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.model.training or "rectify_sed_ids" not in inputs:
             # evaluation: the plain caption loss on the collated (annotated) captions
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         args = self.args
         warm = self._warming_up()
         k = 1 if warm else args.num_policies  # always-retain policies are identical: one is enough
@@ -451,20 +523,27 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         slm_k, slm_rect, slm_packed = k, rect, packed
         if not warm and args.slm_targets == "argmax":
             slm_k = 1
-            slm_rect = rectified_caption_inputs(self.processing_class, inputs["input_ids"], inputs["labels"],
-                                                self._argmax_captions(inputs, logits), 1)
+            slm_rect = rectified_caption_inputs(
+                self.processing_class, inputs["input_ids"], inputs["labels"], self._argmax_captions(inputs, logits), 1
+            )
             slm_packed = None
         if slm_packed is not None:
             nll, valid, emo_mask, outputs = self._packed_nll(model, slm_packed, audio_inputs_of(inputs))
         else:
-            nll, valid, emo_mask, outputs = caption_token_nll(model, slm_rect, audio_inputs=audio_inputs_of(inputs), audio_repeats=slm_k)
+            nll, valid, emo_mask, outputs = caption_token_nll(
+                model, slm_rect, audio_inputs=audio_inputs_of(inputs), audio_repeats=slm_k
+            )
         kl = outputs.kl_loss
         n_tokens = valid.sum()
         denom = num_items_in_batch * slm_k if num_items_in_batch is not None else n_tokens
         lm_loss = nll.sum() / torch.as_tensor(denom, device=nll.device).clamp(min=1)  # mean over the K policies
         loss = lm_loss
         if kl is not None:
-            steps = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps) if num_items_in_batch is not None else 1
+            steps = (
+                getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+                if num_items_in_batch is not None
+                else 1
+            )
             loss = lm_loss + self._unwrapped_config().vib_beta * kl / steps
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
@@ -486,8 +565,12 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
     def _record(inputs, sample, feats, fmask) -> dict[str, Any]:
         """What the controller update needs of a micro-batch's policies (rewards filled in later)."""
         return {
-            "feats": feats, "fmask": fmask, "sed_ids": inputs["rectify_sed_ids"],
-            "actions": sample.actions, "old_log_probs": sample.log_probs, "rewards": None,
+            "feats": feats,
+            "fmask": fmask,
+            "sed_ids": inputs["rectify_sed_ids"],
+            "actions": sample.actions,
+            "old_log_probs": sample.log_probs,
+            "rewards": None,
         }
 
     def _frozen_slm_step(self, inputs, sample, rect, packed, feats, fmask, return_outputs):
@@ -580,7 +663,8 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                 r["advantages"] = group_normalize(r["rewards"], scale=scale)
             if self.reference_controller is not None:
                 r["reference_logits"] = self.reference_controller(
-                    r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"]).logits
+                    r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"]
+                ).logits
         self._log_mean("reward/mean", torch.nanmean(rewards))
         # spread the controller can learn from: the within-group (K policies) standard deviation
         self._log_mean("reward/std", torch.cat([nanstd(r["rewards"], dim=-1) for r in records]).nanmean())
@@ -590,9 +674,13 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
             self.controller_optimizer.zero_grad(set_to_none=False)
             with torch.enable_grad():
                 for r in records:
-                    logits = self.controller(r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"]).logits
+                    logits = self.controller(
+                        r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"]
+                    ).logits
                     new = action_log_probs(logits, r["actions"])
-                    pg, clip = clipped_policy_loss(new, r["old_log_probs"], r["advantages"], args.controller_clip_epsilon)
+                    pg, clip = clipped_policy_loss(
+                        new, r["old_log_probs"], r["advantages"], args.controller_clip_epsilon
+                    )
                     ent = bernoulli_entropy(logits).mean()
                     objective = pg - args.controller_entropy_coef * ent
                     if self.reference_controller is not None:  # penalty toward the initial (retain-heavy) policy
@@ -636,13 +724,17 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                 ema = {n: e.detach().cpu().contiguous() for n, (e, _) in self._ema_parameters().items()}
                 save_tensors(ema, os.path.join(output_dir, REWARD_EMA))
         rank = self.accelerator.process_index
-        save_tensors({"policy_generator": self.policy_generator.get_state()},
-                     os.path.join(output_dir, f"controller_rng_{rank}.safetensors"))
+        save_tensors(
+            {"policy_generator": self.policy_generator.get_state()},
+            os.path.join(output_dir, f"controller_rng_{rank}.safetensors"),
+        )
 
     def load_controller(self, checkpoint: str | os.PathLike) -> None:
         weights = os.path.join(checkpoint, CONTROLLER_DIR, "model.safetensors")
         if not os.path.exists(weights):
-            raise FileNotFoundError(f"{weights}: the checkpoint has no SED Controller (not a SEDRectifyTrainer checkpoint?)")
+            raise FileNotFoundError(
+                f"{weights}: the checkpoint has no SED Controller (not a SEDRectifyTrainer checkpoint?)"
+            )
         state = load_file(weights, device=str(self.accelerator.device))
         self.controller.load_state_dict(state)
         load_optimizer_state(self.controller_optimizer, os.path.join(checkpoint, CONTROLLER_OPTIMIZER))
@@ -652,7 +744,9 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         if self.args.reward_scorer == "ema":
             path = os.path.join(checkpoint, REWARD_EMA)
             if not os.path.exists(path):
-                raise FileNotFoundError(f"{path}: the checkpoint has no EMA reward scorer (saved with another reward_scorer?)")
+                raise FileNotFoundError(
+                    f"{path}: the checkpoint has no EMA reward scorer (saved with another reward_scorer?)"
+                )
             saved, pairs = load_file(path), self._ema_parameters()
             missing = sorted(set(pairs) - set(saved))
             if missing:

@@ -25,7 +25,8 @@ class SEDRectifyConfig(SerSlmSFTConfig):
         metadata={"help": "descriptors the controller rectifies: 'auto' (<field>_auto annotation columns) or 'truth'."},
     )
     num_policies: int = field(
-        default=DEFAULT_NUM_POLICIES, metadata={"help": "K: rectification policies sampled per utterance and step (paper's best: 6)."}
+        default=DEFAULT_NUM_POLICIES,
+        metadata={"help": "K: rectification policies sampled per utterance and step (paper's best: 6)."},
     )
     reward_timing: str = field(
         default="after_update",
@@ -44,9 +45,12 @@ class SEDRectifyConfig(SerSlmSFTConfig):
         },
     )
     controller_name_or_path: str | None = field(
-        default=None, metadata={"help": "saved SedController to start from; default: a new one built from the fields below."}
+        default=None,
+        metadata={"help": "saved SedController to start from; default: a new one built from the fields below."},
     )
-    controller_hidden_size: int = field(default=128, metadata={"help": "LSTM hidden size of a new controller (paper: 128)."})
+    controller_hidden_size: int = field(
+        default=128, metadata={"help": "LSTM hidden size of a new controller (paper: 128)."}
+    )
     controller_embedding_size: int = field(
         default=32, metadata={"help": "SED token embedding size of a new controller (paper: 32)."}
     )
@@ -63,7 +67,9 @@ class SEDRectifyConfig(SerSlmSFTConfig):
     )
     controller_head_hidden_size: int = field(
         default=0,
-        metadata={"help": "a new controller's head: 0 = one Linear layer (the paper's), > 0 = a tanh hidden layer of this size first."},
+        metadata={
+            "help": "a new controller's head: 0 = one Linear layer (the paper's), > 0 = a tanh hidden layer of this size first."
+        },
     )
     controller_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the controller."})
     controller_clip_epsilon: float = field(
@@ -71,23 +77,29 @@ class SEDRectifyConfig(SerSlmSFTConfig):
     )
     controller_updates_per_step: int = field(
         default=1,
-        metadata={"help": "controller optimisation epochs per SLM optimizer step on the same policies (ratio != 1 from the 2nd)."},
+        metadata={
+            "help": "controller optimisation epochs per SLM optimizer step on the same policies (ratio != 1 from the 2nd)."
+        },
     )
     controller_entropy_coef: float = field(
         default=0.0, metadata={"help": "weight of the entropy bonus on the retain/modify distributions."}
     )
     controller_scale_rewards: str = field(
         default="group",
-        metadata={"help": "advantage scaling, as TRL's GRPOConfig.scale_rewards: 'group' ((r - mean) / std within the K "
-                  "policies, the paper's normalisation), 'batch' (divide by the std of the step's rewards) or 'none' "
-                  "(r - mean only, Dr. GRPO)."},
+        metadata={
+            "help": "advantage scaling, as TRL's GRPOConfig.scale_rewards: 'group' ((r - mean) / std within the K "
+            "policies, the paper's normalisation), 'batch' (divide by the std of the step's rewards) or 'none' "
+            "(r - mean only, Dr. GRPO)."
+        },
     )
     controller_max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "gradient-norm clip of the controller update (None: no clipping)."}
     )
     controller_warmup_steps: int = field(
         default=0,
-        metadata={"help": "optimizer steps during which the controller always retains and is not updated (K=1 captions)."},
+        metadata={
+            "help": "optimizer steps during which the controller always retains and is not updated (K=1 captions)."
+        },
     )
 
     # ---- options that make the reward trustworthy (docs/rectify.md, "Options"); defaults = the paper
@@ -102,7 +114,9 @@ class SEDRectifyConfig(SerSlmSFTConfig):
     )
     reward_ema_decay: float = field(
         default=0.99,
-        metadata={"help": "with reward_scorer='ema': after each optimizer step, scorer = decay x scorer + (1 - decay) x SLM."},
+        metadata={
+            "help": "with reward_scorer='ema': after each optimizer step, scorer = decay x scorer + (1 - decay) x SLM."
+        },
     )
     advantage: str = field(
         default="group",
@@ -151,9 +165,13 @@ class SEDRectifyConfig(SerSlmSFTConfig):
         if self.reward_timing not in REWARD_TIMINGS:
             raise ValueError(f"reward_timing must be one of {REWARD_TIMINGS}, got {self.reward_timing!r}")
         if self.controller_modify_strategy not in ("adjacent", "uniform"):
-            raise ValueError(f"controller_modify_strategy must be 'adjacent' or 'uniform', got {self.controller_modify_strategy!r}")
+            raise ValueError(
+                f"controller_modify_strategy must be 'adjacent' or 'uniform', got {self.controller_modify_strategy!r}"
+            )
         if self.controller_scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"controller_scale_rewards must be 'group', 'batch' or 'none', got {self.controller_scale_rewards!r}")
+            raise ValueError(
+                f"controller_scale_rewards must be 'group', 'batch' or 'none', got {self.controller_scale_rewards!r}"
+            )
         if self.controller_updates_per_step < 1:
             raise ValueError(f"controller_updates_per_step must be >= 1, got {self.controller_updates_per_step}")
         if not 0 < self.controller_clip_epsilon < 1:
@@ -172,10 +190,15 @@ class SEDRectifyConfig(SerSlmSFTConfig):
             raise ValueError(f"frozen_slm_steps must be >= 0, got {self.frozen_slm_steps}")
         if self.slm_targets not in SLM_TARGETS:
             raise ValueError(f"slm_targets must be one of {SLM_TARGETS}, got {self.slm_targets!r}")
-        for name, value, needs in (("reward_scorer", self.reward_scorer, "policy"), ("slm_targets", self.slm_targets, "samples")):
+        for name, value, needs in (
+            ("reward_scorer", self.reward_scorer, "policy"),
+            ("slm_targets", self.slm_targets, "samples"),
+        ):
             if value != needs and self.reward_timing != "after_update":
-                raise ValueError(f"{name}={value!r} needs reward_timing='after_update': the rewards are not the logits "
-                                 f"of the SLM's loss forward (got reward_timing={self.reward_timing!r})")
+                raise ValueError(
+                    f"{name}={value!r} needs reward_timing='after_update': the rewards are not the logits "
+                    f"of the SLM's loss forward (got reward_timing={self.reward_timing!r})"
+                )
         if not self.with_sed:
             raise ValueError("SED rectification needs captions with descriptors (with_sed=True)")
 

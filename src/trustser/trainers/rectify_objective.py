@@ -70,8 +70,13 @@ def clipped_policy_loss(
     return loss, clip_frac.detach()
 
 
-def per_field_advantages(rewards: torch.Tensor, actions: torch.Tensor, eps: float = 1e-4, scale: str = "group",
-                         batch_std: torch.Tensor | float | None = None) -> torch.Tensor:
+def per_field_advantages(
+    rewards: torch.Tensor,
+    actions: torch.Tensor,
+    eps: float = 1e-4,
+    scale: str = "group",
+    batch_std: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """(B, K, 5) advantages, one per policy and field, from (B, K) rewards and (B, K, 5) actions:
     field f of policy k is credited with ``r_k - b_kf``, where the baseline ``b_kf`` is the mean
     reward of the group's *other* policies that made the same choice as k on the four other

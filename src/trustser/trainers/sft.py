@@ -37,7 +37,15 @@ TRAINING_STATE = "trustser_training_state_{rank}.json"
 AUGMENTATION_STATE = "augmentation_state"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MODEL_INPUTS = (
-    "input_ids", "attention_mask", "input_features", "feature_attention_mask", "energy", "f0", "labels", "sed_labels", "ctc_labels",
+    "input_ids",
+    "attention_mask",
+    "input_features",
+    "feature_attention_mask",
+    "energy",
+    "f0",
+    "labels",
+    "sed_labels",
+    "ctc_labels",
 )
 
 
@@ -50,8 +58,11 @@ def last_complete_checkpoint(output_dir) -> str | None:
     if not output_dir or not os.path.isdir(output_dir):
         return None
     found = sorted(
-        ((int(m.group(1)), os.path.join(output_dir, d)) for d in os.listdir(output_dir)
-         if (m := _CHECKPOINT_RE.match(d)) and os.path.isdir(os.path.join(output_dir, d))),
+        (
+            (int(m.group(1)), os.path.join(output_dir, d))
+            for d in os.listdir(output_dir)
+            if (m := _CHECKPOINT_RE.match(d)) and os.path.isdir(os.path.join(output_dir, d))
+        ),
         reverse=True,
     )
     marked = [p for _, p in found if os.path.isfile(os.path.join(p, CHECKPOINT_COMPLETE))]
@@ -68,9 +79,16 @@ def first_caption_position(labels: torch.Tensor) -> int:
     return int(has.long().argmax(1).min()) if bool(has.any(1).all()) else 0
 
 
-def caption_token_nll(model, inputs: Mapping[str, torch.Tensor], audio_embeds: torch.Tensor | None = None, *,
-                      audio_inputs: Mapping[str, torch.Tensor] | None = None, audio_repeats: int = 1,
-                      return_logits: bool = False, **model_kwargs):
+def caption_token_nll(
+    model,
+    inputs: Mapping[str, torch.Tensor],
+    audio_embeds: torch.Tensor | None = None,
+    *,
+    audio_inputs: Mapping[str, torch.Tensor] | None = None,
+    audio_repeats: int = 1,
+    return_logits: bool = False,
+    **model_kwargs,
+):
     """Per-token NLL (N, T') of the caption tokens, the one place where the caption loss is taken
     (SFT and rectification). The LM head runs only from the first caption position on (the audio
     prefix needs none; ``inputs["first_label"]`` or the first label of ``inputs["labels"]``). Audio
@@ -85,11 +103,24 @@ def caption_token_nll(model, inputs: Mapping[str, torch.Tensor], audio_embeds: t
     first = int(inputs["first_label"]) if inputs.get("first_label") is not None else first_caption_position(labels)
     first = max(first, 1)
     keep = length - first + 1  # logits at positions first-1 .. L-1
-    audio = {"audio_embeds": audio_embeds} if audio_embeds is not None else {**(audio_inputs or {}), "audio_repeats": audio_repeats}
-    out = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False, logits_to_keep=keep, **audio, **model_kwargs)
+    audio = (
+        {"audio_embeds": audio_embeds}
+        if audio_embeds is not None
+        else {**(audio_inputs or {}), "audio_repeats": audio_repeats}
+    )
+    out = model(
+        input_ids=ids,
+        attention_mask=inputs["attention_mask"],
+        use_cache=False,
+        logits_to_keep=keep,
+        **audio,
+        **model_kwargs,
+    )
     logits = out.logits[:, :-1]
     target = labels[:, length - keep + 1 :]
-    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none"
+    )
     nll = nll.view(target.shape)
     emo = inputs.get("emotion_token_mask")
     emo = emo[:, length - keep + 1 :] if emo is not None else None
@@ -169,10 +200,19 @@ class SerSlmDataCollator:
         f0_tracks = self._f0_tracks(features, audio)
         if self.augmentation is not None:
             audio = [self.augmentation(a, key=(self.epoch, utterance_key(f, a))) for f, a in zip(features, audio)]
-        batch = dict(self.processor(audio=audio, captions=self.captions(features), sampling_rate=TARGET_SR,
-                                    with_sed=self.with_sed, f0_tracks=f0_tracks))
+        batch = dict(
+            self.processor(
+                audio=audio,
+                captions=self.captions(features),
+                sampling_rate=TARGET_SR,
+                with_sed=self.with_sed,
+                f0_tracks=f0_tracks,
+            )
+        )
         if self.aux_labels and self.caption_column is None:
-            batch.update(self.processor.auxiliary_labels(features, SED_SOURCES[self.sed_source], with_sed=self.with_sed))
+            batch.update(
+                self.processor.auxiliary_labels(features, SED_SOURCES[self.sed_source], with_sed=self.with_sed)
+            )
         if hasattr(self.augmentation, "get_state"):
             batch[AUGMENTATION_STATE] = json.dumps(self.augmentation.get_state())
         return batch
@@ -182,24 +222,39 @@ class SerSlmDataCollator:
 class SerSlmSFTConfig(SFTConfig):
     """SFTConfig with defaults that suit an audio SLM and CPU runs."""
 
-    sed_source: str = field(default="truth", metadata={"help": "descriptors in the caption: 'truth' (plain columns), 'auto' (<field>_auto) or 'pseudo' (<field>_pseudo)."})
-    with_sed: bool = field(default=True, metadata={"help": "caption with descriptors (False: the plain caption of Sys. 1/2)."})
+    sed_source: str = field(
+        default="truth",
+        metadata={
+            "help": "descriptors in the caption: 'truth' (plain columns), 'auto' (<field>_auto) or 'pseudo' (<field>_pseudo)."
+        },
+    )
+    with_sed: bool = field(
+        default=True, metadata={"help": "caption with descriptors (False: the plain caption of Sys. 1/2)."}
+    )
     kl_warmup_steps: int = field(
         default=0,
-        metadata={"help": "ramp the KL weight linearly from 0 to the model's vib_beta over these steps, so the "
-                  "bottleneck does not collapse to the prior before the LM has learned to use the audio."},
+        metadata={
+            "help": "ramp the KL weight linearly from 0 to the model's vib_beta over these steps, so the "
+            "bottleneck does not collapse to the prior before the LM has learned to use the audio."
+        },
     )
     channel_augmentation: float = field(
         default=0.0,
-        metadata={"help": "probability that a training utterance passes through a random recording channel "
-                  "(band-pass + noise floor, level kept; trustser.ChannelAugmentation); 0 = off."},
+        metadata={
+            "help": "probability that a training utterance passes through a random recording channel "
+            "(band-pass + noise floor, level kept; trustser.ChannelAugmentation); 0 = off."
+        },
     )
     aux_losses: bool = field(
         default=True,
-        metadata={"help": "train the model's auxiliary descriptor/CTC heads where its config weighs them "
-                  "(aux_sed_loss_weight, aux_ctc_loss_weight); False: captions only (e.g. domain post-training)."},
+        metadata={
+            "help": "train the model's auxiliary descriptor/CTC heads where its config weighs them "
+            "(aux_sed_loss_weight, aux_ctc_loss_weight); False: captions only (e.g. domain post-training)."
+        },
     )
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on only where CUDA supports it."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; default: on only where CUDA supports it."}
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "off by default (tiny models, CPU)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the collator needs the raw columns."})
     dataset_kwargs: dict[str, Any] | None = field(
@@ -242,14 +297,24 @@ class SerSlmSFTTrainer(SFTTrainer):
                 getattr(cfg, "aux_sed_loss_weight", 0) or getattr(cfg, "aux_ctc_loss_weight", 0)
             )
             data_collator = SerSlmDataCollator(
-                processing_class, sed_source=getattr(args, "sed_source", "truth"), with_sed=getattr(args, "with_sed", True),
-                augmentation=augmentation, aux_labels=aux,
+                processing_class,
+                sed_source=getattr(args, "sed_source", "truth"),
+                with_sed=getattr(args, "with_sed", True),
+                augmentation=augmentation,
+                aux_labels=aux,
             )
-        if (getattr(data_collator, "augmentation", None) is not None and args.dataloader_num_workers > 0
-                and args.dataloader_persistent_workers):
-            raise ValueError("channel augmentation with dataloader_persistent_workers=True: persistent workers would not "
-                             "see the epoch that keys the augmentation draws; use non-persistent workers")
-        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        if (
+            getattr(data_collator, "augmentation", None) is not None
+            and args.dataloader_num_workers > 0
+            and args.dataloader_persistent_workers
+        ):
+            raise ValueError(
+                "channel augmentation with dataloader_persistent_workers=True: persistent workers would not "
+                "see the epoch that keys the augmentation draws; use non-persistent workers"
+            )
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
+        )
         self.add_callback(_CollatorEpoch(self))
         self._augmentation_state: str | None = None
         self._resume_checkpoint: str | None = None
@@ -284,11 +349,17 @@ class SerSlmSFTTrainer(SFTTrainer):
         """Undoes ``_save_training_state`` of the checkpoint being resumed from (at train begin,
         before the first batch is collated). Checkpoints written before it existed resume as before."""
         checkpoint, self._resume_checkpoint = self._resume_checkpoint, None
-        path = os.path.join(checkpoint, TRAINING_STATE.format(rank=self.accelerator.process_index)) if checkpoint else None
+        path = (
+            os.path.join(checkpoint, TRAINING_STATE.format(rank=self.accelerator.process_index)) if checkpoint else None
+        )
         if not path or not os.path.isfile(path):
             if checkpoint:
-                logger.warning("%s has no %s: augmentation draws and the first log after the resume differ from an "
-                               "uninterrupted run", checkpoint, os.path.basename(str(path)))
+                logger.warning(
+                    "%s has no %s: augmentation draws and the first log after the resume differ from an "
+                    "uninterrupted run",
+                    checkpoint,
+                    os.path.basename(str(path)),
+                )
             return
         with open(path, encoding="utf-8") as fh:
             state = json.load(fh)
@@ -326,7 +397,9 @@ class SerSlmSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         # no labels to the model (it would compute a second, full-sequence loss): the caption NLL is
         # taken once, with the LM head only from the first caption position on
-        extra = {k: v for k, v in inputs.items() if k in MODEL_INPUTS and k not in ("input_ids", "attention_mask", "labels")}
+        extra = {
+            k: v for k, v in inputs.items() if k in MODEL_INPUTS and k not in ("input_ids", "attention_mask", "labels")
+        }
         nll, valid, _, outputs, logits, target = caption_token_nll(model, inputs, return_logits=True, **extra)
         n_tokens = valid.sum()
         denom = num_items_in_batch if num_items_in_batch is not None else n_tokens
@@ -370,13 +443,17 @@ class SerSlmSFTTrainer(SFTTrainer):
         from ..utils import atomic_write_json
 
         super()._save_checkpoint(model, trial)
-        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        output_dir = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
         self._save_extra_state(output_dir)
         self._save_training_state(output_dir)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            atomic_write_json(os.path.join(output_dir, CHECKPOINT_COMPLETE),
-                              {"global_step": self.state.global_step, "num_processes": self.accelerator.num_processes})
+            atomic_write_json(
+                os.path.join(output_dir, CHECKPOINT_COMPLETE),
+                {"global_step": self.state.global_step, "num_processes": self.accelerator.num_processes},
+            )
 
     def _save_extra_state(self, output_dir: str) -> None:
         """Side state a subclass adds to each checkpoint (before the completion record)."""
@@ -391,7 +468,11 @@ class SerSlmSFTTrainer(SFTTrainer):
             resume_from_checkpoint = found
         elif resume_from_checkpoint:
             if not os.path.isfile(os.path.join(resume_from_checkpoint, CHECKPOINT_COMPLETE)):
-                logger.warning("%s has no %s: it may have been interrupted while being saved", resume_from_checkpoint, CHECKPOINT_COMPLETE)
+                logger.warning(
+                    "%s has no %s: it may have been interrupted while being saved",
+                    resume_from_checkpoint,
+                    CHECKPOINT_COMPLETE,
+                )
         self._resume_checkpoint = str(resume_from_checkpoint) if resume_from_checkpoint else None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
@@ -415,5 +496,12 @@ class _RestoreTrainingState(TrainerCallback):
         return control
 
 
-__all__ = ["SerSlmDataCollator", "SerSlmSFTConfig", "SerSlmSFTTrainer", "last_complete_checkpoint",
-           "CHECKPOINT_COMPLETE", "caption_token_nll", "first_caption_position"]
+__all__ = [
+    "SerSlmDataCollator",
+    "SerSlmSFTConfig",
+    "SerSlmSFTTrainer",
+    "last_complete_checkpoint",
+    "CHECKPOINT_COMPLETE",
+    "caption_token_nll",
+    "first_caption_position",
+]

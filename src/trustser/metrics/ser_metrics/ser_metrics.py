@@ -53,12 +53,15 @@ class SerMetrics(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
             reference_urls=["https://scikit-learn.org/stable/modules/model_evaluation.html"],
         )
 
-    def _compute(self, predictions, references, emotion_labels=None, with_sed=True, parse=True,
-                 descriptor_references=None):
+    def _compute(
+        self, predictions, references, emotion_labels=None, with_sed=True, parse=True, descriptor_references=None
+    ):
         from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
         if not emotion_labels:
@@ -79,10 +82,16 @@ class SerMetrics(evaluate.Metric):
         n = len(y_true)
         out = {
             "wa": float(accuracy_score(y_true, y_pred)) if n else float("nan"),
-            "ua": float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)) if n else float("nan"),
-            "weighted_f1": float(f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)) if n else float("nan"),
-            "confusion_matrix": {"labels": cm_labels,
-                                 "matrix": confusion_matrix(y_true, y_pred, labels=cm_labels).tolist() if n else []},
+            "ua": float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+            if n
+            else float("nan"),
+            "weighted_f1": float(f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0))
+            if n
+            else float("nan"),
+            "confusion_matrix": {
+                "labels": cm_labels,
+                "matrix": confusion_matrix(y_true, y_pred, labels=cm_labels).tolist() if n else [],
+            },
             "unparseable_rate": float(np.mean(unparseable)) if n else float("nan"),
             "emotion_unparseable_rate": float(np.mean([e is None for e in emotions])) if n else float("nan"),
         }
@@ -95,7 +104,9 @@ class SerMetrics(evaluate.Metric):
                 if ref is None:
                     continue
                 if len(ref) != n:
-                    raise ValueError(f"ser_metrics: descriptor_references[{f!r}] has {len(ref)} values for {n} predictions")
+                    raise ValueError(
+                        f"ser_metrics: descriptor_references[{f!r}] has {len(ref)} values for {n} predictions"
+                    )
                 pairs = [(p.get(f), r) for p, r in zip(parsed, ref) if r]
                 if pairs:
                     acc[f] = float(np.mean([a == b for a, b in pairs]))

@@ -53,7 +53,9 @@ class CemConfig(PreTrainedConfig):
         if self.feature_pooling not in CEM_POOLINGS:
             raise ValueError(f"CemConfig.feature_pooling must be one of {CEM_POOLINGS}, got {self.feature_pooling!r}")
         if self.input_size <= 0 or self.hidden_size <= 0:
-            raise ValueError(f"CemConfig sizes must be positive (input_size={self.input_size}, hidden_size={self.hidden_size})")
+            raise ValueError(
+                f"CemConfig sizes must be positive (input_size={self.input_size}, hidden_size={self.hidden_size})"
+            )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"CemConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.slm_hidden_size:

@@ -15,7 +15,6 @@ from .modeling_sed_controller import (
 )
 from .modeling_sed_controller import __all__ as _modeling_all
 
-
 # the RL objective moved to trustser.trainers.rectify_objective (beside the trainer); the old
 # import path keeps working, resolved on first use so that the model package imports no trainer
 _OBJECTIVE = ("action_log_probs", "bernoulli_entropy", "clipped_policy_loss", "group_normalize")

@@ -40,7 +40,9 @@ def sed_to_ids(seds: Sequence[Mapping[str, str]]) -> torch.Tensor:
         for f in SED_FIELDS:
             v = normalize_sed_value(f, sed.get(f))
             if v is None:
-                raise ValueError(f"row {i}: invalid or missing {f!r} descriptor {sed.get(f)!r} (allowed: {SED_VOCAB[f]})")
+                raise ValueError(
+                    f"row {i}: invalid or missing {f!r} descriptor {sed.get(f)!r} (allowed: {SED_VOCAB[f]})"
+                )
             row.append(SED_VOCAB[f].index(v))
         out.append(row)
     return torch.tensor(out, dtype=torch.long).reshape(len(out), len(SED_FIELDS))
@@ -70,7 +72,9 @@ def modify_labels(
     from ``generator`` so it is reproducible."""
     sizes = torch.tensor(FIELD_SIZES, device=sed_ids.device)
     sizes = sizes.expand_as(sed_ids)
-    u = torch.rand(sed_ids.shape, generator=generator, device=generator.device if generator is not None else sed_ids.device)
+    u = torch.rand(
+        sed_ids.shape, generator=generator, device=generator.device if generator is not None else sed_ids.device
+    )
     u = u.to(sed_ids.device)
     if strategy == "adjacent":
         up = torch.where(u < 0.5, sed_ids - 1, sed_ids + 1)
@@ -199,7 +203,9 @@ class SedController(SedControllerPreTrainedModel):
         return self._mel_cache[key]
 
     @torch.no_grad()
-    def log_mel(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_mel(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S) padded waveforms -> (B, T, n_mels) log-mel and (B, T) frame mask."""
         waveforms = waveforms.float()
         if lengths is None:
@@ -212,11 +218,17 @@ class SedController(SedControllerPreTrainedModel):
         mask = torch.arange(feats.shape[1], device=feats.device)[None, :] < frames.clamp(max=feats.shape[1])[:, None]
         return feats, mask.long()
 
-    def summarize(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def summarize(
+        self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, T, n_mels) -> (B, hidden) utterance summary (padding ignored)."""
         x = input_features.to(self.lstm.weight_ih_l0.dtype)  # the log-mel front end computes in fp32
         b, t, _ = x.shape
-        mask = torch.ones(b, t, dtype=torch.long, device=x.device) if feature_attention_mask is None else feature_attention_mask.long()
+        mask = (
+            torch.ones(b, t, dtype=torch.long, device=x.device)
+            if feature_attention_mask is None
+            else feature_attention_mask.long()
+        )
         if self.config.audio_norm:
             x = normalize_frames(x, mask)
         s = self.config.frame_stride
@@ -224,7 +236,9 @@ class SedController(SedControllerPreTrainedModel):
             pad = (-t) % s
             x = nn.functional.pad(x, (0, 0, 0, pad))
             m = nn.functional.pad(mask, (0, pad)).float()
-            x = (x * m[..., None]).reshape(b, -1, s, x.shape[-1]).sum(2) / m.reshape(b, -1, s).sum(2).clamp(min=1)[..., None]
+            x = (x * m[..., None]).reshape(b, -1, s, x.shape[-1]).sum(2) / m.reshape(b, -1, s).sum(2).clamp(min=1)[
+                ..., None
+            ]
             mask = (m.reshape(b, -1, s).sum(2) > 0).long()
         lengths = mask.sum(1).clamp(min=1)
         # padding is at the end and the LSTM is causal: outputs at valid frames ignore it, so the

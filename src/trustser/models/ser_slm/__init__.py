@@ -27,6 +27,14 @@ def register() -> None:
 
 
 __all__ = [
-    "SerSlmConfig", "SerSlmModel", "SerSlmPreTrainedModel", "SerSlmForConditionalGeneration", "SerSlmProcessor",
-    "build_tiny_ser_slm", "build_paper_ser_slm", "build_ser_slm", "lora_config_for_llm", "register",
+    "SerSlmConfig",
+    "SerSlmModel",
+    "SerSlmPreTrainedModel",
+    "SerSlmForConditionalGeneration",
+    "SerSlmProcessor",
+    "build_tiny_ser_slm",
+    "build_paper_ser_slm",
+    "build_ser_slm",
+    "lora_config_for_llm",
+    "register",
 ]

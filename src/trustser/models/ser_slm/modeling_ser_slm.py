@@ -153,23 +153,32 @@ class SerSlmPreTrainedModel(PreTrainedModel):
         # model (kept inline, not imported from trustser: this file also ships as remote code)
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
             try:
-                found = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **{
-                    k: kwargs[k] for k in ("subfolder", "revision", "token", "cache_dir", "local_files_only") if k in kwargs
-                })[0].get("model_type")
+                found = PreTrainedConfig.get_config_dict(
+                    pretrained_model_name_or_path,
+                    **{
+                        k: kwargs[k]
+                        for k in ("subfolder", "revision", "token", "cache_dir", "local_files_only")
+                        if k in kwargs
+                    },
+                )[0].get("model_type")
             except (OSError, ValueError):
                 found = None
             if found is not None and found != cls.config_class.model_type:
-                raise ValueError(f"{pretrained_model_name_or_path}: holds a {found!r} checkpoint, not a {cls.__name__} "
-                                 f"(model_type {cls.config_class.model_type!r}); point to the right directory")
+                raise ValueError(
+                    f"{pretrained_model_name_or_path}: holds a {found!r} checkpoint, not a {cls.__name__} "
+                    f"(model_type {cls.config_class.model_type!r}); point to the right directory"
+                )
         # missing or unexpected weights (beyond the tied ones transformers leaves out) are an error
         # too, not a partly random model (as trustser.models.loading.refuse_incomplete_weights)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         bad = {k: sorted(info.get(f"{k}_keys") or ()) for k in ("missing", "unexpected")}
         if any(bad.values()):
-            raise ValueError(f"{pretrained_model_name_or_path}: not a complete {cls.__name__} checkpoint: "
-                             + "; ".join(f"{len(v)} {k} weight(s) {v[:10]}" for k, v in bad.items() if v)
-                             + " (a renamed, truncated or foreign weights file?)")
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: not a complete {cls.__name__} checkpoint: "
+                + "; ".join(f"{len(v)} {k} weight(s) {v[:10]}" for k, v in bad.items() if v)
+                + " (a renamed, truncated or foreign weights file?)"
+            )
         return (model, info) if wants_info else model
 
 
@@ -241,7 +250,9 @@ class SerSlmModel(SerSlmPreTrainedModel):
         feats = []
         if self.config.sed_energy_stream:
             if energy is None:
-                raise ValueError("this SER-SLM uses the energy stream (sed_energy_stream=True): pass energy= from the processor")
+                raise ValueError(
+                    "this SER-SLM uses the energy stream (sed_energy_stream=True): pass energy= from the processor"
+                )
             # levels relative to the loudest frame decide what counts as speech, so a channel's noise
             # floor (or digital silence) does not move the features: frames are floored at peak - 40 dB
             # and the utterance level is the mean over active frames (within 25 dB of the peak)
@@ -283,7 +294,9 @@ class SerSlmModel(SerSlmPreTrainedModel):
             _, _, name, module = min(candidates, key=lambda c: c[:2])
             object.__setattr__(self, "_encoder_layer_list", (self.audio_tower, name, module))
             return name, module
-        raise ValueError(f"cannot find the {n} transformer layers of the audio encoder {type(self.audio_tower).__name__}")
+        raise ValueError(
+            f"cannot find the {n} transformer layers of the audio encoder {type(self.audio_tower).__name__}"
+        )
 
     def unread_encoder_modules(self) -> list[nn.Module]:
         """The encoder's final norm, which pre-LN encoders (Whisper-style, and wav2vec2/HuBERT/WavLM
@@ -296,8 +309,11 @@ class SerSlmModel(SerSlmPreTrainedModel):
         name, stack = self._encoder_layer_stack()
         parent = self.audio_tower.get_submodule(name.rpartition(".")[0])
         return [
-            m for m in parent.children()
-            if m is not stack and (isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__) and any(True for _ in m.parameters())
+            m
+            for m in parent.children()
+            if m is not stack
+            and (isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__)
+            and any(True for _ in m.parameters())
         ]
 
     def freeze_unread_encoder_modules(self) -> None:
@@ -316,7 +332,9 @@ class SerSlmModel(SerSlmPreTrainedModel):
         ``audio_embeds`` (possibly ``repeat_interleave``-d) to ``forward`` to reuse them, ``audio_mask``
         their valid positions and ``kl_loss`` the KL. ``output_hidden_states`` / ``output_attentions``
         are the encoder's."""
-        tower_kwargs = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if kwargs.get(k) is not None}
+        tower_kwargs = {
+            k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if kwargs.get(k) is not None
+        }
         latents = self._audio_latents(input_features, feature_attention_mask, energy, f0, **tower_kwargs)
         enc = latents["encoder_outputs"]
         return SerSlmAudioOutput(
@@ -349,8 +367,13 @@ class SerSlmModel(SerSlmPreTrainedModel):
             target_lengths = (ctc_labels >= 0).sum(-1)
             blank = self.config.text_config.pad_token_id if self.config.text_config.pad_token_id is not None else 0
             out["aux_ctc_loss"] = F.ctc_loss(
-                log_probs, ctc_labels.clamp(min=0), mask.sum(-1), target_lengths, blank=blank,
-                reduction="mean", zero_infinity=True,
+                log_probs,
+                ctc_labels.clamp(min=0),
+                mask.sum(-1),
+                target_lengths,
+                blank=blank,
+                reduction="mean",
+                zero_infinity=True,
             )
         return out
 
@@ -386,7 +409,9 @@ class SerSlmModel(SerSlmPreTrainedModel):
         if cfg.prosody_features:
             extra = self._prosody_features(
                 energy.to(layers.device) if energy is not None else None,
-                f0.to(layers.device) if f0 is not None else None, frame_mask, frames,
+                f0.to(layers.device) if f0 is not None else None,
+                frame_mask,
+                frames,
             )
         # pool k consecutive frames first: the VIB MLPs then run at the (k times lower) token rate
         k = cfg.frame_downsample
@@ -409,7 +434,11 @@ class SerSlmModel(SerSlmPreTrainedModel):
         z = torch.cat([z_sed, z_sem], dim=-1) * audio_mask[..., None]
         audio_embeds = self.projector(z)
         return {
-            "audio_embeds": audio_embeds, "audio_mask": audio_mask, "kl": kl, "z_sed": z_sed, "z_sem": z_sem,
+            "audio_embeds": audio_embeds,
+            "audio_mask": audio_mask,
+            "kl": kl,
+            "z_sed": z_sed,
+            "z_sem": z_sem,
             "encoder_outputs": encoder_outputs,
         }
 
@@ -615,6 +644,10 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
-    "SerSlmPreTrainedModel", "SerSlmModel", "SerSlmForConditionalGeneration", "SerSlmCausalLMOutput",
-    "SerSlmModelOutputWithPast", "SerSlmAudioOutput",
+    "SerSlmPreTrainedModel",
+    "SerSlmModel",
+    "SerSlmForConditionalGeneration",
+    "SerSlmCausalLMOutput",
+    "SerSlmModelOutputWithPast",
+    "SerSlmAudioOutput",
 ]

@@ -32,8 +32,12 @@ def _feature_extractor_for(audio_config, max_audio_seconds: int, hop_length: int
 
     if getattr(audio_config, "num_mel_bins", None) is not None:
         return WhisperFeatureExtractor(
-            feature_size=audio_config.num_mel_bins, sampling_rate=16000, hop_length=hop_length,
-            chunk_length=int(max_audio_seconds), n_fft=400, return_attention_mask=True,
+            feature_size=audio_config.num_mel_bins,
+            sampling_rate=16000,
+            hop_length=hop_length,
+            chunk_length=int(max_audio_seconds),
+            n_fft=400,
+            return_attention_mask=True,
         )
     return Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
@@ -72,13 +76,21 @@ def train_caption_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000, emo
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tk.train_from_iterator(texts * 3 + skeleton, trainer=trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens=[AUDIO_TOKEN], clean_up_tokenization_spaces=False,
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=[AUDIO_TOKEN],
+        clean_up_tokenization_spaces=False,
     )
     return tok
 
@@ -113,30 +125,62 @@ def build_tiny_ser_slm(
 
     torch.manual_seed(seed)
     tok = train_caption_tokenizer(texts, vocab_size=vocab_size, emotion_labels=emotion_labels)
-    fe = _feature_extractor_for(SimpleNamespace(num_mel_bins=num_mel_bins), max_audio_seconds, hop_length=16 * mel_hop_ms)
+    fe = _feature_extractor_for(
+        SimpleNamespace(num_mel_bins=num_mel_bins), max_audio_seconds, hop_length=16 * mel_hop_ms
+    )
     audio_config = AutoConfig.for_model(
-        "voxtral_encoder", hidden_size=encoder_dim, intermediate_size=encoder_dim * 4, num_hidden_layers=encoder_layers,
-        num_attention_heads=4, num_mel_bins=num_mel_bins, max_source_positions=fe.nb_max_frames // 2,
+        "voxtral_encoder",
+        hidden_size=encoder_dim,
+        intermediate_size=encoder_dim * 4,
+        num_hidden_layers=encoder_layers,
+        num_attention_heads=4,
+        num_mel_bins=num_mel_bins,
+        max_source_positions=fe.nb_max_frames // 2,
     )
     heads = max(2, lm_hidden // 64)
     text_config = AutoConfig.for_model(
-        lm, vocab_size=len(tok), hidden_size=lm_hidden, intermediate_size=lm_hidden * 3, num_hidden_layers=lm_layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        lm,
+        vocab_size=len(tok),
+        hidden_size=lm_hidden,
+        intermediate_size=lm_hidden * 3,
+        num_hidden_layers=lm_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     config = SerSlmConfig(
-        audio_config=audio_config, text_config=text_config, audio_token_id=tok.convert_tokens_to_ids(AUDIO_TOKEN),
-        audio_token=AUDIO_TOKEN, sed_vib_dim=32, semantic_vib_dim=64, vib_hidden_size=256, vib_beta=vib_beta,
-        sed_energy_stream=sed_energy_stream, sed_f0_stream=sed_f0_stream, frame_downsample=frame_downsample,
-        freeze_audio_tower=freeze_audio_tower, aux_sed_loss_weight=aux_sed_loss_weight,
-        aux_ctc_loss_weight=aux_ctc_loss_weight, aux_sed_num_classes=[len(DEFAULT_SED_VOCAB[f]) for f in SED_FIELDS],
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        audio_config=audio_config,
+        text_config=text_config,
+        audio_token_id=tok.convert_tokens_to_ids(AUDIO_TOKEN),
+        audio_token=AUDIO_TOKEN,
+        sed_vib_dim=32,
+        semantic_vib_dim=64,
+        vib_hidden_size=256,
+        vib_beta=vib_beta,
+        sed_energy_stream=sed_energy_stream,
+        sed_f0_stream=sed_f0_stream,
+        frame_downsample=frame_downsample,
+        freeze_audio_tower=freeze_audio_tower,
+        aux_sed_loss_weight=aux_sed_loss_weight,
+        aux_ctc_loss_weight=aux_ctc_loss_weight,
+        aux_sed_num_classes=[len(DEFAULT_SED_VOCAB[f]) for f in SED_FIELDS],
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     model = SerSlmForConditionalGeneration(config)
     _set_generation_defaults(model, tok)
     processor = SerSlmProcessor(
-        fe, tok, audio_token=AUDIO_TOKEN,
-        audio_conv_layers=config.audio_conv_layers, frame_downsample=frame_downsample, f0_stream=sed_f0_stream,
+        fe,
+        tok,
+        audio_token=AUDIO_TOKEN,
+        audio_conv_layers=config.audio_conv_layers,
+        frame_downsample=frame_downsample,
+        f0_stream=sed_f0_stream,
     )
     return model, processor
 
@@ -178,16 +222,28 @@ def build_ser_slm(
     audio_config = AutoConfig.from_pretrained(audio_model, **from_pretrained_kwargs)
     text_config = AutoConfig.from_pretrained(text_model, **from_pretrained_kwargs)
     config = SerSlmConfig(
-        audio_config=audio_config, text_config=text_config, audio_token_id=audio_token_id, audio_token=AUDIO_TOKEN,
-        sed_vib_dim=sed_vib_dim, semantic_vib_dim=semantic_vib_dim, vib_hidden_size=vib_hidden_size,
-        vib_beta=vib_beta, sed_energy_stream=sed_energy_stream, sed_f0_stream=sed_f0_stream,
-        frame_downsample=frame_downsample, freeze_audio_tower=freeze_audio_tower,
+        audio_config=audio_config,
+        text_config=text_config,
+        audio_token_id=audio_token_id,
+        audio_token=AUDIO_TOKEN,
+        sed_vib_dim=sed_vib_dim,
+        semantic_vib_dim=semantic_vib_dim,
+        vib_hidden_size=vib_hidden_size,
+        vib_beta=vib_beta,
+        sed_energy_stream=sed_energy_stream,
+        sed_f0_stream=sed_f0_stream,
+        frame_downsample=frame_downsample,
+        freeze_audio_tower=freeze_audio_tower,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     with torch.device("meta"):
         model = SerSlmForConditionalGeneration(config)
-    model_kwargs = dict(from_pretrained_kwargs, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
+    model_kwargs = dict(
+        from_pretrained_kwargs, **({"attn_implementation": attn_implementation} if attn_implementation else {})
+    )
     encoder = AutoModel.from_pretrained(audio_model, dtype=dtype, **model_kwargs)
     if getattr(encoder.config, "layerdrop", 0.0):  # see SerSlmModel: a fixed set of layers is weighed
         encoder.config.layerdrop = 0.0
@@ -217,8 +273,12 @@ def build_ser_slm(
     if hasattr(fe, "return_attention_mask"):
         fe.return_attention_mask = True
     processor = SerSlmProcessor(
-        fe, tok, audio_token=AUDIO_TOKEN, audio_conv_layers=infer_audio_conv_layers(audio_config),
-        frame_downsample=frame_downsample, f0_stream=sed_f0_stream,
+        fe,
+        tok,
+        audio_token=AUDIO_TOKEN,
+        audio_conv_layers=infer_audio_conv_layers(audio_config),
+        frame_downsample=frame_downsample,
+        f0_stream=sed_f0_stream,
     )
     return model, processor
 
@@ -240,14 +300,20 @@ def llm_lora_targets(modules: Sequence[str] | str | None = None) -> str:
     return r".*language_model.*\.(" + "|".join(re.escape(n) for n in names) + ")"
 
 
-def lora_config_for_llm(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] | str | None = None):
+def lora_config_for_llm(
+    r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] | str | None = None
+):
     """PEFT LoRA on the LLM's projections only; VIB branches and projector train fully
     (``modules_to_save``, so the adapter holds their trained copies)."""
     from peft import LoraConfig
 
     return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=llm_lora_targets(target_modules),
-        modules_to_save=list(NEW_MODULES), task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=llm_lora_targets(target_modules),
+        modules_to_save=list(NEW_MODULES),
+        task_type="CAUSAL_LM",
     )
 
 
@@ -272,8 +338,9 @@ def build_paper_ser_slm(
     instead)."""
     if revision not in (None, "main"):
         kwargs["revision"] = revision
-    model, processor = build_ser_slm(audio_model, text_model, dtype=dtype, freeze_audio_tower=True,
-                                     attn_implementation=attn_implementation, **kwargs)
+    model, processor = build_ser_slm(
+        audio_model, text_model, dtype=dtype, freeze_audio_tower=True, attn_implementation=attn_implementation, **kwargs
+    )
     if use_lora:
         from peft import get_peft_model
 
@@ -282,6 +349,11 @@ def build_paper_ser_slm(
 
 
 __all__ = [
-    "build_tiny_ser_slm", "build_paper_ser_slm", "build_ser_slm", "train_caption_tokenizer",
-    "lora_config_for_llm", "llm_lora_targets", "LLM_LORA_TARGETS",
+    "build_tiny_ser_slm",
+    "build_paper_ser_slm",
+    "build_ser_slm",
+    "train_caption_tokenizer",
+    "lora_config_for_llm",
+    "llm_lora_targets",
+    "LLM_LORA_TARGETS",
 ]

@@ -154,11 +154,14 @@ class SerSlmProcessor(ProcessorMixin):
             out.append((self.sed_template if with_sed else self.plain_template).format(**values))
         return out
 
-    def auxiliary_labels(self, rows: Sequence[Mapping], sed_suffix: str = "", with_sed: bool = True) -> dict[str, torch.Tensor]:
+    def auxiliary_labels(
+        self, rows: Sequence[Mapping], sed_suffix: str = "", with_sed: bool = True
+    ) -> dict[str, torch.Tensor]:
         """Targets of the model's auxiliary losses for dataset rows: ``sed_labels`` (B, 5), each
         descriptor's index in ``sed_vocab`` (-100 where missing or outside the vocabulary, and
         everywhere with ``with_sed=False``: a no-descriptor system learns no descriptors), and
         ``ctc_labels`` (B, L), the transcript's token ids right-padded with -100."""
+
         def index(field, row):
             v = self._normalize(field, row.get(field + sed_suffix)) if with_sed else None
             return self.sed_vocab[field].index(v) if v is not None else -100
@@ -168,7 +171,10 @@ class SerSlmProcessor(ProcessorMixin):
         ctc = torch.full((len(rows), max(1, max((len(i) for i in ids), default=0))), -100, dtype=torch.long)
         for k, i in enumerate(ids):
             ctc[k, : len(i)] = torch.tensor(i, dtype=torch.long)
-        return {"sed_labels": torch.tensor(sed, dtype=torch.long).reshape(len(rows), len(SED_FIELDS)), "ctc_labels": ctc}
+        return {
+            "sed_labels": torch.tensor(sed, dtype=torch.long).reshape(len(rows), len(SED_FIELDS)),
+            "ctc_labels": ctc,
+        }
 
     # -------------------------------------------------------------------------------- audio
     def num_audio_tokens(self, valid_length: int) -> int:
@@ -205,7 +211,9 @@ class SerSlmProcessor(ProcessorMixin):
         padded_samples = fe.n_samples if hasattr(fe, "n_samples") else max(a.size for a in audio)
         hop = 160 * fe.sampling_rate // 16000
         n_energy = -(-padded_samples // hop)
-        energy = np.stack([frame_log_energy(a[:padded_samples], n_energy, frame=int(2.5 * hop), hop=hop) for a in audio])
+        energy = np.stack(
+            [frame_log_energy(a[:padded_samples], n_energy, frame=int(2.5 * hop), hop=hop) for a in audio]
+        )
         n_tokens = [max(1, self.num_audio_tokens(int(x))) for x in feature_mask.sum(-1)]
         f0 = None
         if self.f0_stream:
@@ -247,8 +255,12 @@ class SerSlmProcessor(ProcessorMixin):
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         instr = tok(" " + self.instruction if self.instruction else "", add_special_tokens=False)["input_ids"]
-        tokens = self.caption_inputs([bos + [self.audio_token_id] * n + list(instr) for n in n_tokens], captions,
-                                     with_sed=with_sed, padding_side=padding_side)
+        tokens = self.caption_inputs(
+            [bos + [self.audio_token_id] * n + list(instr) for n in n_tokens],
+            captions,
+            with_sed=with_sed,
+            padding_side=padding_side,
+        )
         data = {
             **tokens,
             "input_features": input_features,
@@ -260,7 +272,10 @@ class SerSlmProcessor(ProcessorMixin):
         return BatchFeature(data=data, tensor_type=None)
 
     def caption_inputs(
-        self, prompts: Sequence[Sequence[int]], captions: Sequence[str] | None = None, with_sed: bool = True,
+        self,
+        prompts: Sequence[Sequence[int]],
+        captions: Sequence[str] | None = None,
+        with_sed: bool = True,
         padding_side: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Token tensors of prompt (token ids: BOS, audio placeholders, instruction) + caption + EOS
@@ -270,7 +285,9 @@ class SerSlmProcessor(ProcessorMixin):
         place for both ``__call__`` and the rectification trainer (which reuses collated prompts)."""
         tok = self.tokenizer
         rows, label_rows, sed_index, emo_pos = [], [], [], []
-        enc = tok(list(captions), add_special_tokens=False, return_offsets_mapping=True) if captions is not None else None
+        enc = (
+            tok(list(captions), add_special_tokens=False, return_offsets_mapping=True) if captions is not None else None
+        )
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         for i, prompt in enumerate(prompts):
             prompt = list(prompt)
