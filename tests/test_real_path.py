@@ -50,12 +50,16 @@ def _check_run(run: dict, corpus: str, target_root: str, inputs: dict) -> dict:
         "controller_head_hidden_size": 0,
         "controller_scale_rewards": "group",
         "controller_updates_per_step": 1,
+        "controller_frame_stride": 1,
     }
     assert s["training_args"]["controller_scale_rewards"] == "group" and s["posttrain_max_steps"] == 2
     stages = {st["name"]: run_dir / st["path"] for st in res["stages"]}
     for name in ("pretrain", "posttrain"):
         record = json.loads((stages[name] / "STAGE.json").read_text())
-        assert record["settings"]["training"] == {"bf16": True, "gradient_checkpointing": True}
+        # the rectifying post-training's key also carries the controller settings as they resolved
+        controller = {k: v for k, v in s["training_args"].items() if k.startswith("controller_")}
+        expected = {"bf16": True, "gradient_checkpointing": True, **(controller if name == "posttrain" else {})}
+        assert record["settings"]["training"] == expected
         logs = json.loads((stages[name] / "log_history.json").read_text())
         assert logs[-1]["step"] == 2
     assert (

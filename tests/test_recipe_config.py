@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trustser.recipe import ModelSourceError, _models_needed, _training_args, check_model_sources, parse_recipe_args
-from trustser.recipe_config import RecipeConfig
+from trustser.recipe_config import RECTIFY_DEFAULTS, RecipeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 IEMOCAP = str(REPO / "recipes/configs/iemocap_sys10.yaml")
@@ -106,7 +106,15 @@ def test_controller_settings_reach_only_the_rectification_trainer(tmp_path):
     cfg = parse_recipe_args(["--controller_frame_stride", "4", "--max_grad_norm", "0.5"], system="sys10")
     assert cfg.stage_training_key("pretrain") == {"max_grad_norm": 0.5}
     assert cfg.stage_training_key("posttrain") == {"max_grad_norm": 0.5}  # Sys. 4-8's post-training key
-    assert cfg.stage_training_key("posttrain", rectify=True) == {"controller_frame_stride": 4, "max_grad_norm": 0.5}
+    # the rectifying post-training's key carries every controller setting as it resolved (a changed
+    # RECTIFY_DEFAULTS never reuses a stage trained with the old value)
+    assert cfg.stage_training_key("posttrain", rectify=True) == {
+        **RECTIFY_DEFAULTS,
+        "controller_frame_stride": 4,
+        "max_grad_norm": 0.5,
+    }
+    stride = parse_recipe_args(["--controller_frame_stride", "1"], system="sys10")
+    assert stride.stage_training_key("posttrain", rectify=True) == {**RECTIFY_DEFAULTS, "controller_frame_stride": 1}
     pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=1, epochs=1.0, lr=1e-3)
     sft = _training_args(cfg, tmp_path, stage="posttrain", max_steps=1, epochs=1.0, lr=1e-3)
     rect = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=1, epochs=1.0, lr=1e-3)

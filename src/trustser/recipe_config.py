@@ -36,13 +36,17 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 # The embedded default's tuned choices for the rectifying post-training's controller (docs/rectify.md,
 # "Repair"): they win over SEDRectifyConfig's own defaults (the paper's) in that stage only; a top-level
-# YAML key (the real configs: the paper's values) or posttrain_training_args overrides them. Like
-# TRAINING_DEFAULTS they are not in the stage key unless changed: changing one here needs a fresh cache.
+# YAML key (the real configs: the paper's values) or posttrain_training_args overrides them. Unlike
+# TRAINING_DEFAULTS they are always in the rectifying post-training's stage key, so changing one here
+# never reuses a stage trained with the old value.
 RECTIFY_DEFAULTS: dict[str, Any] = {
     "controller_learning_rate": 1e-2,
     "controller_updates_per_step": 4,
     "controller_scale_rewards": "none",
     "controller_head_hidden_size": 64,
+    # 40 ms LSTM steps instead of 10 ms: the controller's update was 2/3 of the post-training step on CPU
+    # (BENCHMARKS.md, "Main job"); the utterance summary keeps the prosody's time scale
+    "controller_frame_stride": 4,
 }
 # Trainer fields each stage sets from the recipe (its learning rate, steps, batch, seed, ...), so
 # they are not top-level settings; a stage's ``*_training_args`` may still override them.
@@ -607,16 +611,10 @@ class RecipeConfig:
 
     def stage_training_key(self, stage: str, rectify: bool = False) -> dict[str, Any]:
         """The part of ``stage_training_args`` that changes results (the stage's cache key): what
-        differs from the recipe's defaults (``TRAINING_DEFAULTS``; ``RECTIFY_DEFAULTS`` too for a
-        rectifying post-training), so the key is empty when nothing else is set."""
+        differs from ``TRAINING_DEFAULTS`` (so the key is empty when nothing else is set), and for a
+        rectifying post-training every controller setting of ``RECTIFY_DEFAULTS`` as it resolved."""
         args = self.stage_training_args(stage, rectify)
-        base = (
-            {}
-            if stage == "cem"
-            else {**TRAINING_DEFAULTS, **RECTIFY_DEFAULTS}
-            if stage == "posttrain" and rectify
-            else TRAINING_DEFAULTS
-        )
+        base = {} if stage == "cem" else TRAINING_DEFAULTS
         return {k: v for k, v in sorted(args.items()) if k not in NOT_IN_STAGE_KEY and not (k in base and base[k] == v)}
 
 
