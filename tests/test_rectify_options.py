@@ -324,6 +324,7 @@ def test_audit_reports_modify_auc_and_groups(tiny, rows):
 # ---------------------------------------------------------------------------------- recipe pass-through
 def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
     from trustser.recipe import _training_args, parse_recipe_args
+    from trustser.recipe_config import RECTIFY_DEFAULTS
 
     flags = {
         "reward_scorer": "ema",
@@ -338,7 +339,8 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
     cfg = parse_recipe_args(argv, system="sys10")
     post = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
     assert {k: getattr(post, k) for k in flags} == flags
-    assert cfg.stage_training_key("posttrain", rectify=True) == dict(sorted(flags.items()))
+    # the key: the options set, beside the embedded default's controller settings as they resolved
+    assert cfg.stage_training_key("posttrain", rectify=True) == dict(sorted({**RECTIFY_DEFAULTS, **flags}.items()))
     # pre-training and plain SFT post-training neither get them nor change their cache keys
     pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=5, epochs=1.0, lr=1e-4)
     assert isinstance(pre, SerSlmSFTConfig) and not hasattr(pre, "reward_scorer")
