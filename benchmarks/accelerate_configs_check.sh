@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs a few SEDRectifyTrainer steps (tests/rectify_two_ranks.py: tiny SER-SLM, K = 3, one
+# Runs a few SedRectifyTrainer steps (tests/rectify_two_ranks.py: tiny SER-SLM, K = 3, one
 # checkpoint) under each of recipes/accelerate_configs/{ddp,zero2,zero3,fsdp}.yaml on one GPU,
 # and writes OUT/summary.json: for each config, the exit status, seconds, whether the controller
 # changed, the last logged loss and the checkpoint's files. Needs a CUDA machine; deepspeed and

@@ -71,7 +71,7 @@ def build_model(paths: list, steps: int, out: Path, device: str = "cpu"):
     import torch
 
     from trustser.descriptors import build_caption
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+    from trustser.models.cem import CemConfig, CemModel
     from trustser.models.ser_slm import build_tiny_ser_slm
 
     model, proc = build_tiny_ser_slm(SENTENCES, emotion_labels=("neutral", "happy", "angry", "sad"), seed=0)
@@ -102,7 +102,7 @@ def build_model(paths: list, steps: int, out: Path, device: str = "cpu"):
     model.save_pretrained(out)
     proc.save_pretrained(out)
     h = model.config.text_config.hidden_size
-    ConfidenceEstimationModel(CemConfig(input_size=5 * h, slm_hidden_size=h)).save_pretrained(out / "cem")
+    CemModel(CemConfig(input_size=5 * h, slm_hidden_size=h)).save_pretrained(out / "cem")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 
 1. a tiny SER-SLM is pre-trained on ``reference`` (reliable labels; the paper's SpeechCraft stage);
 2. from that same model, ``--steps`` of plain SFT on the annotated ``train`` captions (Sys. 4) and
-   ``--steps`` of SEDRectifyTrainer (Sys. 9) with the same data order and learning rate;
+   ``--steps`` of SedRectifyTrainer (Sys. 9) with the same data order and learning rate;
 3. the fraction of correct descriptor labels in the rectified captions (vs ground truth) is logged
    every ``--log-every`` steps, against the annotation's own accuracy; emotion accuracy of both
    models on ``test`` (held-out speakers, generated captions).
@@ -77,8 +77,8 @@ def main(argv=None) -> dict:
     from trustser.descriptors import EMOTION_LABELS, SED_FIELDS
     from trustser.evaluation import evaluate_ser
     from trustser.models.ser_slm import build_tiny_ser_slm
-    from trustser.trainers.rectify import SEDRectifyTrainer, audit_controller
-    from trustser.trainers.rectify_config import SEDRectifyConfig
+    from trustser.trainers.rectify import SedRectifyTrainer, audit_controller
+    from trustser.trainers.rectify_config import SedRectifyConfig
     from trustser.trainers.sft import SerSlmSFTConfig, SerSlmSFTTrainer
     from trustser.utils import atomic_write_json, set_seed
 
@@ -166,9 +166,9 @@ def main(argv=None) -> dict:
         sft.train()
     sft_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rect = SEDRectifyTrainer(
+    rect = SedRectifyTrainer(
         fresh(),
-        args=SEDRectifyConfig(
+        args=SedRectifyConfig(
             output_dir=str(work / "rect"),
             num_policies=a.num_policies,
             controller_learning_rate=a.controller_lr,

@@ -3,9 +3,9 @@
 * ``sft``: a plain SerSlmSFTTrainer step (one caption per utterance);
 * ``naive``: K independent full passes (processor + encoder + LLM forward/backward per policy, and
   K full reward forwards after the update) -- kept here only, as the reference to beat;
-* ``trainer``: today's SEDRectifyTrainer path (``shared_prefix=False``: encoder once, the K*B
+* ``trainer``: today's SedRectifyTrainer path (``shared_prefix=False``: encoder once, the K*B
   captions as K*B full rows in one LLM batch, logits only over the caption);
-* ``packed``: SEDRectifyTrainer with ``shared_prefix=True`` (each utterance's audio + prompt prefix
+* ``packed``: SedRectifyTrainer with ``shared_prefix=True`` (each utterance's audio + prompt prefix
   once, its K captions packed behind it in one row);
   both rectification arms with ``reward_timing`` after_update (the paper) and reuse_forward;
 * the shared-prefix bound (P + K*S) / (P + S): the LLM token work of a shared prefix relative to
@@ -42,8 +42,8 @@ from transformers import TrainerCallback
 
 from trustser.descriptors import EMOTION_LABELS, SED_FIELDS, SED_VOCAB
 from trustser.models.ser_slm import build_tiny_ser_slm
-from trustser.trainers.rectify import SEDRectifyTrainer, emotion_cross_entropy
-from trustser.trainers.rectify_config import SEDRectifyConfig
+from trustser.trainers.rectify import SedRectifyTrainer, emotion_cross_entropy
+from trustser.trainers.rectify_config import SedRectifyConfig
 from trustser.trainers.sft import SerSlmSFTConfig, SerSlmSFTTrainer
 
 SENTENCES = [
@@ -91,7 +91,7 @@ class StepMeter(TrainerCallback):
         return float(statistics.median(seconds)), float(np.mean(tokens))
 
 
-class NaiveRectifyTrainer(SEDRectifyTrainer):
+class NaiveRectifyTrainer(SedRectifyTrainer):
     """K independent full passes per step: the processor (feature extraction), the encoder and the
     LLM run once per policy, and the after-update reward repeats all of it."""
 
@@ -221,7 +221,7 @@ def measure_shape(name: str, a, k: int) -> dict:
     (res["sft_s"], res["sft_llm_tokens"]), sft = timed(
         SerSlmSFTTrainer, SerSlmSFTConfig(output_dir=out_dir + "/sft", sed_source="auto", **common)
     )
-    rcfg = lambda timing, shared: SEDRectifyConfig(
+    rcfg = lambda timing, shared: SedRectifyConfig(
         output_dir=out_dir + "/r",
         num_policies=k,
         reward_timing=timing,  # noqa: E731
@@ -232,7 +232,7 @@ def measure_shape(name: str, a, k: int) -> dict:
     for timing in ("after_update", "reuse_forward"):
         for arm, shared in (("trainer", False), ("packed", True)):
             (res[f"{arm}_{timing}_s"], res[f"{arm}_{timing}_llm_tokens"]), _ = timed(
-                SEDRectifyTrainer, rcfg(timing, shared)
+                SedRectifyTrainer, rcfg(timing, shared)
             )
     # the shared-prefix bound from this shape's token counts
     batch = sft.data_collator(rows[: a.batch_size])

@@ -75,7 +75,7 @@ def speech_only(wav, floor=0.01, pad=0.05, sr=16000):
 def train_explainer(out_dir, audio, captions, steps=130):
     """A tiny SER-SLM over-fitted on ``captions`` of ``audio``, saved to ``out_dir`` with a CEM in
     ``cem/`` (trained on one thread: tiny models run fastest so, and the machine is shared)."""
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+    from trustser.models.cem import CemConfig, CemModel
     from trustser.models.ser_slm import build_tiny_ser_slm
 
     n_threads = torch.get_num_threads()
@@ -106,7 +106,7 @@ def train_explainer(out_dir, audio, captions, steps=130):
     model.save_pretrained(out_dir)
     proc.save_pretrained(out_dir)
     h = model.config.text_config.hidden_size
-    cem = ConfidenceEstimationModel(CemConfig(input_size=5 * h, hidden_size=32, slm_hidden_size=h))
+    cem = CemModel(CemConfig(input_size=5 * h, hidden_size=32, slm_hidden_size=h))
     with torch.no_grad():  # non-trivial BatchNorm statistics so the outputs vary
         for layer in (cem.layer1, cem.layer2, cem.layer3):
             layer.norm.running_var.fill_(0.5)

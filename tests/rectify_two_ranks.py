@@ -1,4 +1,4 @@
-"""A few SEDRectifyTrainer steps under ``accelerate launch`` (tests/test_faults.py runs it with
+"""A few SedRectifyTrainer steps under ``accelerate launch`` (tests/test_faults.py runs it with
 ``--config_file recipes/accelerate_configs/cpu.yaml --num_processes 2``). Each rank writes, under
 OUT: its controller before and after training (``controller_{init,final}_rank<r>.safetensors``)
 and its log history (``log_rank<r>.json``); the run checkpoints at its last step.
@@ -22,8 +22,8 @@ from ser_slm_fixtures import LABELS, TEXTS, make_dataset  # noqa: E402
 
 def main(out: Path, steps: int = 3) -> None:
     from trustser.models.ser_slm import build_tiny_ser_slm
-    from trustser.trainers.rectify import SEDRectifyTrainer
-    from trustser.trainers.rectify_config import SEDRectifyConfig
+    from trustser.trainers.rectify import SedRectifyTrainer
+    from trustser.trainers.rectify_config import SedRectifyConfig
 
     torch.set_num_threads(1)
     model, proc = build_tiny_ser_slm(
@@ -37,7 +37,7 @@ def main(out: Path, steps: int = 3) -> None:
         max_audio_seconds=2,
         seed=0,
     )
-    args = SEDRectifyConfig(
+    args = SedRectifyConfig(
         output_dir=str(out / "trainer"),
         per_device_train_batch_size=2,
         max_steps=steps,
@@ -54,7 +54,7 @@ def main(out: Path, steps: int = 3) -> None:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    trainer = SEDRectifyTrainer(model, args=args, train_dataset=make_dataset(16), processing_class=proc)
+    trainer = SedRectifyTrainer(model, args=args, train_dataset=make_dataset(16), processing_class=proc)
     rank = trainer.accelerator.process_index
     save_file(
         {k: v.detach().clone().contiguous() for k, v in trainer.controller.state_dict().items()},

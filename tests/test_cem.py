@@ -20,14 +20,14 @@ from trustser.evaluation import (
     expected_calibration_error,
     normalized_cross_entropy,
 )
-from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+from trustser.models.cem import CemConfig, CemModel
 from trustser.plots import reliability_diagram
 from trustser.trainers.cem import balanced_sample, correctness_labels, train_cem
 
 
 def _cem(d=7, h=6, **kw):
     torch.manual_seed(0)
-    return ConfidenceEstimationModel(CemConfig(input_size=d, hidden_size=h, **kw))
+    return CemModel(CemConfig(input_size=d, hidden_size=h, **kw))
 
 
 # ---------------------------------------------------------------------------------- architecture
@@ -128,8 +128,8 @@ def test_checkpoint_saved_under_the_old_model_type_loads(tmp_path):
     config = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(config, CemConfig) and config.model_type == "cem" and config.feature_pooling == "mean"
     x = torch.randn(5, 7)
-    for loaded in (AutoModel.from_pretrained(tmp_path), ConfidenceEstimationModel.from_pretrained(tmp_path)):
-        assert isinstance(loaded, ConfidenceEstimationModel)
+    for loaded in (AutoModel.from_pretrained(tmp_path), CemModel.from_pretrained(tmp_path)):
+        assert isinstance(loaded, CemModel)
         assert torch.allclose(loaded.eval()(x).field_confidence, m(x).field_confidence)
     loaded.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "cem"
@@ -148,7 +148,7 @@ def test_save_load_round_trip(tmp_path):
     assert cfg["model_type"] == "cem" and cfg["feature_pooling"] == "mean"
     assert AutoConfig.from_pretrained(tmp_path).model_type == "cem"
     loaded = AutoModel.from_pretrained(tmp_path)
-    assert isinstance(loaded, ConfidenceEstimationModel)
+    assert isinstance(loaded, CemModel)
     loaded.eval()
     x = torch.randn(5, 7)
     torch.testing.assert_close(loaded(x).field_confidence, m(x).field_confidence, rtol=0, atol=0)
@@ -274,7 +274,7 @@ def test_train_cem_learns_and_saves(tmp_path):
     assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "cem_metrics.json").read_text())
     assert saved["eval"]["mean_field_auc"] == pytest.approx(report["eval"]["mean_field_auc"])
-    loaded = ConfidenceEstimationModel.from_pretrained(tmp_path)
+    loaded = CemModel.from_pretrained(tmp_path)
     np.testing.assert_allclose(predict_cem(loaded, x[1000:]), predict_cem(model, x[1000:]), atol=1e-6)
     # NaN feature rows give NaN scores, not errors
     xx = x[1000:1003].copy()

@@ -72,11 +72,11 @@ class Pause(TrainerCallback):
                 fh.write("5")
             time.sleep(600)
 
-init = R.SEDRectifyTrainer.__init__
+init = R.SedRectifyTrainer.__init__
 def patched(self, *a, **k):
     init(self, *a, **k)
     self.add_callback(Pause())
-R.SEDRectifyTrainer.__init__ = patched
+R.SedRectifyTrainer.__init__ = patched
 script = sys.argv[2]
 sys.argv = [script, *sys.argv[3:]]
 runpy.run_path(script, run_name="__main__")
@@ -232,8 +232,8 @@ def _tiny_rectify_trainer(model_dir: Path, out: Path, **kw):
     from ser_slm_fixtures import make_rows
 
     from trustser.models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
-    from trustser.trainers.rectify import SEDRectifyTrainer
-    from trustser.trainers.rectify_config import SEDRectifyConfig
+    from trustser.trainers.rectify import SedRectifyTrainer
+    from trustser.trainers.rectify_config import SedRectifyConfig
 
     base = dict(
         output_dir=str(out),
@@ -252,9 +252,9 @@ def _tiny_rectify_trainer(model_dir: Path, out: Path, **kw):
         dataloader_num_workers=0,
     )
     base.update(kw)
-    return SEDRectifyTrainer(
+    return SedRectifyTrainer(
         SerSlmForConditionalGeneration.from_pretrained(model_dir),
-        args=SEDRectifyConfig(**base),
+        args=SedRectifyConfig(**base),
         train_dataset=datasets.Dataset.from_list(make_rows(8)),
         processing_class=SerSlmProcessor.from_pretrained(model_dir),
     )
@@ -514,10 +514,10 @@ def test_evaluate_cli_user_errors_name_the_path(bad, tmp_path, capsys):
     """Missing model dir / corpus, a model dir of the wrong type, unknown emotion labels, a corpus
     without a usable utterance: exit code 1 and one line naming the path or the rows."""
     from trustser.cli import main
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+    from trustser.models.cem import CemConfig, CemModel
 
     cem = tmp_path / "cem"
-    ConfidenceEstimationModel(CemConfig(input_size=8)).save_pretrained(cem)
+    CemModel(CemConfig(input_size=8)).save_pretrained(cem)
     base = ["--corpus", "audiofolder", "--split", "train", "--max-new-tokens", "4"]
     cases = [
         (
@@ -555,13 +555,13 @@ def test_select_cli_flags_unreadable_rows_and_wrong_models(bad, tmp_path, capsys
     decoded score NaN and are never selected (counted in ``n_unscorable``); swapped --cem/--slm
     and a missing --data are one-line errors naming the directory."""
     from trustser.cli import main
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+    from trustser.models.cem import CemConfig, CemModel
     from trustser.models.ser_slm import SerSlmConfig
 
     h = SerSlmConfig.from_pretrained(bad["model"]).text_config.hidden_size
     cem = tmp_path / "cem"
     torch.manual_seed(0)
-    ConfidenceEstimationModel(CemConfig(input_size=5 * h, hidden_size=8, slm_hidden_size=h)).save_pretrained(cem)
+    CemModel(CemConfig(input_size=5 * h, hidden_size=8, slm_hidden_size=h)).save_pretrained(cem)
     out = tmp_path / "sel"
     rc = main(
         [
@@ -587,7 +587,7 @@ def test_select_cli_flags_unreadable_rows_and_wrong_models(bad, tmp_path, capsys
     cases = [
         (
             ["--cem", str(bad["model"]), "--slm", str(cem)],
-            f"{bad['model']}: holds a 'ser_slm' checkpoint, not a ConfidenceEstimationModel",
+            f"{bad['model']}: holds a 'ser_slm' checkpoint, not a CemModel",
         ),
         (
             ["--cem", str(cem), "--slm", str(bad["model"]), "--data", str(tmp_path / "nodata")],
@@ -607,10 +607,10 @@ def test_explain_wrong_model_directory(bad, tmp_path, capsys):
     ValueError naming the directory, before the pipeline's long multi-class error."""
     from trustser.cli import main
     from trustser.explain import load_explainer
-    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
 
     ctrl = tmp_path / "controller"
-    SedController(SedControllerConfig()).save_pretrained(ctrl)
+    SedControllerModel(SedControllerConfig()).save_pretrained(ctrl)
     with pytest.raises(ValueError, match=r"controller: holds a 'sed_controller' checkpoint, not a SER-SLM"):
         load_explainer(ctrl, device=-1)
     assert main(["explain", str(ctrl), str(bad["root"] / "good0.wav"), "--no-progress"]) == 1
@@ -705,7 +705,7 @@ def test_interrupted_annotation_and_selection_writes_keep_the_previous_output(ba
     import datasets
 
     from trustser.cli import main
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+    from trustser.models.cem import CemConfig, CemModel
     from trustser.models.ser_slm import SerSlmConfig
 
     ann = tmp_path / "annotated"
@@ -743,7 +743,7 @@ def test_interrupted_annotation_and_selection_writes_keep_the_previous_output(ba
 
     h = SerSlmConfig.from_pretrained(bad["model"]).text_config.hidden_size
     cem = tmp_path / ".cem"
-    ConfidenceEstimationModel(CemConfig(input_size=5 * h, hidden_size=8, slm_hidden_size=h)).save_pretrained(cem)
+    CemModel(CemConfig(input_size=5 * h, hidden_size=8, slm_hidden_size=h)).save_pretrained(cem)
     sel = tmp_path / "selected"
     sel_argv = [
         "select",
@@ -872,8 +872,8 @@ def test_trustser_classes_load_without_remote_code(tiny_model, tmp_path):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 
     import trustser  # noqa: F401
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
-    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.models.cem import CemConfig, CemModel
+    from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
     from trustser.models.ser_slm import SerSlmForConditionalGeneration
 
     sentinel = tmp_path / "SENTINEL"
@@ -890,8 +890,8 @@ def test_trustser_classes_load_without_remote_code(tiny_model, tmp_path):
     }
     (slm / "config.json").write_text(json.dumps(config))
     cem, ctrl = tmp_path / "cem", tmp_path / "ctrl"
-    ConfidenceEstimationModel(CemConfig(input_size=8)).save_pretrained(cem)
-    SedController(SedControllerConfig()).save_pretrained(ctrl)
+    CemModel(CemConfig(input_size=8)).save_pretrained(cem)
+    SedControllerModel(SedControllerConfig()).save_pretrained(ctrl)
 
     loaded = [
         AutoModelForCausalLM.from_pretrained(slm),
@@ -905,8 +905,8 @@ def test_trustser_classes_load_without_remote_code(tiny_model, tmp_path):
     ]
     for obj in loaded:
         assert type(obj).__module__.startswith("trustser."), type(obj)
-    assert isinstance(loaded[0], SerSlmForConditionalGeneration) and isinstance(loaded[5], ConfidenceEstimationModel)
-    assert isinstance(loaded[6], SedController)
+    assert isinstance(loaded[0], SerSlmForConditionalGeneration) and isinstance(loaded[5], CemModel)
+    assert isinstance(loaded[6], SedControllerModel)
     from trustser.explain import load_explainer
 
     assert load_explainer(slm, device=-1).model.__class__ is SerSlmForConditionalGeneration

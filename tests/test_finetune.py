@@ -101,7 +101,7 @@ def test_finetune_recipe_end_to_end(tmp_path):
     from trustser.cli import main
     from trustser.data.synthetic import synthesize_corpus
     from trustser.finetune import FinetuneConfig, run_finetune
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+    from trustser.models.cem import CemConfig, CemModel
     from trustser.models.ser_slm import build_tiny_ser_slm
 
     root = synthesize_corpus(tmp_path / "synth", seed=0, size="small")
@@ -110,7 +110,7 @@ def test_finetune_recipe_end_to_end(tmp_path):
     model.save_pretrained(rel)
     proc.save_pretrained(rel)
     h = model.config.text_config.hidden_size
-    ConfidenceEstimationModel(CemConfig(input_size=5 * h, slm_hidden_size=h)).save_pretrained(rel / "cem")
+    CemModel(CemConfig(input_size=5 * h, slm_hidden_size=h)).save_pretrained(rel / "cem")
     cfg = FinetuneConfig(
         model=str(rel),
         corpus="audiofolder",

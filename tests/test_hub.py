@@ -30,8 +30,8 @@ METRICS = {
 @pytest.fixture(scope="module")
 def output_dir(tmp_path_factory):
     """A trustser output directory as recipe.run_system leaves it (tiny random-init parts)."""
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
-    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.models.cem import CemConfig, CemModel
+    from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
     from trustser.models.ser_slm import build_tiny_ser_slm
 
     torch.manual_seed(0)
@@ -49,9 +49,7 @@ def output_dir(tmp_path_factory):
     model.save_pretrained(post / "model")
     proc.save_pretrained(post / "model")
     h = model.config.text_config.hidden_size
-    ConfidenceEstimationModel(CemConfig(input_size=5 * h, hidden_size=16, slm_hidden_size=h)).save_pretrained(
-        cem_stage / "cem"
-    )
+    CemModel(CemConfig(input_size=5 * h, hidden_size=16, slm_hidden_size=h)).save_pretrained(cem_stage / "cem")
     cem_report = {
         "train_rows": 200,
         "balance": "utterance",
@@ -63,7 +61,7 @@ def output_dir(tmp_path_factory):
         },
     }
     (cem_stage / "cem" / "cem_metrics.json").write_text(json.dumps(cem_report))
-    SedController(SedControllerConfig(hidden_size=16, embedding_size=8)).save_pretrained(post / "controller")
+    SedControllerModel(SedControllerConfig(hidden_size=16, embedding_size=8)).save_pretrained(post / "controller")
     run = out / "sys10-seed0"
     run.mkdir()
     results = {
@@ -132,7 +130,7 @@ def test_push_layout(pushed):
 
 
 def test_from_pretrained_on_the_release(pushed, output_dir):
-    from trustser import ConfidenceEstimationModel, SedController, SerSlmForConditionalGeneration, SerSlmProcessor
+    from trustser import CemModel, SedControllerModel, SerSlmForConditionalGeneration, SerSlmProcessor
 
     _, _, repo = pushed
     post = output_dir / "cache" / "posttrain-k1"
@@ -142,12 +140,12 @@ def test_from_pretrained_on_the_release(pushed, output_dir):
             SerSlmForConditionalGeneration.from_pretrained(post / "model"),
         ),
         (
-            ConfidenceEstimationModel.from_pretrained(repo, subfolder="cem"),
-            ConfidenceEstimationModel.from_pretrained(output_dir / "cache" / "cem-k2" / "cem"),
+            CemModel.from_pretrained(repo, subfolder="cem"),
+            CemModel.from_pretrained(output_dir / "cache" / "cem-k2" / "cem"),
         ),
         (
-            SedController.from_pretrained(repo, subfolder="controller"),
-            SedController.from_pretrained(post / "controller"),
+            SedControllerModel.from_pretrained(repo, subfolder="controller"),
+            SedControllerModel.from_pretrained(post / "controller"),
         ),
     ]
     for got, ref in pairs:

@@ -15,8 +15,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import trustser  # noqa: F401  (registers the Auto classes)
 from trustser.descriptors import SED_FIELDS
-from trustser.models.cem import CemConfig, ConfidenceEstimationModel
-from trustser.models.sed_controller import SedController, SedControllerConfig
+from trustser.models.cem import CemConfig, CemModel
+from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
 from trustser.models.ser_slm import SerSlmConfig, SerSlmForConditionalGeneration, SerSlmModel
 from trustser.models.ser_slm.configuration_ser_slm import conv_output_length
 
@@ -390,8 +390,8 @@ class SedControllerModelTester:
 
 
 SMALL_MODELS = [
-    pytest.param(ConfidenceEstimationModel, CemModelTester(), "logits", id="cem"),
-    pytest.param(SedController, SedControllerModelTester(), "logits", id="sed_controller"),
+    pytest.param(CemModel, CemModelTester(), "logits", id="cem"),
+    pytest.param(SedControllerModel, SedControllerModelTester(), "logits", id="sed_controller"),
 ]
 
 

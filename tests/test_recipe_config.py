@@ -17,7 +17,7 @@ IEMOCAP = str(REPO / "recipes/configs/iemocap_sys10.yaml")
 
 
 def test_yaml_and_command_line_reach_every_trainer_field(tmp_path):
-    from trustser.trainers.rectify_config import SEDRectifyConfig
+    from trustser.trainers.rectify_config import SedRectifyConfig
 
     cfg = parse_recipe_args(
         [
@@ -50,7 +50,7 @@ def test_yaml_and_command_line_reach_every_trainer_field(tmp_path):
     assert (m.lora_r, m.lora_alpha, m.lora_target_modules) == (8, 32, ["q_proj", "v_proj"])
     assert cfg.gender_model.startswith("alefiury/") and cfg.age_model.startswith("audeering/")
     pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=cfg.pretrain_max_steps, epochs=2.0, lr=1e-4)
-    post = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
+    post = _training_args(cfg, tmp_path, stage="posttrain", cls=SedRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
     for args in (pre, post):  # YAML (all stages), command line (all stages)
         assert args.bf16 and args.gradient_checkpointing and args.dataloader_num_workers == 2
         assert (
@@ -80,7 +80,7 @@ def test_defaults_keep_the_stage_keys_and_unknown_fields_are_errors():
     cfg = RecipeConfig()
     assert all(cfg.stage_training_key(s) == {} for s in ("pretrain", "posttrain", "cem"))
     assert cfg.stage_training_args("cem") == {}
-    with pytest.raises(ValueError, match=r"posttrain_training_args: \['grad_acc'\] is not a SEDRectifyConfig field"):
+    with pytest.raises(ValueError, match=r"posttrain_training_args: \['grad_acc'\] is not a SedRectifyConfig field"):
         RecipeConfig(posttrain_training_args={"grad_acc": 2})
     with pytest.raises(ValueError, match="--cem_training_args: not a JSON object"):
         RecipeConfig(cem_training_args="{bad")
@@ -100,7 +100,7 @@ def test_defaults_keep_the_stage_keys_and_unknown_fields_are_errors():
 def test_controller_settings_reach_only_the_rectification_trainer(tmp_path):
     """A controller field given for all stages must not reach (or re-key) pre-training, and the plain
     SFT post-training of Sys. 4-8 must not fail on it."""
-    from trustser.trainers.rectify_config import SEDRectifyConfig
+    from trustser.trainers.rectify_config import SedRectifyConfig
     from trustser.trainers.sft import SerSlmSFTConfig
 
     cfg = parse_recipe_args(["--controller_frame_stride", "4", "--max_grad_norm", "0.5"], system="sys10")
@@ -117,7 +117,7 @@ def test_controller_settings_reach_only_the_rectification_trainer(tmp_path):
     assert stride.stage_training_key("posttrain", rectify=True) == {**RECTIFY_DEFAULTS, "controller_frame_stride": 1}
     pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=1, epochs=1.0, lr=1e-3)
     sft = _training_args(cfg, tmp_path, stage="posttrain", max_steps=1, epochs=1.0, lr=1e-3)
-    rect = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=1, epochs=1.0, lr=1e-3)
+    rect = _training_args(cfg, tmp_path, stage="posttrain", cls=SedRectifyConfig, max_steps=1, epochs=1.0, lr=1e-3)
     assert (
         type(pre) is SerSlmSFTConfig and type(sft) is SerSlmSFTConfig and pre.max_grad_norm == sft.max_grad_norm == 0.5
     )
@@ -268,7 +268,7 @@ def test_holdout_speakers_leave_pretraining_for_the_cem(synthetic_small):
     )
 
 
-# The controller settings SEDRectifyTrainer got before they moved from RecipeConfig fields to one
+# The controller settings SedRectifyTrainer got before they moved from RecipeConfig fields to one
 # RECTIFY_DEFAULTS table (embedded default) and top-level trainer keys (the real configs' YAML).
 _CONTROLLER_BEFORE = {
     "embedded": dict(
@@ -298,12 +298,12 @@ _CONTROLLER_BEFORE = {
 def test_rectifying_posttrain_gets_the_same_controller_settings(tmp_path, config, before):
     from trustser.recipe import posttrain_training_args
     from trustser.systems import get_system
-    from trustser.trainers.rectify_config import SEDRectifyConfig
+    from trustser.trainers.rectify_config import SedRectifyConfig
     from trustser.trainers.sft import SerSlmSFTConfig
 
     cfg = parse_recipe_args((["--config", config] if config else []) + ["--bf16", "false"], system="sys10")
     args = posttrain_training_args(cfg, get_system("sys10"), tmp_path)
-    assert type(args) is SEDRectifyConfig
+    assert type(args) is SedRectifyConfig
     assert {k: getattr(args, k) for k in _CONTROLLER_BEFORE[before]} == _CONTROLLER_BEFORE[before]
     assert args.controller_clip_epsilon == 0.2 and args.controller_max_grad_norm == 1.0  # the trainer's own
     # K: the override, and the plain SFT post-training (Sys. 4) gets no controller field

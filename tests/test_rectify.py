@@ -1,4 +1,4 @@
-"""SEDRectifyTrainer: caption rebuild, loss equivalence with SFT, rewards, checkpoints, warm-up."""
+"""SedRectifyTrainer: caption rebuild, loss equivalence with SFT, rewards, checkpoints, warm-up."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import torch
 
 from trustser.descriptors import SED_FIELDS
 from trustser.trainers.rectify import (
-    SEDRectifyCollator,
-    SEDRectifyTrainer,
+    SedRectifyCollator,
+    SedRectifyTrainer,
     caption_token_nll,
     emotion_cross_entropy,
     load_optimizer_state,
     rectified_caption_inputs,
     save_optimizer_state,
 )
-from trustser.trainers.rectify_config import SEDRectifyConfig
+from trustser.trainers.rectify_config import SedRectifyConfig
 from trustser.trainers.sft import SerSlmDataCollator, SerSlmSFTConfig, SerSlmSFTTrainer
 
 EMOTIONS = ["neutral", "happy", "angry", "sad"]
@@ -85,20 +85,20 @@ def _config(tmp_path, **kw):
         disable_tqdm=True,
     )
     base.update(kw)
-    return SEDRectifyConfig(**base)
+    return SedRectifyConfig(**base)
 
 
 def _trainer(tiny, rows, tmp_path, model=None, **kw):
     import datasets
 
     model = model if model is not None else copy.deepcopy(tiny[0])
-    return SEDRectifyTrainer(
+    return SedRectifyTrainer(
         model, args=_config(tmp_path, **kw), train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny[1]
     )
 
 
 def test_config_fields_documented_and_validated(tmp_path):
-    own = {f.name for f in dataclasses.fields(SEDRectifyConfig)} - {f.name for f in dataclasses.fields(SerSlmSFTConfig)}
+    own = {f.name for f in dataclasses.fields(SedRectifyConfig)} - {f.name for f in dataclasses.fields(SerSlmSFTConfig)}
     assert {
         "num_policies",
         "reward_timing",
@@ -108,19 +108,19 @@ def test_config_fields_documented_and_validated(tmp_path):
         "controller_entropy_coef",
         "controller_warmup_steps",
     } <= own
-    for f in dataclasses.fields(SEDRectifyConfig):
+    for f in dataclasses.fields(SedRectifyConfig):
         if f.name in own or f.name == "sed_source":
             assert f.metadata.get("help"), f.name
-    assert SEDRectifyConfig(output_dir=str(tmp_path)).num_policies == 6
+    assert SedRectifyConfig(output_dir=str(tmp_path)).num_policies == 6
     with pytest.raises(ValueError, match="reward_timing"):
-        SEDRectifyConfig(output_dir=str(tmp_path), reward_timing="later")
+        SedRectifyConfig(output_dir=str(tmp_path), reward_timing="later")
     with pytest.raises(ValueError, match="num_policies"):
-        SEDRectifyConfig(output_dir=str(tmp_path), num_policies=0)
+        SedRectifyConfig(output_dir=str(tmp_path), num_policies=0)
 
 
 def test_rectified_inputs_match_processor(tiny, rows):
     _, proc = tiny
-    coll = SEDRectifyCollator(proc, sed_source="auto")
+    coll = SedRectifyCollator(proc, sed_source="auto")
     batch = coll(rows[:3])
     assert batch["rectify_sed_ids"].shape == (3, 5) and batch["rectify_truth_ids"].shape == (3, 5)
     assert batch["rectify_waveforms"].shape == (3, 14000)
@@ -305,7 +305,7 @@ def test_lora_and_gradient_accumulation(tiny, rows, tmp_path):
 
     from trustser.models.ser_slm import lora_config_for_llm
 
-    t = SEDRectifyTrainer(
+    t = SedRectifyTrainer(
         copy.deepcopy(tiny[0]),
         args=_config(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2),
         train_dataset=datasets.Dataset.from_list(rows),
@@ -344,7 +344,7 @@ def test_audit_controller_counts_repairs(tiny, rows):
     that always modifies volume and retains everything else."""
     import datasets
 
-    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
     from trustser.trainers.rectify import audit_controller
 
     data = []
@@ -357,7 +357,7 @@ def test_audit_controller_counts_repairs(tiny, rows):
         data.append(r)
     ds = datasets.Dataset.from_list(data)
     torch.manual_seed(0)
-    ctrl = SedController(SedControllerConfig(hidden_size=8, embedding_size=4, n_mels=16))
+    ctrl = SedControllerModel(SedControllerConfig(hidden_size=8, embedding_size=4, n_mels=16))
     with torch.no_grad():
         ctrl.head.weight.zero_()
         bias = torch.zeros(5, 2)
@@ -437,7 +437,7 @@ def test_caption_tokens_one_place_with_padding(tiny, rows):
     """``SerSlmProcessor.caption_inputs`` is what both the processor and the rectification trainer
     tokenise with: captions of different lengths give the same right-padded tensors either way."""
     _, proc = tiny
-    batch = SEDRectifyCollator(proc, sed_source="auto")(rows[:3])
+    batch = SedRectifyCollator(proc, sed_source="auto")(rows[:3])
     caps = [
         proc.build_captions([{**r, **v}])[0]
         for r, v in zip(

@@ -1,4 +1,4 @@
-"""SEDRectifyConfig's options beyond the paper (issue 15): each changes what it says it changes,
+"""SedRectifyConfig's options beyond the paper (issue 15): each changes what it says it changes,
 and the per-utterance audit and training logs of fixed / broken labels."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from test_rectify import _config, _controller_state, _trainer, rows, tiny  # noqa: F401  (fixtures)
 
 from trustser.descriptors import SED_FIELDS
-from trustser.trainers.rectify_config import SEDRectifyConfig
+from trustser.trainers.rectify_config import SedRectifyConfig
 from trustser.trainers.rectify_objective import bernoulli_kl, group_normalize, per_field_advantages
 from trustser.trainers.sft import SerSlmDataCollator, SerSlmSFTConfig, SerSlmSFTTrainer
 
@@ -113,7 +113,7 @@ def test_frozen_scorer_ignores_the_slm_update(tiny, rows, tmp_path):
     assert torch.equal(*scored["frozen"])  # the frozen scorer did not see the change
     assert not torch.allclose(*scored["policy"])  # the paper's scorer did
     with pytest.raises(ValueError, match="reward_timing='after_update'"):
-        SEDRectifyConfig(output_dir=str(tmp_path), reward_scorer="frozen", reward_timing="reuse_forward")
+        SedRectifyConfig(output_dir=str(tmp_path), reward_scorer="frozen", reward_timing="reuse_forward")
 
 
 @pytest.mark.faults
@@ -232,19 +232,21 @@ def test_argmax_targets_train_on_the_most_probable_rectification(tiny, rows, tmp
     assert torch.allclose(losses["argmax"], reference, atol=1e-6)
     assert not torch.allclose(losses["samples"], reference, atol=1e-4)
     with pytest.raises(ValueError, match="slm_targets='argmax' needs reward_timing"):
-        SEDRectifyConfig(output_dir=str(tmp_path), slm_targets="argmax", reward_timing="reuse_forward")
+        SedRectifyConfig(output_dir=str(tmp_path), slm_targets="argmax", reward_timing="reuse_forward")
 
 
 # ---------------------------------------------------------------------------------- controller input
 def test_audio_norm_makes_the_summary_level_invariant(tiny, rows, tmp_path):
-    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
 
     g = torch.Generator().manual_seed(0)
     wav = 0.1 * torch.randn(1, 16000, generator=g)
     padded = torch.cat([wav, torch.zeros(1, 3000)], 1)
     for norm in (False, True):
         torch.manual_seed(0)
-        ctrl = SedController(SedControllerConfig(hidden_size=8, embedding_size=4, n_mels=16, audio_norm=norm)).eval()
+        ctrl = SedControllerModel(
+            SedControllerConfig(hidden_size=8, embedding_size=4, n_mels=16, audio_norm=norm)
+        ).eval()
         with torch.no_grad():
             quiet = ctrl.summarize(*ctrl.log_mel(wav))
             loud = ctrl.summarize(*ctrl.log_mel(4.0 * wav))
@@ -289,7 +291,7 @@ def test_audit_reports_modify_auc_and_groups(tiny, rows):
     labels here): AUC 1 for volume, three fixed, none broken, and the same per speaker group."""
     import datasets
 
-    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
     from trustser.models.sed_controller.modeling_sed_controller import FIELD_OFFSETS
     from trustser.trainers.controller_audit import audit_controller
 
@@ -299,7 +301,7 @@ def test_audit_reports_modify_auc_and_groups(tiny, rows):
         r["volume_auto"] = ["low", "normal", "high", "low"][i]
         data.append(r)
     torch.manual_seed(0)
-    ctrl = SedController(SedControllerConfig(hidden_size=8, embedding_size=4, n_mels=16))
+    ctrl = SedControllerModel(SedControllerConfig(hidden_size=8, embedding_size=4, n_mels=16))
     h, e = 8, 4
     with torch.no_grad():
         ctrl.head.weight.zero_()
@@ -337,7 +339,7 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
     }
     argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
     cfg = parse_recipe_args(argv, system="sys10")
-    post = _training_args(cfg, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
+    post = _training_args(cfg, tmp_path, stage="posttrain", cls=SedRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
     assert {k: getattr(post, k) for k in flags} == flags
     # the key: the options set, beside the embedded default's controller settings as they resolved
     assert cfg.stage_training_key("posttrain", rectify=True) == dict(sorted({**RECTIFY_DEFAULTS, **flags}.items()))
@@ -346,7 +348,7 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
     assert isinstance(pre, SerSlmSFTConfig) and not hasattr(pre, "reward_scorer")
     assert cfg.stage_training_key("pretrain") == {} and cfg.stage_training_key("posttrain") == {}
     default = parse_recipe_args([], system="sys10")
-    args = _training_args(default, tmp_path, stage="posttrain", cls=SEDRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
+    args = _training_args(default, tmp_path, stage="posttrain", cls=SedRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
     assert (
         args.reward_scorer,
         args.advantage,

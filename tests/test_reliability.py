@@ -381,10 +381,10 @@ def _trainer(kind: str, model_dir: Path, out: Path):
 
         args = SerSlmSFTConfig(channel_augmentation=1.0, **common)
         return SerSlmSFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
-    from trustser.trainers.rectify import SEDRectifyTrainer
-    from trustser.trainers.rectify_config import SEDRectifyConfig
+    from trustser.trainers.rectify import SedRectifyTrainer
+    from trustser.trainers.rectify_config import SedRectifyConfig
 
-    args = SEDRectifyConfig(
+    args = SedRectifyConfig(
         num_policies=2,
         controller_n_mels=16,
         controller_hidden_size=16,
@@ -392,7 +392,7 @@ def _trainer(kind: str, model_dir: Path, out: Path):
         sed_source="auto",
         **common,
     )
-    return SEDRectifyTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+    return SedRectifyTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
 
 
 @pytest.mark.parametrize("kind", ["pretrain", "posttrain"])
@@ -450,8 +450,8 @@ def test_from_pretrained_refuses_missing_or_unexpected_weights(tiny_model, tmp_p
     import torch
 
     from trustser.cli import main
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
-    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.models.cem import CemConfig, CemModel
+    from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
     from trustser.models.ser_slm import SerSlmForConditionalGeneration
 
     slm = tmp_path / "slm"
@@ -471,8 +471,8 @@ def test_from_pretrained_refuses_missing_or_unexpected_weights(tiny_model, tmp_p
 
     torch.manual_seed(0)
     for model, part in (
-        (ConfidenceEstimationModel(CemConfig(input_size=8)), "layer1"),
-        (SedController(SedControllerConfig()), None),
+        (CemModel(CemConfig(input_size=8)), "layer1"),
+        (SedControllerModel(SedControllerConfig()), None),
     ):
         d = tmp_path / type(model).__name__
         model.save_pretrained(d)

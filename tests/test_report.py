@@ -1,6 +1,7 @@
 """The one results/report writer (trustser.report) in the two shapes its callers use: a system of
 the paper (recipe.run_system) and fine-tuning (finetune.run_finetune)."""
 
+import dataclasses
 import json
 import os
 
@@ -198,3 +199,54 @@ def test_missing_stage_outputs_are_none(tmp_path, stages):
     )
     assert read_json(tmp_path / "absent.json") is None
     assert rectification_summary([]) is None and rectification_summary([{"loss": 1.0}]) is None
+
+
+def test_report_tables_carry_the_measured_values(tmp_path):
+    """report.md's tables: one row per metric, kept share, audited field and stage, values as measured."""
+    from trustser.report import write_report
+
+    repair = {"fixed": 180.5, "broken": 468, "unchanged_wrong": 12, "unchanged_right": 40}
+    per_field = {
+        f: {"annotation": 0.6, "expected": 0.5, "greedy": 0.4, "modify_probability": 0.25, "repair": repair}
+        for f in SED_FIELDS
+    }
+    results = {
+        "system": dataclasses.asdict(get_system("sys10")),
+        "target_corpus": "synthetic",
+        "settings": {"seed": 3, "num_policies_used": 6},
+        "test": {
+            "synthetic": {
+                "n": 2400,
+                "wa": 0.444,
+                "ua": 0.44,
+                "weighted_f1": 0.396,
+                "unparseable_rate": 0.0,
+                "sed_accuracy": {f: 0.5 for f in SED_FIELDS},
+            }
+        },
+        "cem_target": {
+            "n": 800,
+            "utterance_auc": 0.607,
+            "field_auc": {"pitch": 0.55},
+            "kept_share_accuracy": [{"share": 0.9, "scores": 0.665, "oracle": 0.717}],
+        },
+        "controller_audit": {
+            "per_field": per_field,
+            "annotation_accuracy": 0.66,
+            "expected_accuracy": 0.56,
+            "greedy_accuracy": 0.55,
+        },
+        "stages": [{"name": "pretrain", "key": "abc", "reused": False, "seconds": 374.0}],
+    }
+    write_report(results, tmp_path / "report.md")
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert "| WA (accuracy) | 0.4440 |" in lines and "| SED accuracy: speed | 0.5000 |" in lines
+    assert "| 90% | 0.6650 | 0.7170 |" in lines
+    assert "| volume | 0.6000 | 0.5000 | 0.4000 | 0.2500 |" in lines
+    assert "| **all** | 0.6600 | 0.5600 | 0.5500 |  |" in lines
+    assert sum(line == "| age | 180.5 | 468 | 12 | 40 |" for line in lines) == 1
+    assert "| pretrain | abc | False | 374.0 |" in lines
+    # every table has its rule right under its header, with as many cells
+    for i, line in enumerate(lines[:-1]):
+        if lines[i + 1].startswith("|---"):
+            assert lines[i + 1].count("---|") == line.count("|") - 1

@@ -10,8 +10,8 @@ import torch
 from trustser.descriptors import SED_FIELDS, SED_VOCAB
 from trustser.models.sed_controller import (
     MODIFY,
-    SedController,
     SedControllerConfig,
+    SedControllerModel,
     action_log_probs,
     clipped_policy_loss,
     group_normalize,
@@ -134,7 +134,7 @@ def test_group_normalize_scaling_options():
 def test_hidden_head_option(tmp_path):
     cfg = SedControllerConfig(hidden_size=16, embedding_size=4, n_mels=16, head_hidden_size=8)
     torch.manual_seed(0)
-    model = SedController(cfg).eval()
+    model = SedControllerModel(cfg).eval()
     assert model.head_hidden[0].out_features == 8 and model.head.in_features == 8
     ids = sed_to_ids([SED, SED])
     feats = torch.randn(2, 30, 16)
@@ -144,12 +144,12 @@ def test_hidden_head_option(tmp_path):
     p = logits.softmax(-1)[..., MODIFY]
     assert torch.all((p > 0.08) & (p < 0.16))
     model.save_pretrained(tmp_path)
-    again = SedController.from_pretrained(tmp_path).eval()
+    again = SedControllerModel.from_pretrained(tmp_path).eval()
     assert torch.equal(again(ids, input_features=feats).logits, logits)
     with pytest.raises(Exception, match="head_hidden_size"):  # strict-dataclass validation error
         SedControllerConfig(head_hidden_size=-1)
     assert (
-        SedController(SedControllerConfig(hidden_size=16, embedding_size=4, n_mels=16)).head_hidden is None
+        SedControllerModel(SedControllerConfig(hidden_size=16, embedding_size=4, n_mels=16)).head_hidden is None
     )  # paper: linear
 
 
@@ -173,7 +173,7 @@ def test_clipped_loss_clips_gradient():
 
 def _controller(**kw):
     torch.manual_seed(0)
-    return SedController(SedControllerConfig(n_mels=16, hidden_size=16, embedding_size=4, **kw))
+    return SedControllerModel(SedControllerConfig(n_mels=16, hidden_size=16, embedding_size=4, **kw))
 
 
 def test_policy_gradient_direction():
@@ -256,6 +256,6 @@ def test_save_load_auto(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     assert AutoConfig.from_pretrained(tmp_path).model_type == "sed_controller"
     loaded = AutoModel.from_pretrained(tmp_path)
-    assert isinstance(loaded, SedController)
+    assert isinstance(loaded, SedControllerModel)
     for (k, v), (k2, v2) in zip(ctrl.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)

@@ -90,13 +90,13 @@ def test_select_by_confidence_columns_stats_and_files(tmp_path):
 # ---------------------------------------------------------------------------------- with models
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
+    from trustser.models.cem import CemConfig, CemModel
     from trustser.models.ser_slm import build_tiny_ser_slm
 
     texts = [f"the parcel number {i} arrived today" for i in range(6)]
     slm, proc = build_tiny_ser_slm(texts, lm_hidden=32, encoder_dim=32, vocab_size=500, max_audio_seconds=3, seed=0)
     torch.manual_seed(0)
-    cem = ConfidenceEstimationModel(CemConfig(input_size=5 * 32, slm_hidden_size=32, hidden_size=8))
+    cem = CemModel(CemConfig(input_size=5 * 32, slm_hidden_size=32, hidden_size=8))
     with torch.no_grad():  # spread the scores so that ranking is meaningful
         cem.head.weight.normal_(0, 3.0)
         cem.layer1.linear.weight.normal_(0, 1.0)

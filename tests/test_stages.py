@@ -105,19 +105,19 @@ def test_wrong_model_directory_is_a_clear_error(tmp_path):
     """Issue 9: a model directory of the wrong type names the directory and the problem."""
     import torch
 
-    from trustser.models.cem import CemConfig, ConfidenceEstimationModel
-    from trustser.models.sed_controller import SedController, SedControllerConfig
+    from trustser.models.cem import CemConfig, CemModel
+    from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
     from trustser.models.ser_slm import SerSlmForConditionalGeneration
 
     torch.manual_seed(0)
     cem_dir = tmp_path / "cem"
-    ConfidenceEstimationModel(CemConfig(input_size=8)).save_pretrained(cem_dir)
+    CemModel(CemConfig(input_size=8)).save_pretrained(cem_dir)
     with pytest.raises(ValueError, match=r"cem.*holds a 'cem' checkpoint, not a SerSlmForConditionalGeneration"):
         SerSlmForConditionalGeneration.from_pretrained(cem_dir)
-    with pytest.raises(ValueError, match="not a SedController"):
-        SedController.from_pretrained(cem_dir)
+    with pytest.raises(ValueError, match="not a SedControllerModel"):
+        SedControllerModel.from_pretrained(cem_dir)
     ctrl_dir = tmp_path / "controller"
-    SedController(SedControllerConfig()).save_pretrained(ctrl_dir)
-    with pytest.raises(ValueError, match="not a ConfidenceEstimationModel"):
-        ConfidenceEstimationModel.from_pretrained(ctrl_dir)
-    assert isinstance(ConfidenceEstimationModel.from_pretrained(cem_dir), ConfidenceEstimationModel)
+    SedControllerModel(SedControllerConfig()).save_pretrained(ctrl_dir)
+    with pytest.raises(ValueError, match="not a CemModel"):
+        CemModel.from_pretrained(ctrl_dir)
+    assert isinstance(CemModel.from_pretrained(cem_dir), CemModel)

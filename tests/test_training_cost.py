@@ -14,8 +14,8 @@ from ser_slm_fixtures import LABELS, TEXTS, make_rows
 
 from trustser.descriptors import SED_FIELDS, SED_VOCAB
 from trustser.trainers.rectify import (
-    SEDRectifyCollator,
-    SEDRectifyTrainer,
+    SedRectifyCollator,
+    SedRectifyTrainer,
     audio_inputs_of,
     caption_token_nll,
     emotion_cross_entropy,
@@ -24,7 +24,7 @@ from trustser.trainers.rectify import (
     packed_caption_token_nll,
     rectified_caption_inputs,
 )
-from trustser.trainers.rectify_config import SEDRectifyConfig
+from trustser.trainers.rectify_config import SedRectifyConfig
 from trustser.trainers.sft import MODEL_INPUTS, SerSlmSFTConfig, SerSlmSFTTrainer
 
 
@@ -127,7 +127,7 @@ def _policy_batch(proc, rows, k, seed=0):
     """Collated utterances and k rectified captions each, descriptors drawn at random (captions of
     different lengths), and the unpacked and packed inputs for them."""
     rng = np.random.default_rng(seed)
-    batch = SEDRectifyCollator(proc, sed_source="auto")(rows)
+    batch = SedRectifyCollator(proc, sed_source="auto")(rows)
     caps = []
     for r in rows:
         for _ in range(k):
@@ -218,7 +218,7 @@ def test_packed_mask_blocks():
 def _rectify_trainer(tiny, rows, tmp_path, **kw):
     import datasets
 
-    args = SEDRectifyConfig(
+    args = SedRectifyConfig(
         **{
             "output_dir": str(tmp_path),
             "per_device_train_batch_size": 4,
@@ -235,7 +235,7 @@ def _rectify_trainer(tiny, rows, tmp_path, **kw):
             **kw,
         }
     )
-    return SEDRectifyTrainer(
+    return SedRectifyTrainer(
         copy.deepcopy(tiny[0]), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny[1]
     )
 
@@ -334,8 +334,8 @@ def test_data_loader_workers_give_the_batches_of_zero_workers(rows, tmp_path, re
             report_to="none",
         )
         if rectify:
-            t = SEDRectifyTrainer(
-                model, args=SEDRectifyConfig(**common, controller_n_mels=16), train_dataset=ds, processing_class=proc
+            t = SedRectifyTrainer(
+                model, args=SedRectifyConfig(**common, controller_n_mels=16), train_dataset=ds, processing_class=proc
             )
         else:
             t = SerSlmSFTTrainer(

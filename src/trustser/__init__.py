@@ -41,15 +41,15 @@ _EXPORTS: dict[str, str] = {
     "evaluate_ser": "trustser.evaluation",
     # CEM and selection
     "CemConfig": "trustser.models.cem",
-    "ConfidenceEstimationModel": "trustser.models.cem",
+    "CemModel": "trustser.models.cem",
     "train_cem": "trustser.trainers.cem",
     "score_confidence": "trustser.selection",
     "select_by_confidence": "trustser.selection",
     # controller and rectification
     "SedControllerConfig": "trustser.models.sed_controller",
-    "SedController": "trustser.models.sed_controller",
-    "SEDRectifyConfig": "trustser.trainers.rectify_config",
-    "SEDRectifyTrainer": "trustser.trainers.rectify",
+    "SedControllerModel": "trustser.models.sed_controller",
+    "SedRectifyConfig": "trustser.trainers.rectify_config",
+    "SedRectifyTrainer": "trustser.trainers.rectify",
     "audit_controller": "trustser.trainers.controller_audit",
     # explained predictions and release
     "ExplainableSerPipeline": "trustser.explain",

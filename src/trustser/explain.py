@@ -83,13 +83,13 @@ def label_first_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
 def _load_cem(cem, device):
     if cem is None:
         return None
-    from .models.cem import ConfidenceEstimationModel
+    from .models.cem import CemModel
 
     if not isinstance(cem, torch.nn.Module):
         path = Path(str(cem))
         if path.is_dir() and not (path / "config.json").exists() and (path / "cem" / "config.json").exists():
             path = path / "cem"
-        cem = ConfidenceEstimationModel.from_pretrained(str(path) if path.exists() else str(cem))
+        cem = CemModel.from_pretrained(str(path) if path.exists() else str(cem))
     return cem.to(device).eval()
 
 
@@ -152,7 +152,7 @@ class ExplainableSerPipeline(Pipeline):
     and trust score.
 
     Construction keywords (``pipeline("explainable-ser", model=..., **kw)`` passes them on):
-    ``cem`` (a CEM directory, Hub id or ``ConfidenceEstimationModel``; default: the model folder's
+    ``cem`` (a CEM directory, Hub id or ``CemModel``; default: the model folder's
     ``cem/`` subfolder when present, else no trust scores), ``cem_slm`` (the SER-SLM whose hidden
     states the CEM was trained on, when it differs from ``model``; default ``model``),
     ``emotion_labels`` (default: ``model.config.emotion_labels``, else the canonical seven).

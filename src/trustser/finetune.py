@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from .explain import label_first_token_ids, label_token_ids
-from .trainers.rectify_config import DEFAULT_NUM_POLICIES, SEDRectifyConfig
+from .trainers.rectify_config import DEFAULT_NUM_POLICIES, SedRectifyConfig
 
 logger = logging.getLogger("trustser.finetune")
 
@@ -122,8 +122,8 @@ class FinetuneConfig:
         metadata={"help": "AdamW learning rate (tiny preset default; use ~1e-4 with LoRA on the paper preset)."},
     )
     controller_learning_rate: float = field(
-        default=SEDRectifyConfig.controller_learning_rate,
-        metadata={"help": "Adam learning rate of the SED controller (SEDRectifyConfig's default)."},
+        default=SedRectifyConfig.controller_learning_rate,
+        metadata={"help": "Adam learning rate of the SED controller (SedRectifyConfig's default)."},
     )
     per_device_batch_size: int = field(default=16, metadata={"help": "Per-device batch size."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of generation at evaluation and scoring."})

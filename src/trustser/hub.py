@@ -266,6 +266,13 @@ def build_model_cards(artifacts: Mapping, repo_id: str, *, license: str | None =
         preset=settings.get("preset", "?"),
         seed=results.get("seed"),
     )
+
+    def component_card(suffix: str, template: str, **fields) -> ModelCard:
+        data = ModelCardData(model_name=f"{name}-{suffix}", base_model=repo_id, **common_meta)
+        return ModelCard.from_template(
+            data, template_str=_template(template), model_name=name, repo_id=repo_id, **fields
+        )
+
     if artifacts.get("cem") is not None:
         cem_dir = Path(artifacts["cem"])
         ccfg = json.loads((cem_dir / "config.json").read_text())
@@ -274,25 +281,13 @@ def build_model_cards(artifacts: Mapping, repo_id: str, *, license: str | None =
         )
         ev = report.get("eval") or {}
         rows = [
-            (f, _fmt(ev[f].get("auc")), _fmt(ev[f].get("nce")), _fmt(ev[f].get("ece")))
-            for f in ccfg.get("field_names", SED_FIELDS)
+            (f, *(_fmt(ev[f].get(k)) for k in ("auc", "nce", "ece")))
+            for f in (*ccfg.get("field_names", SED_FIELDS), "utterance")
             if f in ev
         ]
-        if "utterance" in ev:
-            rows.append(
-                (
-                    "utterance",
-                    _fmt(ev["utterance"].get("auc")),
-                    _fmt(ev["utterance"].get("nce")),
-                    _fmt(ev["utterance"].get("ece")),
-                )
-            )
-        cdata = ModelCardData(model_name=f"{name}-cem", base_model=repo_id, **common_meta)
-        cards["cem"] = ModelCard.from_template(
-            cdata,
-            template_str=_template("cem.md"),
-            model_name=name,
-            repo_id=repo_id,
+        cards["cem"] = component_card(
+            "cem",
+            "cem.md",
             pooling=ccfg.get("feature_pooling"),
             input_size=ccfg.get("input_size"),
             field_names=ccfg.get("field_names", SED_FIELDS),
@@ -305,12 +300,9 @@ def build_model_cards(artifacts: Mapping, repo_id: str, *, license: str | None =
     if artifacts.get("controller") is not None:
         rect = results.get("rectification") or {}
         rows = [(k, _fmt(v.get("first")), _fmt(v.get("last"))) for k, v in rect.items() if isinstance(v, Mapping)]
-        ddata = ModelCardData(model_name=f"{name}-sed-controller", base_model=repo_id, **common_meta)
-        cards["controller"] = ModelCard.from_template(
-            ddata,
-            template_str=_template("sed_controller.md"),
-            model_name=name,
-            repo_id=repo_id,
+        cards["controller"] = component_card(
+            "sed-controller",
+            "sed_controller.md",
             num_policies=settings.get("num_policies_used", system.get("num_policies")),
             rectification_rows=rows,
         )

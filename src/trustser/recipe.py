@@ -65,7 +65,7 @@ def _training_args(
     """The trainer config of an SER-SLM training ``stage`` ('pretrain' or 'posttrain'): the
     recipe's fields (steps, learning rate, batch, seed, checkpointing), then the trainer fields
     set for all stages or for this one (``RecipeConfig.stage_training_args``), which win."""
-    from .trainers.rectify_config import SEDRectifyConfig
+    from .trainers.rectify_config import SedRectifyConfig
     from .trainers.sft import SerSlmSFTConfig
 
     cls = cls or SerSlmSFTConfig
@@ -82,7 +82,7 @@ def _training_args(
         data_seed=cfg.seed,
         **extra,
     )
-    kwargs.update(cfg.stage_training_args(stage, rectify=issubclass(cls, SEDRectifyConfig)))
+    kwargs.update(cfg.stage_training_args(stage, rectify=issubclass(cls, SedRectifyConfig)))
     strategy = str(getattr(kwargs.get("eval_strategy", "no"), "value", kwargs.get("eval_strategy", "no")))
     if stage == "posttrain" and strategy != "no":
         raise ValueError(
@@ -497,11 +497,11 @@ def stage_select(
     def run(out: Path):
         import datasets
 
-        from .models.cem import ConfidenceEstimationModel
+        from .models.cem import CemModel
         from .selection import annotation_correctness, score_confidence, select_by_confidence, selection_quality
 
         slm, processor = load_ser_slm(pretrain.path / "model")
-        cem_model = ConfidenceEstimationModel.from_pretrained(cem.path / "cem")
+        cem_model = CemModel.from_pretrained(cem.path / "cem")
         data = datasets.load_from_disk(str(annotated.path / "data"))
         train = data[cfg.train_split]
         # scoring is sharded over the processes and gathered; the selection is written once
@@ -587,7 +587,7 @@ def stage_pseudo_labels(runner: StageRunner, cfg: RecipeConfig, annotated: Stage
 
 
 def posttrain_training_args(cfg: RecipeConfig, spec: SystemSpec, output_dir: Path):
-    """The trainer config of domain post-training: ``SEDRectifyConfig`` (K = the system's unless
+    """The trainer config of domain post-training: ``SedRectifyConfig`` (K = the system's unless
     ``cfg.num_policies`` overrides it; the controller settings via ``stage_training_args``) with
     rectification, else ``SerSlmSFTConfig``. Captions only: the auxiliary heads are a pre-training
     device (and rectification has no equivalent)."""
@@ -601,10 +601,10 @@ def posttrain_training_args(cfg: RecipeConfig, spec: SystemSpec, output_dir: Pat
     )
     if not spec.rectify:
         return _training_args(cfg, output_dir, stage="posttrain", **common)
-    from .trainers.rectify_config import SEDRectifyConfig
+    from .trainers.rectify_config import SedRectifyConfig
 
     return _training_args(
-        cfg, output_dir, stage="posttrain", cls=SEDRectifyConfig, num_policies=num_policies_used(cfg, spec), **common
+        cfg, output_dir, stage="posttrain", cls=SedRectifyConfig, num_policies=num_policies_used(cfg, spec), **common
     )
 
 
@@ -640,7 +640,7 @@ def stage_posttrain(
         model, processor = load_ser_slm(pretrain.path / "model")
         model = _with_lora(model, cfg)
         if spec.rectify:
-            from .trainers.rectify import SEDRectifyTrainer as trainer_cls
+            from .trainers.rectify import SedRectifyTrainer as trainer_cls
         else:
             trainer_cls = SerSlmSFTTrainer
         trainer = trainer_cls(

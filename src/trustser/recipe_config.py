@@ -4,7 +4,7 @@
 * ``RecipeConfig``: corpora, stages, the paper's hyper-parameters (one field each);
 * ``SerSlmModelArguments``: TRL ``ModelConfig``-style model settings (encoder and LLM by Hub id or
   local path, dtype, attention implementation, LoRA);
-* ``TrainingSettings``: every ``SEDRectifyConfig`` / ``SerSlmSFTConfig`` / ``TrainingArguments``
+* ``TrainingSettings``: every ``SedRectifyConfig`` / ``SerSlmSFTConfig`` / ``TrainingArguments``
   field the recipe does not set itself (``bf16``, ``gradient_accumulation_steps``,
   ``gradient_checkpointing``, ``dataloader_num_workers``, ``eval_strategy``, ``report_to``,
   ``hub_model_id``, ...): a top-level YAML key applies to every training stage, and
@@ -35,7 +35,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
 }
 # The embedded default's tuned choices for the rectifying post-training's controller (docs/rectify.md,
-# "Repair"): they win over SEDRectifyConfig's own defaults (the paper's) in that stage only; a top-level
+# "Repair"): they win over SedRectifyConfig's own defaults (the paper's) in that stage only; a top-level
 # YAML key (the real configs: the paper's values) or posttrain_training_args overrides them. Unlike
 # TRAINING_DEFAULTS they are always in the rectifying post-training's stage key, so changing one here
 # never reuses a stage trained with the old value.
@@ -193,16 +193,16 @@ DTYPES = ("bfloat16", "float16", "float32", "auto")
 
 
 def _training_settings_class():
-    """A dataclass of every ``SEDRectifyConfig`` field the recipe does not own, with the recipe's
+    """A dataclass of every ``SedRectifyConfig`` field the recipe does not own, with the recipe's
     default (``TRAINING_DEFAULTS``, ``RECTIFY_DEFAULTS``) or the config's own, so that ``TrlParser`` parses them next to
     ``RecipeConfig`` without clashing names."""
-    from .trainers.rectify_config import SEDRectifyConfig
+    from .trainers.rectify_config import SedRectifyConfig
 
     owned = {f.name for f in dataclasses.fields(RecipeConfig)} | set(STAGE_OWNED)
-    hints = typing.get_type_hints(SEDRectifyConfig)
+    hints = typing.get_type_hints(SedRectifyConfig)
     recipe_defaults = {**TRAINING_DEFAULTS, **RECTIFY_DEFAULTS}
     fields = []
-    for f in dataclasses.fields(SEDRectifyConfig):
+    for f in dataclasses.fields(SedRectifyConfig):
         if not f.init or f.name in owned:
             continue
         if f.name in recipe_defaults:
@@ -219,7 +219,7 @@ def _training_settings_class():
             else field(default=default)
         )
         spec.metadata = f.metadata  # help texts of the trainer config
-        fields.append((f.name, _parsable_type(SEDRectifyConfig, f.name, hints[f.name]), spec))
+        fields.append((f.name, _parsable_type(SedRectifyConfig, f.name, hints[f.name]), spec))
     cls = dataclasses.make_dataclass("TrainingSettings", fields)
     cls.__module__ = __name__
     cls.__doc__ = "Trainer fields settable for every training stage (see the module docstring)."
@@ -243,11 +243,11 @@ _TRAINING_SETTINGS = None
 
 
 def rectify_only_fields() -> frozenset[str]:
-    """``SEDRectifyConfig`` fields that ``SerSlmSFTConfig`` lacks (meaningful for rectification only)."""
-    from .trainers.rectify_config import SEDRectifyConfig
+    """``SedRectifyConfig`` fields that ``SerSlmSFTConfig`` lacks (meaningful for rectification only)."""
+    from .trainers.rectify_config import SedRectifyConfig
     from .trainers.sft import SerSlmSFTConfig
 
-    return frozenset(f.name for f in dataclasses.fields(SEDRectifyConfig)) - {
+    return frozenset(f.name for f in dataclasses.fields(SedRectifyConfig)) - {
         f.name for f in dataclasses.fields(SerSlmSFTConfig)
     }
 
@@ -516,7 +516,7 @@ class RecipeConfig:
     num_policies: int | None = field(
         default=None, metadata={"help": "Override the system's K (policies per utterance)."}
     )
-    # ---- trainer fields for one stage (any SEDRectifyConfig / SerSlmSFTConfig / TrainingArguments field)
+    # ---- trainer fields for one stage (any SedRectifyConfig / SerSlmSFTConfig / TrainingArguments field)
     pretrain_training_args: dict | str | None = field(
         default_factory=dict,
         metadata={
@@ -529,7 +529,7 @@ class RecipeConfig:
     posttrain_training_args: dict | str | None = field(
         default_factory=dict,
         metadata={
-            "help": "Trainer fields for post-training only (SEDRectifyConfig with rectification, else SerSlmSFTConfig)."
+            "help": "Trainer fields for post-training only (SedRectifyConfig with rectification, else SerSlmSFTConfig)."
         },
     )
     # ---- set by the parser from the other two dataclasses (recipe.main); not command-line options
@@ -622,12 +622,12 @@ def _check_stage_fields(cfg: RecipeConfig) -> None:
     """Unknown trainer fields in a stage's overrides are an error naming the setting."""
     from transformers import TrainingArguments
 
-    from .trainers.rectify_config import SEDRectifyConfig
+    from .trainers.rectify_config import SedRectifyConfig
     from .trainers.sft import SerSlmSFTConfig
 
     for name, cls in (
         ("pretrain_training_args", SerSlmSFTConfig),
-        ("posttrain_training_args", SEDRectifyConfig),
+        ("posttrain_training_args", SedRectifyConfig),
         ("cem_training_args", TrainingArguments),
     ):
         known = {f.name for f in dataclasses.fields(cls) if f.init}

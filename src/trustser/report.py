@@ -109,15 +109,15 @@ def write_report(results: dict, path: Path) -> None:
     )
     lines.append("")
     for corpus, m in results["test"].items():
-        lines += [f"## Test: {corpus} ({m['n']} utterances)", "", "| metric | value |", "|---|---|"]
-        lines += [
-            f"| WA (accuracy) | {m['wa']:.4f} |",
-            f"| UA (balanced accuracy) | {m['ua']:.4f} |",
-            f"| weighted F1 | {m['weighted_f1']:.4f} |",
-            f"| unparseable captions | {m['unparseable_rate']:.4f} |",
+        metrics = [
+            ("WA (accuracy)", m["wa"]),
+            ("UA (balanced accuracy)", m["ua"]),
+            ("weighted F1", m["weighted_f1"]),
+            ("unparseable captions", m["unparseable_rate"]),
         ]
-        lines += [f"| SED accuracy: {f} | {m.get('sed_accuracy', {}).get(f, float('nan')):.4f} |" for f in SED_FIELDS]
-        lines.append("")
+        metrics += [(f"SED accuracy: {f}", m.get("sed_accuracy", {}).get(f, float("nan"))) for f in SED_FIELDS]
+        lines += [f"## Test: {corpus} ({m['n']} utterances)", ""]
+        lines += _md_table(["metric", "value"], [(k, f"{v:.4f}") for k, v in metrics])
         if spec.get("paper_iemocap") is not None:
             lines.append(
                 f"The paper reports {spec['paper_iemocap']}% (IEMOCAP) and {spec['paper_meld']}% (MELD) for this system."
@@ -137,58 +137,49 @@ def write_report(results: dict, path: Path) -> None:
             f"Utterance AUC (all five labels right): {target['utterance_auc']:.4f}; per field: "
             + ", ".join(f"{f} {v:.4f}" for f, v in (target.get("field_auc") or {}).items()),
             "",
-            "| kept share | label accuracy, CEM selection | oracle selection |",
-            "|---|---|---|",
         ]
-        lines += [
-            f"| {r['share']:.0%} | {r['scores']:.4f} | {r['oracle']:.4f} |" for r in target["kept_share_accuracy"]
-        ]
-        lines.append("")
-    if results.get("cem"):
-        lines += ["## Confidence estimation", "", "```json", json.dumps(results["cem"], indent=1)[:3000], "```", ""]
-    if results.get("selection"):
-        lines += ["## Selection", "", "```json", json.dumps(results["selection"], indent=1)[:3000], "```", ""]
-    if results.get("rectification"):
-        lines += [
-            "## Rectification (last logged values)",
-            "",
-            "```json",
-            json.dumps(results["rectification"], indent=1)[:3000],
-            "```",
-            "",
-        ]
+        lines += _md_table(
+            ["kept share", "label accuracy, CEM selection", "oracle selection"],
+            [(f"{r['share']:.0%}", f"{r['scores']:.4f}", f"{r['oracle']:.4f}") for r in target["kept_share_accuracy"]],
+        )
+    for key, title in (
+        ("cem", "Confidence estimation"),
+        ("selection", "Selection"),
+        ("rectification", "Rectification (last logged values)"),
+    ):
+        if results.get(key):
+            lines += [f"## {title}", "", "```json", json.dumps(results[key], indent=1)[:3000], "```", ""]
     audit = results.get("controller_audit")
     if audit:
-        lines += [
-            "## Descriptor labels after rectification (trained controller, every training utterance)",
-            "",
-            "| field | annotation | rectified (expected under the policy) | rectified (greedy) | P(modify) |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {f} | {v['annotation']:.4f} | {v['expected']:.4f} | {v['greedy']:.4f} | {v['modify_probability']:.4f} |"
-            for f, v in audit["per_field"].items()
-        ]
-        lines += [
-            f"| **all** | {audit['annotation_accuracy']:.4f} | {audit['expected_accuracy']:.4f} | {audit['greedy_accuracy']:.4f} | |",
-            "",
-        ]
+        fields = audit["per_field"].items()
+        lines += ["## Descriptor labels after rectification (trained controller, every training utterance)", ""]
+        lines += _md_table(
+            ["field", "annotation", "rectified (expected under the policy)", "rectified (greedy)", "P(modify)"],
+            [
+                *(
+                    (f, *(f"{v[k]:.4f}" for k in ("annotation", "expected", "greedy", "modify_probability")))
+                    for f, v in fields
+                ),
+                ("**all**", *(f"{audit[f'{k}_accuracy']:.4f}" for k in ("annotation", "expected", "greedy")), ""),
+            ],
+        )
         lines += [
             "Per-utterance repair (greedy policy; labels): wrong labels fixed, right labels broken, left as they were.",
             "",
-            "| field | fixed | broken | unchanged wrong | unchanged right |",
-            "|---|---|---|---|---|",
         ]
-        lines += [
-            f"| {f} | {v['repair']['fixed']:.1f} | {v['repair']['broken']} | {v['repair']['unchanged_wrong']} | {v['repair']['unchanged_right']} |"
-            for f, v in audit["per_field"].items()
-            if "repair" in v
-        ]
-        lines.append("")
-    lines += ["## Stages", "", "| stage | key | reused | seconds |", "|---|---|---|---|"]
-    lines += [f"| {s['name']} | {s['key']} | {s['reused']} | {s.get('seconds', '')} |" for s in results["stages"]]
+        lines += _md_table(
+            ["field", "fixed", "broken", "unchanged wrong", "unchanged right"],
+            [
+                (f, f"{r['fixed']:.1f}", r["broken"], r["unchanged_wrong"], r["unchanged_right"])
+                for f, r in ((f, v["repair"]) for f, v in fields if "repair" in v)
+            ],
+        )
+    lines += ["## Stages", ""]
+    lines += _md_table(
+        ["stage", "key", "reused", "seconds"],
+        [(s["name"], s["key"], s["reused"], s.get("seconds", "")) for s in results["stages"]],
+    )
     lines += [
-        "",
         "Plots: `confusion_matrix.png`, `tsne.png` (last hidden states coloured by emotion, the paper's Figure 2)"
         + (", `rectification.png` (rectified vs annotated label accuracy, modify rates)." if spec["rectify"] else "."),
         "",
@@ -204,14 +195,13 @@ def _annotation_lines(report: dict | None) -> list[str]:
     ]
     if not rows:
         return []
-    lines = [
-        "## Annotation accuracy against the ground truth",
-        "",
-        "| split | speaker group | n | " + " | ".join(SED_FIELDS) + " | all five |",
-        "|---|---|---|" + "---|" * (len(SED_FIELDS) + 1),
-    ]
-    lines += [
-        f"| {split} | {g} | {a['n']} | " + " | ".join(f"{a[f]:.3f}" for f in SED_FIELDS) + f" | {a['all_right']:.3f} |"
-        for split, g, a in rows
-    ]
-    return lines + [""]
+    return ["## Annotation accuracy against the ground truth", ""] + _md_table(
+        ["split", "speaker group", "n", *SED_FIELDS, "all five"],
+        [(split, g, a["n"], *(f"{a[f]:.3f}" for f in SED_FIELDS), f"{a['all_right']:.3f}") for split, g, a in rows],
+    )
+
+
+def _md_table(header: list[str], rows) -> list[str]:
+    """A Markdown table's lines (header, rule, one line per row of already formatted cells), then a blank line."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]

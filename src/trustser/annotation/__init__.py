@@ -2,6 +2,7 @@
 passes), ``features.py`` (per-clip signal features), ``binning.py`` (features -> words) and
 ``classifiers.py`` (gender/age backends); this file re-exports the public names."""
 
+from . import annotator
 from .annotator import (
     AUTO_COLUMNS,
     ERROR_COLUMN,
@@ -15,13 +16,7 @@ from .binning import METHODS, AdaptiveConfig, UnifiedThresholds
 from .classifiers import HubAudioClassifier, OfflineClassifier
 
 __all__ = [
-    "annotate",
-    "rebin",
-    "annotation_report",
-    "fit_reference_classifiers",
-    "AUTO_COLUMNS",
-    "FEATURE_COLUMNS",
-    "ERROR_COLUMN",
+    *annotator.__all__,
     "UnifiedThresholds",
     "AdaptiveConfig",
     "OfflineClassifier",

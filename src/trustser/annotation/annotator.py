@@ -273,11 +273,31 @@ def _bin_tables(
     return out
 
 
+def _as_splits(dataset, method: str, speaker_scope: str) -> tuple[bool, dict]:
+    """(whether ``dataset`` is a DatasetDict, its splits by name), once the binning settings are checked."""
+    import datasets
+
+    if method not in METHODS:
+        raise ValueError(f"unknown annotation method {method!r}; choose one of {METHODS}")
+    if speaker_scope not in ("corpus", "split"):
+        raise ValueError(f"speaker_scope must be 'corpus' or 'split', not {speaker_scope!r}")
+    is_dict = isinstance(dataset, datasets.DatasetDict)
+    return is_dict, (dict(dataset) if is_dict else {"_": dataset})
+
+
 def _bin_splits(
-    tables: dict, speakers: dict, names: list, method, *, speaker_scope: str, **kw
+    tables: dict, splits: dict, speaker_column: str, method, speaker_scope, unified_thresholds, adaptive_config, vote
 ) -> dict[str, dict[str, list[str]]]:
     """Words per split: speaker statistics pooled over all splits (``speaker_scope="corpus"``,
-    speaker_adaptive only) or each split binned as its own population."""
+    speaker_adaptive only) or each split binned as its own population. Speakers come from
+    ``speaker_column`` (absent: the split counts as one speaker); ``vote``: gender and age become
+    each speaker's majority prediction."""
+    kw = dict(unified_thresholds=unified_thresholds, adaptive_config=adaptive_config, vote=vote)
+    names = list(splits)
+    speakers = {
+        n: ([str(x) for x in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds))
+        for n, ds in splits.items()
+    }
     if method == "speaker_adaptive" and speaker_scope == "corpus":
         return dict(zip(names, _bin_tables([tables[n] for n in names], [speakers[n] for n in names], method, **kw)))
     return {n: _bin_tables([tables[n]], [speakers[n]], method, **kw)[0] for n in names}
@@ -351,12 +371,7 @@ def annotate(
     counts as one speaker)."""
     import datasets
 
-    if method not in METHODS:
-        raise ValueError(f"unknown annotation method {method!r}; choose one of {METHODS}")
-    if speaker_scope not in ("corpus", "split"):
-        raise ValueError(f"speaker_scope must be 'corpus' or 'split', not {speaker_scope!r}")
-    is_dict = isinstance(dataset, datasets.DatasetDict)
-    splits = dict(dataset) if is_dict else {"_": dataset}
+    is_dict, splits = _as_splits(dataset, method, speaker_scope)
     for name, ds in splits.items():
         if audio_column not in ds.column_names:
             raise ValueError(f"split {name!r} has no {audio_column!r} column (columns: {ds.column_names})")
@@ -390,7 +405,7 @@ def annotate(
         unified_thresholds = cal_u or unified_thresholds
         adaptive_config = cal_a or adaptive_config
 
-    tables, speakers = {}, {}
+    tables = {}
     for name, ds in splits.items():
         reuse = ref_ext if (ref_ext is not None and ds is reference) else None
         tables[name] = _distributed_pass1(
@@ -403,17 +418,8 @@ def annotate(
             audio_column=audio_column,
             text_column=text_column,
         )
-        speakers[name] = [str(s) for s in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds)
-    names = list(splits)
     words = _bin_splits(
-        tables,
-        speakers,
-        names,
-        method,
-        speaker_scope=speaker_scope,
-        unified_thresholds=unified_thresholds,
-        adaptive_config=adaptive_config,
-        vote=speaker_traits,
+        tables, splits, speaker_column, method, speaker_scope, unified_thresholds, adaptive_config, speaker_traits
     )
 
     out = {}
@@ -458,10 +464,7 @@ def rebin(
     Same population rules as ``annotate``."""
     import datasets
 
-    if method not in METHODS:
-        raise ValueError(f"unknown annotation method {method!r}; choose one of {METHODS}")
-    is_dict = isinstance(annotated, datasets.DatasetDict)
-    splits = dict(annotated) if is_dict else {"_": annotated}
+    is_dict, splits = _as_splits(annotated, method, speaker_scope)
     need = [*FEATURE_COLUMNS, ERROR_COLUMN, "gender_auto", "age_auto"]
     for name, ds in splits.items():
         missing = [c for c in need if c not in ds.column_names]
@@ -477,20 +480,8 @@ def rebin(
         cal_u, cal_a = _calibrate(method, splits[reference_split], splits[reference_split], speaker_column)
         unified_thresholds = cal_u or unified_thresholds
         adaptive_config = cal_a or adaptive_config
-    speakers = {
-        n: ([str(x) for x in ds[speaker_column]] if speaker_column in ds.column_names else [""] * len(ds))
-        for n, ds in splits.items()
-    }
-    names = list(splits)
     words = _bin_splits(
-        tables,
-        speakers,
-        names,
-        method,
-        speaker_scope=speaker_scope,
-        unified_thresholds=unified_thresholds,
-        adaptive_config=adaptive_config,
-        vote=speaker_traits,
+        tables, splits, speaker_column, method, speaker_scope, unified_thresholds, adaptive_config, speaker_traits
     )
     out = {}
     for name, ds in splits.items():

@@ -9,19 +9,13 @@ import argparse
 import json
 
 from ..annotation.binning import METHODS
-from ..utils import json_object_argument as _json_dict
+from .common import add_corpus_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("corpus", help="corpus name for trustser.data.load_corpus (e.g. synthetic, iemocap, meld)")
     p.add_argument("root", help="corpus root directory")
-    p.add_argument(
-        "--corpus-options",
-        type=_json_dict,
-        default={},
-        metavar="JSON",
-        help='load_corpus options as a JSON object, e.g. \'{"text_column": "text", "label_map": {"joy": "happy"}}\'',
-    )
+    add_corpus_options(p)
     p.add_argument("--out", required=True, help="output directory (DatasetDict save_to_disk layout)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace --out even if it is not an earlier annotation output"

@@ -7,20 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from ..utils import json_object_argument as _json_dict
+from .common import add_corpus_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="saved SER-SLM (model + processor)")
     p.add_argument("corpus_root", help="corpus directory")
     p.add_argument("--corpus", default="synthetic", help="corpus loader name (trustser.data.load_corpus)")
-    p.add_argument(
-        "--corpus-options",
-        type=_json_dict,
-        default={},
-        metavar="JSON",
-        help='load_corpus options as a JSON object, e.g. \'{"text_column": "text", "label_map": {"joy": "happy"}}\'',
-    )
+    add_corpus_options(p)
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="metrics JSON path (default: print only)")
     p.add_argument(

@@ -40,13 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_models(cem_dir: str, slm_dir: str, device):
-    from ..models.cem import ConfidenceEstimationModel
+    from ..models.cem import CemModel
     from ..models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
 
     for what, path, marker in (("CEM", cem_dir, "config.json"), ("SER-SLM", slm_dir, "config.json")):
         if not (Path(path) / marker).is_file():
             raise FileNotFoundError(f"{what} directory {path}: no {marker} (expected a save_pretrained output)")
-    cem = ConfidenceEstimationModel.from_pretrained(cem_dir).to(device).eval()
+    cem = CemModel.from_pretrained(cem_dir).to(device).eval()
     slm = SerSlmForConditionalGeneration.from_pretrained(slm_dir).to(device).eval()
     processor = SerSlmProcessor.from_pretrained(slm_dir)
     hidden = slm.config.text_config.hidden_size

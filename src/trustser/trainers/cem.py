@@ -157,7 +157,7 @@ def train_cem(
     """
     from transformers import Trainer, TrainingArguments
 
-    from ..models.cem import CemConfig, ConfidenceEstimationModel
+    from ..models.cem import CemConfig, CemModel
     from ..utils import atomic_write_json, set_seed
 
     features = np.asarray(features, dtype=np.float32)
@@ -188,7 +188,7 @@ def train_cem(
         feature_pooling=feature_pooling,
         slm_hidden_size=slm_hidden_size,
     )
-    model = ConfidenceEstimationModel(config)
+    model = CemModel(config)
     output_dir = Path(output_dir)
     args = dict(
         output_dir=str(output_dir / "trainer"),

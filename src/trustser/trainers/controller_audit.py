@@ -11,7 +11,7 @@ import torch
 
 from ..audio import AudioError, read_rows
 from ..descriptors import SED_FIELDS, SED_SOURCES, SED_VOCAB
-from ..models.sed_controller import SedController, sed_to_ids
+from ..models.sed_controller import SedControllerModel, sed_to_ids
 
 GROUP_COLUMN = "group"
 
@@ -77,9 +77,9 @@ def _repair_summary(r: dict) -> dict:
 
 
 @torch.no_grad()
-def _modify_probabilities(controller: SedController, dataset, batch_size: int, sed_source: str):
+def _modify_probabilities(controller: SedControllerModel, dataset, batch_size: int, sed_source: str):
     """(N, 5) P(modify), annotated ids, true ids (-1 = unknown) and the rows' speaker groups (or None)."""
-    from .rectify import SEDRectifyCollator
+    from .rectify import SedRectifyCollator
 
     suffix = SED_SOURCES[sed_source]
     device = next(controller.parameters()).device
@@ -89,19 +89,19 @@ def _modify_probabilities(controller: SedController, dataset, batch_size: int, s
         rows, audio, errors = read_rows(dataset, range(s, min(len(dataset), s + batch_size)))
         if any(errors):
             raise AudioError(next(e for e in errors if e))
-        wav, lengths = SEDRectifyCollator.controller_inputs(audio)
+        wav, lengths = SedRectifyCollator.controller_inputs(audio)
         ids = sed_to_ids([{f: r.get(f + suffix) for f in SED_FIELDS} for r in rows])
         feats, mask = controller.log_mel(wav.to(device), lengths.to(device))
         logits = controller(ids.to(device), input_features=feats, feature_attention_mask=mask).logits
         p_all.append(logits.softmax(-1)[..., 1].cpu().numpy())
         ids_all.append(ids.numpy())
-        truth_all.append(SEDRectifyCollator.truth_ids(rows).numpy())
+        truth_all.append(SedRectifyCollator.truth_ids(rows).numpy())
         if has_group:
             groups += [str(r.get(GROUP_COLUMN)) for r in rows]
     return np.concatenate(p_all), np.concatenate(ids_all), np.concatenate(truth_all), (groups if has_group else None)
 
 
-def audit_controller(controller: SedController, dataset, batch_size: int = 32, sed_source: str = "auto") -> dict:
+def audit_controller(controller: SedControllerModel, dataset, batch_size: int = 32, sed_source: str = "auto") -> dict:
     """Correct descriptor labels (vs the ground-truth columns) over an annotated dataset after the
     controller's rectification, beside the annotation's own accuracy: ``expected`` under its
     stochastic policy (P(modify) x the chance that the replacement drawn by ``modify_strategy`` is

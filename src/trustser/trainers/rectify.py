@@ -1,4 +1,4 @@
-"""SEDRectifyTrainer: on-the-fly RL rectification of annotated descriptors (paper section 3.2).
+"""SedRectifyTrainer: on-the-fly RL rectification of annotated descriptors (paper section 3.2).
 
 One optimizer step t of the SER-SLM, alternating with the SED Controller:
   1. controller frozen: K rectification policies per utterance -> K rectified captions;
@@ -40,8 +40,8 @@ from ..descriptors import SED_FIELDS, SED_SOURCES, SED_VOCAB, normalize_sed_valu
 from ..models.sed_controller import (
     MODIFY,
     RETAIN,
-    SedController,
     SedControllerConfig,
+    SedControllerModel,
     ids_to_sed,
     modify_labels,
     sample_policies,
@@ -50,7 +50,7 @@ from ..models.sed_controller import (
 from ..utils import atomic_directory
 from .controller_audit import audit_controller
 from .optimizer_state import load_optimizer_state, save_optimizer_state, save_tensors
-from .rectify_config import SEDRectifyConfig
+from .rectify_config import SedRectifyConfig
 from .rectify_objective import (
     action_log_probs,
     bernoulli_entropy,
@@ -70,7 +70,7 @@ REWARD_EMA = "reward_ema.safetensors"
 # Collator
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class SEDRectifyCollator(SerSlmDataCollator):
+class SedRectifyCollator(SerSlmDataCollator):
     """SerSlmDataCollator output (annotated captions: prompt, audio features, label count) plus
     what the controller and the caption rebuild need: ``rectify_waveforms``/``_lengths`` (raw
     16 kHz audio for the controller's log-mel), ``rectify_sed_ids`` (B x 5 annotated value ids),
@@ -293,7 +293,7 @@ def packed_caption_token_nll(
 class _StepEndFlush(TrainerCallback):
     """Runs the controller's reward + update phase right after each SLM optimizer step."""
 
-    def __init__(self, trainer: "SEDRectifyTrainer"):
+    def __init__(self, trainer: "SedRectifyTrainer"):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -305,10 +305,10 @@ class _StepEndFlush(TrainerCallback):
 # ------------------------------------------------------------------------------------------------
 # Trainer
 # ------------------------------------------------------------------------------------------------
-class SEDRectifyTrainer(SerSlmSFTTrainer):
+class SedRectifyTrainer(SerSlmSFTTrainer):
     """SerSlmSFTTrainer whose captions are rectified on the fly by an RL-trained SED Controller.
 
-    ``controller``: a SedController (default: loaded from ``args.controller_name_or_path`` or
+    ``controller``: a SedControllerModel (default: loaded from ``args.controller_name_or_path`` or
     built from the ``controller_*`` fields). Logged (``self._metrics``): ``rectify/modify_rate_<field>``,
     ``rectify/label_accuracy`` (+ per field) and ``rectify/annotation_accuracy`` when the rows have
     ground truth, ``reward/mean``, ``reward/std``, ``controller/loss``, ``controller/entropy``,
@@ -317,29 +317,29 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
     def __init__(
         self,
         model,
-        args: SEDRectifyConfig | None = None,
+        args: SedRectifyConfig | None = None,
         data_collator=None,
         processing_class=None,
-        controller: SedController | None = None,
+        controller: SedControllerModel | None = None,
         **kwargs,
     ):
         if args is None:
-            args = SEDRectifyConfig(output_dir="sed_rectify")
-        if not isinstance(args, SEDRectifyConfig):
-            raise TypeError(f"SEDRectifyTrainer needs a SEDRectifyConfig, got {type(args).__name__}")
+            args = SedRectifyConfig(output_dir="sed_rectify")
+        if not isinstance(args, SedRectifyConfig):
+            raise TypeError(f"SedRectifyTrainer needs a SedRectifyConfig, got {type(args).__name__}")
         if processing_class is None:
-            raise ValueError("SEDRectifyTrainer needs processing_class=SerSlmProcessor")
+            raise ValueError("SedRectifyTrainer needs processing_class=SerSlmProcessor")
         if data_collator is None:
-            data_collator = SEDRectifyCollator(processing_class, sed_source=args.sed_source)
+            data_collator = SedRectifyCollator(processing_class, sed_source=args.sed_source)
         super().__init__(
             model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
         )
         if controller is None:
             if args.controller_name_or_path:
-                controller = SedController.from_pretrained(args.controller_name_or_path)
+                controller = SedControllerModel.from_pretrained(args.controller_name_or_path)
             else:
                 torch.manual_seed(args.seed)
-                controller = SedController(
+                controller = SedControllerModel(
                     SedControllerConfig(
                         hidden_size=args.controller_hidden_size,
                         embedding_size=args.controller_embedding_size,
@@ -733,7 +733,7 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
         weights = os.path.join(checkpoint, CONTROLLER_DIR, "model.safetensors")
         if not os.path.exists(weights):
             raise FileNotFoundError(
-                f"{weights}: the checkpoint has no SED Controller (not a SEDRectifyTrainer checkpoint?)"
+                f"{weights}: the checkpoint has no SED Controller (not a SedRectifyTrainer checkpoint?)"
             )
         state = load_file(weights, device=str(self.accelerator.device))
         self.controller.load_state_dict(state)
@@ -769,10 +769,13 @@ class SEDRectifyTrainer(SerSlmSFTTrainer):
                 self.controller.save_pretrained(tmp)
 
 
+# the names before the naming convention (docs/ARCHITECTURE.md), kept for existing imports
+SEDRectifyTrainer, SEDRectifyCollator = SedRectifyTrainer, SedRectifyCollator
+
 __all__ = [
     "audit_controller",
-    "SEDRectifyTrainer",
-    "SEDRectifyCollator",
+    "SedRectifyTrainer",
+    "SedRectifyCollator",
     "rectified_caption_inputs",
     "caption_token_nll",
     "emotion_cross_entropy",

@@ -17,7 +17,7 @@ DEFAULT_NUM_POLICIES = 6
 
 
 @dataclass
-class SEDRectifyConfig(SerSlmSFTConfig):
+class SedRectifyConfig(SerSlmSFTConfig):
     """Alternating SER-SLM / SED Controller training with K sampled rectification policies."""
 
     sed_source: str = field(
@@ -46,7 +46,7 @@ class SEDRectifyConfig(SerSlmSFTConfig):
     )
     controller_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "saved SedController to start from; default: a new one built from the fields below."},
+        metadata={"help": "saved SedControllerModel to start from; default: a new one built from the fields below."},
     )
     controller_hidden_size: int = field(
         default=128, metadata={"help": "LSTM hidden size of a new controller (paper: 128)."}
@@ -203,4 +203,7 @@ class SEDRectifyConfig(SerSlmSFTConfig):
             raise ValueError("SED rectification needs captions with descriptors (with_sed=True)")
 
 
-__all__ = ["SEDRectifyConfig", "DEFAULT_NUM_POLICIES", "REWARD_TIMINGS", "REWARD_SCORERS", "SLM_TARGETS"]
+# the names before the naming convention (docs/ARCHITECTURE.md), kept for existing imports
+SEDRectifyConfig = SedRectifyConfig
+
+__all__ = ["SedRectifyConfig", "DEFAULT_NUM_POLICIES", "REWARD_TIMINGS", "REWARD_SCORERS", "SLM_TARGETS"]

@@ -63,7 +63,7 @@ class CemPreTrainedModel(CheckedFromPretrainedMixin, PreTrainedModel):
             init.zeros_(module.num_batches_tracked)
 
 
-class ConfidenceEstimationModel(CemPreTrainedModel):
+class CemModel(CemPreTrainedModel):
     """h1 = layer1(x); h2 = layer2(h1) + h1 (the skip); h3 = layer3(h2); field confidences =
     sigmoid(head(h3)); utterance confidence = their mean."""
 
@@ -104,4 +104,7 @@ class ConfidenceEstimationModel(CemPreTrainedModel):
         return CemOutput(loss=loss, logits=logits, field_confidence=field_confidence, confidence=confidence)
 
 
-__all__ = ["ConfidenceEstimationModel", "CemPreTrainedModel", "CemOutput"]
+# the name before the naming convention (docs/ARCHITECTURE.md), kept for existing imports
+ConfidenceEstimationModel = CemModel
+
+__all__ = ["CemModel", "CemPreTrainedModel", "CemOutput"]

@@ -5,7 +5,7 @@ from .modeling_sed_controller import (
     MODIFY,
     RETAIN,
     PolicySample,
-    SedController,
+    SedControllerModel,
     SedControllerOutput,
     SedControllerPreTrainedModel,
     ids_to_sed,
@@ -32,7 +32,7 @@ def register() -> None:
     """Adds the controller to AutoConfig/AutoModel (idempotent)."""
     from .. import register_config_and_model
 
-    register_config_and_model(SedControllerConfig, SedController)
+    register_config_and_model(SedControllerConfig, SedControllerModel)
 
 
 __all__ = ["SedControllerConfig", *_modeling_all, "register"]

@@ -171,7 +171,7 @@ class SedControllerPreTrainedModel(CheckedFromPretrainedMixin, PreTrainedModel):
             super()._init_weights(module)
 
 
-class SedController(SedControllerPreTrainedModel):
+class SedControllerModel(SedControllerPreTrainedModel):
     """LSTM over log-mel -> summary; concat annotated SED embeddings -> Linear -> per-field
     softmax over (retain, modify). Kept small and fp32: it is trained by its own optimizer."""
 
@@ -263,7 +263,7 @@ class SedController(SedControllerPreTrainedModel):
         ``input_features`` (B, T, n_mels) or raw ``input_values`` (B, S) at ``config.sampling_rate``."""
         if input_features is None:
             if input_values is None:
-                raise ValueError("SedController needs input_features (log-mel) or input_values (waveform)")
+                raise ValueError("SedControllerModel needs input_features (log-mel) or input_values (waveform)")
             lengths = attention_mask.sum(1) if attention_mask is not None else None
             input_features, feature_attention_mask = self.log_mel(input_values, lengths)
         summary = self.summarize(input_features, feature_attention_mask)
@@ -276,8 +276,11 @@ class SedController(SedControllerPreTrainedModel):
         return SedControllerOutput(logits=logits, summary=summary)
 
 
+# the name before the naming convention (docs/ARCHITECTURE.md), kept for existing imports
+SedController = SedControllerModel
+
 __all__ = [
-    "SedController",
+    "SedControllerModel",
     "SedControllerPreTrainedModel",
     "SedControllerOutput",
     "PolicySample",

@@ -70,7 +70,7 @@ def _mark_scale_preserving(module: nn.Module) -> None:
             sub._scale_preserving_init = True
 
 
-class SerSlmVIBBranch(nn.Module):
+class SerSlmVibBranch(nn.Module):
     """Variational information bottleneck over a learnable softmax-weighted sum of encoder layers:
     mu/log-variance per frame, reparameterised sample while training, the mean in eval."""
 
@@ -142,7 +142,7 @@ class SerSlmPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         else:
             super()._init_weights(module)
-        if isinstance(module, SerSlmVIBBranch):
+        if isinstance(module, SerSlmVibBranch):
             init.zeros_(module.layer_weights)
             # start with little noise: the sample is close to mu until the KL term says otherwise
             init.constant_(module.logvar.bias, -6.0)
@@ -203,8 +203,8 @@ class SerSlmModel(SerSlmPreTrainedModel):
         num_layers = int(getattr(a, "num_hidden_layers", None) or getattr(a, "encoder_layers"))
         width = int(getattr(a, "hidden_size", None) or getattr(a, "d_model"))
         extra = config.prosody_features
-        self.sed_vib = SerSlmVIBBranch(num_layers, width, extra, config.vib_hidden_size, config.sed_vib_dim)
-        self.semantic_vib = SerSlmVIBBranch(num_layers, width, 0, config.vib_hidden_size, config.semantic_vib_dim)
+        self.sed_vib = SerSlmVibBranch(num_layers, width, extra, config.vib_hidden_size, config.sed_vib_dim)
+        self.semantic_vib = SerSlmVibBranch(num_layers, width, 0, config.vib_hidden_size, config.semantic_vib_dim)
         self.projector = SerSlmProjector(config)
         # auxiliary heads (training signal for a randomly initialised encoder; unused in generation)
         self.aux_sed_heads = None
