@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
         **{f"modify_rate_{f}": [h.get(f"rectify/modify_rate_{f}") for h in logs] for f in SED_FIELDS},
         "reward_mean": [h.get("reward/mean") for h in logs],
     }
-    audit = audit_controller(rect.controller, train, batch_size=32)
+    audit = audit_controller(rect.controller, train, batch_size=32, slm=rect.model, processor=processor)
     test = corpus["test"]
     if a.max_test:
         test = test.select(range(min(a.max_test, len(test))))

@@ -660,7 +660,13 @@ def stage_posttrain(
 
                     atomic_write_json(
                         out / "controller_audit.json",
-                        audit_controller(trainer.controller, train, batch_size=cfg.eval_batch_size),
+                        audit_controller(
+                            trainer.controller,
+                            train,
+                            batch_size=cfg.eval_batch_size,
+                            slm=trainer.accelerator.unwrap_model(trainer.model),  # read with controller_input
+                            processor=processor,
+                        ),
                     )
             atomic_write_json(out / "log_history.json", trainer.state.log_history)
 

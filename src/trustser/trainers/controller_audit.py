@@ -77,10 +77,21 @@ def _repair_summary(r: dict) -> dict:
 
 
 @torch.no_grad()
-def _modify_probabilities(controller: SedControllerModel, dataset, batch_size: int, sed_source: str):
-    """(N, 5) P(modify), annotated ids, true ids (-1 = unknown) and the rows' speaker groups (or None)."""
-    from .rectify import SedRectifyCollator
+def _modify_probabilities(
+    controller: SedControllerModel, dataset, batch_size: int, sed_source: str, slm=None, processor=None
+):
+    """(N, 5) P(modify), annotated ids, true ids (-1 = unknown) and the rows' speaker groups (or None).
+    The controller's input comes from ``controller_input_features``, as in training: a log-mel
+    controller's own log-mel, or the SLM's SED-branch features of the rows' audio, collated by
+    ``SedRectifyCollator`` (the rectifying trainer's collator: the same audio inputs as in training)."""
+    from .rectify import SedRectifyCollator, controller_input_features
 
+    if not controller.reads_log_mel and (slm is None or processor is None):
+        raise ValueError(
+            f"this SED Controller reads the SER-SLM's SED-branch features (input_size={controller.config.input_size}): "
+            "audit_controller needs the SLM (slm=) and its processor (processor=)"
+        )
+    collator = None if controller.reads_log_mel else SedRectifyCollator(processor, sed_source=sed_source)
     suffix = SED_SOURCES[sed_source]
     device = next(controller.parameters()).device
     p_all, ids_all, truth_all, groups = [], [], [], []
@@ -89,9 +100,13 @@ def _modify_probabilities(controller: SedControllerModel, dataset, batch_size: i
         rows, audio, errors = read_rows(dataset, range(s, min(len(dataset), s + batch_size)))
         if any(errors):
             raise AudioError(next(e for e in errors if e))
-        wav, lengths = SedRectifyCollator.controller_inputs(audio)
         ids = sed_to_ids([{f: r.get(f + suffix) for f in SED_FIELDS} for r in rows])
-        feats, mask = controller.log_mel(wav.to(device), lengths.to(device))
+        if collator is None:
+            wav, lengths = SedRectifyCollator.controller_inputs(audio)
+            batch = {"rectify_waveforms": wav.to(device), "rectify_waveform_lengths": lengths.to(device)}
+        else:
+            batch = collator(rows)
+        feats, mask = controller_input_features(controller, batch, slm=slm)
         logits = controller(ids.to(device), input_features=feats, feature_attention_mask=mask).logits
         p_all.append(logits.softmax(-1)[..., 1].cpu().numpy())
         ids_all.append(ids.numpy())
@@ -101,7 +116,14 @@ def _modify_probabilities(controller: SedControllerModel, dataset, batch_size: i
     return np.concatenate(p_all), np.concatenate(ids_all), np.concatenate(truth_all), (groups if has_group else None)
 
 
-def audit_controller(controller: SedControllerModel, dataset, batch_size: int = 32, sed_source: str = "auto") -> dict:
+def audit_controller(
+    controller: SedControllerModel,
+    dataset,
+    batch_size: int = 32,
+    sed_source: str = "auto",
+    slm=None,
+    processor=None,
+) -> dict:
     """Correct descriptor labels (vs the ground-truth columns) over an annotated dataset after the
     controller's rectification, beside the annotation's own accuracy: ``expected`` under its
     stochastic policy (P(modify) x the chance that the replacement drawn by ``modify_strategy`` is
@@ -113,11 +135,17 @@ def audit_controller(controller: SedControllerModel, dataset, batch_size: int = 
     the replacement's draw), breaks (right -> wrong) and leaves unchanged; ``modify_auc`` is the
     ROC AUC of P(modify) for "the annotated label is wrong" (0.5: it does not tell them apart;
     None: the field has only wrong or only right labels). With a ``group`` column (the speaker
-    group), ``by_group`` gives the same per field and group."""
+    group), ``by_group`` gives the same per field and group.
+
+    ``slm`` / ``processor``: the SER-SLM and its processor, needed (and used) only for a controller
+    that reads the SLM's SED-branch features (``controller_input="sed_branch"``); it reads them as
+    in training (``controller_input_features``)."""
     was_training = controller.training
     controller.eval()
     try:
-        p_mod, v_all, truth, groups = _modify_probabilities(controller, dataset, batch_size, sed_source)
+        p_mod, v_all, truth, groups = _modify_probabilities(
+            controller, dataset, batch_size, sed_source, slm=slm, processor=processor
+        )
     finally:
         controller.train(was_training)
     strategy = controller.config.modify_strategy

@@ -73,8 +73,9 @@ REWARD_EMA = "reward_ema.safetensors"
 class SedRectifyCollator(SerSlmDataCollator):
     """SerSlmDataCollator output (annotated captions: prompt, audio features, label count) plus
     what the controller and the caption rebuild need: ``rectify_waveforms``/``_lengths`` (raw
-    16 kHz audio for the controller's log-mel), ``rectify_sed_ids`` (B x 5 annotated value ids),
-    ``rectify_truth_ids`` (B x 5 ground truth, -1 where the corpus has none), ``rectify_text`` and
+    16 kHz audio for the controller's log-mel; with ``controller_input="sed_branch"`` the controller
+    reads the SLM's SED-branch features of the batch's own audio inputs instead), ``rectify_sed_ids``
+    (B x 5 annotated value ids), ``rectify_truth_ids`` (B x 5 ground truth, -1 where the corpus has none), ``rectify_text`` and
     ``rectify_emotion`` (lists of strings)."""
 
     sed_source: str = "auto"
@@ -150,6 +151,44 @@ AUDIO_INPUTS = ("input_features", "feature_attention_mask", "energy", "f0")
 def audio_inputs_of(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The SER-SLM's audio inputs present in a collated batch."""
     return {key: batch[key] for key in AUDIO_INPUTS if batch.get(key) is not None}
+
+
+def controller_input_features(
+    controller: SedControllerModel, batch: Mapping[str, Any], slm=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the SED Controller reads for a collated batch, the one place the rectifying trainer and
+    ``audit_controller`` get it from: (B, T, D) float32 features and their (B, T) long frame mask,
+    on the controller's device.
+
+    A log-mel controller (``config.input_size`` None, the paper; ``controller_input="log_mel"``):
+    its own ``log_mel`` of ``rectify_waveforms`` / ``rectify_waveform_lengths``. A controller with
+    ``input_size`` (``controller_input="sed_branch"``): the SER-SLM ``slm``'s SED-branch features of
+    the batch's audio inputs (``input_features``, ``feature_attention_mask``, ``energy``, ``f0``, as
+    the SLM's own forward gets them): ``get_sed_features``, the SED VIB branch's mean in eval mode,
+    under no_grad and detached, with the audio tokens' mask."""
+    if controller.reads_log_mel:
+        return controller.log_mel(batch["rectify_waveforms"], batch["rectify_waveform_lengths"])
+    want = controller.config.input_size
+    if slm is None:
+        raise ValueError(
+            f"this SED Controller reads the SER-SLM's SED-branch features (input_size={want}): pass the SLM (slm=)"
+        )
+    base = slm.get_base_model() if hasattr(slm, "get_base_model") else slm  # PEFT: the model under the adapter
+    if not hasattr(base, "get_sed_features"):
+        raise ValueError(f"{type(base).__name__} has no get_sed_features (not a SerSlmForConditionalGeneration)")
+    dim = int(base.config.sed_vib_dim)
+    if dim != want:
+        raise ValueError(
+            f"the SED Controller reads {want}-wide features (input_size) but the SER-SLM's SED branch is {dim} wide "
+            "(sed_vib_dim): a controller trained with another SLM?"
+        )
+    audio = audio_inputs_of(batch)
+    if "input_features" not in audio:
+        raise ValueError("controller_input='sed_branch' needs the SLM's audio inputs (input_features) in the batch")
+    slm_device = next(base.parameters()).device
+    feats, mask = base.get_sed_features(**{k: v.to(slm_device) for k, v in audio.items()})
+    device = next(controller.parameters()).device
+    return feats.detach().to(device=device, dtype=torch.float32), mask.to(device=device, dtype=torch.long)
 
 
 def emotion_cross_entropy(nll: torch.Tensor, emotion_mask: torch.Tensor) -> torch.Tensor:
@@ -334,6 +373,8 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         super().__init__(
             model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
         )
+        # controller_input="sed_branch": the LSTM reads the SLM's SED-branch features, sed_vib_dim wide
+        input_size = int(self._unwrapped_config().sed_vib_dim) if args.controller_input == "sed_branch" else None
         if controller is None:
             if args.controller_name_or_path:
                 controller = SedControllerModel.from_pretrained(args.controller_name_or_path)
@@ -344,6 +385,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                         hidden_size=args.controller_hidden_size,
                         embedding_size=args.controller_embedding_size,
                         n_mels=args.controller_n_mels,
+                        input_size=input_size,
                         frame_stride=args.controller_frame_stride,
                         modify_strategy=args.controller_modify_strategy,
                         head_hidden_size=args.controller_head_hidden_size,
@@ -351,6 +393,13 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                         audio_norm=args.controller_audio_norm,
                     )
                 )
+        if controller.config.input_size != input_size:
+            reads = "its log-mel" if controller.reads_log_mel else f"{controller.config.input_size}-wide features"
+            wants = "its log-mel" if input_size is None else f"the SLM's {input_size}-wide SED-branch features"
+            raise ValueError(
+                f"controller_input={args.controller_input!r} needs a controller that reads {wants}; "
+                f"the given controller reads {reads} (SedControllerConfig.input_size={controller.config.input_size})"
+            )
         self.controller = controller.to(device=self.accelerator.device, dtype=torch.float32)
         self.controller.train()
         self.controller_optimizer = torch.optim.Adam(self.controller.parameters(), lr=args.controller_learning_rate)
@@ -409,9 +458,9 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).nanmean().item())
 
     def _sample(self, inputs: Mapping[str, Any], k: int, force_retain: bool, return_logits: bool = False):
-        """Controller frozen: log-mel once, logits, K policies and their captions."""
+        """Controller frozen: its input features once, logits, K policies and their captions."""
         with torch.no_grad():
-            feats, fmask = self.controller.log_mel(inputs["rectify_waveforms"], inputs["rectify_waveform_lengths"])
+            feats, fmask = self.controller_features(inputs)
             logits = self.controller(
                 inputs["rectify_sed_ids"], input_features=feats, feature_attention_mask=fmask
             ).logits
@@ -425,6 +474,11 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         )
         captions = self._captions(inputs, sample.rectified_ids)
         return (sample, captions, feats, fmask, logits) if return_logits else (sample, captions, feats, fmask)
+
+    def controller_features(self, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the controller reads for a collated batch (``controller_input_features``): its log-mel,
+        or with ``controller_input="sed_branch"`` the SLM being trained's SED-branch features (no gradient)."""
+        return controller_input_features(self.controller, inputs, slm=self.accelerator.unwrap_model(self.model))
 
     def _captions(self, inputs: Mapping[str, Any], rectified_ids: torch.Tensor) -> list[str]:
         """Captions of (B, K, 5) rectified labels, row ``b*K + j`` = utterance b's j-th."""
@@ -774,6 +828,7 @@ SEDRectifyTrainer, SEDRectifyCollator = SedRectifyTrainer, SedRectifyCollator
 
 __all__ = [
     "audit_controller",
+    "controller_input_features",
     "SedRectifyTrainer",
     "SedRectifyCollator",
     "rectified_caption_inputs",

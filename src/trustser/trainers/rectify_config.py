@@ -11,6 +11,7 @@ from .sft import SerSlmSFTConfig
 REWARD_TIMINGS = ("after_update", "reuse_forward")
 REWARD_SCORERS = ("policy", "frozen", "ema")
 SLM_TARGETS = ("samples", "argmax")
+CONTROLLER_INPUTS = ("log_mel", "sed_branch")
 # K, the rectification policies sampled per utterance (the paper's best): the one default of the
 # trainer, the systems (trustser.systems) and finetune
 DEFAULT_NUM_POLICIES = 6
@@ -153,8 +154,21 @@ class SedRectifyConfig(SerSlmSFTConfig):
     controller_audio_norm: bool = field(
         default=False,
         metadata={
-            "help": "a new controller normalises its log-mel input per utterance (each mel band to zero mean and unit "
-            "variance over the utterance's valid frames) before the LSTM (False = the raw log-mel, the paper)."
+            "help": "a new controller normalises its input per utterance (each mel band, or each SED-branch feature "
+            "with controller_input='sed_branch', to zero mean and unit variance over the utterance's valid frames) "
+            "before the LSTM (False = the raw log-mel, the paper)."
+        },
+    )
+    controller_input: str = field(
+        default="log_mel",
+        metadata={
+            "help": "what the controller's LSTM reads: 'log_mel' (the utterance's log-mel spectrogram, the paper) or "
+            "'sed_branch' (the SER-SLM's SED-branch features of the same utterance: the SED VIB branch's "
+            "deterministic mean mu, the eval-mode z_sed, never a sample; computed by the SLM being trained under "
+            "torch.no_grad() in eval mode and detached, so no controller gradient reaches the SLM; with the audio "
+            "tokens' mask, sed_vib_dim wide). A new controller is then built with input_size = the SLM's "
+            "sed_vib_dim; controller_audio_norm and controller_frame_stride apply to whichever features it reads. "
+            "Not measured yet (docs/rectify.md)."
         },
     )
 
@@ -190,6 +204,8 @@ class SedRectifyConfig(SerSlmSFTConfig):
             raise ValueError(f"frozen_slm_steps must be >= 0, got {self.frozen_slm_steps}")
         if self.slm_targets not in SLM_TARGETS:
             raise ValueError(f"slm_targets must be one of {SLM_TARGETS}, got {self.slm_targets!r}")
+        if self.controller_input not in CONTROLLER_INPUTS:
+            raise ValueError(f"controller_input must be one of {CONTROLLER_INPUTS}, got {self.controller_input!r}")
         for name, value, needs in (
             ("reward_scorer", self.reward_scorer, "policy"),
             ("slm_targets", self.slm_targets, "samples"),
@@ -206,4 +222,11 @@ class SedRectifyConfig(SerSlmSFTConfig):
 # the names before the naming convention (docs/ARCHITECTURE.md), kept for existing imports
 SEDRectifyConfig = SedRectifyConfig
 
-__all__ = ["SedRectifyConfig", "DEFAULT_NUM_POLICIES", "REWARD_TIMINGS", "REWARD_SCORERS", "SLM_TARGETS"]
+__all__ = [
+    "SedRectifyConfig",
+    "DEFAULT_NUM_POLICIES",
+    "REWARD_TIMINGS",
+    "REWARD_SCORERS",
+    "SLM_TARGETS",
+    "CONTROLLER_INPUTS",
+]

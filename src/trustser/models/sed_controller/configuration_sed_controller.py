@@ -15,6 +15,11 @@ class SedControllerConfig(PreTrainedConfig):
     Args:
         sampling_rate (`int`, defaults to 16000): waveform rate the log-mel front end expects.
         n_mels (`int`, defaults to 64): mel bands of the log-mel spectrogram the LSTM reads.
+        input_size (`int`, *optional*): width of the per-frame features the LSTM reads when they
+            are computed outside the controller (the SER-SLM's SED-branch features,
+            `SedRectifyConfig.controller_input="sed_branch"`: the SLM's `sed_vib_dim`); the
+            controller's own log-mel front end (`log_mel`, `input_values`) is then refused.
+            `None` (the default, the paper): the LSTM reads the controller's log-mel, `n_mels` wide.
         n_fft (`int`, defaults to 400) / hop_length (`int`, defaults to 160): STFT (25 ms / 10 ms).
         frame_stride (`int`, defaults to 1): average-pool this many mel frames into one LSTM step
             (1 = the paper's frame rate; larger values trade resolution for speed).
@@ -31,10 +36,10 @@ class SedControllerConfig(PreTrainedConfig):
             controller can express interactions (e.g. "modify pitch when the annotation says
             `high` *and* the speaker is female"), which a linear head over concatenated features
             cannot.
-        audio_norm (`bool`, defaults to `False`): normalise the log-mel per utterance (each mel band
-            to zero mean and unit variance over the valid frames) before the LSTM, so that the
-            recording level and channel do not shift the summary; `False` reads the raw log-mel
-            (the paper).
+        audio_norm (`bool`, defaults to `False`): normalise the LSTM's input per utterance (each mel
+            band, or each feature of `input_size`, to zero mean and unit variance over the valid
+            frames) before the LSTM, so that the recording level and channel do not shift the
+            summary; `False` reads the raw log-mel (the paper) or the raw features.
         initial_retain_bias (`float`, defaults to 2.0): initial logit margin of "retain" over
             "modify" (P(modify) = sigmoid(-2) ~ 0.12 at start) so that an untrained controller
             mostly keeps the annotations instead of corrupting half of them.
@@ -44,6 +49,7 @@ class SedControllerConfig(PreTrainedConfig):
 
     sampling_rate: int = 16000
     n_mels: int = 64
+    input_size: int | None = None
     n_fft: int = 400
     hop_length: int = 160
     frame_stride: int = 1
@@ -66,6 +72,8 @@ class SedControllerConfig(PreTrainedConfig):
         for name in ("n_mels", "n_fft", "hop_length", "frame_stride", "hidden_size", "embedding_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.input_size is not None and self.input_size < 1:
+            raise ValueError(f"input_size must be >= 1 or None (the log-mel, n_mels wide), got {self.input_size}")
 
 
 __all__ = ["SedControllerConfig"]

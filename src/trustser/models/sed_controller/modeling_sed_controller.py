@@ -1,8 +1,9 @@
 """SED Controller (paper section 3.1): decides, per annotated descriptor, retain or modify.
 
-A one-layer LSTM reads the utterance's log-mel spectrogram; its summary vector is concatenated
-with embeddings of the five annotated SED tokens and a Linear layer gives, per field, logits of
-(retain, modify). Beside the model: how its actions are drawn, ``sample_policies`` (actions,
+A one-layer LSTM reads the utterance's log-mel spectrogram (or, with ``config.input_size``,
+per-frame features computed outside it, such as the SER-SLM's SED-branch features); its summary
+vector is concatenated with embeddings of the five annotated SED tokens and a Linear layer gives,
+per field, logits of (retain, modify). Beside the model: how its actions are drawn, ``sample_policies`` (actions,
 log-probabilities and rectified labels from a torch.Generator), and what "modify" means,
 ``modify_labels``. The RL objective that trains it (advantages, clipped surrogate, entropy, KL)
 lives with the rectification trainer, in ``trustser.trainers.rectify_objective``.
@@ -172,12 +173,13 @@ class SedControllerPreTrainedModel(CheckedFromPretrainedMixin, PreTrainedModel):
 
 
 class SedControllerModel(SedControllerPreTrainedModel):
-    """LSTM over log-mel -> summary; concat annotated SED embeddings -> Linear -> per-field
-    softmax over (retain, modify). Kept small and fp32: it is trained by its own optimizer."""
+    """LSTM over log-mel (or ``config.input_size``-wide features) -> summary; concat annotated SED
+    embeddings -> Linear -> per-field softmax over (retain, modify). Kept small and fp32: it is
+    trained by its own optimizer."""
 
     def __init__(self, config: SedControllerConfig):
         super().__init__(config)
-        self.lstm = nn.LSTM(config.n_mels, config.hidden_size, num_layers=1, batch_first=True)
+        self.lstm = nn.LSTM(config.input_size or config.n_mels, config.hidden_size, num_layers=1, batch_first=True)
         self.sed_embedding = nn.Embedding(sum(FIELD_SIZES), config.embedding_size)
         width = config.hidden_size + len(SED_FIELDS) * config.embedding_size
         self.head_hidden = None
@@ -190,6 +192,13 @@ class SedControllerModel(SedControllerPreTrainedModel):
         self.post_init()
 
     # ---- front end ---------------------------------------------------------------------------
+    @property
+    def reads_log_mel(self) -> bool:
+        """True: the LSTM reads this controller's own log-mel (the paper); False (``config.input_size``
+        set): features of that width computed outside it
+        (``trustser.trainers.rectify.controller_input_features``)."""
+        return self.config.input_size is None
+
     def _mel(self, device: torch.device):
         """torchaudio MelSpectrogram, kept out of the state dict (it is fixed by the config)."""
         key = str(device)
@@ -207,6 +216,12 @@ class SedControllerModel(SedControllerPreTrainedModel):
         self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S) padded waveforms -> (B, T, n_mels) log-mel and (B, T) frame mask."""
+        if not self.reads_log_mel:
+            raise ValueError(
+                f"this SED Controller reads {self.config.input_size}-wide features computed outside it "
+                "(config.input_size is set, e.g. the SER-SLM's SED-branch features), not its log-mel: "
+                "pass them as input_features / feature_attention_mask"
+            )
         waveforms = waveforms.float()
         if lengths is None:
             lengths = torch.full((waveforms.shape[0],), waveforms.shape[1], device=waveforms.device)
@@ -221,9 +236,15 @@ class SedControllerModel(SedControllerPreTrainedModel):
     def summarize(
         self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(B, T, n_mels) -> (B, hidden) utterance summary (padding ignored)."""
+        """(B, T, n_mels or input_size) -> (B, hidden) utterance summary (padding ignored)."""
         x = input_features.to(self.lstm.weight_ih_l0.dtype)  # the log-mel front end computes in fp32
-        b, t, _ = x.shape
+        b, t, width = x.shape
+        if width != self.lstm.input_size:
+            what = "n_mels" if self.reads_log_mel else "input_size"
+            raise ValueError(
+                f"the SED Controller's LSTM reads {self.lstm.input_size}-wide frames ({what}), got {width}-wide "
+                "input_features"
+            )
         mask = (
             torch.ones(b, t, dtype=torch.long, device=x.device)
             if feature_attention_mask is None
@@ -260,7 +281,8 @@ class SedControllerModel(SedControllerPreTrainedModel):
         **kwargs,
     ) -> tuple | SedControllerOutput:
         """``sed_ids`` (B, 5): annotated value ids (``sed_to_ids``). Audio as log-mel
-        ``input_features`` (B, T, n_mels) or raw ``input_values`` (B, S) at ``config.sampling_rate``."""
+        ``input_features`` (B, T, n_mels) or raw ``input_values`` (B, S) at ``config.sampling_rate``;
+        with ``config.input_size`` set, ``input_features`` (B, T, input_size) only."""
         if input_features is None:
             if input_values is None:
                 raise ValueError("SedControllerModel needs input_features (log-mel) or input_values (waveform)")

@@ -346,6 +346,24 @@ class SerSlmModel(SerSlmPreTrainedModel):
             kl_loss=latents["kl"],
         )
 
+    @torch.no_grad()
+    def get_sed_features(self, input_features, feature_attention_mask=None, energy=None, f0=None):
+        """The SED VIB branch's per-token features of the utterances, for a reader outside the SLM
+        (the SED Controller with ``SedRectifyConfig.controller_input="sed_branch"``): ``(z_sed,
+        audio_mask)``, (B, N, sed_vib_dim) zeroed at padded tokens and (B, N) bool. Deterministic:
+        the model runs in eval mode for this call (no dropout, and the VIB branch returns its mean
+        mu, not a sample), then every module gets its own mode back; computed without gradient, so
+        nothing that reads them trains the SLM."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            latents = self._audio_latents(input_features, feature_attention_mask, energy, f0)
+        finally:
+            for m, training in modes:
+                m.training = training
+        mask = latents["audio_mask"]
+        return latents["z_sed"] * mask[..., None].to(latents["z_sed"].dtype), mask
+
     def auxiliary_losses(self, latents: dict, sed_labels=None, ctc_labels=None) -> dict:
         """Auxiliary losses from one ``_audio_latents`` call (see SerSlmConfig): descriptor
         classification from the utterance-mean SED latent (labels (B, 5), -100 = unknown) and CTC of
@@ -555,6 +573,9 @@ class SerSlmForConditionalGeneration(SerSlmPreTrainedModel, GenerationMixin):
 
     def get_audio_features(self, *args, **kwargs):
         return self.model.get_audio_features(*args, **kwargs)
+
+    def get_sed_features(self, *args, **kwargs):
+        return self.model.get_sed_features(*args, **kwargs)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
