@@ -89,16 +89,8 @@ def test_espeak_clip_features(tmp_path):
     assert emb.shape == (EMBEDDING_DIM,) and np.all(np.isfinite(emb))
 
 
-def test_signal_features_fast_enough():
-    import time
-
-    wav = pulse_train(150.0, seconds=3.0)
-    extract_features(wav, SR, "warm up")
-    t = time.perf_counter()
-    for _ in range(5):
-        extract_features(wav, SR, "warm up", n_phonemes=10)
-    rtf = 15.0 / (time.perf_counter() - t)
-    assert rtf > 50  # target 200x on an idle core; loose bound for a shared CI machine
+# The feature extractor's speed (target 200x real time per core) is measured by benchmarks/annotate.py
+# (BENCHMARKS.md, "Annotation"), not by a timed test.
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import csv
 import json
 import shutil
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -61,9 +60,7 @@ def test_other_seed_gives_other_plan():
 
 def test_second_call_is_a_noop(synthetic_small):
     before = {p: p.stat().st_mtime_ns for p in synthetic_small.rglob("*")}
-    t0 = time.time()
     assert S.synthesize_corpus(synthetic_small, seed=0, size="small") == synthetic_small
-    assert time.time() - t0 < 2.0
     assert {p: p.stat().st_mtime_ns for p in synthetic_small.rglob("*")} == before
 
 
