@@ -208,6 +208,9 @@ class _KeyRunner:
     def input_settings(self, root):
         return {}
 
+    def path_setting(self, path):
+        return path
+
 
 def test_cem_options_enter_the_stage_keys_only_when_set():
     from trustser.recipe import stage_cem, stage_pretrain

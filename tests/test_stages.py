@@ -42,6 +42,21 @@ def test_key_depends_on_upstream(tmp_path):
     assert stage_key("annotate", {"m": "u"}, [up0]) == stage_key("annotate", {"m": "u"}, [up0])
 
 
+def test_path_setting_ignores_how_the_output_dir_is_spelled(tmp_path, monkeypatch):
+    """A table run with a relative ``--output_dir`` and one with the absolute path share stages."""
+    monkeypatch.chdir(tmp_path)
+    relative = StageRunner("out/cache", SingleProcess())
+    absolute = StageRunner(tmp_path / "out" / "cache", SingleProcess())
+    corpus = relative.run("corpus", {"seed": 0}, lambda out: (out / "corpus").mkdir())
+    inside_rel = "out/cache/" + corpus.path.name + "/corpus"
+    inside_abs = tmp_path / "out" / "cache" / corpus.path.name / "corpus"
+    assert relative.path_setting(inside_rel) == absolute.path_setting(inside_abs)
+    assert relative.path_setting(inside_rel) == f"cache:{corpus.path.name}/corpus"
+    (tmp_path / "data").mkdir()
+    assert relative.path_setting("data") == absolute.path_setting(tmp_path / "data") == str(tmp_path / "data")
+    assert relative.path_setting(None) is None
+
+
 @pytest.mark.faults
 def test_failed_stage_is_not_taken_for_finished(tmp_path):
     runner = StageRunner(tmp_path, SingleProcess())

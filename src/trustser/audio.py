@@ -179,7 +179,10 @@ def analysis_waveform(value: Any) -> np.ndarray:
 
 
 def undecoded_audio(dataset, audio_column: str = "audio"):
-    """The dataset with its audio column not decoded (``{"bytes", "path"}`` cells)."""
+    """The dataset with its audio column not decoded (``{"bytes", "path"}`` cells), for readers that
+    decode with ``decode_audio``: the same samples at ~1 ms per clip with soundfile, where datasets'
+    torchcodec decoder takes ~8.5 ms (BENCHMARKS.md, "Audio decoding"), and a bad file is an
+    AudioError naming the row instead of a failed batch."""
     import datasets
 
     feat = dataset.features.get(audio_column) if getattr(dataset, "features", None) else None
@@ -195,6 +198,7 @@ def read_rows(dataset, indices: Sequence[int], audio_column: str = "audio") -> t
     ``datasets`` cannot decode the batch (an empty or corrupt file), row by row, so one bad file
     only flags its own row and a corpus run continues."""
     indices = [int(i) for i in indices]
+    dataset = undecoded_audio(dataset, audio_column)
     try:
         batch = dataset[indices]
         rows = [{k: batch[k][j] for k in batch} for j in range(len(indices))]

@@ -99,7 +99,8 @@ def plot_tsne(
     if len(dataset) > max_samples:
         dataset = dataset.shuffle(seed=seed).select(range(max_samples))
     x, usable = prompt_hidden_states(model, processor, dataset, return_rows=True)
-    emotions = [list(dataset["emotion"])[i] for i in usable]  # unreadable audio is left out (evaluate_ser lists it)
+    column = list(dataset["emotion"])  # read once: indexing it per row re-reads the column (quadratic)
+    emotions = [column[i] for i in usable]  # unreadable audio is left out (evaluate_ser lists it)
     perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
     emb = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
     fig, ax = plt.subplots(figsize=(6, 5))

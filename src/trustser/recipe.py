@@ -226,7 +226,7 @@ def stage_annotate(
 
     settings = {
         "corpus": cfg.target_corpus,
-        "root": target_root,
+        "root": runner.path_setting(target_root),
         "options": cfg.target_options,
         "method": cfg.annotation_method,
         "seed": cfg.corpus_seed,
@@ -357,7 +357,7 @@ def stage_pretrain(
 
     settings = {
         "corpus": cfg.pretrain_corpus,
-        "root": cfg.pretrain_root or "synthetic",
+        "root": runner.path_setting(cfg.pretrain_root) or "synthetic",
         "split": cfg.pretrain_split,
         "preset": cfg.preset,
         "with_sed": spec.with_sed,

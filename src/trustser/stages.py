@@ -183,6 +183,18 @@ class StageRunner:
         outside = [p for p in paths if p is not None and cache not in Path(p).expanduser().resolve().parents]
         return {"data": data_fingerprint(*outside)} if outside else {}
 
+    def path_setting(self, path: str | os.PathLike | None) -> str | None:
+        """A path as a stage setting that does not depend on how it was spelled: relative to the
+        cache (``cache:corpus-<key>/corpus``) when another stage wrote it, else absolute. A table run
+        with ``--output_dir out`` and one with ``--output_dir /abs/out`` then share their stages."""
+        if path is None:
+            return None
+        resolved = Path(path).expanduser().resolve()
+        cache = self.cache_dir.resolve()
+        if cache in resolved.parents:
+            return f"cache:{resolved.relative_to(cache).as_posix()}"
+        return str(resolved)
+
     def path_for(self, name: str, key: str) -> Path:
         return self.cache_dir / f"{name}-{key}"
 
