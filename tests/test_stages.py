@@ -136,3 +136,24 @@ def test_wrong_model_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a CemModel"):
         CemModel.from_pretrained(ctrl_dir)
     assert isinstance(CemModel.from_pretrained(cem_dir), CemModel)
+
+
+def test_honour_umask_tree_sets_modes_and_skips_entries_that_vanish(tmp_path, monkeypatch):
+    """Outputs get the umask's mode; a temporary file another run renames away while the tree is
+    walked is skipped, not an error (two runs of one system on one output folder)."""
+    import os
+
+    from trustser.utils import current_umask, honour_umask_tree
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "weights.bin").write_bytes(b"x")
+    os.chmod(tmp_path / "sub" / "weights.bin", 0o600)
+    real_walk = os.walk
+
+    def walk_with_a_vanished_file(top, *a, **k):
+        for dirpath, dirs, files in real_walk(top, *a, **k):
+            yield dirpath, dirs, files + [".results.json.gone.tmp"]
+
+    monkeypatch.setattr(os, "walk", walk_with_a_vanished_file)
+    honour_umask_tree(tmp_path)
+    assert (tmp_path / "sub" / "weights.bin").stat().st_mode & 0o777 == 0o666 & ~current_umask()

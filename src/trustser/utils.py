@@ -36,12 +36,19 @@ def honour_umask(path: str | os.PathLike, directory: bool = False) -> None:
 def honour_umask_tree(root: str | os.PathLike) -> None:
     """``honour_umask`` for a folder and everything in it (libraries that write through temporary
     files, e.g. safetensors shards, leave 0600 files)."""
-    root = Path(root)
     mask = current_umask()
-    for p in [root, *root.rglob("*")]:
-        if p.is_symlink():
+    paths = [(Path(root), True)]
+    # os.walk skips a folder that vanishes while it is listed; chmod skips an entry that does: another
+    # run on the same output folder may rename its temporary files away meanwhile
+    for top, dirs, files in os.walk(root):
+        paths += [(Path(top) / d, True) for d in dirs] + [(Path(top) / f, False) for f in files]
+    for p, is_dir in paths:
+        try:
+            if p.is_symlink():
+                continue
+            os.chmod(p, (0o777 if is_dir else 0o666) & ~mask)
+        except FileNotFoundError:
             continue
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
