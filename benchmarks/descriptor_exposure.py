@@ -39,23 +39,25 @@ from trustser.descriptors import SED_FIELDS
 
 @torch.no_grad()
 def emotion_scores(model, processor, audio, captions_per_emotion, f0_tracks=None, batch_size: int = 16) -> np.ndarray:
-    """(n_utts, n_emotions) summed log-probability of each emotion word given its caption."""
+    """(n_utts, n_emotions) log-probability of each emotion word given its caption: the caption loss
+    of the trainers (``caption_token_nll``, each utterance's audio encoded once for its k captions)."""
+    from trustser.trainers.rectify import emotion_cross_entropy
+    from trustser.trainers.sft import caption_token_nll
+
     n, k = len(audio), len(captions_per_emotion[0])
     out = np.zeros((n, k))
     for s in range(0, n, batch_size):
         idx = list(range(s, min(n, s + batch_size)))
-        wavs = [audio[i] for i in idx for _ in range(k)]
-        caps = [c for i in idx for c in captions_per_emotion[i]]
-        f0 = [f0_tracks[i] for i in idx for _ in range(k)] if f0_tracks is not None else None
-        batch = processor(audio=wavs, captions=caps, f0_tracks=f0)
-        emo = batch.pop("emotion_token_mask")
-        labels = batch.pop("labels")
-        batch.pop("sed_token_index", None)
-        logits = model(**batch).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1)
-        tgt = labels[:, 1:].clamp(min=0)
-        tok_lp = logp.gather(-1, tgt[..., None])[..., 0] * emo[:, 1:].to(logp.dtype)
-        out[idx] = tok_lp.sum(-1).reshape(len(idx), k).numpy()
+        f0 = [f0_tracks[i] for i in idx] if f0_tracks is not None else None
+        utts = processor(audio=[audio[i] for i in idx], f0_tracks=f0)  # audio inputs, once per utterance
+        caps = processor(
+            audio=[audio[i] for i in idx for _ in range(k)],
+            captions=[c for i in idx for c in captions_per_emotion[i]],
+            f0_tracks=[t for t in f0 for _ in range(k)] if f0 is not None else None,
+        )
+        audio_inputs = {key: v for key, v in utts.items() if key not in ("input_ids", "attention_mask")}
+        nll, _, emo, _ = caption_token_nll(model, caps, audio_inputs=audio_inputs, audio_repeats=k)
+        out[idx] = (-emotion_cross_entropy(nll, emo)).reshape(len(idx), k).numpy()
     return out
 
 

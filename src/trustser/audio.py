@@ -194,22 +194,16 @@ def undecoded_audio(dataset, audio_column: str = "audio"):
 def read_rows(dataset, indices: Sequence[int], audio_column: str = "audio") -> tuple[list[dict], list, list]:
     """Rows ``indices`` of ``dataset`` as dicts, each row's audio decoded (``decode_audio``).
     Returns ``(rows, audio, errors)``: ``audio[i]`` is a 16 kHz float32 array or None, ``errors[i]``
-    None or the AudioError message naming the row and file. The rows are read as one batch; when
-    ``datasets`` cannot decode the batch (an empty or corrupt file), row by row, so one bad file
-    only flags its own row and a corpus run continues."""
+    None or the AudioError message naming the row and file. The rows are read as one batch with the
+    audio undecoded (``undecoded_audio``) and each row's audio decoded here, so one bad file only
+    flags its own row and a corpus run continues."""
     indices = [int(i) for i in indices]
     dataset = undecoded_audio(dataset, audio_column)
     try:
         batch = dataset[indices]
         rows = [{k: batch[k][j] for k in batch} for j in range(len(indices))]
-    except Exception:
-        rows, raw = [], None
-        for i in indices:
-            try:
-                rows.append(dataset[i])
-            except Exception:  # datasets' decoder failed: decode the stored bytes/path ourselves
-                raw = raw if raw is not None else undecoded_audio(dataset, audio_column)
-                rows.append(raw[i])
+    except Exception:  # not indexable by a list of indices (e.g. a list of row dicts)
+        rows = [dataset[i] for i in indices]
     audio, errors = [], []
     for row in rows:
         wav = err = None

@@ -179,8 +179,7 @@ class StageRunner:
     def input_settings(self, *paths: str | os.PathLike | None) -> dict[str, str]:
         """Stage settings that identify input data: ``{"data": data_fingerprint(paths)}``, or ``{}``
         when every path is another stage's output in this cache (its key already says what it holds)."""
-        cache = self.cache_dir.resolve()
-        outside = [p for p in paths if p is not None and cache not in Path(p).expanduser().resolve().parents]
+        outside = [p for p in paths if p is not None and not self.path_setting(p).startswith("cache:")]
         return {"data": data_fingerprint(*outside)} if outside else {}
 
     def path_setting(self, path: str | os.PathLike | None) -> str | None:
