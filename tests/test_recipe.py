@@ -193,3 +193,30 @@ def test_use_cpu_cores_divides_the_cores_among_processes():
         assert use_cpu_cores(2, threads=3) == 3 == torch.get_num_threads()  # an explicit count wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_text_prior_runs_inside_the_pretrain_stage(tmp_path, synthetic_small):
+    """``text_prior_steps`` trains the LM on textbook captions before pre-training, in the same stage
+    (its log beside the model); the pre-trained model then differs from the one without it."""
+    from trustser.recipe import stage_annotate, stage_pretrain
+    from trustser.stages import StageRunner
+    from trustser.systems import get_system
+    from trustser.utils import distributed_state
+
+    root = str(synthetic_small)
+    cfg = _quick(tmp_path, synthetic_small, pretrain_max_steps=2)
+    runner = StageRunner(tmp_path / "out" / "cache", distributed_state())
+    annotated = stage_annotate(runner, cfg, root, [], root)
+    plain = stage_pretrain(runner, cfg, get_system("sys4"), root, annotated, "auto", [annotated])
+    prior = stage_pretrain(
+        runner, replace(cfg, text_prior_steps=4), get_system("sys4"), root, annotated, "auto", [annotated]
+    )
+    assert prior.path != plain.path
+    log = json.loads((prior.path / "text_prior_log.json").read_text())
+    assert log[-1]["step"] == 4 and log[0]["loss"] > 0
+    assert not (plain.path / "text_prior_log.json").exists()
+    from safetensors.torch import load_file
+
+    a, b = load_file(plain.path / "model" / "model.safetensors"), load_file(prior.path / "model" / "model.safetensors")
+    lm = [k for k in a if "language_model" in k]
+    assert lm and any(not np.array_equal(a[k].numpy(), b[k].numpy()) for k in lm)

@@ -329,3 +329,17 @@ def test_finetune_gets_the_same_controller_settings(tmp_path):
         **_CONTROLLER_BEFORE["embedded"],
         "controller_learning_rate": 1e-3,
     }
+
+
+def test_text_prior_enters_the_pretrain_key_only_when_set_and_only_for_the_tiny_preset():
+    from trustser.recipe import stage_pretrain
+    from trustser.systems import get_system
+
+    def key(**kw):
+        return stage_pretrain(_KeyRunner(), RecipeConfig(**kw), get_system("sys4"), "root", None, "auto", [])
+
+    plain = key()
+    assert "text_prior_steps" not in plain  # the caches made before the option keep their keys
+    assert key(text_prior_steps=300) == {**plain, "text_prior_steps": 300}
+    paper = key(preset="paper")
+    assert key(preset="paper", text_prior_steps=300) == paper  # the paper's LLM brings its own

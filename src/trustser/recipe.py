@@ -331,6 +331,20 @@ def stage_pretrain(
             corpus = load_corpus(cfg.pretrain_corpus, pretrain_root)
             train = _pretrain_split(cfg, pretrain_root, annotated, sed_source, part="slm")
         model, processor = _build_slm(cfg, corpus, train)
+        if cfg.preset == "tiny" and cfg.text_prior_steps > 0:
+            from .text_prior import train_text_prior
+
+            log = train_text_prior(
+                model,
+                processor,
+                list(train["text"]),
+                _emotion_labels(cfg.pretrain_corpus, train),
+                steps=cfg.text_prior_steps,
+                output_dir=out / "text_prior",
+                seed=cfg.seed,
+            )
+            if runner.state.is_main_process:
+                atomic_write_json(out / "text_prior_log.json", log)
         train = validate_audio(
             train, max_seconds=_audio_window(processor)
         )  # bad clips named and skipped now, not mid-run
@@ -381,6 +395,7 @@ def stage_pretrain(
         ("training", cfg.stage_training_key("pretrain")),
         ("eval_split", cfg.pretrain_eval_split),
         ("cem_holdout_speakers", cfg.cem_holdout_speakers),
+        ("text_prior_steps", cfg.text_prior_steps if cfg.preset == "tiny" else 0),
     ):
         if value:
             settings[name] = value

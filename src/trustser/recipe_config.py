@@ -419,6 +419,14 @@ class RecipeConfig:
     pretrain_learning_rate: float = field(
         default=2e-3, metadata={"help": "AdamW learning rate for pre-training (tiny preset default)."}
     )
+    text_prior_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Tiny preset only: steps of text-only pre-training of the random-init LM on captions whose "
+            "descriptors follow the textbook prosody-emotion directions (trustser.text_prior), before SER-SLM "
+            "pre-training; the language knowledge the paper's LLM brings. 0: none."
+        },
+    )
     per_device_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of SER-SLM training."})
     kl_warmup_steps: int = field(
         default=100,
