@@ -137,5 +137,5 @@ def segment_model_dir(tmp_path_factory, explain_clips):
         tmp_path_factory.mktemp("segmodel"),
         audio + [speech_only(w) for w in audio] + [speech_only(w, pad=0.15) for w in audio],
         CAPTIONS * 3,
-        steps=250,
+        steps=400,
     )

@@ -195,6 +195,7 @@ def test_use_cpu_cores_divides_the_cores_among_processes():
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_text_prior_runs_inside_the_pretrain_stage(tmp_path, synthetic_small):
     """``text_prior_steps`` trains the LM on textbook captions before pre-training, in the same stage
     (its log beside the model); the pre-trained model then differs from the one without it."""

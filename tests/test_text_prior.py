@@ -54,7 +54,9 @@ def test_rows_need_texts_and_emotions():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_tiny_ser_slm(TEXTS * 5, emotion_labels=EMOTIONS, vocab_size=400, seed=0)
+    return build_tiny_ser_slm(
+        TEXTS * 5, emotion_labels=EMOTIONS, vocab_size=400, lm_hidden=64, lm_layers=1, encoder_dim=64, seed=0
+    )
 
 
 def test_collator_gives_text_only_rows_with_the_loss_on_the_caption(tiny):
