@@ -79,10 +79,7 @@ class TextPriorCollator:
 
     def __init__(self, processor):
         self.processor = processor
-        tok = processor.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        instr = tok(" " + processor.instruction if processor.instruction else "", add_special_tokens=False)
-        self.prompt = bos + list(instr["input_ids"])
+        self.prompt = processor.prompt_ids([0])[0]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         captions = self.processor.build_captions(rows)

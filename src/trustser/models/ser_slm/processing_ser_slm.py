@@ -252,11 +252,8 @@ class SerSlmProcessor(ProcessorMixin):
             if len(captions) != len(audio):
                 raise ValueError(f"{len(audio)} audio items but {len(captions)} captions")
         input_features, feature_mask, energy, f0, n_tokens = self._audio_inputs(audio, sampling_rate, f0_tracks)
-        tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        instr = tok(" " + self.instruction if self.instruction else "", add_special_tokens=False)["input_ids"]
         tokens = self.caption_inputs(
-            [bos + [self.audio_token_id] * n + list(instr) for n in n_tokens],
+            self.prompt_ids(n_tokens),
             captions,
             with_sed=with_sed,
             padding_side=padding_side,
@@ -270,6 +267,15 @@ class SerSlmProcessor(ProcessorMixin):
         if f0 is not None:
             data["f0"] = f0
         return BatchFeature(data=data, tensor_type=None)
+
+    def prompt_ids(self, num_audio_tokens: Sequence[int]) -> list[list[int]]:
+        """One prompt's token ids per item: BOS, that many audio placeholders, the instruction
+        (0 placeholders: the text-only prompt of ``trustser.text_prior``); the instruction is
+        tokenized once per call."""
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        instr = list(tok(" " + self.instruction if self.instruction else "", add_special_tokens=False)["input_ids"])
+        return [bos + [self.audio_token_id] * int(n) + instr for n in num_audio_tokens]
 
     def caption_inputs(
         self,
