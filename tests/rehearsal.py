@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["--pretrain_max_steps", "2", "--cem_max_steps", "2", "--posttrain_max_steps", "2"]
+STEPS = [
+    "--pretrain_max_steps",
+    "2",
+    "--text_prior_steps",
+    "2",
+    "--cem_max_steps",
+    "2",
+    "--posttrain_max_steps",
+    "2",
+]
 
 
 def launch_recipe(

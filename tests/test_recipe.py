@@ -25,6 +25,7 @@ def _quick(tmp_path, corpus, **kw):
         pretrain_root=str(corpus),
         synth_size="small",
         pretrain_max_steps=12,
+        text_prior_steps=2,
         cem_max_steps=10,
         cem_max_samples=48,
         posttrain_max_steps=3,
@@ -153,6 +154,8 @@ def test_sys10_two_cpu_processes(tmp_path, synthetic_small):
         str(synthetic_small),
         "--pretrain_max_steps",
         "16",
+        "--text_prior_steps",
+        "2",
         "--cem_max_steps",
         "10",
         "--cem_max_samples",
@@ -205,7 +208,7 @@ def test_text_prior_runs_inside_the_pretrain_stage(tmp_path, synthetic_small):
     from trustser.utils import distributed_state
 
     root = str(synthetic_small)
-    cfg = _quick(tmp_path, synthetic_small, pretrain_max_steps=2)
+    cfg = _quick(tmp_path, synthetic_small, pretrain_max_steps=2, text_prior_steps=0)
     runner = StageRunner(tmp_path / "out" / "cache", distributed_state())
     annotated = stage_annotate(runner, cfg, root, [], root)
     plain = stage_pretrain(runner, cfg, get_system("sys4"), root, annotated, "auto", [annotated])

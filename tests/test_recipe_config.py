@@ -338,8 +338,28 @@ def test_text_prior_enters_the_pretrain_key_only_when_set_and_only_for_the_tiny_
     def key(**kw):
         return stage_pretrain(_KeyRunner(), RecipeConfig(**kw), get_system("sys4"), "root", None, "auto", [])
 
-    plain = key()
+    plain = key(text_prior_steps=0)
     assert "text_prior_steps" not in plain  # the caches made before the option keep their keys
-    assert key(text_prior_steps=300) == {**plain, "text_prior_steps": 300}
+    assert key() == {**plain, "text_prior_steps": 300}  # the embedded default
     paper = key(preset="paper")
     assert key(preset="paper", text_prior_steps=300) == paper  # the paper's LLM brings its own
+
+
+def test_posttrain_aux_losses_reach_the_trainer_and_the_key_of_the_tiny_preset(tmp_path):
+    """``posttrain_aux_losses`` (default on) sets the post-training trainer's ``aux_losses`` for every
+    system and enters the post-training key only where a model trains the heads (the tiny preset
+    with weights)."""
+    from trustser.recipe import posttrain_training_args, stage_posttrain
+    from trustser.systems import get_system
+
+    def key(system="sys4", **kw):
+        return stage_posttrain(_KeyRunner(), RecipeConfig(**kw), get_system(system), "data", "train", "pre")
+
+    for system in ("sys4", "sys10"):
+        assert key(system)["aux_losses"] is True
+        assert "aux_losses" not in key(system, posttrain_aux_losses=False)
+        on = posttrain_training_args(RecipeConfig(), get_system(system), tmp_path)
+        off = posttrain_training_args(RecipeConfig(posttrain_aux_losses=False), get_system(system), tmp_path)
+        assert on.aux_losses is True and off.aux_losses is False
+    assert "aux_losses" not in key(aux_sed_loss_weight=0.0, aux_ctc_loss_weight=0.0)
+    assert "aux_losses" not in key(preset="paper")

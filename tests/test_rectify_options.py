@@ -357,3 +357,97 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
         args.slm_targets,
         args.controller_audio_norm,
     ) == ("policy", "group", 0.0, 0, "samples", False)
+
+
+# ---------------------------------------------------------------------------------- auxiliary heads
+@pytest.fixture(scope="module")
+def tiny_aux():
+    from test_rectify import EMOTIONS, TEXTS
+
+    from trustser.models.ser_slm import build_tiny_ser_slm
+
+    return build_tiny_ser_slm(
+        TEXTS,
+        emotion_labels=EMOTIONS,
+        max_audio_seconds=2.0,
+        lm_hidden=64,
+        encoder_dim=64,
+        vocab_size=400,
+        aux_sed_loss_weight=1.0,
+        aux_ctc_loss_weight=0.3,
+        seed=0,
+    )
+
+
+def test_auxiliary_loss_averages_k_label_sets(tiny_aux, rows):
+    """(B, K, 5) labels: the mean of the K per-set losses; K equal sets give the (B, 5) loss."""
+    model, proc = tiny_aux
+    batch = SerSlmDataCollator(proc, sed_source="auto")(rows[:4])
+    model.eval()
+    with torch.no_grad():
+        latents = model.model._audio_latents(
+            batch["input_features"], batch["feature_attention_mask"], batch.get("energy"), batch.get("f0")
+        )
+        a = proc.auxiliary_labels(rows[:4], "_auto")["sed_labels"]
+        b = proc.auxiliary_labels(rows[:4])["sed_labels"]  # the true descriptors: other values
+        one = model.model.auxiliary_losses(latents, a)["aux_sed_loss"]
+        same = model.model.auxiliary_losses(latents, torch.stack([a, a, a], 1))["aux_sed_loss"]
+        other = model.model.auxiliary_losses(latents, b)["aux_sed_loss"]
+        mixed = model.model.auxiliary_losses(latents, torch.stack([a, b], 1))["aux_sed_loss"]
+    assert torch.allclose(one, same, atol=1e-6)
+    assert not torch.allclose(one, other, atol=1e-3)
+    assert torch.allclose(mixed, (one + other) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(B, 5\) or \(B, K, 5\)"):
+        model.model.auxiliary_losses(latents, torch.cat([a, a]))
+
+
+def test_rectifying_trainer_trains_the_auxiliary_heads_on_the_rectified_labels(tiny_aux, rows, tmp_path, monkeypatch):
+    import datasets
+
+    model, proc = tiny_aux
+    plain = SerSlmDataCollator(proc, sed_source="auto", aux_labels=True)(rows[:4])
+    sft = SerSlmSFTTrainer(
+        copy.deepcopy(model),
+        args=SerSlmSFTConfig(output_dir=str(tmp_path / "sft"), sed_source="auto", use_cpu=True),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=proc,
+    )
+    sft.model.train()
+    torch.manual_seed(0)
+    reference = sft.compute_loss(sft.model, plain)
+    # warm-up (K = 1, always retain): the heads learn the annotated labels, exactly as in SFT
+    warm = _trainer((model, proc), rows, tmp_path / "warm", num_policies=1, controller_warmup_steps=10)
+    assert warm._trains_aux
+    batch = warm._prepare_inputs(warm.data_collator(rows[:4]))
+    warm.model.train()
+    torch.manual_seed(0)
+    assert torch.allclose(warm.compute_loss(warm.model, batch), reference, atol=1e-6)
+    assert warm._metrics["train"]["aux_sed_loss"] and warm._metrics["train"]["aux_ctc_loss"]
+    off = _trainer((model, proc), rows, tmp_path / "off", num_policies=1, controller_warmup_steps=10, aux_losses=False)
+    assert not off._trains_aux
+    off.model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(off.compute_loss(off.model, batch), reference, atol=1e-4)
+
+    # past warm-up, the controller modifies every pitch label: the SED heads see the K rectified label sets
+    t = _trainer((model, proc), rows, tmp_path / "rect", num_policies=3)
+    with torch.no_grad():
+        t.controller.head.weight.zero_()
+        bias = torch.tensor([[60.0, 0.0]] * 5)
+        bias[PITCH] = torch.tensor([0.0, 60.0])
+        t.controller.head.bias.copy_(bias.flatten())
+    seen = []
+    inner = t.accelerator.unwrap_model(t.model).model
+    original = inner.auxiliary_losses
+    monkeypatch.setattr(
+        inner, "auxiliary_losses", lambda latents, s=None, c=None: seen.append((s, c)) or original(latents, s, c)
+    )
+    t.model.train()
+    t.compute_loss(t.model, t._prepare_inputs(t.data_collator(rows[:4])))
+    sed, ctc = seen[-1]
+    annotated = plain["sed_labels"]
+    assert sed.shape == (4, 3, 5)
+    assert (sed[..., PITCH] != annotated[:, None, PITCH]).all() and (sed[..., PITCH] >= 0).all()
+    others = [j for j in range(5) if j != PITCH]
+    assert torch.equal(sed[..., others], annotated[:, None, others].expand(-1, 3, -1))
+    assert torch.equal(ctc, plain["ctc_labels"])

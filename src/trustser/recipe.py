@@ -604,15 +604,15 @@ def stage_pseudo_labels(runner: StageRunner, cfg: RecipeConfig, annotated: Stage
 def posttrain_training_args(cfg: RecipeConfig, spec: SystemSpec, output_dir: Path):
     """The trainer config of domain post-training: ``SedRectifyConfig`` (K = the system's unless
     ``cfg.num_policies`` overrides it; the controller settings via ``stage_training_args``) with
-    rectification, else ``SerSlmSFTConfig``. Captions only: the auxiliary heads are a pre-training
-    device (and rectification has no equivalent)."""
+    rectification, else ``SerSlmSFTConfig``. The auxiliary heads train too with
+    ``cfg.posttrain_aux_losses`` (where the model weighs them: the tiny preset)."""
     common = dict(
         max_steps=cfg.posttrain_max_steps,
         epochs=1.0,
         lr=cfg.posttrain_learning_rate,
         sed_source=spec.sed_labels,
         with_sed=spec.with_sed,
-        aux_losses=False,
+        aux_losses=cfg.posttrain_aux_losses,
     )
     if not spec.rectify:
         return _training_args(cfg, output_dir, stage="posttrain", **common)
@@ -698,6 +698,8 @@ def stage_posttrain(
     }
     if cfg.stage_training_key("posttrain", spec.rectify):  # only when set: earlier cached stages keep their keys
         settings["training"] = cfg.stage_training_key("posttrain", spec.rectify)
+    if cfg.preset == "tiny" and cfg.posttrain_aux_losses and (cfg.aux_sed_loss_weight or cfg.aux_ctc_loss_weight):
+        settings["aux_losses"] = True
     return runner.run(
         "posttrain", settings, run, [data, pretrain], all_processes=True, resume=cfg.resume_from_checkpoint
     )

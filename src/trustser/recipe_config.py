@@ -420,7 +420,7 @@ class RecipeConfig:
         default=2e-3, metadata={"help": "AdamW learning rate for pre-training (tiny preset default)."}
     )
     text_prior_steps: int = field(
-        default=0,
+        default=300,
         metadata={
             "help": "Tiny preset only: steps of text-only pre-training of the random-init LM on captions whose "
             "descriptors follow the textbook prosody-emotion directions (trustser.text_prior), before SER-SLM "
@@ -505,11 +505,19 @@ class RecipeConfig:
     )
     selection_ratio: float | None = field(default=None, metadata={"help": "Override the system's kept share (0-1]."})
     # ---- post-training
-    posttrain_max_steps: int = field(default=200, metadata={"help": "Domain post-training steps (the paper: 20k)."})
+    posttrain_max_steps: int = field(default=600, metadata={"help": "Domain post-training steps (the paper: 20k)."})
     posttrain_learning_rate: float = field(
-        default=1e-3,
+        default=5e-4,
         metadata={
             "help": "AdamW learning rate for post-training (all systems; chosen on the synthetic dev split, the real configs set 1e-4)."
+        },
+    )
+    posttrain_aux_losses: bool = field(
+        default=True,
+        metadata={
+            "help": "Tiny preset: post-training also trains the auxiliary descriptor/CTC heads (weighted as in "
+            "pre-training) on the descriptors its captions carry: the annotation, the selected rows', the "
+            "oracle's or, with rectification, the controller's rectified labels. False: captions only."
         },
     )
     cpu_threads: int = field(

@@ -47,6 +47,7 @@ from ..models.sed_controller import (
     sample_policies,
     sed_to_ids,
 )
+from ..models.ser_slm.modeling_ser_slm import weighted_auxiliary_loss
 from ..utils import atomic_directory
 from .controller_audit import audit_controller
 from .optimizer_state import load_optimizer_state, save_optimizer_state, save_tensors
@@ -59,7 +60,7 @@ from .rectify_objective import (
     group_normalize,
     per_field_advantages,
 )
-from .sft import SerSlmDataCollator, SerSlmSFTTrainer, caption_token_nll
+from .sft import SerSlmDataCollator, SerSlmSFTTrainer, caption_token_nll, trains_auxiliary_heads
 
 CONTROLLER_DIR = "controller"
 CONTROLLER_OPTIMIZER = "controller_optimizer"
@@ -425,6 +426,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         self.policy_generator = torch.Generator(device=gen_device)
         self.policy_generator.manual_seed(int(args.seed) * 1000003 + self.accelerator.process_index)
         self._pending: list[dict[str, Any]] = []
+        self._trains_aux = trains_auxiliary_heads(args, self._unwrapped_config())
         self.add_callback(_StepEndFlush(self))
 
     # ---------------------------------------------------------------------------- helpers
@@ -490,14 +492,31 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         ]
         return self.processing_class.build_captions(rows, with_sed=True)
 
-    def _argmax_captions(self, inputs: Mapping[str, Any], logits: torch.Tensor) -> list[str]:
-        """One caption per utterance: the controller's most probable action per field (the
-        replacement a "modify" draws comes from the policy generator, as for the samples)."""
+    def _argmax_ids(self, inputs: Mapping[str, Any], logits: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 5): one label set per utterance, the controller's most probable action per field
+        (the replacement a "modify" draws comes from the policy generator, as for the samples)."""
         actions = (logits[..., MODIFY] > logits[..., RETAIN]).long()[:, None, :]
         ids = inputs["rectify_sed_ids"][:, None, :]
-        return self._captions(
-            inputs, modify_labels(ids, actions, self.controller.config.modify_strategy, self.policy_generator)
-        )
+        return modify_labels(ids, actions, self.controller.config.modify_strategy, self.policy_generator)
+
+    def _auxiliary_labels(self, inputs: Mapping[str, Any], rectified_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Targets of the SLM's auxiliary heads for the label sets it trains on in this step
+        ((B, K, 5) rectified ids): ``sed_labels`` (B, K, 5) in the processor's vocabulary, so the SED
+        branch learns the same (rectified) descriptors as the captions, and the transcript's
+        ``ctc_labels`` (B, L), which rectification leaves as they are. Empty when the heads are not trained."""
+        if not self._trains_aux:
+            return {}
+        b, k = rectified_ids.shape[:2]
+        rows = [
+            {"text": inputs["rectify_text"][i // k], **sed}
+            for i, sed in enumerate(ids_to_sed(rectified_ids.reshape(-1, len(SED_FIELDS))))
+        ]
+        labels = self.processing_class.auxiliary_labels(rows)
+        device = inputs["input_ids"].device
+        return {
+            "sed_labels": labels["sed_labels"].view(b, k, len(SED_FIELDS)).to(device),
+            "ctc_labels": labels["ctc_labels"][::k].to(device),
+        }
 
     # ---------------------------------------------------------------------------- shared prefix
     def _language_model(self):
@@ -574,31 +593,33 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             return self._frozen_slm_step(inputs, sample, rect, packed, feats, fmask, return_outputs)
 
         # the SLM's training captions: the K samples (the paper), or the controller's most probable one
-        slm_k, slm_rect, slm_packed = k, rect, packed
+        slm_k, slm_ids, slm_rect, slm_packed = k, sample.rectified_ids, rect, packed
         if not warm and args.slm_targets == "argmax":
-            slm_k = 1
+            slm_k, slm_ids = 1, self._argmax_ids(inputs, logits)
             slm_rect = rectified_caption_inputs(
-                self.processing_class, inputs["input_ids"], inputs["labels"], self._argmax_captions(inputs, logits), 1
+                self.processing_class, inputs["input_ids"], inputs["labels"], self._captions(inputs, slm_ids), 1
             )
             slm_packed = None
+        slm_inputs = {**audio_inputs_of(inputs), **self._auxiliary_labels(inputs, slm_ids)}
         if slm_packed is not None:
-            nll, valid, emo_mask, outputs = self._packed_nll(model, slm_packed, audio_inputs_of(inputs))
+            nll, valid, emo_mask, outputs = self._packed_nll(model, slm_packed, slm_inputs)
         else:
             nll, valid, emo_mask, outputs = caption_token_nll(
-                model, slm_rect, audio_inputs=audio_inputs_of(inputs), audio_repeats=slm_k
+                model, slm_rect, audio_inputs=slm_inputs, audio_repeats=slm_k
             )
         kl = outputs.kl_loss
         n_tokens = valid.sum()
         denom = num_items_in_batch * slm_k if num_items_in_batch is not None else n_tokens
         lm_loss = nll.sum() / torch.as_tensor(denom, device=nll.device).clamp(min=1)  # mean over the K policies
         loss = lm_loss
+        steps = (
+            getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+            if num_items_in_batch is not None
+            else 1
+        )
         if kl is not None:
-            steps = (
-                getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
-                if num_items_in_batch is not None
-                else 1
-            )
             loss = lm_loss + self._unwrapped_config().vib_beta * kl / steps
+        loss = loss + weighted_auxiliary_loss(self._unwrapped_config(), outputs) / steps
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
 
@@ -613,6 +634,9 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                     record.update(slm_inputs=audio_inputs_of(inputs), rect=rect, packed=packed)
                 self._pending.append(record)
             self._log_metrics(inputs, sample, nll, valid, emo_ce, kl)
+            for key in ("aux_sed_loss", "aux_ctc_loss"):
+                if getattr(outputs, key, None) is not None:
+                    self._log_mean(key, getattr(outputs, key))
         return (loss, outputs) if return_outputs else loss
 
     @staticmethod

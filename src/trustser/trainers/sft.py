@@ -218,6 +218,14 @@ class SerSlmDataCollator:
         return batch
 
 
+def trains_auxiliary_heads(args, cfg) -> bool:
+    """Whether a trainer with ``args`` trains the auxiliary descriptor/CTC heads of a model with
+    config ``cfg``: its ``aux_losses`` is on and the config weighs at least one of them."""
+    return bool(getattr(args, "aux_losses", True)) and bool(
+        getattr(cfg, "aux_sed_loss_weight", 0) or getattr(cfg, "aux_ctc_loss_weight", 0)
+    )
+
+
 @dataclass
 class SerSlmSFTConfig(SFTConfig):
     """SFTConfig with defaults that suit an audio SLM and CPU runs."""
@@ -292,16 +300,12 @@ class SerSlmSFTTrainer(SFTTrainer):
                 from ..data.augmentation import ChannelAugmentation
 
                 augmentation = ChannelAugmentation(probability=args.channel_augmentation, seed=args.seed)
-            cfg = getattr(model, "config", None)
-            aux = getattr(args, "aux_losses", True) and bool(
-                getattr(cfg, "aux_sed_loss_weight", 0) or getattr(cfg, "aux_ctc_loss_weight", 0)
-            )
             data_collator = SerSlmDataCollator(
                 processing_class,
                 sed_source=getattr(args, "sed_source", "truth"),
                 with_sed=getattr(args, "with_sed", True),
                 augmentation=augmentation,
-                aux_labels=aux,
+                aux_labels=trains_auxiliary_heads(args, getattr(model, "config", None)),
             )
         if (
             getattr(data_collator, "augmentation", None) is not None

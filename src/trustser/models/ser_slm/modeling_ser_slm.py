@@ -366,16 +366,30 @@ class SerSlmModel(SerSlmPreTrainedModel):
 
     def auxiliary_losses(self, latents: dict, sed_labels=None, ctc_labels=None) -> dict:
         """Auxiliary losses from one ``_audio_latents`` call (see SerSlmConfig): descriptor
-        classification from the utterance-mean SED latent (labels (B, 5), -100 = unknown) and CTC of
-        the transcript tokens over the semantic latents (labels (B, L), -100 = padding)."""
+        classification from the utterance-mean SED latent (labels (B, 5), -100 = unknown; or (B, K, 5):
+        K label sets per utterance, e.g. K rectified captions, averaged) and CTC of the transcript
+        tokens over the semantic latents (labels (B, L), -100 = padding)."""
         out = {}
         mask = latents["audio_mask"]
         if sed_labels is not None and self.aux_sed_heads is not None:
             m = mask[..., None].to(latents["z_sed"].dtype)
             pooled = (latents["z_sed"] * m).sum(1) / m.sum(1).clamp(min=1.0)
             sed_labels = sed_labels.to(pooled.device)
+            if sed_labels.dim() == 2:
+                sed_labels = sed_labels[:, None, :]
+            if sed_labels.shape[0] != pooled.shape[0] or sed_labels.dim() != 3:
+                raise ValueError(
+                    f"sed_labels must be (B, 5) or (B, K, 5) for B = {pooled.shape[0]} utterances, "
+                    f"got {tuple(sed_labels.shape)}"
+                )
+            k = sed_labels.shape[1]
             losses = [
-                F.cross_entropy(head(pooled).float(), sed_labels[:, j], ignore_index=-100, reduction="sum")
+                F.cross_entropy(
+                    head(pooled).float().repeat_interleave(k, dim=0),
+                    sed_labels[..., j].reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
                 for j, head in enumerate(self.aux_sed_heads)
             ]
             out["aux_sed_loss"] = torch.stack(losses).sum() / (sed_labels >= 0).sum().clamp(min=1)
