@@ -343,6 +343,11 @@ def test_text_prior_enters_the_pretrain_key_only_when_set_and_only_for_the_tiny_
     assert key() == {**plain, "text_prior_steps": 300}  # the embedded default
     paper = key(preset="paper")
     assert key(preset="paper", text_prior_steps=300) == paper  # the paper's LLM brings its own
+    # a plain-caption system (Sys. 1/2) gets no prior: its captions carry no descriptors to read
+    plain_caption = stage_pretrain(
+        _KeyRunner(), RecipeConfig(text_prior_steps=300), get_system("sys1"), "root", None, "auto", []
+    )
+    assert "text_prior_steps" not in plain_caption
 
 
 def test_posttrain_aux_losses_reach_the_trainer_and_the_key_of_the_tiny_preset(tmp_path):

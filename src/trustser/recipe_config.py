@@ -424,7 +424,8 @@ class RecipeConfig:
         metadata={
             "help": "Tiny preset only: steps of text-only pre-training of the random-init LM on captions whose "
             "descriptors follow the textbook prosody-emotion directions (trustser.text_prior), before SER-SLM "
-            "pre-training; the language knowledge the paper's LLM brings. 0: none."
+            "pre-training; the language knowledge the paper's LLM brings. Systems whose captions carry no "
+            "descriptors (Sys. 1/2) get none. 0: none."
         },
     )
     per_device_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of SER-SLM training."})

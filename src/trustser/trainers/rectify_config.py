@@ -168,7 +168,7 @@ class SedRectifyConfig(SerSlmSFTConfig):
             "torch.no_grad() in eval mode and detached, so no controller gradient reaches the SLM; with the audio "
             "tokens' mask, sed_vib_dim wide). A new controller is then built with input_size = the SLM's "
             "sed_vib_dim; controller_audio_norm and controller_frame_stride apply to whichever features it reads. "
-            "Not measured yet (docs/rectify.md)."
+            "Measured once on dev, with the frozen scorer and per-field credit: no per-utterance repair (docs/rectify.md)."
         },
     )
 
