@@ -89,13 +89,15 @@ def test_rectified_system_end_to_end_and_stage_reuse(tmp_path, synthetic_small):
     assert "Descriptor labels after rectification" in report
     assert saved["settings"]["training_args"]["controller_scale_rewards"] == "none" and saved["num_processes"] == 1
     assert saved["torch_threads_per_process"] == 1
-    # the auxiliary heads and channel augmentation belong to pre-training only
+    # the auxiliary heads train in pre-training and, by default (posttrain_aux_losses), in the
+    # rectifying post-training too, where they log their losses beside the caption's
     pre = run_dir / next(s["path"] for s in saved["stages"] if s["name"] == "pretrain")  # relative to the run folder
     pre_logs = json.loads((pre / "log_history.json").read_text())
     assert any("aux_sed_loss" in h and "aux_ctc_loss" in h for h in pre_logs)
     assert json.loads((pre / "model" / "config.json").read_text())["aux_sed_loss_weight"] == 1.0
     post = run_dir / next(s["path"] for s in saved["stages"] if s["name"] == "posttrain")
-    assert not any("aux_sed_loss" in h for h in json.loads((post / "log_history.json").read_text()))
+    post_logs = json.loads((post / "log_history.json").read_text())
+    assert any("aux_sed_loss" in h and "aux_ctc_loss" in h and "rectify/modify_rate_pitch" in h for h in post_logs)
     assert (post / "controller" / "model.safetensors").exists() or any((post / "controller").glob("*.safetensors"))
     # Sys. 4 shares the annotation and the pre-trained SLM: only its own post-training runs
     res4 = run_system(replace(cfg, system="sys4"))
