@@ -427,6 +427,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         self.policy_generator.manual_seed(int(args.seed) * 1000003 + self.accelerator.process_index)
         self._pending: list[dict[str, Any]] = []
         self._trains_aux = trains_auxiliary_heads(args, self._unwrapped_config())
+        self._aux_index: list[torch.Tensor] | None = None
         self.add_callback(_StepEndFlush(self))
 
     # ---------------------------------------------------------------------------- helpers
@@ -506,17 +507,25 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         ``ctc_labels`` (B, L), which rectification leaves as they are. Empty when the heads are not trained."""
         if not self._trains_aux:
             return {}
-        b, k = rectified_ids.shape[:2]
-        rows = [
-            {"text": inputs["rectify_text"][i // k], **sed}
-            for i, sed in enumerate(ids_to_sed(rectified_ids.reshape(-1, len(SED_FIELDS))))
-        ]
-        labels = self.processing_class.auxiliary_labels(rows)
         device = inputs["input_ids"].device
-        return {
-            "sed_labels": labels["sed_labels"].view(b, k, len(SED_FIELDS)).to(device),
-            "ctc_labels": labels["ctc_labels"][::k].to(device),
-        }
+        if self._aux_index is None:  # SED_VOCAB id -> the processor's sed_vocab index (-100: not in it), per field
+            vocab = self.processing_class.sed_vocab
+            self._aux_index = [
+                torch.tensor([vocab[f].index(v) if v in vocab[f] else -100 for v in SED_VOCAB[f]], device=device)
+                for f in SED_FIELDS
+            ]
+        ids = rectified_ids.to(device)
+        sed = torch.stack(
+            [
+                table[ids[..., j].clamp(min=0)].masked_fill(ids[..., j] < 0, -100)
+                for j, table in enumerate(self._aux_index)
+            ],
+            dim=-1,
+        )
+        # the transcript once per utterance (with_sed=False: its descriptor labels are all -100)
+        rows = [{"text": t} for t in inputs["rectify_text"]]
+        ctc = self.processing_class.auxiliary_labels(rows, with_sed=False)["ctc_labels"]
+        return {"sed_labels": sed, "ctc_labels": ctc.to(device)}
 
     # ---------------------------------------------------------------------------- shared prefix
     def _language_model(self):
