@@ -83,8 +83,11 @@ def _modify_probabilities(
     """(N, 5) P(modify), annotated ids, true ids (-1 = unknown) and the rows' speaker groups (or None).
     The controller's input comes from ``controller_input_features``, as in training: a log-mel
     controller's own log-mel, or the SLM's SED-branch features of the rows' audio, collated by
-    ``SedRectifyCollator`` (the rectifying trainer's collator: the same audio inputs as in training)."""
-    from .rectify import SedRectifyCollator, controller_input_features
+    ``SedRectifyCollator`` (the rectifying trainer's collator: the same audio inputs as in training).
+    A controller with a context (``controller_speaker_context``) reads the speaker-relative prosody
+    of ``dataset``'s own rows, computed once over the whole dataset, as the trainer does for its own."""
+    from .rectify import SedRectifyCollator, controller_context, controller_input_features
+    from .speaker_context import speaker_relative_prosody
 
     if not controller.reads_log_mel and (slm is None or processor is None):
         raise ValueError(
@@ -96,6 +99,7 @@ def _modify_probabilities(
     device = next(controller.parameters()).device
     p_all, ids_all, truth_all, groups = [], [], [], []
     has_group = GROUP_COLUMN in getattr(dataset, "column_names", ())
+    context = torch.from_numpy(speaker_relative_prosody(dataset)) if controller.config.context_size else None
     for s in range(0, len(dataset), batch_size):
         rows, audio, errors = read_rows(dataset, range(s, min(len(dataset), s + batch_size)))
         if any(errors):
@@ -106,8 +110,15 @@ def _modify_probabilities(
             batch = {"rectify_waveforms": wav.to(device), "rectify_waveform_lengths": lengths.to(device)}
         else:
             batch = collator(rows)
+        if context is not None:
+            batch["rectify_context"] = context[s : s + len(rows)]
         feats, mask = controller_input_features(controller, batch, slm=slm)
-        logits = controller(ids.to(device), input_features=feats, feature_attention_mask=mask).logits
+        logits = controller(
+            ids.to(device),
+            input_features=feats,
+            feature_attention_mask=mask,
+            context=controller_context(controller, batch),
+        ).logits
         p_all.append(logits.softmax(-1)[..., 1].cpu().numpy())
         ids_all.append(ids.numpy())
         truth_all.append(SedRectifyCollator.truth_ids(rows).numpy())
@@ -139,7 +150,9 @@ def audit_controller(
 
     ``slm`` / ``processor``: the SER-SLM and its processor, needed (and used) only for a controller
     that reads the SLM's SED-branch features (``controller_input="sed_branch"``); it reads them as
-    in training (``controller_input_features``)."""
+    in training (``controller_input_features``). A controller with a speaker context
+    (``controller_speaker_context``) needs ``dataset``'s ``speaker`` and measurement columns: it reads
+    the z-scores within each speaker over ``dataset``'s rows (the training data in the recipe)."""
     was_training = controller.training
     controller.eval()
     try:

@@ -61,6 +61,7 @@ from .rectify_objective import (
     per_field_advantages,
 )
 from .sft import SerSlmDataCollator, SerSlmSFTTrainer, caption_token_nll, trains_auxiliary_heads
+from .speaker_context import SPEAKER_CONTEXT_COLUMN, SPEAKER_CONTEXT_SIZE, with_speaker_context
 
 CONTROLLER_DIR = "controller"
 CONTROLLER_OPTIMIZER = "controller_optimizer"
@@ -77,7 +78,8 @@ class SedRectifyCollator(SerSlmDataCollator):
     16 kHz audio for the controller's log-mel; with ``controller_input="sed_branch"`` the controller
     reads the SLM's SED-branch features of the batch's own audio inputs instead), ``rectify_sed_ids``
     (B x 5 annotated value ids), ``rectify_truth_ids`` (B x 5 ground truth, -1 where the corpus has none), ``rectify_text`` and
-    ``rectify_emotion`` (lists of strings)."""
+    ``rectify_emotion`` (lists of strings), and ``rectify_context`` (B x 3 float32) when the rows carry a
+    ``speaker_context`` (``controller_speaker_context``: the trainer adds it to its train dataset)."""
 
     sed_source: str = "auto"
 
@@ -98,6 +100,10 @@ class SedRectifyCollator(SerSlmDataCollator):
         batch["rectify_waveforms"], batch["rectify_waveform_lengths"] = self.controller_inputs(audio)
         batch["rectify_text"] = [row["text"] for row in features]
         batch["rectify_emotion"] = [row["emotion"] for row in features]
+        if all(row.get(SPEAKER_CONTEXT_COLUMN) is not None for row in features):
+            batch["rectify_context"] = torch.tensor(
+                [row[SPEAKER_CONTEXT_COLUMN] for row in features], dtype=torch.float32
+            ).reshape(len(features), -1)
         return batch
 
     @staticmethod
@@ -190,6 +196,22 @@ def controller_input_features(
     feats, mask = base.get_sed_features(**{k: v.to(slm_device) for k, v in audio.items()})
     device = next(controller.parameters()).device
     return feats.detach().to(device=device, dtype=torch.float32), mask.to(device=device, dtype=torch.long)
+
+
+def controller_context(controller: SedControllerModel, batch: Mapping[str, Any]) -> torch.Tensor | None:
+    """The per-utterance context the SED Controller reads beside its features, the one place the
+    rectifying trainer and ``audit_controller`` get it from: the batch's ``rectify_context`` (B, 3)
+    on the controller's device when ``config.context_size`` > 0 (``controller_speaker_context``),
+    else None."""
+    if not controller.config.context_size:
+        return None
+    context = batch.get("rectify_context")
+    if context is None:
+        raise ValueError(
+            f"this SED Controller reads a {controller.config.context_size}-wide speaker context: the batch has no "
+            f"rectify_context (rows without a {SPEAKER_CONTEXT_COLUMN!r} column; see with_speaker_context)"
+        )
+    return context.to(device=next(controller.parameters()).device, dtype=torch.float32)
 
 
 def emotion_cross_entropy(nll: torch.Tensor, emotion_mask: torch.Tensor) -> torch.Tensor:
@@ -371,11 +393,17 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             raise ValueError("SedRectifyTrainer needs processing_class=SerSlmProcessor")
         if data_collator is None:
             data_collator = SedRectifyCollator(processing_class, sed_source=args.sed_source)
+        if args.controller_speaker_context:  # once per dataset: the collator only reads the column
+            if kwargs.get("train_dataset") is None:
+                raise ValueError("controller_speaker_context needs a train_dataset (its speakers' statistics)")
+            kwargs["train_dataset"] = with_speaker_context(kwargs["train_dataset"])
         super().__init__(
             model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
         )
         # controller_input="sed_branch": the LSTM reads the SLM's SED-branch features, sed_vib_dim wide
         input_size = int(self._unwrapped_config().sed_vib_dim) if args.controller_input == "sed_branch" else None
+        # controller_speaker_context: the head also reads the utterance's speaker-relative prosody
+        context_size = SPEAKER_CONTEXT_SIZE if args.controller_speaker_context else 0
         if controller is None:
             if args.controller_name_or_path:
                 controller = SedControllerModel.from_pretrained(args.controller_name_or_path)
@@ -392,6 +420,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                         head_hidden_size=args.controller_head_hidden_size,
                         initial_retain_bias=args.controller_initial_retain_bias,
                         audio_norm=args.controller_audio_norm,
+                        context_size=context_size,
                     )
                 )
         if controller.config.input_size != input_size:
@@ -400,6 +429,12 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             raise ValueError(
                 f"controller_input={args.controller_input!r} needs a controller that reads {wants}; "
                 f"the given controller reads {reads} (SedControllerConfig.input_size={controller.config.input_size})"
+            )
+        if controller.config.context_size != context_size:
+            wants = f"a {context_size}-wide speaker context" if context_size else "no context"
+            raise ValueError(
+                f"controller_speaker_context={args.controller_speaker_context} needs a controller that reads {wants}; "
+                f"the given controller has SedControllerConfig.context_size={controller.config.context_size}"
             )
         self.controller = controller.to(device=self.accelerator.device, dtype=torch.float32)
         self.controller.train()
@@ -465,7 +500,10 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         with torch.no_grad():
             feats, fmask = self.controller_features(inputs)
             logits = self.controller(
-                inputs["rectify_sed_ids"], input_features=feats, feature_attention_mask=fmask
+                inputs["rectify_sed_ids"],
+                input_features=feats,
+                feature_attention_mask=fmask,
+                context=controller_context(self.controller, inputs),
             ).logits
         sample = sample_policies(
             logits,
@@ -648,12 +686,12 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                     self._log_mean(key, getattr(outputs, key))
         return (loss, outputs) if return_outputs else loss
 
-    @staticmethod
-    def _record(inputs, sample, feats, fmask) -> dict[str, Any]:
+    def _record(self, inputs, sample, feats, fmask) -> dict[str, Any]:
         """What the controller update needs of a micro-batch's policies (rewards filled in later)."""
         return {
             "feats": feats,
             "fmask": fmask,
+            "context": controller_context(self.controller, inputs),
             "sed_ids": inputs["rectify_sed_ids"],
             "actions": sample.actions,
             "old_log_probs": sample.log_probs,
@@ -750,7 +788,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                 r["advantages"] = group_normalize(r["rewards"], scale=scale)
             if self.reference_controller is not None:
                 r["reference_logits"] = self.reference_controller(
-                    r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"]
+                    r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
                 ).logits
         self._log_mean("reward/mean", torch.nanmean(rewards))
         # spread the controller can learn from: the within-group (K policies) standard deviation
@@ -762,7 +800,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             with torch.enable_grad():
                 for r in records:
                     logits = self.controller(
-                        r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"]
+                        r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
                     ).logits
                     new = action_log_probs(logits, r["actions"])
                     pg, clip = clipped_policy_loss(
@@ -862,6 +900,7 @@ SEDRectifyTrainer, SEDRectifyCollator = SedRectifyTrainer, SedRectifyCollator
 __all__ = [
     "audit_controller",
     "controller_input_features",
+    "controller_context",
     "SedRectifyTrainer",
     "SedRectifyCollator",
     "rectified_caption_inputs",

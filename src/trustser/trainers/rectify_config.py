@@ -171,6 +171,17 @@ class SedRectifyConfig(SerSlmSFTConfig):
             "Measured once on dev, with the frozen scorer and per-field credit: no per-utterance repair (docs/rectify.md)."
         },
     )
+    controller_speaker_context: bool = field(
+        default=False,
+        metadata={
+            "help": "the controller also reads, per utterance, its speaker-relative prosody: the z-scores of log "
+            "f0_median, rms_db and phonemes_per_second within the utterance's speaker over the training dataset "
+            "(0 where a value is missing, the speaker is empty or has fewer than 2 usable values), which one "
+            "utterance's audio cannot show while the annotation's errors come from absolute thresholds. Computed "
+            "once at init (column 'speaker_context'); needs the 'speaker' column and the three measurement columns "
+            "of the annotated datasets; a new controller is built with context_size=3 (False = the paper)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -40,6 +40,11 @@ class SedControllerConfig(PreTrainedConfig):
             band, or each feature of `input_size`, to zero mean and unit variance over the valid
             frames) before the LSTM, so that the recording level and channel do not shift the
             summary; `False` reads the raw log-mel (the paper) or the raw features.
+        context_size (`int`, defaults to 0): width of a per-utterance context vector the head reads
+            beside the LSTM summary and the SED embeddings (`SedRectifyConfig.controller_speaker_context`:
+            3, the utterance's speaker-relative pitch / level / rate z-scores, which one utterance's
+            audio cannot show); the forward then needs `context` (B, context_size). 0 (the default,
+            the paper): no context.
         initial_retain_bias (`float`, defaults to 2.0): initial logit margin of "retain" over
             "modify" (P(modify) = sigmoid(-2) ~ 0.12 at start) so that an untrained controller
             mostly keeps the annotations instead of corrupting half of them.
@@ -60,6 +65,7 @@ class SedControllerConfig(PreTrainedConfig):
     head_hidden_size: int = 0
     initial_retain_bias: float = 2.0
     audio_norm: bool = False
+    context_size: int = 0
     initializer_range: float = 0.02
 
     def validate_architecture(self):
@@ -67,6 +73,8 @@ class SedControllerConfig(PreTrainedConfig):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.modify_strategy not in MODIFY_STRATEGIES:
             raise ValueError(f"modify_strategy must be one of {MODIFY_STRATEGIES}, got {self.modify_strategy!r}")
+        if self.context_size < 0:
+            raise ValueError(f"context_size must be >= 0, got {self.context_size}")
         if self.head_hidden_size < 0:
             raise ValueError(f"head_hidden_size must be >= 0, got {self.head_hidden_size}")
         for name in ("n_mels", "n_fft", "hop_length", "frame_stride", "hidden_size", "embedding_size"):

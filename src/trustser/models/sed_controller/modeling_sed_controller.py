@@ -2,8 +2,9 @@
 
 A one-layer LSTM reads the utterance's log-mel spectrogram (or, with ``config.input_size``,
 per-frame features computed outside it, such as the SER-SLM's SED-branch features); its summary
-vector is concatenated with embeddings of the five annotated SED tokens and a Linear layer gives,
-per field, logits of (retain, modify). Beside the model: how its actions are drawn, ``sample_policies`` (actions,
+vector is concatenated with embeddings of the five annotated SED tokens (and, with
+``config.context_size``, a per-utterance context vector) and a Linear layer gives, per field,
+logits of (retain, modify). Beside the model: how its actions are drawn, ``sample_policies`` (actions,
 log-probabilities and rectified labels from a torch.Generator), and what "modify" means,
 ``modify_labels``. The RL objective that trains it (advantages, clipped surrogate, entropy, KL)
 lives with the rectification trainer, in ``trustser.trainers.rectify_objective``.
@@ -174,14 +175,14 @@ class SedControllerPreTrainedModel(CheckedFromPretrainedMixin, PreTrainedModel):
 
 class SedControllerModel(SedControllerPreTrainedModel):
     """LSTM over log-mel (or ``config.input_size``-wide features) -> summary; concat annotated SED
-    embeddings -> Linear -> per-field softmax over (retain, modify). Kept small and fp32: it is
-    trained by its own optimizer."""
+    embeddings (and a ``config.context_size``-wide context) -> Linear -> per-field softmax over
+    (retain, modify). Kept small and fp32: it is trained by its own optimizer."""
 
     def __init__(self, config: SedControllerConfig):
         super().__init__(config)
         self.lstm = nn.LSTM(config.input_size or config.n_mels, config.hidden_size, num_layers=1, batch_first=True)
         self.sed_embedding = nn.Embedding(sum(FIELD_SIZES), config.embedding_size)
-        width = config.hidden_size + len(SED_FIELDS) * config.embedding_size
+        width = config.hidden_size + len(SED_FIELDS) * config.embedding_size + config.context_size
         self.head_hidden = None
         if config.head_hidden_size:
             self.head_hidden = nn.Sequential(nn.Linear(width, config.head_hidden_size), nn.Tanh())
@@ -270,6 +271,19 @@ class SedControllerModel(SedControllerPreTrainedModel):
         m = mask.float()[..., None]
         return (out * m).sum(1) / m.sum(1).clamp(min=1)
 
+    def _context(self, context: torch.Tensor | None, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """The context as a piece of the head's input ([] without one), checked against the config."""
+        want = self.config.context_size
+        if not want:
+            if context is not None:
+                raise ValueError("this SED Controller reads no context (config.context_size=0); got one")
+            return []
+        if context is None:
+            raise ValueError(f"this SED Controller reads a {want}-wide context (config.context_size): pass context=")
+        if tuple(context.shape) != (batch, want):
+            raise ValueError(f"context must be (B, {want}) = ({batch}, {want}), got {tuple(context.shape)}")
+        return [context.to(device=like.device, dtype=like.dtype)]
+
     @can_return_tuple
     def forward(
         self,
@@ -278,11 +292,14 @@ class SedControllerModel(SedControllerPreTrainedModel):
         feature_attention_mask: torch.Tensor | None = None,
         input_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple | SedControllerOutput:
         """``sed_ids`` (B, 5): annotated value ids (``sed_to_ids``). Audio as log-mel
         ``input_features`` (B, T, n_mels) or raw ``input_values`` (B, S) at ``config.sampling_rate``;
-        with ``config.input_size`` set, ``input_features`` (B, T, input_size) only."""
+        with ``config.input_size`` set, ``input_features`` (B, T, input_size) only. ``context``
+        (B, config.context_size): what the head reads beside the audio and the labels (e.g. the
+        speaker-relative prosody); required when ``config.context_size`` > 0, refused otherwise."""
         if input_features is None:
             if input_values is None:
                 raise ValueError("SedControllerModel needs input_features (log-mel) or input_values (waveform)")
@@ -291,7 +308,7 @@ class SedControllerModel(SedControllerPreTrainedModel):
         summary = self.summarize(input_features, feature_attention_mask)
         offsets = torch.tensor(FIELD_OFFSETS, device=sed_ids.device)
         emb = self.sed_embedding(sed_ids.long() + offsets).flatten(1)  # (B, 5*E)
-        x = torch.cat([summary, emb], dim=-1)
+        x = torch.cat([summary, emb, *self._context(context, sed_ids.shape[0], summary)], dim=-1)
         if self.head_hidden is not None:
             x = self.head_hidden(x)
         logits = self.head(x).view(-1, len(SED_FIELDS), 2)
