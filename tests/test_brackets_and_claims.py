@@ -67,6 +67,10 @@ def test_paper_claims_are_the_ones_the_systems_can_test():
     labels = [c.label for c in paper_claims(["sys1", "sys2", "sys3", "sys4", "sys6", "sys9", "sys10", *BRACKETS])]
     assert labels[:6] == ["2 > 1", "4 > 3", "4 > 2", "6 > 4", "9 > 4", "10 > 4"]
     assert {"oracle_labels > 4", "pseudo_labels > 4", "oracle_sel90 > 4", "oracle_sel80 > 6"} <= set(labels)
+    # "Sys. 10 the best of 4-13": against every other system run, each pair once
+    best = [c for c in paper_claims(["sys4", "sys6", "sys9", "sys10", "sys11"]) if c.better == "sys10"]
+    assert [c.label for c in best] == ["10 > 4", "10 > 6", "10 > 9", "10 > 11"]
+    assert [c.source for c in best] == ["Table 1"] + ["Table 1: Sys. 10 best"] * 3
     assert [c.label for c in paper_claims(["v1", "v2", "v3", "v4", "v5"])] == [
         "v4 > v3",
         "v3 > v5",
