@@ -4,8 +4,6 @@ through one function for training and audit (``controller_input_features``)."""
 
 from __future__ import annotations
 
-import copy
-
 import datasets
 import pytest
 import torch
@@ -182,17 +180,6 @@ def test_sed_branch_audit_reads_what_training_reads(tiny, rows, tmp_path):
 
 
 def test_a_controller_that_reads_the_other_input_is_refused(tiny, rows, tmp_path):
-    from trustser.trainers.rectify import SedRectifyTrainer
-
-    def _trainer(tiny, rows, tmp_path, controller, **kw):
-        return SedRectifyTrainer(
-            copy.deepcopy(tiny[0]),
-            args=_config(tmp_path, **kw),
-            train_dataset=datasets.Dataset.from_list(rows),
-            processing_class=tiny[1],
-            controller=controller,
-        )
-
     log_mel = SedControllerModel(SedControllerConfig(hidden_size=8, embedding_size=4, n_mels=16))
     with pytest.raises(ValueError, match="controller_input='sed_branch' needs a controller"):
         _trainer(tiny, rows, tmp_path, controller=log_mel, controller_input="sed_branch")

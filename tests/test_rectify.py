@@ -88,12 +88,16 @@ def _config(tmp_path, **kw):
     return SedRectifyConfig(**base)
 
 
-def _trainer(tiny, rows, tmp_path, model=None, **kw):
+def _trainer(tiny, rows, tmp_path, model=None, controller=None, **kw):
     import datasets
 
     model = model if model is not None else copy.deepcopy(tiny[0])
     return SedRectifyTrainer(
-        model, args=_config(tmp_path, **kw), train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny[1]
+        model,
+        args=_config(tmp_path, **kw),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tiny[1],
+        controller=controller,
     )
 
 

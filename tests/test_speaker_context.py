@@ -4,7 +4,6 @@ dataset (``speaker_relative_prosody``), through the collator, the trainer, the c
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -202,16 +201,8 @@ def test_speaker_context_trainer_trains_saves_and_reloads(tiny, measured, tmp_pa
 
 
 def test_a_controller_without_the_context_is_refused(tiny, measured, tmp_path):
-    from trustser.trainers.rectify import SedRectifyTrainer
-
     def build(controller, **kw):
-        return SedRectifyTrainer(
-            copy.deepcopy(tiny[0]),
-            args=_config(tmp_path, **kw),
-            train_dataset=datasets.Dataset.from_list(measured),
-            processing_class=tiny[1],
-            controller=controller,
-        )
+        return _trainer(tiny, measured, tmp_path, controller=controller, **kw)
 
     with pytest.raises(ValueError, match="controller_speaker_context=True needs a controller that reads a 3-wide"):
         build(_small_controller(), controller_speaker_context=True)

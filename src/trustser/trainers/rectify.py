@@ -201,8 +201,8 @@ def controller_input_features(
 def controller_context(controller: SedControllerModel, batch: Mapping[str, Any]) -> torch.Tensor | None:
     """The per-utterance context the SED Controller reads beside its features, the one place the
     rectifying trainer and ``audit_controller`` get it from: the batch's ``rectify_context`` (B, 3)
-    on the controller's device when ``config.context_size`` > 0 (``controller_speaker_context``),
-    else None."""
+    when ``config.context_size`` > 0 (``controller_speaker_context``; the controller moves it to its
+    device and checks its shape), else None."""
     if not controller.config.context_size:
         return None
     context = batch.get("rectify_context")
@@ -211,7 +211,7 @@ def controller_context(controller: SedControllerModel, batch: Mapping[str, Any])
             f"this SED Controller reads a {controller.config.context_size}-wide speaker context: the batch has no "
             f"rectify_context (rows without a {SPEAKER_CONTEXT_COLUMN!r} column; see with_speaker_context)"
         )
-    return context.to(device=next(controller.parameters()).device, dtype=torch.float32)
+    return context
 
 
 def emotion_cross_entropy(nll: torch.Tensor, emotion_mask: torch.Tensor) -> torch.Tensor:
