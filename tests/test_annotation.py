@@ -420,6 +420,34 @@ def test_annotate_keeps_and_adds_columns(small_corpus, annotated):
     assert np.mean(np.array(ref["gender"]) == np.array(ref["gender_auto"])) > 0.8
 
 
+def test_annotator_leaves_the_slm_f0_stream_and_generation_reads_it(annotated, monkeypatch):
+    """Praat runs once per clip in the whole pipeline: the annotator stores each clip's SER-SLM F0
+    stream (``f0_track``), equal to what the processor computes, and caption generation reads it
+    instead of running Praat again, with the same captions."""
+    from trustser.annotation import F0_TRACK_COLUMN
+    from trustser.audio import decode_audio
+    from trustser.generation import generate_captions
+    from trustser.models.ser_slm import build_tiny_ser_slm
+    from trustser.models.ser_slm import processing_ser_slm as P
+
+    dev = annotated["dev"].select(range(12))
+    assert dev.features[F0_TRACK_COLUMN].feature.dtype == "float32"
+    model, processor = build_tiny_ser_slm(list(dev["text"]), emotion_labels=["happy", "sad"], sed_f0_stream=True)
+    voiced = 0
+    for row in dev:
+        computed = processor.f0_track(decode_audio(row["audio"]))
+        stored = np.asarray(row[F0_TRACK_COLUMN], dtype=np.float32)
+        assert np.array_equal(stored, computed), row["id"]
+        voiced += int((stored > 0).sum())
+    assert voiced > 100
+    without = generate_captions(model, processor, dev.remove_columns([F0_TRACK_COLUMN]), batch_size=4, max_new_tokens=8)
+    calls = []
+    real = P.praat_f0
+    monkeypatch.setattr(P, "praat_f0", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_tracks = generate_captions(model, processor, dev, batch_size=4, max_new_tokens=8)
+    assert calls == [] and with_tracks == without
+
+
 def test_rebin_speaker_adaptive_beats_unified(annotated):
     from trustser.annotation import rebin
 
@@ -467,6 +495,12 @@ def test_annotate_flags_bad_rows_and_continues(tmp_path):
     assert out["pitch_auto"] == ["low", "", "", "normal", "high"]
     assert out["gender_auto"][1] == out["age_auto"][2] == ""
     assert all(out["gender_auto"][i] in ("male", "female") for i in (0, 3, 4))
+    assert [t is not None for t in out["f0_track"]] == [True, False, False, True, True]
+    # a first batch of unusable clips only (None tracks and embeddings) does not fix the column types
+    bad_first = ds.select([1, 2, 0, 3, 4])
+    out2 = annotate(bad_first, method="unified", gender_backend=clfs["gender"], age_backend=clfs["age"], batch_size=2)
+    assert out2["annotation_error"] == ["silence", "unreadable", "", "", ""]
+    assert out2["f0_track"][2:] == out["f0_track"][::3] + out["f0_track"][4:]
     with pytest.raises(ValueError, match="unknown annotation method"):
         annotate(ds, method="bogus")
     with pytest.raises(ValueError, match="reference"):

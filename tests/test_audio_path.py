@@ -129,6 +129,42 @@ def test_collator_caches_f0_per_row(monkeypatch):
     assert torch.equal(aug(rows)["f0"], fresh)
 
 
+def test_frame_log_energy_frames():
+    """25 ms frames every 10 ms from the clip's start, dB of the mean square, -100 dB padding after the
+    clip: equal, to the bit, to gathering every frame explicitly."""
+    rng = np.random.default_rng(0)
+    for size in (100, 400, 401, 16000, 33333):
+        wav = (0.1 * rng.standard_normal(size)).astype(np.float32)
+        num_frames = 250
+        n = min(num_frames, -(-size // 160))
+        padded = np.pad(wav, (0, max(0, (n - 1) * 160 + 400 - size)))
+        gathered = padded[np.arange(400)[None, :] + 160 * np.arange(n)[:, None]]
+        expected = np.full(num_frames, -100.0, dtype=np.float32)
+        expected[:n] = 10.0 * np.log10(np.mean(np.square(gathered, dtype=np.float64), axis=1) + 1e-10)
+        assert np.array_equal(P.frame_log_energy(wav, num_frames), expected), size
+    assert np.all(P.frame_log_energy(np.zeros(0, dtype=np.float32), 5) == -100.0)
+
+
+def test_collator_reads_the_stored_f0_track_where_it_is_the_clips(monkeypatch):
+    """Rows with the annotator's ``f0_track`` need no Praat; a track that is not this clip's (another
+    frame count) or a clip longer than the feature window gets Praat's own."""
+    _, processor = build_tiny_ser_slm(TEXTS, emotion_labels=LABELS, sed_f0_stream=True)
+    rows = make_rows(3)
+    fresh = SerSlmDataCollator(processor)(rows)["f0"]
+    tracks = [processor.f0_track(r["audio"]["array"]) for r in rows]
+    calls = []
+    real = P.praat_f0
+    monkeypatch.setattr(P, "praat_f0", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stored = [{**r, "f0_track": t.tolist()} for r, t in zip(rows, tracks)]
+    assert torch.equal(SerSlmDataCollator(processor)(stored)["f0"], fresh) and calls == []
+    stored[0]["f0_track"] = tracks[0][:-1].tolist()  # not this clip's track
+    assert torch.equal(SerSlmDataCollator(processor)(stored)["f0"], fresh) and len(calls) == 1
+    window = processor.feature_extractor.n_samples
+    long_clip = np.tile(rows[1]["audio"]["array"], window // rows[1]["audio"]["array"].size + 2)
+    full = P.praat_f0(long_clip, 16000, -(-long_clip.size // 160))
+    assert processor.f0_track(long_clip, full).size == -(-window // 160)  # cut to the window, computed again
+
+
 def test_trainer_reads_audio_files_itself_with_the_same_samples(tmp_path):
     """The trainers hand the collator undecoded audio cells (decode_audio reads the file, 8x faster
     than datasets' decoder): the batch is the one decoded rows give, tensor for tensor."""

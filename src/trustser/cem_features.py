@@ -97,7 +97,7 @@ def extract_cem_features(
             seds = [dict(sed[i]) for i in pos]
         else:
             seds = [sed_from_row(r, SED_SOURCES[sed_source]) for r in rows]
-        captions, keep, audio = [], [], []
+        captions, keep, audio, kept_rows = [], [], [], []
         for j, (row, s) in enumerate(zip(rows, seds)):
             if errors[j] is not None:  # a corpus run continues: NaN row, logged
                 logger.warning("CEM features: %s", errors[j])
@@ -109,10 +109,11 @@ def extract_cem_features(
             wav = wavs[j]
             captions.append(caption)
             audio.append(wav)
+            kept_rows.append(row)
             keep.append(j)
         if not keep:
             continue
-        enc = processor(audio=audio, captions=captions)
+        enc = processor(audio=audio, captions=captions, f0_tracks=processor.f0_tracks_of(kept_rows, audio))
         model_inputs = {
             k: v.to(device) for k, v in enc.items() if k not in ("labels", "sed_token_index", "emotion_token_mask")
         }

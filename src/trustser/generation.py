@@ -84,17 +84,20 @@ def generate_captions(
         starts = tqdm(starts, desc="generate", unit="batch")
     for s in starts:
         idx = list(range(s, min(len(dataset), s + batch_size)))
-        _, audio, errs = read_rows(dataset, idx, audio_column)
+        rows, audio, errs = read_rows(dataset, idx, audio_column)
         for i, e in zip(idx, errs):
             if e is not None:
                 if errors == "raise":
                     raise AudioError(e)
                 logger.warning("skipped: %s", e)
                 failed[i] = e
-        good = [a for a in audio if a is not None]
+        good = [(r, a) for r, a in zip(rows, audio) if a is not None]
         texts = iter([])
         if good:
-            prompts = processor(audio=good, padding_side="left")
+            good_rows, good_audio = zip(*good)
+            prompts = processor(
+                audio=list(good_audio), padding_side="left", f0_tracks=processor.f0_tracks_of(good_rows, good_audio)
+            )
             prompts = {k: v.to(device) for k, v in prompts.items()}
             texts = iter(greedy_captions(model, processor, prompts, max_new_tokens=max_new_tokens))
         out.extend(None if a is None else next(texts) for a in audio)

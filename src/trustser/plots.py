@@ -69,15 +69,17 @@ def prompt_hidden_states(model, processor, dataset, *, batch_size: int = 32, ret
     feats, usable = [], []
     for s in range(0, len(dataset), batch_size):
         idx = list(range(s, min(len(dataset), s + batch_size)))
-        _, audio, errors = read_rows(dataset, idx)
+        rows, audio, errors = read_rows(dataset, idx)
         for e in errors:
             if e:
                 logging.getLogger(__name__).warning("hidden states: skipped %s", e)
         usable += [i for i, e in zip(idx, errors) if e is None]
+        rows = [r for r, a in zip(rows, audio) if a is not None]
         audio = [a for a in audio if a is not None]
         if not audio:
             continue
-        inputs = {k: v.to(device) for k, v in processor(audio=audio, padding_side="right").items()}
+        enc = processor(audio=audio, padding_side="right", f0_tracks=processor.f0_tracks_of(rows, audio))
+        inputs = {k: v.to(device) for k, v in enc.items()}
         out = model(**inputs, output_hidden_states=True, use_cache=False)
         h = out.hidden_states[-1].float()
         m = inputs["attention_mask"].unsqueeze(-1).float()

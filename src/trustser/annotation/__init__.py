@@ -6,6 +6,7 @@ from . import annotator
 from .annotator import (
     AUTO_COLUMNS,
     ERROR_COLUMN,
+    F0_TRACK_COLUMN,
     FEATURE_COLUMNS,
     annotate,
     annotation_report,

@@ -20,15 +20,26 @@ import numpy as np
 
 from ..audio import TARGET_SR, AudioError, analysis_waveform, audio_problem, undecoded_audio
 from ..descriptors import SED_FIELDS
+from ..models.ser_slm.processing_ser_slm import F0_TRACK_COLUMN
 from .binning import METHODS, AdaptiveConfig, UnifiedThresholds, bin_features, speaker_vote
 from .classifiers import DEFAULT_AGE_MODEL, DEFAULT_GENDER_MODEL, OfflineClassifier, resolve_backend
-from .features import SIGNAL_FEATURES, acoustic_embedding, count_phonemes, signal_features
+from .features import (
+    SIGNAL_FEATURES,
+    acoustic_embedding,
+    count_phonemes,
+    f0_stream_track,
+    praat_pitch,
+    prepare_embedding,
+    signal_features,
+)
 
 logger = logging.getLogger("trustser.annotation")
 
 AUTO_COLUMNS: tuple[str, ...] = tuple(f"{f}_auto" for f in SED_FIELDS)
 FEATURE_COLUMNS: tuple[str, ...] = SIGNAL_FEATURES
 ERROR_COLUMN = "annotation_error"
+# F0_TRACK_COLUMN: each clip's SER-SLM F0 stream from the annotator's own Praat analysis (None where
+# not computed), which the SER-SLM's collator and generation read instead of running Praat again
 _EMB = "_trustser_embedding"
 _TRAIT_COLS = ("_trustser_gender", "_trustser_age")
 
@@ -40,6 +51,7 @@ __all__ = [
     "AUTO_COLUMNS",
     "FEATURE_COLUMNS",
     "ERROR_COLUMN",
+    "F0_TRACK_COLUMN",
 ]
 
 
@@ -54,16 +66,18 @@ def _feature_batch(batch, *, audio_column: str, text_column: str | None, embed: 
     n = len(batch[audio_column])
     texts = batch[text_column] if text_column else [""] * n
     counts = count_phonemes(texts, voice=voice)
-    out: dict[str, list] = {k: [] for k in (*SIGNAL_FEATURES, ERROR_COLUMN)}
+    out: dict[str, list] = {k: [] for k in (*SIGNAL_FEATURES, ERROR_COLUMN, F0_TRACK_COLUMN)}
     if embed:
         out[_EMB] = []
     for i in range(n):
-        feats, emb, err = {k: float("nan") for k in SIGNAL_FEATURES}, None, ""
+        feats, emb, err, track = {k: float("nan") for k in SIGNAL_FEATURES}, None, "", None
         try:
             wav = analysis_waveform(batch[audio_column][i])
             err = audio_problem(wav, TARGET_SR) or ""
             if not err:
-                sig, f0 = signal_features(wav, TARGET_SR)
+                pitch = praat_pitch(wav, TARGET_SR)
+                sig, f0 = signal_features(wav, TARGET_SR, pitch=pitch)
+                track = f0_stream_track(pitch, wav.shape[-1], TARGET_SR)
                 feats.update({k: sig[k] for k in ("f0_mean", "f0_median", "rms_db", "duration")})
                 if counts[i] > 0 and sig["speech_duration"] > 0:
                     feats["phonemes_per_second"] = counts[i] / sig["speech_duration"]
@@ -80,6 +94,7 @@ def _feature_batch(batch, *, audio_column: str, text_column: str | None, embed: 
         for k in SIGNAL_FEATURES:
             out[k].append(feats[k])
         out[ERROR_COLUMN].append(err)
+        out[F0_TRACK_COLUMN].append(None if track is None else track.tolist())
         if embed:
             out[_EMB].append(emb)
     return out
@@ -131,11 +146,24 @@ def _resolve(spec, field, reference_clfs):
 # Passes
 # ------------------------------------------------------------------------------------------
 def _extract(ds, *, embed: bool, num_proc, batch_size, voice, audio_column="audio", text_column="text"):
+    import datasets
+
     raw = undecoded_audio(ds, audio_column)
     text_column = text_column if text_column in ds.column_names else None
     keep = [audio_column] + ([text_column] if text_column else [])
     raw = raw.select_columns(keep)  # the map then writes features only, never a copy of the audio
     fn_kwargs = dict(audio_column=audio_column, text_column=text_column, embed=embed, voice=voice)
+    if embed:
+        prepare_embedding(TARGET_SR)  # inherited by the workers, which then run no torch op
+    # the types are given, not inferred: a first batch of unusable clips has only None tracks/embeddings
+    features = datasets.Features(
+        {
+            **{k: datasets.Value("float64") for k in SIGNAL_FEATURES},
+            ERROR_COLUMN: datasets.Value("string"),
+            F0_TRACK_COLUMN: datasets.List(datasets.Value("float32")),
+            **({_EMB: datasets.List(datasets.Value("float64"))} if embed else {}),
+        }
+    )
     return raw.map(
         _feature_batch,
         batched=True,
@@ -143,6 +171,7 @@ def _extract(ds, *, embed: bool, num_proc, batch_size, voice, audio_column="audi
         num_proc=num_proc,
         fn_kwargs=fn_kwargs,
         remove_columns=keep,
+        features=features,
         desc="annotation features",
     )
 
@@ -191,7 +220,7 @@ def _process_split(ds, backends, *, num_proc, batch_size, voice, audio_column, t
         )
     )
     traits = _traits(ds, ext, backends, audio_column=audio_column, batch_size=batch_size)
-    cols = {k: ext[k] for k in (*FEATURE_COLUMNS, ERROR_COLUMN)}
+    cols = {k: ext[k] for k in (*FEATURE_COLUMNS, ERROR_COLUMN, F0_TRACK_COLUMN)}
     cols["_trustser_gender"], cols["_trustser_age"] = traits["gender"], traits["age"]
     return datasets.Dataset.from_dict(cols)
 
@@ -425,13 +454,14 @@ def annotate(
     out = {}
     for name, ds in splits.items():
         table = tables[name]
-        drop = [c for c in (*AUTO_COLUMNS, *FEATURE_COLUMNS, ERROR_COLUMN) if c in ds.column_names]
+        drop = [c for c in (*AUTO_COLUMNS, *FEATURE_COLUMNS, ERROR_COLUMN, F0_TRACK_COLUMN) if c in ds.column_names]
         res = ds.remove_columns(drop) if drop else ds
         for f in SED_FIELDS:
             res = res.add_column(f"{f}_auto", words[name][f])
         for k in FEATURE_COLUMNS:
             res = res.add_column(k, [float(x) for x in table[k]], feature=datasets.Value("float64"))
         res = res.add_column(ERROR_COLUMN, table[ERROR_COLUMN])
+        res = res.add_column(F0_TRACK_COLUMN, table[F0_TRACK_COLUMN], feature=datasets.List(datasets.Value("float32")))
         n_err = sum(1 for e in table[ERROR_COLUMN] if e)
         if n_err:
             logger.warning(

@@ -136,24 +136,50 @@ def activity(wav: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
     return power, active
 
 
-def pitch_track(wav: np.ndarray, sr: int, floor: float = F0_FLOOR, ceiling: float = F0_CEILING) -> np.ndarray:
-    """F0 (Hz) of the voiced frames, Praat's autocorrelation method; empty if none is voiced."""
+def praat_pitch(wav: np.ndarray, sr: int, floor: float = F0_FLOOR, ceiling: float = F0_CEILING):
+    """Praat's autocorrelation pitch analysis (10 ms steps) of the clip: the one analysis behind both
+    the pitch descriptor and, at the default range, the SER-SLM's F0 stream (``f0_stream_track``)."""
     import parselmouth
 
     snd = parselmouth.Sound(np.asarray(wav, dtype=np.float64), sampling_frequency=float(sr))
-    f0 = snd.to_pitch_ac(time_step=F0_TIME_STEP, pitch_floor=floor, pitch_ceiling=ceiling).selected_array["frequency"]
+    return snd.to_pitch_ac(time_step=F0_TIME_STEP, pitch_floor=floor, pitch_ceiling=ceiling)
+
+
+def pitch_track(
+    wav: np.ndarray, sr: int, floor: float = F0_FLOOR, ceiling: float = F0_CEILING, pitch=None
+) -> np.ndarray:
+    """F0 (Hz) of the voiced frames, Praat's autocorrelation method; empty if none is voiced.
+    ``pitch``: the clip's ``praat_pitch`` when already computed."""
+    f0 = (pitch if pitch is not None else praat_pitch(wav, sr, floor, ceiling)).selected_array["frequency"]
     return f0[f0 > 0]
 
 
-def signal_features(wav: np.ndarray, sr: int) -> tuple[dict[str, float], np.ndarray]:
-    """The audio-only features and the voiced F0 track (reused by the offline classifiers)."""
+def f0_stream_track(pitch, num_samples: int, sr: int) -> np.ndarray | None:
+    """The SER-SLM's F0 stream of a ``num_samples`` clip (``processing_ser_slm.praat_f0``, the same
+    Praat analysis on the same 10 ms grid) from its ``praat_pitch`` at the default range; None where
+    that stream is not defined this way (another sampling rate). The annotator stores it so that
+    training and evaluation do not run Praat again on the clip."""
+    from ..models.ser_slm.processing_ser_slm import f0_on_grid
+
+    if sr != 16000:
+        return None
+    hop = 160
+    frames = max(1, -(-num_samples // hop))
+    if num_samples < int(0.05 * sr):  # praat_f0 gives such a clip no F0
+        return np.zeros(frames, dtype=np.float32)
+    return f0_on_grid(pitch, sr, frames, hop)
+
+
+def signal_features(wav: np.ndarray, sr: int, pitch=None) -> tuple[dict[str, float], np.ndarray]:
+    """The audio-only features and the voiced F0 track (reused by the offline classifiers).
+    ``pitch``: the clip's ``praat_pitch`` when already computed."""
     wav = np.asarray(wav, dtype=np.float32)
     duration = wav.shape[-1] / float(sr)
     power, active = activity(wav, sr)
     rms_db = float(10 * np.log10(np.mean(power[active]) + 1e-20)) if active.any() else float("nan")
     # active (non-pause) time: leading/trailing silence and long pauses do not slow a speaker down
     speech_seconds = float(active.sum()) * HOP_SECONDS
-    f0 = pitch_track(wav, sr)
+    f0 = pitch_track(wav, sr, pitch=pitch)
     feats = {
         "f0_mean": float(np.mean(f0)) if f0.size else float("nan"),
         "f0_median": float(np.median(f0)) if f0.size else float("nan"),
@@ -193,6 +219,18 @@ EMBEDDING_GROUPS: dict[str, tuple[int, int]] = {
 EMBEDDING_DIM = 2 * N_MFCC + 6
 
 
+def embedding_fft_size(sr: int) -> int:
+    """The FFT size of ``acoustic_embedding``'s frames at ``sr``."""
+    return 1 << int(np.ceil(np.log2(FRAME_SECONDS * sr)))
+
+
+def prepare_embedding(sr: int) -> None:
+    """Builds ``acoustic_embedding``'s mel filters (torchaudio) in this process, before worker
+    processes are forked: a torch op in a forked worker can hang when the parent has already run
+    torch's thread pool (seen: a ``num_proc`` annotation worker idle in ``melscale_fbanks``)."""
+    _mel_filters(sr, embedding_fft_size(sr))
+
+
 @functools.lru_cache(maxsize=4)
 def _mel_filters(sr: int, n_fft: int) -> np.ndarray:
     import torchaudio.functional as AF
@@ -225,7 +263,7 @@ def acoustic_embedding(
     wav = np.asarray(wav, dtype=np.float32)
     if f0 is None:
         f0 = pitch_track(wav, sr)
-    n_fft = 1 << int(np.ceil(np.log2(FRAME_SECONDS * sr)))
+    n_fft = embedding_fft_size(sr)
     hop = int(HOP_SECONDS * sr)
     if wav.size < n_fft:
         wav = np.pad(wav, (0, n_fft - wav.size))

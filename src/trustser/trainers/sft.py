@@ -25,6 +25,7 @@ from trl import SFTConfig, SFTTrainer
 from ..audio import TARGET_SR, decode_audio, undecoded_audio
 from ..descriptors import SED_SOURCES
 from ..models.ser_slm.modeling_ser_slm import weighted_auxiliary_loss
+from ..models.ser_slm.processing_ser_slm import F0_TRACK_COLUMN
 from ..utils import has_accelerator
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,8 @@ class SerSlmDataCollator:
     augmentation: Any = None  # callable(wav, key=(epoch, utterance)) -> wav, e.g. ChannelAugmentation (training only)
     aux_labels: bool = False  # also return the auxiliary-loss targets (sed_labels, ctc_labels) of the rows
     # F0 streams by row id: Praat is the costliest part of collating (~60 ms per batch of 8), and an
-    # utterance's F0 does not change between epochs (taken before augmentation: a channel barely moves it)
+    # utterance's F0 does not change between epochs (taken before augmentation: a channel barely moves it);
+    # rows that carry the annotator's track (``f0_track``) need no Praat at all
     max_cached_f0: int = 200_000
     # the augmentation draws of an utterance are keyed by (epoch, utterance), not by the order of the
     # calls, so data-loader workers give the batches 0 workers give; the trainer sets the epoch
@@ -184,7 +186,7 @@ class SerSlmDataCollator:
             key = (f.get("id"), wav.size)
             track = self._f0_cache.get(key) if key[0] is not None else None
             if track is None:
-                track = self.processor.f0_track(wav)
+                track = self.processor.f0_track(wav, f.get(F0_TRACK_COLUMN))
                 if key[0] is not None and len(self._f0_cache) < self.max_cached_f0:
                     self._f0_cache[key] = track
             tracks.append(track)

@@ -45,9 +45,24 @@ def frame_log_energy(wav: np.ndarray, num_frames: int, frame: int = 400, hop: in
         return out
     n = min(num_frames, max(1, -(-wav.size // hop)))
     padded = np.pad(wav, (0, max(0, (n - 1) * hop + frame - wav.size)))
-    idx = np.arange(frame)[None, :] + hop * np.arange(n)[:, None]
-    power = np.mean(np.square(padded[idx], dtype=np.float64), axis=1)
+    # a strided view of the frames, not a gathered copy (3-4x faster, the same values)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, frame)[: (n - 1) * hop + 1 : hop]
+    power = np.mean(np.square(frames, dtype=np.float64), axis=1)
     out[:n] = 10.0 * np.log10(power + 1e-10)
+    return out
+
+
+# The dataset column where the annotator leaves each clip's F0 stream (``praat_f0`` of the whole clip,
+# from the Praat analysis it runs anyway), so that training and evaluation do not run Praat again.
+F0_TRACK_COLUMN = "f0_track"
+
+
+def f0_on_grid(pitch, sr: int, num_frames: int, hop: int = 160) -> np.ndarray:
+    """A Praat ``Pitch`` (Hz, 0 = unvoiced) placed on the 10 ms grid of ``frame_log_energy``."""
+    out = np.zeros(num_frames, dtype=np.float32)
+    idx = np.round(pitch.xs() * sr / hop).astype(int)
+    ok = (idx >= 0) & (idx < num_frames)
+    out[idx[ok]] = np.nan_to_num(pitch.selected_array["frequency"][ok]).astype(np.float32)
     return out
 
 
@@ -55,16 +70,12 @@ def praat_f0(wav: np.ndarray, sr: int, num_frames: int, hop: int = 160) -> np.nd
     """Praat autocorrelation F0 (Hz, 0 = unvoiced) on the 10 ms grid of ``frame_log_energy``."""
     import parselmouth  # optional: only for models with the F0 stream
 
-    out = np.zeros(num_frames, dtype=np.float32)
     if wav.size < int(0.05 * sr):
-        return out
+        return np.zeros(num_frames, dtype=np.float32)
     pitch = parselmouth.Sound(wav.astype(np.float64), sampling_frequency=sr).to_pitch_ac(
         time_step=hop / sr, pitch_floor=60.0, pitch_ceiling=600.0
     )
-    idx = np.round(pitch.xs() * sr / hop).astype(int)
-    ok = (idx >= 0) & (idx < num_frames)
-    out[idx[ok]] = np.nan_to_num(pitch.selected_array["frequency"][ok]).astype(np.float32)
-    return out
+    return f0_on_grid(pitch, sr, num_frames, hop)
 
 
 class SerSlmProcessor(ProcessorMixin):
@@ -180,15 +191,29 @@ class SerSlmProcessor(ProcessorMixin):
     def num_audio_tokens(self, valid_length: int) -> int:
         return conv_output_length(int(valid_length), self.audio_conv_layers, self.frame_downsample)
 
-    def f0_track(self, wav: np.ndarray) -> np.ndarray:
+    def f0_track(self, wav: np.ndarray, stored: Sequence[float] | None = None) -> np.ndarray:
         """The utterance's F0 stream (``praat_f0`` on the part of ``wav`` the features cover), unpadded:
-        what ``__call__`` computes for it, for callers that cache it across epochs (``f0_tracks=``)."""
+        what ``__call__`` computes for it, for callers that cache it across epochs (``f0_tracks=``).
+        ``stored``: the row's ``F0_TRACK_COLUMN`` (``praat_f0`` of the whole clip, left by the
+        annotator), returned as it is when it is this clip's track: the features cover the whole
+        clip at 16 kHz and the track has the clip's frame count; otherwise Praat runs."""
         fe = self.feature_extractor
         wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+        whole = wav.size
         if hasattr(fe, "n_samples"):
             wav = wav[: fe.n_samples]
         hop = 160 * fe.sampling_rate // 16000
-        return praat_f0(wav, fe.sampling_rate, max(1, -(-wav.size // hop)), hop)
+        frames = max(1, -(-wav.size // hop))
+        if stored is not None and wav.size == whole and fe.sampling_rate == 16000 and len(stored) == frames:
+            return np.asarray(stored, dtype=np.float32)
+        return praat_f0(wav, fe.sampling_rate, frames, hop)
+
+    def f0_tracks_of(self, rows: Sequence[Mapping], audio: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+        """``f0_tracks=`` for dataset ``rows`` and their decoded ``audio`` (None without the F0
+        stream): each row's stored track where it has one (``f0_track``), else Praat's."""
+        if not self.f0_stream:
+            return None
+        return [self.f0_track(a, r.get(F0_TRACK_COLUMN)) for r, a in zip(rows, audio)]
 
     def _audio_inputs(self, audio: Sequence[np.ndarray], sampling_rate: int, f0_tracks=None):
         fe = self.feature_extractor
@@ -352,4 +377,4 @@ class SerSlmProcessor(ProcessorMixin):
         )
 
 
-__all__ = ["SerSlmProcessor", "frame_log_energy", "praat_f0"]
+__all__ = ["SerSlmProcessor", "F0_TRACK_COLUMN", "f0_on_grid", "frame_log_energy", "praat_f0"]
