@@ -77,7 +77,7 @@ def _feature_batch(batch, *, audio_column: str, text_column: str | None, embed: 
             if not err:
                 pitch = praat_pitch(wav, TARGET_SR)
                 sig, f0 = signal_features(wav, TARGET_SR, pitch=pitch)
-                track = f0_stream_track(pitch, wav.shape[-1], TARGET_SR)
+                track = f0_stream_track(wav, TARGET_SR, pitch)
                 feats.update({k: sig[k] for k in ("f0_mean", "f0_median", "rms_db", "duration")})
                 if counts[i] > 0 and sig["speech_duration"] > 0:
                     feats["phonemes_per_second"] = counts[i] / sig["speech_duration"]

@@ -154,20 +154,13 @@ def pitch_track(
     return f0[f0 > 0]
 
 
-def f0_stream_track(pitch, num_samples: int, sr: int) -> np.ndarray | None:
-    """The SER-SLM's F0 stream of a ``num_samples`` clip (``processing_ser_slm.praat_f0``, the same
-    Praat analysis on the same 10 ms grid) from its ``praat_pitch`` at the default range; None where
-    that stream is not defined this way (another sampling rate). The annotator stores it so that
-    training and evaluation do not run Praat again on the clip."""
-    from ..models.ser_slm.processing_ser_slm import f0_on_grid
+def f0_stream_track(wav: np.ndarray, sr: int, pitch) -> np.ndarray | None:
+    """The SER-SLM's F0 stream of the clip (``processing_ser_slm.clip_f0_track``) from its
+    ``praat_pitch`` at the default range, whose 10 ms step is the stream's at 16 kHz; None at another
+    rate. The annotator stores it so that training and evaluation do not run Praat again."""
+    from ..models.ser_slm.processing_ser_slm import clip_f0_track
 
-    if sr != 16000:
-        return None
-    hop = 160
-    frames = max(1, -(-num_samples // hop))
-    if num_samples < int(0.05 * sr):  # praat_f0 gives such a clip no F0
-        return np.zeros(frames, dtype=np.float32)
-    return f0_on_grid(pitch, sr, frames, hop)
+    return clip_f0_track(np.asarray(wav, dtype=np.float32), sr, pitch=pitch) if sr == 16000 else None
 
 
 def signal_features(wav: np.ndarray, sr: int, pitch=None) -> tuple[dict[str, float], np.ndarray]:

@@ -57,25 +57,29 @@ def frame_log_energy(wav: np.ndarray, num_frames: int, frame: int = 400, hop: in
 F0_TRACK_COLUMN = "f0_track"
 
 
-def f0_on_grid(pitch, sr: int, num_frames: int, hop: int = 160) -> np.ndarray:
-    """A Praat ``Pitch`` (Hz, 0 = unvoiced) placed on the 10 ms grid of ``frame_log_energy``."""
+def praat_f0(wav: np.ndarray, sr: int, num_frames: int, hop: int = 160, pitch=None) -> np.ndarray:
+    """Praat autocorrelation F0 (Hz, 0 = unvoiced) on the 10 ms grid of ``frame_log_energy``.
+    ``pitch``: the clip's Praat ``Pitch`` at this step and range (60-600 Hz) when already made."""
     out = np.zeros(num_frames, dtype=np.float32)
+    if wav.size < int(0.05 * sr):
+        return out
+    if pitch is None:
+        import parselmouth  # optional: only for models with the F0 stream
+
+        pitch = parselmouth.Sound(wav.astype(np.float64), sampling_frequency=sr).to_pitch_ac(
+            time_step=hop / sr, pitch_floor=60.0, pitch_ceiling=600.0
+        )
     idx = np.round(pitch.xs() * sr / hop).astype(int)
     ok = (idx >= 0) & (idx < num_frames)
     out[idx[ok]] = np.nan_to_num(pitch.selected_array["frequency"][ok]).astype(np.float32)
     return out
 
 
-def praat_f0(wav: np.ndarray, sr: int, num_frames: int, hop: int = 160) -> np.ndarray:
-    """Praat autocorrelation F0 (Hz, 0 = unvoiced) on the 10 ms grid of ``frame_log_energy``."""
-    import parselmouth  # optional: only for models with the F0 stream
-
-    if wav.size < int(0.05 * sr):
-        return np.zeros(num_frames, dtype=np.float32)
-    pitch = parselmouth.Sound(wav.astype(np.float64), sampling_frequency=sr).to_pitch_ac(
-        time_step=hop / sr, pitch_floor=60.0, pitch_ceiling=600.0
-    )
-    return f0_on_grid(pitch, sr, num_frames, hop)
+def clip_f0_track(wav: np.ndarray, sr: int, pitch=None) -> np.ndarray:
+    """``praat_f0`` of the whole clip over its own frames: the F0 stream of a clip that fits the
+    feature window (``SerSlmProcessor.f0_track``), and what the annotator stores (``f0_track``)."""
+    hop = 160 * sr // 16000
+    return praat_f0(wav, sr, max(1, -(-wav.size // hop)), hop, pitch=pitch)
 
 
 class SerSlmProcessor(ProcessorMixin):
@@ -202,11 +206,10 @@ class SerSlmProcessor(ProcessorMixin):
         whole = wav.size
         if hasattr(fe, "n_samples"):
             wav = wav[: fe.n_samples]
-        hop = 160 * fe.sampling_rate // 16000
-        frames = max(1, -(-wav.size // hop))
+        frames = max(1, -(-wav.size // (160 * fe.sampling_rate // 16000)))
         if stored is not None and wav.size == whole and fe.sampling_rate == 16000 and len(stored) == frames:
             return np.asarray(stored, dtype=np.float32)
-        return praat_f0(wav, fe.sampling_rate, frames, hop)
+        return clip_f0_track(wav, fe.sampling_rate)
 
     def f0_tracks_of(self, rows: Sequence[Mapping], audio: Sequence[np.ndarray]) -> list[np.ndarray] | None:
         """``f0_tracks=`` for dataset ``rows`` and their decoded ``audio`` (None without the F0
@@ -377,4 +380,4 @@ class SerSlmProcessor(ProcessorMixin):
         )
 
 
-__all__ = ["SerSlmProcessor", "F0_TRACK_COLUMN", "f0_on_grid", "frame_log_energy", "praat_f0"]
+__all__ = ["SerSlmProcessor", "F0_TRACK_COLUMN", "clip_f0_track", "frame_log_energy", "praat_f0"]
