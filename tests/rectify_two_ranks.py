@@ -24,6 +24,7 @@ def main(out: Path, steps: int = 3) -> None:
     from trustser.models.ser_slm import build_tiny_ser_slm
     from trustser.trainers.rectify import SedRectifyTrainer
     from trustser.trainers.rectify_config import SedRectifyConfig
+    from trustser.utils import end_distributed
 
     torch.set_num_threads(1)
     model, proc = build_tiny_ser_slm(
@@ -68,6 +69,7 @@ def main(out: Path, steps: int = 3) -> None:
     (out / f"log_rank{rank}.json").write_text(
         json.dumps({"num_processes": trainer.accelerator.num_processes, "log_history": trainer.state.log_history})
     )
+    end_distributed()
 
 
 if __name__ == "__main__":

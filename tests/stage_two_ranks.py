@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from trustser.stages import StageRunner
-from trustser.utils import distributed_state
+from trustser.utils import distributed_state, end_distributed
 
 out = Path(sys.argv[1])
 state = distributed_state()
@@ -29,3 +29,4 @@ other = runner.run("cem", {"y": 2}, fn, [first])
         }
     )
 )
+end_distributed()

@@ -335,8 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
     from trl import TrlParser
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .utils import end_distributed
+
     (cfg,) = TrlParser((FinetuneConfig,)).parse_args_and_config(args=argv)
-    return run_finetune(cfg)
+    results = run_finetune(cfg)
+    end_distributed()
+    return results
 
 
 __all__ = ["FinetuneConfig", "run_finetune", "add_emotion_label_tokens", "labels_needing_tokens", "main"]

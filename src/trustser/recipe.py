@@ -930,11 +930,15 @@ def main(system: str | None = None, argv: list[str] | None = None) -> dict:
     """Entry point of ``recipes/sysN.py`` (``parse_recipe_args``, then ``run_system``); a model
     that cannot be found or fetched ends the run with one line saying which and how to fix it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .utils import end_distributed
+
     cfg = parse_recipe_args(argv, system)
     try:
-        return run_system(cfg)
+        results = run_system(cfg)
     except ModelSourceError as exc:
         raise SystemExit(f"trustser: {exc}") from None
+    end_distributed()
+    return results
 
 
 def _system_given(argv: list[str] | None) -> bool:

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..annotation import annotate, annotation_report
     from ..data import load_corpus
-    from ..utils import atomic_directory, check_output_dir, set_seed
+    from ..utils import atomic_directory, check_output_dir, end_distributed, set_seed
 
     check_output_dir(
         args.out, marker="annotation.json", overwrite=args.overwrite, inputs=[args.root]
@@ -115,5 +115,5 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"annotated {n_rows - n_err}/{n_rows} utterances ({n_err} errors) with {args.method}{procs} -> {args.out}"
         )
-    state.wait_for_everyone()
+    end_distributed()
     return 0
