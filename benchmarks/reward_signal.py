@@ -1,0 +1,133 @@
+"""Does the rectification reward single out the wrong labels, utterance by utterance? (Issue 15.)
+
+The controller can only learn to modify the wrong labels if the reward it is trained on prefers a
+modification where the annotated label is wrong and retention where it is right. This measures that
+signal directly, without any controller: for every utterance of ``--split`` and every field, the
+reward (minus the emotion-word cross-entropy of the true emotion, as ``SedRectifyTrainer`` computes
+it) of the annotated caption and of the caption with that one field set to each other value.
+
+Per field and scorer:
+
+* ``truth_gain``: over the wrong labels, the reward gained by replacing the label with the true
+  value (mean, nats) and the share of wrong labels where it is positive (the best-case repair);
+* ``modify_gain``: the reward gained by a "modify" action on average, its replacement drawn as
+  the controller draws it (``--modify-strategy``: the recipe's ``adjacent`` neighbouring value, or
+  ``uniform`` over the other values); mean over wrong and over right labels;
+* ``modify_gain_auc``: its ROC AUC for "the annotated label is wrong". A controller whose modify
+  probability followed this expected gain exactly would separate wrong from right labels this well
+  and no better; issue 15's target is a modify-probability AUC of 0.70.
+
+Scorers: any saved SER-SLM folders, e.g. the recipe's pre-trained SLM (``reward_scorer: frozen``
+scores with it) and a post-trained one (``policy``, the SLM after training on the labels)::
+
+    python benchmarks/reward_signal.py outputs/cache/annotate-<key>/data \
+        outputs/cache/pretrain-<key>/model outputs/cache/posttrain-<key>/model --split train --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from descriptor_exposure import emotion_scores  # noqa: E402
+
+from trustser.descriptors import SED_FIELDS, SED_VOCAB, build_caption  # noqa: E402
+from trustser.evaluation import binary_auc  # noqa: E402
+
+
+def alternatives(row: dict) -> list[tuple[str, str]]:
+    """``(field, value)`` of every single-field change of the row's annotated descriptors."""
+    return [(f, v) for f in SED_FIELDS for v in SED_VOCAB[f] if v != row[f + "_auto"]]
+
+
+def replacements(field: str, value: str, strategy: str) -> list[str]:
+    """The values a "modify" of ``value`` can draw (``modify_labels``): its neighbours in the field's
+    ordered vocabulary (``adjacent``) or every other value (``uniform``)."""
+    vocab = SED_VOCAB[field]
+    if strategy == "uniform":
+        return [v for v in vocab if v != value]
+    i = vocab.index(value)
+    return [vocab[j] for j in (i - 1, i + 1) if 0 <= j < len(vocab)]
+
+
+def field_signal(
+    rows: list[dict], alts: list[list[tuple[str, str]]], logp: np.ndarray, strategy: str = "adjacent"
+) -> dict:
+    """Per field: the truth gain over wrong labels, a modification's mean gain (replacement drawn by
+    ``strategy``) over wrong and right labels and its AUC for "wrong", from ``logp`` (n, 1 + changes):
+    column 0 is the annotated caption."""
+    out = {}
+    for f in SED_FIELDS:
+        wrong, truth_gain, modify_gain = [], [], []
+        for i, (r, a) in enumerate(zip(rows, alts)):
+            cols = [1 + j for j, (g, _) in enumerate(a) if g == f]
+            gains = {a[c - 1][1]: logp[i, c] - logp[i, 0] for c in cols}
+            is_wrong = r[f + "_auto"] != r[f]
+            wrong.append(is_wrong)
+            modify_gain.append(float(np.mean([gains[v] for v in replacements(f, r[f + "_auto"], strategy)])))
+            if is_wrong and r[f] in gains:
+                truth_gain.append(gains[r[f]])
+        wrong_arr, gain_arr = np.array(wrong), np.array(modify_gain)
+        out[f] = {
+            "n": len(rows),
+            "wrong": int(wrong_arr.sum()),
+            "truth_gain_mean": round(float(np.mean(truth_gain)), 4) if truth_gain else None,
+            "truth_gain_positive": round(float(np.mean(np.array(truth_gain) > 0)), 4) if truth_gain else None,
+            "modify_gain_wrong": round(float(gain_arr[wrong_arr].mean()), 4) if wrong_arr.any() else None,
+            "modify_gain_right": round(float(gain_arr[~wrong_arr].mean()), 4) if (~wrong_arr).any() else None,
+            "modify_gain_auc": round(binary_auc(gain_arr, wrong_arr.astype(float)), 4),
+        }
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("annotated", help="a saved annotated DatasetDict (the recipe's annotate stage, /data)")
+    p.add_argument("models", nargs="+", help="saved SER-SLM folders to score with")
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=int, default=0, help="first N utterances only (0: all)")
+    p.add_argument("--modify-strategy", default="adjacent", choices=("adjacent", "uniform"))
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    import datasets
+    import torch
+
+    from trustser.models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
+
+    torch.manual_seed(0)
+    ds = datasets.load_from_disk(a.annotated)[a.split]
+    if a.limit:
+        ds = ds.select(range(min(a.limit, len(ds))))
+    ds = ds.cast_column("audio", datasets.Audio(sampling_rate=16000))
+    audio = [np.asarray(x["array"], dtype=np.float32) for x in ds["audio"]]
+    rows = ds.remove_columns("audio").to_list()
+    alts = [alternatives(r) for r in rows]
+    captions = []
+    for r, alt in zip(rows, alts):
+        annotated = {f: r[f + "_auto"] for f in SED_FIELDS}
+        captions.append(
+            [build_caption(r["text"], r["emotion"], annotated)]
+            + [build_caption(r["text"], r["emotion"], {**annotated, f: v}) for f, v in alt]
+        )
+    results = {}
+    for folder in a.models:
+        model = SerSlmForConditionalGeneration.from_pretrained(folder).eval()
+        processor = SerSlmProcessor.from_pretrained(folder)
+        logp = emotion_scores(model, processor, audio, captions, processor.f0_tracks_of(rows, audio))
+        results[folder] = field_signal(rows, alts, logp, a.modify_strategy)
+        print(folder)
+        for f, s in results[folder].items():
+            print(f"  {f:7s} {json.dumps(s)}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"split": a.split, "n": len(rows), "modify_strategy": a.modify_strategy, "scorers": results}, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
