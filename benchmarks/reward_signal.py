@@ -125,7 +125,12 @@ def main(argv=None) -> dict:
         for f, s in results[folder].items():
             print(f"  {f:7s} {json.dumps(s)}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"split": a.split, "n": len(rows), "modify_strategy": a.modify_strategy, "scorers": results}, indent=1) + "\n")
+        Path(a.json).write_text(
+            json.dumps(
+                {"split": a.split, "n": len(rows), "modify_strategy": a.modify_strategy, "scorers": results}, indent=1
+            )
+            + "\n"
+        )
     return results
 
 

@@ -4,6 +4,7 @@ and the per-utterance audit and training logs of fixed / broken labels."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,6 +174,42 @@ def test_retain_kl_keeps_the_controller_near_its_initial_policy(tiny, rows, tmp_
     assert drift[0.0] > 0 and drift[50.0] < 0.5 * drift[0.0]
 
 
+# ---------------------------------------------------------------------------------- a cost per modification
+def test_modify_cost_teaches_the_controller_to_retain(tiny, rows, tmp_path):
+    """A cost of 1 nat per modified field dwarfs the tiny SLM's emotion-reward differences, so every
+    modification's advantage is negative and the controller's modify probability falls; without the
+    cost it does not fall like that."""
+    p_modify = {}
+    for cost in (0.0, 1.0):
+        t = _trainer(
+            tiny,
+            rows,
+            tmp_path / str(cost),
+            max_steps=2,
+            modify_cost=cost,
+            controller_learning_rate=0.05,
+            controller_updates_per_step=4,
+            controller_scale_rewards="none",
+            reward_timing="reuse_forward",
+            controller_initial_retain_bias=0.0,
+        )
+        t.train()
+        batch = t._prepare_inputs(t.data_collator(rows[:8]))
+        with torch.no_grad():
+            feats, mask = t.controller.log_mel(batch["rectify_waveforms"], batch["rectify_waveform_lengths"])
+            logits = t.controller(batch["rectify_sed_ids"], input_features=feats, feature_attention_mask=mask).logits
+        p_modify[cost] = float(torch.softmax(logits, -1)[..., 1].mean())
+        # the logged reward stays the emotion reward (finite, negative cross-entropy), not the shaped one
+        logged = [h["reward/mean"] for h in t.state.log_history if "reward/mean" in h]
+        assert logged and all(np.isfinite(v) and v < 0 for v in logged)
+    assert p_modify[1.0] < 0.35 and p_modify[1.0] < p_modify[0.0] - 0.1, p_modify
+
+
+def test_modify_cost_is_validated():
+    with pytest.raises(ValueError, match="modify_cost"):
+        _config(Path("/tmp/unused"), modify_cost=-0.1)
+
+
 def test_bernoulli_kl():
     p = torch.tensor([[[2.0, 0.0]]])
     assert float(bernoulli_kl(p, p)) == 0.0
@@ -333,6 +370,7 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
         "reward_ema_decay": 0.9,
         "advantage": "per_field",
         "retain_kl_coef": 0.1,
+        "modify_cost": 0.05,
         "frozen_slm_steps": 5,
         "slm_targets": "argmax",
         "controller_audio_norm": True,
@@ -353,10 +391,11 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
         args.reward_scorer,
         args.advantage,
         args.retain_kl_coef,
+        args.modify_cost,
         args.frozen_slm_steps,
         args.slm_targets,
         args.controller_audio_norm,
-    ) == ("policy", "group", 0.0, 0, "samples", False)
+    ) == ("policy", "group", 0.0, 0.0, 0, "samples", False)
 
 
 # ---------------------------------------------------------------------------------- auxiliary heads

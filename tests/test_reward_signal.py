@@ -60,4 +60,9 @@ def test_replacements_follow_modify_labels(reward_signal):
     assert reward_signal.replacements("pitch", "normal", "adjacent") == ["low", "high"]
     assert reward_signal.replacements("gender", "male", "adjacent") == ["female"]
     assert reward_signal.replacements("age", "elderly", "adjacent") == ["middle-aged"]
-    assert reward_signal.replacements("age", "child", "uniform") == ["teenager", "young adult", "middle-aged", "elderly"]
+    assert reward_signal.replacements("age", "child", "uniform") == [
+        "teenager",
+        "young adult",
+        "middle-aged",
+        "elderly",
+    ]

@@ -776,16 +776,20 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         rewards = torch.cat([r["rewards"].flatten() for r in records])
         from trl.trainer.utils import nanstd
 
+        # what the controller is credited with: the emotion reward less the cost of its modifications
+        for r in records:
+            r["shaped"] = r["rewards"] - args.modify_cost * r["actions"].sum(-1).to(r["rewards"].dtype)
+        shaped = torch.cat([r["shaped"].flatten() for r in records])
         scale = args.controller_scale_rewards
         # "batch": one std over the whole step's rewards (all its micro-batches), as TRL
-        step_std = nanstd(rewards) + 1e-4 if scale == "batch" else None
+        step_std = nanstd(shaped) + 1e-4 if scale == "batch" else None
         for r in records:
             if args.advantage == "per_field":
-                r["advantages"] = per_field_advantages(r["rewards"], r["actions"], scale=scale, batch_std=step_std)
+                r["advantages"] = per_field_advantages(r["shaped"], r["actions"], scale=scale, batch_std=step_std)
             elif step_std is not None:
-                r["advantages"] = group_normalize(r["rewards"], scale="none") / step_std
+                r["advantages"] = group_normalize(r["shaped"], scale="none") / step_std
             else:
-                r["advantages"] = group_normalize(r["rewards"], scale=scale)
+                r["advantages"] = group_normalize(r["shaped"], scale=scale)
             if self.reference_controller is not None:
                 r["reference_logits"] = self.reference_controller(
                     r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]

@@ -134,6 +134,16 @@ class SedRectifyConfig(SerSlmSFTConfig):
             "(controller_initial_retain_bias): a penalty toward 'retain' (0 = off, the paper)."
         },
     )
+    modify_cost: float = field(
+        default=0.0,
+        metadata={
+            "help": "reward cost, in nats of emotion cross-entropy, of each field a policy modifies: a change must pay "
+            "for itself. The emotion reward of a modification that does not matter to the emotion is ~0 on average "
+            "whether the label was right or wrong (gender and age on the embedded benchmark; "
+            "benchmarks/reward_signal.py), so without a cost the controller drifts into flipping whole fields "
+            "(0 = off, the paper)."
+        },
+    )
     frozen_slm_steps: int = field(
         default=0,
         metadata={
@@ -211,6 +221,8 @@ class SedRectifyConfig(SerSlmSFTConfig):
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
         if self.retain_kl_coef < 0:
             raise ValueError(f"retain_kl_coef must be >= 0, got {self.retain_kl_coef}")
+        if self.modify_cost < 0:
+            raise ValueError(f"modify_cost must be >= 0, got {self.modify_cost}")
         if self.frozen_slm_steps < 0:
             raise ValueError(f"frozen_slm_steps must be >= 0, got {self.frozen_slm_steps}")
         if self.slm_targets not in SLM_TARGETS:
