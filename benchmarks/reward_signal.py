@@ -17,6 +17,11 @@ Per field and scorer:
   probability followed this expected gain exactly would separate wrong from right labels this well
   and no better; issue 15's target is a modify-probability AUC of 0.70.
 
+Beside it, ``--context-auc`` asks whether the information is there at all: a gradient-boosting
+classifier from what a ``controller_speaker_context`` controller reads besides the audio (its
+speaker-relative prosody and the annotated labels) to "the label is wrong", fitted on ``train``
+and scored on ``dev`` (ROC AUC per prosody field, no scorer involved).
+
 Scorers: any saved SER-SLM folders, e.g. the recipe's pre-trained SLM (``reward_scorer: frozen``
 scores with it) and a post-trained one (``policy``, the SLM after training on the labels)::
 
@@ -86,6 +91,30 @@ def field_signal(
     return out
 
 
+def context_auc(train, held_out) -> dict:
+    """Per prosody field: ROC AUC on ``held_out`` of a classifier fitted on ``train`` (annotated
+    ``datasets.Dataset`` splits) from the speaker-relative prosody and the annotated prosody labels
+    to "the annotated label is wrong"."""
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    from trustser.trainers.speaker_context import speaker_relative_prosody
+
+    prosody = ("pitch", "volume", "speed")
+
+    def inputs(ds):
+        labels = [[float(r[f + "_auto"] == v) for f in prosody for v in SED_VOCAB[f]] for r in ds]
+        return np.hstack([speaker_relative_prosody(ds), np.asarray(labels)])
+
+    x_train, x_held = inputs(train), inputs(held_out)
+    out = {}
+    for f in prosody:
+        y_train = np.array([r[f + "_auto"] != r[f] for r in train], dtype=float)
+        y_held = np.array([r[f + "_auto"] != r[f] for r in held_out], dtype=float)
+        clf = GradientBoostingClassifier(random_state=0).fit(x_train, y_train)
+        out[f] = round(binary_auc(clf.predict_proba(x_held)[:, 1], y_held), 4)
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("annotated", help="a saved annotated DatasetDict (the recipe's annotate stage, /data)")
@@ -93,6 +122,17 @@ def main(argv=None) -> dict:
     p.add_argument("--split", default="train")
     p.add_argument("--limit", type=int, default=0, help="first N utterances only (0: all)")
     p.add_argument("--modify-strategy", default="adjacent", choices=("adjacent", "uniform"))
+    p.add_argument(
+        "--context-auc",
+        action="store_true",
+        help="also: how well the speaker context and annotated labels predict a wrong label (train -> dev)",
+    )
+    p.add_argument(
+        "--table",
+        default=None,
+        help="also save the first scorer's reward table (.npz: rewards, changes, labels, speaker context) "
+        "for benchmarks/controller_bandit.py",
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     import datasets
@@ -121,17 +161,30 @@ def main(argv=None) -> dict:
         processor = SerSlmProcessor.from_pretrained(folder)
         logp = emotion_scores(model, processor, audio, captions, processor.f0_tracks_of(rows, audio))
         results[folder] = field_signal(rows, alts, logp, a.modify_strategy)
+        if a.table and folder == a.models[0]:
+            from trustser.trainers.speaker_context import speaker_relative_prosody
+
+            np.savez(
+                a.table,
+                logp=logp,
+                changes=np.array([[f"{f}={v}" for f, v in alt] for alt in alts]),
+                annotated=np.array([[r[f + "_auto"] for f in SED_FIELDS] for r in rows]),
+                truth=np.array([[r[f] for f in SED_FIELDS] for r in rows]),
+                context=speaker_relative_prosody(ds.remove_columns("audio")),
+            )
         print(folder)
         for f, s in results[folder].items():
             print(f"  {f:7s} {json.dumps(s)}")
-    if a.json:
-        Path(a.json).write_text(
-            json.dumps(
-                {"split": a.split, "n": len(rows), "modify_strategy": a.modify_strategy, "scorers": results}, indent=1
-            )
-            + "\n"
+    report = {"split": a.split, "n": len(rows), "modify_strategy": a.modify_strategy, "scorers": results}
+    if a.context_auc:
+        splits = datasets.load_from_disk(a.annotated)
+        report["context_auc"] = context_auc(
+            splits["train"].remove_columns("audio"), splits["dev"].remove_columns("audio")
         )
-    return results
+        print("context -> wrong label, AUC on dev:", json.dumps(report["context_auc"]))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 if __name__ == "__main__":

@@ -210,6 +210,39 @@ def test_modify_cost_is_validated():
         _config(Path("/tmp/unused"), modify_cost=-0.1)
 
 
+# ---------------------------------------------------------------------------------- a controller without audio
+def test_controller_input_none_reads_labels_not_audio(tiny, rows, tmp_path):
+    from trustser.models.sed_controller import SedControllerModel
+
+    t = _trainer(tiny, rows, tmp_path / "n", max_steps=2, controller_input="none", controller_initial_retain_bias=0.0)
+    ctrl = t.controller
+    assert ctrl.config.reads_audio is False and not any(p.requires_grad for p in ctrl.lstm.parameters())
+    lstm = {k: v.clone() for k, v in ctrl.lstm.state_dict().items()}
+    head = {k: v.clone() for k, v in ctrl.head.state_dict().items()}
+    batch = t._prepare_inputs(t.data_collator(rows[:4]))
+    feats, mask = ctrl.log_mel(batch["rectify_waveforms"], batch["rectify_waveform_lengths"])
+    with torch.no_grad():
+        a = ctrl(batch["rectify_sed_ids"], input_features=feats, feature_attention_mask=mask).logits
+        b = ctrl(batch["rectify_sed_ids"], input_features=torch.randn_like(feats), feature_attention_mask=mask).logits
+    assert torch.equal(a, b)  # the audio does not reach the decision
+    t.train()
+    assert all(torch.equal(lstm[k], v) for k, v in ctrl.lstm.state_dict().items())
+    assert any(not torch.equal(head[k], v) for k, v in ctrl.head.state_dict().items())  # the head learnt
+    ctrl.save_pretrained(tmp_path / "saved")
+    assert SedControllerModel.from_pretrained(tmp_path / "saved").config.reads_audio is False
+    # a controller that reads audio is refused for controller_input="none", and the other way round
+    with pytest.raises(ValueError, match="reads_audio"):
+        _trainer(tiny, rows, tmp_path / "m", controller=SedControllerModel.from_pretrained(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="reads_audio"):
+        _trainer(
+            tiny,
+            rows,
+            tmp_path / "o",
+            controller_input="none",
+            controller=copy.deepcopy(_trainer(tiny, rows, tmp_path / "p").controller),
+        )
+
+
 def test_bernoulli_kl():
     p = torch.tensor([[[2.0, 0.0]]])
     assert float(bernoulli_kl(p, p)) == 0.0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from trustser.descriptors import SED_FIELDS
 
@@ -66,3 +67,87 @@ def test_replacements_follow_modify_labels(reward_signal):
         "middle-aged",
         "elderly",
     ]
+
+
+def _prosody_split(seed: int, n_speakers: int = 12, per_speaker: int = 30):
+    """Speakers with their own baselines; the true labels are relative to the speaker, the
+    annotated ones follow absolute thresholds (as the annotation tool's), so a label is wrong
+    where the speaker's baseline is far from the population's."""
+    import datasets
+
+    from trustser.trainers.speaker_context import PROSODY_COLUMNS
+
+    g = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_speakers):
+        base = g.normal(0.0, 1.5, size=3)
+        for _ in range(per_speaker):
+            z = g.normal(size=3)
+            values = base + z
+            row = {"speaker": f"spk{seed}-{s}"}
+            for j, (f, column) in enumerate(zip(("pitch", "volume", "speed"), PROSODY_COLUMNS)):
+                row[column] = float(np.exp(5 + 0.1 * values[j])) if column == "f0_median" else float(values[j])
+                vocab = ("low", "normal", "high") if f != "speed" else ("slow", "normal", "fast")
+                row[f] = vocab[int(np.digitize(z[j], [-0.6, 0.6]))]
+                row[f + "_auto"] = vocab[int(np.digitize(values[j], [-0.6, 0.6]))]
+            rows.append(row)
+    return datasets.Dataset.from_list(rows)
+
+
+def test_context_auc_finds_speaker_driven_errors(reward_signal):
+    train, held_out = _prosody_split(0), _prosody_split(1)
+    auc = reward_signal.context_auc(train, held_out)
+    assert set(auc) == {"pitch", "volume", "speed"}
+    assert all(v > 0.8 for v in auc.values()), auc
+    # true labels drawn at random: whether the annotation is wrong is then independent of the inputs
+    vocab = ("low", "normal", "high")
+    g = np.random.default_rng(2)
+    train_rand, held_rand = (ds.map(lambda r: {"pitch": vocab[int(g.integers(3))]}) for ds in (train, held_out))
+    assert abs(reward_signal.context_auc(train_rand, held_rand)["pitch"] - 0.5) < 0.1
+
+
+@pytest.fixture(scope="module")
+def controller_bandit():
+    spec = importlib.util.spec_from_file_location("controller_bandit", REPO / "benchmarks" / "controller_bandit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_controller_bandit_learns_a_learnable_table(reward_signal, controller_bandit, tmp_path):
+    """A reward table where modifying pitch gains 0.3 nats exactly where the label is wrong (and
+    loses 0.3 elsewhere), every other change loses 0.1, and the context says which pitch labels are
+    wrong: the bandit learns to modify those, and only those; without the context it cannot."""
+    g = np.random.default_rng(0)
+    n = 240
+    rows = []
+    for _ in range(n):
+        pitch = ("low", "high")[int(g.integers(2))]
+        wrong = bool(g.random() < 0.5)
+        row = {f: v for f, v in (("volume", "normal"), ("speed", "normal"), ("gender", "male"), ("age", "young adult"))}
+        row.update({f + "_auto": v for f, v in row.items()})
+        row.update(pitch_auto=pitch, pitch="normal" if wrong else pitch)
+        rows.append(row)
+    alts = [reward_signal.alternatives(r) for r in rows]
+    logp = np.zeros((n, 12))
+    for i, (r, a) in enumerate(zip(rows, alts)):
+        for j, (f, v) in enumerate(a):
+            logp[i, 1 + j] = (0.3 if r["pitch"] == "normal" else -0.3) if (f, v) == ("pitch", "normal") else -0.1
+    wrong = np.array([r["pitch"] != r["pitch_auto"] for r in rows])
+    path = tmp_path / "table.npz"
+    np.savez(
+        path,
+        logp=logp,
+        changes=np.array([[f"{f}={v}" for f, v in a] for a in alts]),
+        annotated=np.array([[r[f + "_auto"] for f in SED_FIELDS] for r in rows]),
+        truth=np.array([[r[f] for f in SED_FIELDS] for r in rows]),
+        context=np.stack([np.where(wrong, 1.0, -1.0) + 0.1 * g.normal(size=n), np.zeros(n), np.zeros(n)], 1),
+    )
+    table = controller_bandit.load_table(str(path))
+    assert table["gain"].shape == (n, 5, 5) and bool(table["wrong"][:, 0].eq(torch.tensor(wrong)).all())
+    learnt = controller_bandit.train_bandit(table, steps=300, entropy_coef=0.01)
+    pitch = learnt["pitch"]
+    assert pitch["modify_auc"] > 0.95 and pitch["fixed"] > 0.8 * wrong.sum() and pitch["broken"] < 0.1 * wrong.sum()
+    assert all(learnt[f]["fixed"] + learnt[f]["broken"] == 0 for f in ("volume", "speed", "gender", "age"))
+    blind = controller_bandit.train_bandit(table, steps=300, entropy_coef=0.01, use_context=False)["pitch"]
+    assert blind["modify_auc"] < 0.7

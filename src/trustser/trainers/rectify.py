@@ -421,6 +421,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                         initial_retain_bias=args.controller_initial_retain_bias,
                         audio_norm=args.controller_audio_norm,
                         context_size=context_size,
+                        reads_audio=args.controller_input != "none",
                     )
                 )
         if controller.config.input_size != input_size:
@@ -429,6 +430,12 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             raise ValueError(
                 f"controller_input={args.controller_input!r} needs a controller that reads {wants}; "
                 f"the given controller reads {reads} (SedControllerConfig.input_size={controller.config.input_size})"
+            )
+        if controller.config.reads_audio != (args.controller_input != "none"):
+            raise ValueError(
+                f"controller_input={args.controller_input!r} needs a controller with "
+                f"SedControllerConfig.reads_audio={args.controller_input != 'none'}; the given controller has "
+                f"reads_audio={controller.config.reads_audio}"
             )
         if controller.config.context_size != context_size:
             wants = f"a {context_size}-wide speaker context" if context_size else "no context"

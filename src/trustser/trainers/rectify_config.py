@@ -11,7 +11,7 @@ from .sft import SerSlmSFTConfig
 REWARD_TIMINGS = ("after_update", "reuse_forward")
 REWARD_SCORERS = ("policy", "frozen", "ema")
 SLM_TARGETS = ("samples", "argmax")
-CONTROLLER_INPUTS = ("log_mel", "sed_branch")
+CONTROLLER_INPUTS = ("log_mel", "sed_branch", "none")
 # K, the rectification policies sampled per utterance (the paper's best): the one default of the
 # trainer, the systems (trustser.systems) and finetune
 DEFAULT_NUM_POLICIES = 6
@@ -178,7 +178,10 @@ class SedRectifyConfig(SerSlmSFTConfig):
             "torch.no_grad() in eval mode and detached, so no controller gradient reaches the SLM; with the audio "
             "tokens' mask, sed_vib_dim wide). A new controller is then built with input_size = the SLM's "
             "sed_vib_dim; controller_audio_norm and controller_frame_stride apply to whichever features it reads. "
-            "Measured once on dev, with the frozen scorer and per-field credit: no per-utterance repair (docs/rectify.md)."
+            "Measured once on dev, with the frozen scorer and per-field credit: no per-utterance repair (docs/rectify.md). "
+            "'none': the controller reads no audio, only the annotated labels and, with controller_speaker_context, "
+            "the speaker-relative prosody (SedControllerConfig.reads_audio=False): a per-utterance audio summary "
+            "lets the head fit each utterance's reward noise instead of a rule (benchmarks/controller_bandit.py)."
         },
     )
     controller_speaker_context: bool = field(

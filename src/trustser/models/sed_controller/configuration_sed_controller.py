@@ -45,6 +45,11 @@ class SedControllerConfig(PreTrainedConfig):
             3, the utterance's speaker-relative pitch / level / rate z-scores, which one utterance's
             audio cannot show); the forward then needs `context` (B, context_size). 0 (the default,
             the paper): no context.
+        reads_audio (`bool`, defaults to `True`): `False` builds a controller whose head reads only
+            the SED embeddings and the context (its LSTM summary is a constant zero and the LSTM is
+            frozen): the audio summary is a per-utterance feature through which the head can fit
+            each utterance's reward noise instead of a rule that generalises
+            (`SedRectifyConfig.controller_input="none"`, docs/rectify.md). `True`: the paper's.
         initial_retain_bias (`float`, defaults to 2.0): initial logit margin of "retain" over
             "modify" (P(modify) = sigmoid(-2) ~ 0.12 at start) so that an untrained controller
             mostly keeps the annotations instead of corrupting half of them.
@@ -66,6 +71,7 @@ class SedControllerConfig(PreTrainedConfig):
     initial_retain_bias: float = 2.0
     audio_norm: bool = False
     context_size: int = 0
+    reads_audio: bool = True
     initializer_range: float = 0.02
 
     def validate_architecture(self):

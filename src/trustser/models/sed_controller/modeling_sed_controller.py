@@ -191,6 +191,8 @@ class SedControllerModel(SedControllerPreTrainedModel):
         self.head._is_retain_modify_head = True
         self._mel_cache: dict = {}
         self.post_init()
+        if not config.reads_audio:  # the summary is a constant: nothing for the LSTM to learn
+            self.lstm.requires_grad_(False)
 
     # ---- front end ---------------------------------------------------------------------------
     @property
@@ -305,7 +307,10 @@ class SedControllerModel(SedControllerPreTrainedModel):
                 raise ValueError("SedControllerModel needs input_features (log-mel) or input_values (waveform)")
             lengths = attention_mask.sum(1) if attention_mask is not None else None
             input_features, feature_attention_mask = self.log_mel(input_values, lengths)
-        summary = self.summarize(input_features, feature_attention_mask)
+        if self.config.reads_audio:
+            summary = self.summarize(input_features, feature_attention_mask)
+        else:
+            summary = torch.zeros(sed_ids.shape[0], self.config.hidden_size, device=sed_ids.device)
         offsets = torch.tensor(FIELD_OFFSETS, device=sed_ids.device)
         emb = self.sed_embedding(sed_ids.long() + offsets).flatten(1)  # (B, 5*E)
         x = torch.cat([summary, emb, *self._context(context, sed_ids.shape[0], summary)], dim=-1)

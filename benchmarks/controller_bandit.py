@@ -1,0 +1,186 @@
+"""Can the controller's learning rule find the wrong labels when the reward and the inputs allow it?
+(Issue 15.)
+
+A bandit on a fixed reward table (``benchmarks/reward_signal.py --table``): each utterance's reward
+for a rectification is the scorer's reward of the annotated caption plus the single-field gains of
+the fields it changes (additive, so no SLM runs), less ``--modify-cost`` per modified field. The
+controller is a stand-in for ``SedControllerModel``'s head without the audio: a tanh layer over the
+speaker-relative prosody (``controller_speaker_context``) and the annotated labels, its retain bias
+as the trainer's. Everything else is the trainer's own code: ``sample_policies`` (K policies,
+``adjacent`` replacements), ``per_field_advantages`` or ``group_normalize``, the clipped surrogate,
+the entropy bonus, ``controller_updates_per_step`` Adam updates, gradient clipping. It reports, per
+field, the mean modify probability over all utterances, its AUC for "the label is wrong", and the
+greedy controller's wrong labels fixed and right labels broken.
+
+If the reward table carries the signal (``reward_signal.py``) and the inputs carry the information
+(``--context-auc``) but this bandit does not learn, the learning rule is what fails, not the SLM.
+
+    python benchmarks/reward_signal.py outputs/cache/annotate-<key>/data outputs/cache/pretrain-<key>/model \\
+        --split train --table table.npz
+    python benchmarks/controller_bandit.py table.npz --seeds 0,1,2 --modify-cost 0.02 --entropy-coef 0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trustser.descriptors import SED_FIELDS, SED_VOCAB
+from trustser.evaluation import binary_auc
+from trustser.models.sed_controller.modeling_sed_controller import sample_policies, sed_to_ids
+from trustser.trainers.rectify_objective import (
+    action_log_probs,
+    bernoulli_entropy,
+    bernoulli_kl,
+    clipped_policy_loss,
+    group_normalize,
+    per_field_advantages,
+)
+
+
+def load_table(path: str) -> dict:
+    """The reward table as tensors: ``gain`` (N, 5, 5) reward change of setting field f to value v
+    (0 for the annotated value), ``ids`` (N, 5) annotated value ids, ``wrong`` (N, 5), ``context``."""
+    t = np.load(path)
+    n = len(t["logp"])
+    gain = torch.zeros(n, len(SED_FIELDS), max(len(v) for v in SED_VOCAB.values()))
+    for i, changes in enumerate(t["changes"]):
+        for j, change in enumerate(changes):
+            f, v = str(change).split("=", 1)
+            gain[i, SED_FIELDS.index(f), SED_VOCAB[f].index(v)] = float(t["logp"][i, 1 + j] - t["logp"][i, 0])
+    annotated = [dict(zip(SED_FIELDS, map(str, row))) for row in t["annotated"]]
+    return {
+        "gain": gain,
+        "ids": sed_to_ids(annotated),
+        "wrong": torch.tensor(t["annotated"] != t["truth"]),
+        "context": torch.tensor(t["context"], dtype=torch.float32),
+    }
+
+
+def train_bandit(
+    table: dict,
+    *,
+    steps: int = 600,
+    batch_size: int = 8,
+    num_policies: int = 6,
+    learning_rate: float = 1e-2,
+    updates_per_step: int = 4,
+    modify_cost: float = 0.0,
+    entropy_coef: float = 0.0,
+    retain_kl_coef: float = 0.0,
+    advantage: str = "per_field",
+    use_context: bool = True,
+    hidden_size: int = 64,
+    initial_retain_bias: float = 2.0,
+    seed: int = 0,
+) -> dict:
+    """Trains the stand-in controller on the table; per field: ``modify_probability``,
+    ``modify_auc`` (for "wrong"), greedy ``fixed`` / ``broken``."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    ids, gain, wrong = table["ids"], table["gain"], table["wrong"]
+    n = len(ids)
+    onehot = torch.cat(
+        [torch.nn.functional.one_hot(ids[:, j], len(SED_VOCAB[f])).float() for j, f in enumerate(SED_FIELDS)], 1
+    )
+    context = table["context"] if use_context else torch.zeros_like(table["context"])
+    x = torch.cat([context, onehot], 1)
+    nf = len(SED_FIELDS)
+    head = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], hidden_size), torch.nn.Tanh(), torch.nn.Linear(hidden_size, 2 * nf)
+    )
+    with torch.no_grad():  # retain-over-modify margin, as a new controller's
+        head[2].bias.view(nf, 2)[:, 0] = initial_retain_bias
+        head[2].bias.view(nf, 2)[:, 1] = 0.0
+    reference = copy.deepcopy(head)
+    opt = torch.optim.Adam(head.parameters(), lr=learning_rate)
+    order, pos = torch.randperm(n, generator=g), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        b = order[pos : pos + batch_size]
+        pos += batch_size
+        with torch.no_grad():
+            sample = sample_policies(head(x[b]).view(-1, nf, 2), ids[b], num_policies, generator=g, strategy="adjacent")
+            new = sample.rectified_ids
+            rewards = torch.zeros(len(b), num_policies)
+            for j in range(nf):
+                changed = new[..., j] != ids[b][:, None, j]
+                rewards += torch.where(changed, torch.gather(gain[b, j], 1, new[..., j]), torch.zeros(()))
+            rewards -= modify_cost * sample.actions.sum(-1)
+            adv = (
+                per_field_advantages(rewards, sample.actions, scale="none")
+                if advantage == "per_field"
+                else group_normalize(rewards, scale="none")
+            )
+            ref_logits = reference(x[b]).view(-1, nf, 2)
+        for _ in range(updates_per_step):
+            opt.zero_grad()
+            logits = head(x[b]).view(-1, nf, 2)
+            loss, _ = clipped_policy_loss(action_log_probs(logits, sample.actions), sample.log_probs, adv, 0.2)
+            loss = loss - entropy_coef * bernoulli_entropy(logits).mean()
+            if retain_kl_coef:
+                loss = loss + retain_kl_coef * bernoulli_kl(logits, ref_logits).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+    with torch.no_grad():
+        p = torch.softmax(head(x).view(-1, nf, 2), -1)[..., 1]
+    out = {}
+    for j, f in enumerate(SED_FIELDS):
+        greedy, w = p[:, j] > 0.5, wrong[:, j]
+        out[f] = {
+            "modify_probability": round(float(p[:, j].mean()), 4),
+            "modify_auc": round(binary_auc(p[:, j].numpy(), w.float().numpy()), 4),
+            "fixed": int((greedy & w).sum()),
+            "broken": int((greedy & ~w).sum()),
+        }
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("table", help="a reward table from benchmarks/reward_signal.py --table")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--modify-cost", type=float, default=0.0)
+    p.add_argument("--entropy-coef", type=float, default=0.0)
+    p.add_argument("--retain-kl-coef", type=float, default=0.0)
+    p.add_argument("--learning-rate", type=float, default=1e-2)
+    p.add_argument("--advantage", default="per_field", choices=("per_field", "group"))
+    p.add_argument("--no-context", action="store_true", help="the controller does not see the speaker context")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    table = load_table(a.table)
+    settings = {
+        "steps": a.steps,
+        "modify_cost": a.modify_cost,
+        "entropy_coef": a.entropy_coef,
+        "retain_kl_coef": a.retain_kl_coef,
+        "learning_rate": a.learning_rate,
+        "advantage": a.advantage,
+        "use_context": not a.no_context,
+    }
+    runs = {}
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        runs[seed] = train_bandit(table, seed=seed, **settings)
+        print(
+            f"seed {seed}: "
+            + "  ".join(
+                f"{f} p={r['modify_probability']:.2f} auc={r['modify_auc']:.2f} {r['fixed']}/{r['broken']}"
+                for f, r in runs[seed].items()
+            )
+        )
+    report = {"settings": settings, "runs": runs}
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
