@@ -283,6 +283,7 @@ def test_table1_reports_claims_with_intervals(tmp_path, synthetic_small, capsys,
     assert all(s["reused"] for s in again["stages"])
 
 
+@pytest.mark.slow  # two whole small runs (50 s); the default run stays under 10 minutes on 2 cores; CI runs -m slow
 def test_same_seed_twice_gives_identical_metrics(tmp_path, synthetic_small):
     """Reproducibility on one machine: two runs of one seed from empty output folders agree on every
     metric and every prediction (the table's seeds differ only where training randomness differs)."""
