@@ -61,6 +61,20 @@ def emotion_scores(model, processor, audio, captions_per_emotion, f0_tracks=None
     return out
 
 
+def load_split(annotated: str, split: str, limit: int = 0):
+    """One split of a saved annotated DatasetDict: the split without its audio column, each row's
+    16 kHz waveform, and the rows as dicts (the first ``limit`` only when ``limit`` > 0)."""
+    import datasets
+
+    ds = datasets.load_from_disk(annotated)[split]
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    ds = ds.cast_column("audio", datasets.Audio(sampling_rate=16000))
+    audio = [np.asarray(x["array"], dtype=np.float32) for x in ds["audio"]]
+    table = ds.remove_columns("audio")
+    return table, audio, table.to_list()
+
+
 def caption_reader(train_rows, rows, own, suffix: str) -> dict:
     """Emotion accuracy % of a logistic regression from the descriptors alone (fitted on
     ``train_rows``' ``<field><suffix>`` labels), on ``rows`` from the run's own descriptors
@@ -102,12 +116,7 @@ def main(argv=None) -> dict:
     from trustser.models.ser_slm.processing_ser_slm import DEFAULT_SED_TEMPLATE
 
     torch.manual_seed(0)
-    ds = datasets.load_from_disk(a.annotated)[a.split]
-    if a.limit:
-        ds = ds.select(range(min(a.limit, len(ds))))
-    ds = ds.cast_column("audio", datasets.Audio(sampling_rate=16000))
-    audio = [np.asarray(x["array"], dtype=np.float32) for x in ds["audio"]]
-    rows = ds.remove_columns("audio").to_list()
+    _, audio, rows = load_split(a.annotated, a.split, a.limit)
     trained_on = dict(zip(a.runs, a.trained_on.split(","))) if a.trained_on else {}
     if trained_on and (len(trained_on) != len(a.runs) or set(trained_on.values()) - {"auto", "true"}):
         p.error("--trained-on needs one of 'auto'/'true' per run")

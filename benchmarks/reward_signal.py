@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from descriptor_exposure import emotion_scores  # noqa: E402
+from descriptor_exposure import emotion_scores, load_split  # noqa: E402
 
 from trustser.descriptors import SED_FIELDS, SED_VOCAB, build_caption  # noqa: E402
 from trustser.evaluation import binary_auc  # noqa: E402
@@ -141,12 +141,7 @@ def main(argv=None) -> dict:
     from trustser.models.ser_slm import SerSlmForConditionalGeneration, SerSlmProcessor
 
     torch.manual_seed(0)
-    ds = datasets.load_from_disk(a.annotated)[a.split]
-    if a.limit:
-        ds = ds.select(range(min(a.limit, len(ds))))
-    ds = ds.cast_column("audio", datasets.Audio(sampling_rate=16000))
-    audio = [np.asarray(x["array"], dtype=np.float32) for x in ds["audio"]]
-    rows = ds.remove_columns("audio").to_list()
+    table, audio, rows = load_split(a.annotated, a.split, a.limit)
     alts = [alternatives(r) for r in rows]
     captions = []
     for r, alt in zip(rows, alts):
@@ -170,7 +165,7 @@ def main(argv=None) -> dict:
                 changes=np.array([[f"{f}={v}" for f, v in alt] for alt in alts]),
                 annotated=np.array([[r[f + "_auto"] for f in SED_FIELDS] for r in rows]),
                 truth=np.array([[r[f] for f in SED_FIELDS] for r in rows]),
-                context=speaker_relative_prosody(ds.remove_columns("audio")),
+                context=speaker_relative_prosody(table),
             )
         print(folder)
         for f, s in results[folder].items():

@@ -145,6 +145,26 @@ def test_ema_scorer_follows_the_slm_and_resumes_exactly(tiny, rows, tmp_path):
     assert all(torch.equal(sd_full[k], sd_res[k]) for k in sd_full)
 
 
+# a controller that learns visibly in two steps (4 updates at a high rate on unscaled rewards)
+FAST_CONTROLLER = dict(
+    controller_learning_rate=0.05,
+    controller_updates_per_step=4,
+    controller_scale_rewards="none",
+    reward_timing="reuse_forward",
+)
+
+
+def _controller_logits(trainer, rows, controller=None):
+    """(B, 5, 2) logits of ``controller`` (default: the trainer's) for ``rows``, reading what it reads in training."""
+    from trustser.trainers.rectify import controller_input_features
+
+    controller = controller if controller is not None else trainer.controller
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    with torch.no_grad():
+        feats, mask = controller_input_features(controller, batch)
+        return controller(batch["rectify_sed_ids"], input_features=feats, feature_attention_mask=mask).logits
+
+
 # ---------------------------------------------------------------------------------- KL toward retain
 def test_retain_kl_keeps_the_controller_near_its_initial_policy(tiny, rows, tmp_path):
     drift = {}
@@ -155,19 +175,12 @@ def test_retain_kl_keeps_the_controller_near_its_initial_policy(tiny, rows, tmp_
             tmp_path / str(coef),
             max_steps=2,
             retain_kl_coef=coef,
-            controller_learning_rate=0.05,
-            controller_updates_per_step=4,
-            controller_scale_rewards="none",
-            reward_timing="reuse_forward",
             controller_initial_retain_bias=0.5,
+            **FAST_CONTROLLER,
         )
         initial = copy.deepcopy(t.controller)
         t.train()
-        batch = t._prepare_inputs(t.data_collator(rows[:4]))
-        with torch.no_grad():
-            feats, mask = t.controller.log_mel(batch["rectify_waveforms"], batch["rectify_waveform_lengths"])
-            now = t.controller(batch["rectify_sed_ids"], input_features=feats, feature_attention_mask=mask).logits
-            then = initial(batch["rectify_sed_ids"], input_features=feats, feature_attention_mask=mask).logits
+        now, then = _controller_logits(t, rows[:4]), _controller_logits(t, rows[:4], initial)
         drift[coef] = float(bernoulli_kl(now, then).mean())
         logged = [h for h in t.state.log_history if "controller/retain_kl" in h]
         assert bool(logged) == (coef > 0)
@@ -187,17 +200,11 @@ def test_modify_cost_teaches_the_controller_to_retain(tiny, rows, tmp_path):
             tmp_path / str(cost),
             max_steps=2,
             modify_cost=cost,
-            controller_learning_rate=0.05,
-            controller_updates_per_step=4,
-            controller_scale_rewards="none",
-            reward_timing="reuse_forward",
             controller_initial_retain_bias=0.0,
+            **FAST_CONTROLLER,
         )
         t.train()
-        batch = t._prepare_inputs(t.data_collator(rows[:8]))
-        with torch.no_grad():
-            feats, mask = t.controller.log_mel(batch["rectify_waveforms"], batch["rectify_waveform_lengths"])
-            logits = t.controller(batch["rectify_sed_ids"], input_features=feats, feature_attention_mask=mask).logits
+        logits = _controller_logits(t, rows[:8])
         p_modify[cost] = float(torch.softmax(logits, -1)[..., 1].mean())
         # the logged reward stays the emotion reward (finite, negative cross-entropy), not the shaped one
         logged = [h["reward/mean"] for h in t.state.log_history if "reward/mean" in h]

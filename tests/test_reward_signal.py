@@ -14,12 +14,17 @@ from trustser.descriptors import SED_FIELDS
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def reward_signal():
-    spec = importlib.util.spec_from_file_location("reward_signal", REPO / "benchmarks" / "reward_signal.py")
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def reward_signal():
+    return _benchmark("reward_signal")
 
 
 def _row(pitch_auto: str, pitch_true: str) -> dict:
@@ -108,10 +113,7 @@ def test_context_auc_finds_speaker_driven_errors(reward_signal):
 
 @pytest.fixture(scope="module")
 def controller_bandit():
-    spec = importlib.util.spec_from_file_location("controller_bandit", REPO / "benchmarks" / "controller_bandit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("controller_bandit")
 
 
 def test_controller_bandit_learns_a_learnable_table(reward_signal, controller_bandit, tmp_path):

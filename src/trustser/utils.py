@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -185,17 +184,14 @@ def distributed_state():
 
 
 def end_distributed() -> None:
-    """Destroys the default process group, if one was set up, before the interpreter exits. Left to
-    exit, a gloo group's threads were still running when its destructor ran, and a rank aborted with
-    "terminate called without an active exception" after finishing its work (1 run in 6 of
-    tests/rectify_two_ranks.py)."""
-    torch = sys.modules.get("torch")  # no torch loaded: no process group to end
-    if torch is None:
-        return
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    """Waits for every process, then destroys the process group (accelerate's ``PartialState``),
+    before the interpreter exits. Left to exit, a gloo group's threads were still running when its
+    destructor ran, and a rank aborted with "terminate called without an active exception" after
+    finishing its work (1 run in 6 of tests/rectify_two_ranks.py; pytorch#190489). Call it on
+    success only: after a failure the other ranks may never reach the barrier."""
+    state = distributed_state()
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 def use_cpu_cores(num_processes: int = 1, threads: int | None = None) -> int:

@@ -172,7 +172,13 @@ def controller_input_features(
     ``input_size`` (``controller_input="sed_branch"``): the SER-SLM ``slm``'s SED-branch features of
     the batch's audio inputs (``input_features``, ``feature_attention_mask``, ``energy``, ``f0``, as
     the SLM's own forward gets them): ``get_sed_features``, the SED VIB branch's mean in eval mode,
-    under no_grad and detached, with the audio tokens' mask."""
+    under no_grad and detached, with the audio tokens' mask. A controller that reads no audio
+    (``config.reads_audio`` False, ``controller_input="none"``): one zero frame per row, nothing computed."""
+    if not controller.config.reads_audio:
+        b = len(batch["rectify_waveform_lengths"])
+        device = next(controller.parameters()).device
+        width = controller.config.input_size or controller.config.n_mels
+        return torch.zeros(b, 1, width, device=device), torch.ones(b, 1, dtype=torch.long, device=device)
     if controller.reads_log_mel:
         return controller.log_mel(batch["rectify_waveforms"], batch["rectify_waveform_lengths"])
     want = controller.config.input_size
@@ -404,6 +410,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         input_size = int(self._unwrapped_config().sed_vib_dim) if args.controller_input == "sed_branch" else None
         # controller_speaker_context: the head also reads the utterance's speaker-relative prosody
         context_size = SPEAKER_CONTEXT_SIZE if args.controller_speaker_context else 0
+        reads_audio = args.controller_input != "none"
         if controller is None:
             if args.controller_name_or_path:
                 controller = SedControllerModel.from_pretrained(args.controller_name_or_path)
@@ -421,7 +428,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                         initial_retain_bias=args.controller_initial_retain_bias,
                         audio_norm=args.controller_audio_norm,
                         context_size=context_size,
-                        reads_audio=args.controller_input != "none",
+                        reads_audio=reads_audio,
                     )
                 )
         if controller.config.input_size != input_size:
@@ -431,10 +438,10 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                 f"controller_input={args.controller_input!r} needs a controller that reads {wants}; "
                 f"the given controller reads {reads} (SedControllerConfig.input_size={controller.config.input_size})"
             )
-        if controller.config.reads_audio != (args.controller_input != "none"):
+        if controller.config.reads_audio != reads_audio:
             raise ValueError(
                 f"controller_input={args.controller_input!r} needs a controller with "
-                f"SedControllerConfig.reads_audio={args.controller_input != 'none'}; the given controller has "
+                f"SedControllerConfig.reads_audio={reads_audio}; the given controller has "
                 f"reads_audio={controller.config.reads_audio}"
             )
         if controller.config.context_size != context_size:
@@ -784,19 +791,17 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         from trl.trainer.utils import nanstd
 
         # what the controller is credited with: the emotion reward less the cost of its modifications
-        for r in records:
-            r["shaped"] = r["rewards"] - args.modify_cost * r["actions"].sum(-1).to(r["rewards"].dtype)
-        shaped = torch.cat([r["shaped"].flatten() for r in records])
+        shaped = [r["rewards"] - args.modify_cost * r["actions"].sum(-1).to(r["rewards"].dtype) for r in records]
         scale = args.controller_scale_rewards
         # "batch": one std over the whole step's rewards (all its micro-batches), as TRL
-        step_std = nanstd(shaped) + 1e-4 if scale == "batch" else None
-        for r in records:
+        step_std = nanstd(torch.cat([x.flatten() for x in shaped])) + 1e-4 if scale == "batch" else None
+        for r, credited in zip(records, shaped):
             if args.advantage == "per_field":
-                r["advantages"] = per_field_advantages(r["shaped"], r["actions"], scale=scale, batch_std=step_std)
+                r["advantages"] = per_field_advantages(credited, r["actions"], scale=scale, batch_std=step_std)
             elif step_std is not None:
-                r["advantages"] = group_normalize(r["shaped"], scale="none") / step_std
+                r["advantages"] = group_normalize(credited, scale="none") / step_std
             else:
-                r["advantages"] = group_normalize(r["shaped"], scale=scale)
+                r["advantages"] = group_normalize(credited, scale=scale)
             if self.reference_controller is not None:
                 r["reference_logits"] = self.reference_controller(
                     r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
