@@ -32,6 +32,7 @@ import torch
 
 from trustser.descriptors import SED_FIELDS, SED_VOCAB
 from trustser.evaluation import binary_auc
+from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
 from trustser.models.sed_controller.modeling_sed_controller import sample_policies, sed_to_ids
 from trustser.trainers.rectify_objective import (
     action_log_probs,
@@ -77,10 +78,19 @@ def train_bandit(
     use_context: bool = True,
     hidden_size: int = 64,
     initial_retain_bias: float = 2.0,
+    controller: str = "stand_in",
+    rectify_fields: list[str] | None = None,
+    embedding_size: int = 32,
     seed: int = 0,
 ) -> dict:
-    """Trains the stand-in controller on the table; per field: ``modify_probability``,
-    ``modify_auc`` (for "wrong"), greedy ``fixed`` / ``broken``."""
+    """Trains the controller on the table; per field: ``modify_probability``, ``modify_auc`` (for
+    "wrong"), greedy ``fixed`` / ``broken``. ``controller="stand_in"``: a tanh layer over the
+    context and one-hot labels; ``"model"``: the trainer's own ``SedControllerModel`` with
+    ``reads_audio=False`` (learnt label embeddings, ``controller_input="none"``), so the only
+    difference from the trainer left is the reward (this table's additive single-field gains
+    instead of the SLM's reward of the joint rectification). ``rectify_fields``: the fields it may
+    modify (``SedRectifyConfig.rectify_fields``; None = all five); ``embedding_size``: the model's
+    label embedding width (``controller_embedding_size``)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     ids, gain, wrong = table["ids"], table["gain"], table["wrong"]
@@ -91,14 +101,42 @@ def train_bandit(
     context = table["context"] if use_context else torch.zeros_like(table["context"])
     x = torch.cat([context, onehot], 1)
     nf = len(SED_FIELDS)
-    head = torch.nn.Sequential(
-        torch.nn.Linear(x.shape[1], hidden_size), torch.nn.Tanh(), torch.nn.Linear(hidden_size, 2 * nf)
-    )
-    with torch.no_grad():  # retain-over-modify margin, as a new controller's
-        head[2].bias.view(nf, 2)[:, 0] = initial_retain_bias
-        head[2].bias.view(nf, 2)[:, 1] = 0.0
-    reference = copy.deepcopy(head)
-    opt = torch.optim.Adam(head.parameters(), lr=learning_rate)
+    if controller == "model":
+        model = SedControllerModel(
+            SedControllerConfig(
+                reads_audio=False,
+                context_size=context.shape[1],
+                head_hidden_size=hidden_size,
+                initial_retain_bias=initial_retain_bias,
+                rectify_fields=rectify_fields,
+                embedding_size=embedding_size,
+            )
+        )
+        silence = torch.zeros(1, 1, model.config.n_mels)
+
+        def head(module, rows: torch.Tensor) -> torch.Tensor:
+            return module(ids[rows], input_features=silence.expand(len(rows), 1, -1), context=context[rows]).logits
+
+    elif controller == "stand_in":
+        model = torch.nn.Sequential(
+            torch.nn.Linear(x.shape[1], hidden_size), torch.nn.Tanh(), torch.nn.Linear(hidden_size, 2 * nf)
+        )
+        with torch.no_grad():  # retain-over-modify margin, as a new controller's
+            model[2].bias.view(nf, 2)[:, 0] = initial_retain_bias
+            model[2].bias.view(nf, 2)[:, 1] = 0.0
+        fixed = SedControllerModel._fixed_logits(x)
+        fields = rectify_fields or SED_FIELDS
+        keep = torch.tensor([f not in fields for f in SED_FIELDS])[None, :, None]
+
+        def head(module, rows: torch.Tensor) -> torch.Tensor:
+            return torch.where(keep, fixed, module(x[rows]).view(-1, nf, 2))
+
+    else:
+        raise ValueError(f"controller must be 'stand_in' or 'model', got {controller!r}")
+    model.train()
+    reference = copy.deepcopy(model)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.Adam(params, lr=learning_rate)
     order, pos = torch.randperm(n, generator=g), 0
     for _ in range(steps):
         if pos + batch_size > n:
@@ -106,7 +144,7 @@ def train_bandit(
         b = order[pos : pos + batch_size]
         pos += batch_size
         with torch.no_grad():
-            sample = sample_policies(head(x[b]).view(-1, nf, 2), ids[b], num_policies, generator=g, strategy="adjacent")
+            sample = sample_policies(head(model, b), ids[b], num_policies, generator=g, strategy="adjacent")
             new = sample.rectified_ids
             rewards = torch.zeros(len(b), num_policies)
             for j in range(nf):
@@ -118,19 +156,19 @@ def train_bandit(
                 if advantage == "per_field"
                 else group_normalize(rewards, scale="none")
             )
-            ref_logits = reference(x[b]).view(-1, nf, 2)
+            ref_logits = head(reference, b)
         for _ in range(updates_per_step):
             opt.zero_grad()
-            logits = head(x[b]).view(-1, nf, 2)
+            logits = head(model, b)
             loss, _ = clipped_policy_loss(action_log_probs(logits, sample.actions), sample.log_probs, adv, 0.2)
             loss = loss - entropy_coef * bernoulli_entropy(logits).mean()
             if retain_kl_coef:
                 loss = loss + retain_kl_coef * bernoulli_kl(logits, ref_logits).mean()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
     with torch.no_grad():
-        p = torch.softmax(head(x).view(-1, nf, 2), -1)[..., 1]
+        p = torch.softmax(head(model, torch.arange(n)), -1)[..., 1]
     out = {}
     for j, f in enumerate(SED_FIELDS):
         greedy, w = p[:, j] > 0.5, wrong[:, j]
@@ -152,8 +190,12 @@ def main(argv=None) -> dict:
     p.add_argument("--entropy-coef", type=float, default=0.0)
     p.add_argument("--retain-kl-coef", type=float, default=0.0)
     p.add_argument("--learning-rate", type=float, default=1e-2)
+    p.add_argument("--num-policies", type=int, default=6, help="K, policies sampled per utterance")
     p.add_argument("--advantage", default="per_field", choices=("per_field", "group"))
     p.add_argument("--no-context", action="store_true", help="the controller does not see the speaker context")
+    p.add_argument("--controller", default="stand_in", choices=("stand_in", "model"))
+    p.add_argument("--rectify-fields", default=None, help="comma-separated fields it may modify (default: all)")
+    p.add_argument("--embedding-size", type=int, default=32, help="label embedding width of --controller model")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     table = load_table(a.table)
@@ -163,8 +205,12 @@ def main(argv=None) -> dict:
         "entropy_coef": a.entropy_coef,
         "retain_kl_coef": a.retain_kl_coef,
         "learning_rate": a.learning_rate,
+        "num_policies": a.num_policies,
         "advantage": a.advantage,
         "use_context": not a.no_context,
+        "controller": a.controller,
+        "rectify_fields": a.rectify_fields.split(",") if a.rectify_fields else None,
+        "embedding_size": a.embedding_size,
     }
     runs = {}
     for seed in [int(s) for s in a.seeds.split(",")]:

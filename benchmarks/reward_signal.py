@@ -12,10 +12,20 @@ Per field and scorer:
   value (mean, nats) and the share of wrong labels where it is positive (the best-case repair);
 * ``modify_gain``: the reward gained by a "modify" action on average, its replacement drawn as
   the controller draws it (``--modify-strategy``: the recipe's ``adjacent`` neighbouring value, or
-  ``uniform`` over the other values); mean over wrong and over right labels;
+  ``uniform`` over the other values); mean over wrong and over right labels, and over all labels
+  (``modify_gain_mean``, no ground truth needed: a field where a modification does not cost reward
+  on average is one where the reward cannot tell a repair from a corruption; leave it out of
+  ``rectify_fields``);
 * ``modify_gain_auc``: its ROC AUC for "the annotated label is wrong". A controller whose modify
   probability followed this expected gain exactly would separate wrong from right labels this well
   and no better; issue 15's target is a modify-probability AUC of 0.70.
+
+``--joint N`` asks whether the gains add up, which the bandit (``controller_bandit.py``) assumes and
+the trainer's per-field credit relies on: for the first N utterances it also scores the captions
+with two prosody fields modified at once (each to its first ``adjacent`` replacement) and reports,
+per field f and partner h, how the gain of modifying f *given* h is modified, r(f+h) - r(h) (what
+per-field credit compares), agrees with f's gain alone: correlation, sign agreement and the mean
+absolute interaction beside the mean absolute single-field gain.
 
 Beside it, ``--context-auc`` asks whether the information is there at all: a gradient-boosting
 classifier from what a ``controller_speaker_context`` controller reads besides the audio (its
@@ -86,7 +96,43 @@ def field_signal(
             "truth_gain_positive": round(float(np.mean(np.array(truth_gain) > 0)), 4) if truth_gain else None,
             "modify_gain_wrong": round(float(gain_arr[wrong_arr].mean()), 4) if wrong_arr.any() else None,
             "modify_gain_right": round(float(gain_arr[~wrong_arr].mean()), 4) if (~wrong_arr).any() else None,
+            "modify_gain_mean": round(float(gain_arr.mean()), 4),
             "modify_gain_auc": round(binary_auc(gain_arr, wrong_arr.astype(float)), 4),
+        }
+    return out
+
+
+JOINT_FIELDS = ("pitch", "volume", "speed")
+
+
+def joint_changes(row: dict) -> list[tuple[tuple[str, str], ...]]:
+    """The two-field modifications ``--joint`` scores: every pair of ``JOINT_FIELDS``, each field set
+    to its first ``adjacent`` replacement."""
+    first = {f: replacements(f, row[f + "_auto"], "adjacent")[0] for f in JOINT_FIELDS}
+    return [((f, first[f]), (h, first[h])) for i, f in enumerate(JOINT_FIELDS) for h in JOINT_FIELDS[i + 1 :]]
+
+
+def joint_additivity(alts: list, joints: list, single: np.ndarray, joint: np.ndarray) -> dict:
+    """Per field f: over utterances and partners h, the conditional gain r(f+h) - r(h) against the
+    single gain r(f) - r(0). ``single`` (n, 1 + changes) as ``field_signal``'s ``logp`` for the same
+    rows; ``joint`` (n, 1 + pairs): column 0 the annotated caption, then ``joints``' captions."""
+    cond, alone = {f: [] for f in JOINT_FIELDS}, {f: [] for f in JOINT_FIELDS}
+    for i, (alt, pairs) in enumerate(zip(alts, joints)):
+        gain = {change: single[i, 1 + j] - single[i, 0] for j, change in enumerate(alt)}
+        for c, pair in enumerate(pairs):
+            both = joint[i, 1 + c] - joint[i, 0]
+            for me, other in (pair, pair[::-1]):
+                cond[me[0]].append(both - gain[other])
+                alone[me[0]].append(gain[me])
+    out = {}
+    for f in JOINT_FIELDS:
+        c, a = np.array(cond[f]), np.array(alone[f])
+        out[f] = {
+            "pairs": len(c),
+            "correlation": round(float(np.corrcoef(c, a)[0, 1]), 4),
+            "sign_agreement": round(float(np.mean(np.sign(c) == np.sign(a))), 4),
+            "mean_abs_single_gain": round(float(np.abs(a).mean()), 4),
+            "mean_abs_interaction": round(float(np.abs(c - a).mean()), 4),
         }
     return out
 
@@ -133,6 +179,12 @@ def main(argv=None) -> dict:
         help="also save the first scorer's reward table (.npz: rewards, changes, labels, speaker context) "
         "for benchmarks/controller_bandit.py",
     )
+    p.add_argument(
+        "--joint",
+        type=int,
+        default=0,
+        help="also: for the first N utterances, do two-field modifications' gains add up? (first scorer)",
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     import datasets
@@ -170,7 +222,25 @@ def main(argv=None) -> dict:
         print(folder)
         for f, s in results[folder].items():
             print(f"  {f:7s} {json.dumps(s)}")
+        if a.joint and folder == a.models[0]:
+            n = min(a.joint, len(rows))
+            joints = [joint_changes(r) for r in rows[:n]]
+            joint_captions = [
+                [captions[i][0]]
+                + [
+                    build_caption(r["text"], r["emotion"], {**{f: r[f + "_auto"] for f in SED_FIELDS}, **dict(pair)})
+                    for pair in joints[i]
+                ]
+                for i, r in enumerate(rows[:n])
+            ]
+            joint = emotion_scores(
+                model, processor, audio[:n], joint_captions, processor.f0_tracks_of(rows[:n], audio[:n])
+            )
+            additivity = joint_additivity(alts[:n], joints, logp[:n], joint)
+            print("  joint two-field modifications:", json.dumps(additivity))
     report = {"split": a.split, "n": len(rows), "modify_strategy": a.modify_strategy, "scorers": results}
+    if a.joint:
+        report["joint_additivity"] = {"utterances": min(a.joint, len(rows)), "fields": additivity}
     if a.context_auc:
         splits = datasets.load_from_disk(a.annotated)
         report["context_auc"] = context_auc(

@@ -250,6 +250,53 @@ def test_controller_input_none_reads_labels_not_audio(tiny, rows, tmp_path):
         )
 
 
+# ---------------------------------------------------------------------------------- fields it may modify
+def test_rectify_fields_keep_the_other_fields_as_annotated(tiny, rows, tmp_path):
+    from trustser.models.sed_controller import SedControllerModel
+
+    may, held = [0, 2], [1, 3, 4]  # pitch and speed may change; volume, gender and age may not
+    # a start that modifies most labels it may (retain bias -2: P(modify) ~0.88)
+    t = _trainer(
+        tiny,
+        rows,
+        tmp_path / "r",
+        max_steps=2,
+        rectify_fields=["speed", "pitch"],
+        controller_initial_retain_bias=-2.0,
+        **FAST_CONTROLLER,
+    )
+    assert t.args.rectify_fields == ["pitch", "speed"] and t.controller.config.rectify_fields == ["pitch", "speed"]
+    p = torch.softmax(_controller_logits(t, rows[:8]), -1)[..., 1]
+    assert float(p[:, may].min()) > 0.7 and float(p[:, held].max()) == 0.0
+    batch = t._prepare_inputs(t.data_collator(rows[:8]))
+    sample, *_ = t._sample(batch, 64, force_retain=False)
+    assert int(sample.actions[..., held].sum()) == 0 and float(sample.actions[..., may].float().mean()) > 0.7
+    annotated = batch["rectify_sed_ids"][:, None, :].expand_as(sample.rectified_ids)
+    assert torch.equal(sample.rectified_ids[..., held], annotated[..., held])
+    assert bool((sample.rectified_ids[..., may] != annotated[..., may]).any())
+    assert torch.equal(sample.log_probs[..., held], torch.zeros_like(sample.log_probs[..., held]))
+    t.train()
+    rates = {
+        f: [h[f"rectify/modify_rate_{f}"] for h in t.state.log_history if f"rectify/modify_rate_{f}" in h]
+        for f in SED_FIELDS
+    }
+    assert all(v == 0.0 for j in held for v in rates[SED_FIELDS[j]]) and max(rates["pitch"]) > 0.3
+    logged = [h["controller/entropy"] for h in t.state.log_history if "controller/entropy" in h]
+    assert logged and all(np.isfinite(v) for v in logged)  # a held field's entropy is 0, not NaN
+    p = torch.softmax(_controller_logits(t, rows[:8]), -1)[..., 1]
+    assert float(p[:, held].max()) == 0.0
+    t.controller.save_pretrained(tmp_path / "saved")
+    saved = SedControllerModel.from_pretrained(tmp_path / "saved")
+    assert saved.config.rectify_fields == ["pitch", "speed"]
+    # a controller for other fields is refused
+    with pytest.raises(ValueError, match="rectify_fields"):
+        _trainer(tiny, rows, tmp_path / "m", controller=saved)
+    with pytest.raises(ValueError, match="rectify_fields"):
+        _config(tmp_path, rectify_fields=["pitch", "tone"])
+    with pytest.raises(ValueError, match="rectify_fields"):
+        _config(tmp_path, rectify_fields=[])
+
+
 def test_bernoulli_kl():
     p = torch.tensor([[[2.0, 0.0]]])
     assert float(bernoulli_kl(p, p)) == 0.0
@@ -415,11 +462,12 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
         "slm_targets": "argmax",
         "controller_audio_norm": True,
     }
-    argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))] + ["--rectify_fields", "pitch", "volume"]
     cfg = parse_recipe_args(argv, system="sys10")
     post = _training_args(cfg, tmp_path, stage="posttrain", cls=SedRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
-    assert {k: getattr(post, k) for k in flags} == flags
+    assert {k: getattr(post, k) for k in flags} == flags and post.rectify_fields == ["pitch", "volume"]
     # the key: the options set, beside the embedded default's controller settings as they resolved
+    flags["rectify_fields"] = ["pitch", "volume"]
     assert cfg.stage_training_key("posttrain", rectify=True) == dict(sorted({**RECTIFY_DEFAULTS, **flags}.items()))
     # pre-training and plain SFT post-training neither get them nor change their cache keys
     pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=5, epochs=1.0, lr=1e-4)
@@ -435,7 +483,8 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
         args.frozen_slm_steps,
         args.slm_targets,
         args.controller_audio_norm,
-    ) == ("policy", "group", 0.0, 0.0, 0, "samples", False)
+        args.rectify_fields,
+    ) == ("policy", "group", 0.0, 0.0, 0, "samples", False, None)
 
 
 # ---------------------------------------------------------------------------------- auxiliary heads

@@ -429,6 +429,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                         audio_norm=args.controller_audio_norm,
                         context_size=context_size,
                         reads_audio=reads_audio,
+                        rectify_fields=args.rectify_fields,
                     )
                 )
         if controller.config.input_size != input_size:
@@ -443,6 +444,11 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                 f"controller_input={args.controller_input!r} needs a controller with "
                 f"SedControllerConfig.reads_audio={reads_audio}; the given controller has "
                 f"reads_audio={controller.config.reads_audio}"
+            )
+        if set(controller.config.rectify_fields or SED_FIELDS) != set(args.rectify_fields or SED_FIELDS):
+            raise ValueError(
+                f"rectify_fields={args.rectify_fields} needs a controller that may modify those fields; the given "
+                f"controller has SedControllerConfig.rectify_fields={controller.config.rectify_fields}"
             )
         if controller.config.context_size != context_size:
             wants = f"a {context_size}-wide speaker context" if context_size else "no context"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..models.sed_controller.configuration_sed_controller import checked_rectify_fields
 from .rectify_objective import ADVANTAGES
 from .sft import SerSlmSFTConfig
 
@@ -184,6 +185,17 @@ class SedRectifyConfig(SerSlmSFTConfig):
             "lets the head fit each utterance's reward noise instead of a rule (benchmarks/controller_bandit.py)."
         },
     )
+    rectify_fields: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "the SED fields the controller may modify (SedControllerConfig.rectify_fields); the others are "
+            "always retained: never sampled as 'modify', never costed, no gradient. A field belongs here when "
+            "modifying its label costs emotion reward on average: then the reward can tell a repair from a "
+            "corruption (benchmarks/reward_signal.py measures it without ground truth, on the training split). "
+            "On the embedded benchmark modifying gender or age is paid, not penalised, and the controller "
+            "flips those fields whole (docs/rectify.md). None = all five (the paper)."
+        },
+    )
     controller_speaker_context: bool = field(
         default=False,
         metadata={
@@ -230,6 +242,7 @@ class SedRectifyConfig(SerSlmSFTConfig):
             raise ValueError(f"frozen_slm_steps must be >= 0, got {self.frozen_slm_steps}")
         if self.slm_targets not in SLM_TARGETS:
             raise ValueError(f"slm_targets must be one of {SLM_TARGETS}, got {self.slm_targets!r}")
+        self.rectify_fields = checked_rectify_fields(self.rectify_fields)
         if self.controller_input not in CONTROLLER_INPUTS:
             raise ValueError(f"controller_input must be one of {CONTROLLER_INPUTS}, got {self.controller_input!r}")
         for name, value, needs in (

@@ -5,8 +5,24 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from ...descriptors import SED_FIELDS
+
 MODIFY_STRATEGIES = ("adjacent", "uniform")
 POOLINGS = ("last", "mean")
+
+
+def checked_rectify_fields(fields: list[str] | str | None) -> list[str] | None:
+    """``rectify_fields`` as SED fields in SED_FIELDS order (a comma-separated string is split), or
+    None (all five); a ValueError names anything else."""
+    if fields is None:
+        return None
+    if isinstance(fields, str):  # "pitch,volume" from a command line
+        fields = [f.strip() for f in fields.split(",") if f.strip()]
+    if not fields or len(set(fields)) != len(fields) or any(f not in SED_FIELDS for f in fields):
+        raise ValueError(
+            f"rectify_fields must be distinct SED fields out of {list(SED_FIELDS)} (at least one), got {fields}"
+        )
+    return [f for f in SED_FIELDS if f in fields]
 
 
 @strict
@@ -50,6 +66,13 @@ class SedControllerConfig(PreTrainedConfig):
             frozen): the audio summary is a per-utterance feature through which the head can fit
             each utterance's reward noise instead of a rule that generalises
             (`SedRectifyConfig.controller_input="none"`, docs/rectify.md). `True`: the paper's.
+        rectify_fields (`list[str]`, *optional*): the SED fields the controller may modify; every
+            other field is always retained (its "modify" logit is fixed at -1e4, so its probability
+            is exactly 0, it never moves the rewards and gets no gradient). For fields whose
+            emotion reward does not depend on the label being right (on the embedded benchmark
+            `gender` and `age`: a modification of a right label is paid, not penalised,
+            `benchmarks/reward_signal.py`), the reward cannot tell a repair from a corruption.
+            `None` (the default, the paper): all five fields.
         initial_retain_bias (`float`, defaults to 2.0): initial logit margin of "retain" over
             "modify" (P(modify) = sigmoid(-2) ~ 0.12 at start) so that an untrained controller
             mostly keeps the annotations instead of corrupting half of them.
@@ -72,6 +95,7 @@ class SedControllerConfig(PreTrainedConfig):
     audio_norm: bool = False
     context_size: int = 0
     reads_audio: bool = True
+    rectify_fields: list[str] | None = None
     initializer_range: float = 0.02
 
     def validate_architecture(self):
@@ -86,8 +110,9 @@ class SedControllerConfig(PreTrainedConfig):
         for name in ("n_mels", "n_fft", "hop_length", "frame_stride", "hidden_size", "embedding_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        checked_rectify_fields(self.rectify_fields)
         if self.input_size is not None and self.input_size < 1:
             raise ValueError(f"input_size must be >= 1 or None (the log-mel, n_mels wide), got {self.input_size}")
 
 
-__all__ = ["SedControllerConfig"]
+__all__ = ["SedControllerConfig", "checked_rectify_fields"]

@@ -26,6 +26,10 @@ from ..loading import CheckedFromPretrainedMixin
 from .configuration_sed_controller import SedControllerConfig
 
 RETAIN, MODIFY = 0, 1
+# the "modify" logit of a field the controller may not change (config.rectify_fields): P(modify) is
+# exactly 0 in float32, so sampling never picks it, its log-probability of "retain" is 0 and its
+# entropy and KL terms are 0 (a finite value, where -inf would make them NaN)
+FIXED_MODIFY_LOGIT = -1e4
 FIELD_SIZES: tuple[int, ...] = tuple(len(SED_VOCAB[f]) for f in SED_FIELDS)
 FIELD_OFFSETS: tuple[int, ...] = tuple(sum(FIELD_SIZES[:i]) for i in range(len(FIELD_SIZES)))
 
@@ -194,6 +198,18 @@ class SedControllerModel(SedControllerPreTrainedModel):
         if not config.reads_audio:  # the summary is a constant: nothing for the LSTM to learn
             self.lstm.requires_grad_(False)
 
+    def _fixed_fields(self, device: torch.device) -> torch.Tensor:
+        """(1, 5, 1) True for the fields outside ``config.rectify_fields`` (always retained)."""
+        fields = self.config.rectify_fields or SED_FIELDS
+        return torch.tensor([f not in fields for f in SED_FIELDS], device=device)[None, :, None]
+
+    @staticmethod
+    def _fixed_logits(like: torch.Tensor) -> torch.Tensor:
+        """(1, 1, 2) logits of "always retain": (0, FIXED_MODIFY_LOGIT), no gradient."""
+        fixed = torch.zeros(2, dtype=like.dtype, device=like.device)
+        fixed[MODIFY] = FIXED_MODIFY_LOGIT
+        return fixed[None, None, :]
+
     # ---- front end ---------------------------------------------------------------------------
     @property
     def reads_log_mel(self) -> bool:
@@ -317,6 +333,8 @@ class SedControllerModel(SedControllerPreTrainedModel):
         if self.head_hidden is not None:
             x = self.head_hidden(x)
         logits = self.head(x).view(-1, len(SED_FIELDS), 2)
+        if self.config.rectify_fields is not None:
+            logits = torch.where(self._fixed_fields(logits.device), self._fixed_logits(logits), logits)
         return SedControllerOutput(logits=logits, summary=summary)
 
 
