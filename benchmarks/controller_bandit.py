@@ -33,7 +33,7 @@ import torch
 from trustser.descriptors import SED_FIELDS, SED_VOCAB
 from trustser.evaluation import binary_auc
 from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
-from trustser.models.sed_controller.modeling_sed_controller import sample_policies, sed_to_ids
+from trustser.models.sed_controller.modeling_sed_controller import hold_fixed_fields, sample_policies, sed_to_ids
 from trustser.trainers.rectify_objective import (
     action_log_probs,
     bernoulli_entropy,
@@ -124,12 +124,9 @@ def train_bandit(
         with torch.no_grad():  # retain-over-modify margin, as a new controller's
             model[2].bias.view(nf, 2)[:, 0] = initial_retain_bias
             model[2].bias.view(nf, 2)[:, 1] = 0.0
-        fixed = SedControllerModel._fixed_logits(x)
-        fields = rectify_fields or SED_FIELDS
-        keep = torch.tensor([f not in fields for f in SED_FIELDS])[None, :, None]
 
         def head(module, rows: torch.Tensor) -> torch.Tensor:
-            return torch.where(keep, fixed, module(x[rows]).view(-1, nf, 2))
+            return hold_fixed_fields(module(x[rows]).view(-1, nf, 2), rectify_fields)
 
     else:
         raise ValueError(f"controller must be 'stand_in' or 'model', got {controller!r}")

@@ -136,6 +136,17 @@ def sample_policies(
     return PolicySample(actions=actions, log_probs=log_probs, rectified_ids=rectified)
 
 
+def hold_fixed_fields(logits: torch.Tensor, rectify_fields: Sequence[str] | None) -> torch.Tensor:
+    """(B, 5, 2) retain/modify logits with every field outside ``rectify_fields`` set to "always
+    retain", (0, FIXED_MODIFY_LOGIT), no gradient through it; unchanged when ``rectify_fields`` is None."""
+    if rectify_fields is None:
+        return logits
+    held = torch.tensor([f not in rectify_fields for f in SED_FIELDS], device=logits.device)[None, :, None]
+    fixed = torch.zeros(2, dtype=logits.dtype, device=logits.device)
+    fixed[MODIFY] = FIXED_MODIFY_LOGIT
+    return torch.where(held, fixed, logits)
+
+
 def normalize_frames(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """(B, T, D) features standardised per utterance and dimension over the valid frames of
     ``mask`` (B, T); padded frames are left at 0 so they cannot reach a valid one."""
@@ -197,18 +208,6 @@ class SedControllerModel(SedControllerPreTrainedModel):
         self.post_init()
         if not config.reads_audio:  # the summary is a constant: nothing for the LSTM to learn
             self.lstm.requires_grad_(False)
-
-    def _fixed_fields(self, device: torch.device) -> torch.Tensor:
-        """(1, 5, 1) True for the fields outside ``config.rectify_fields`` (always retained)."""
-        fields = self.config.rectify_fields or SED_FIELDS
-        return torch.tensor([f not in fields for f in SED_FIELDS], device=device)[None, :, None]
-
-    @staticmethod
-    def _fixed_logits(like: torch.Tensor) -> torch.Tensor:
-        """(1, 1, 2) logits of "always retain": (0, FIXED_MODIFY_LOGIT), no gradient."""
-        fixed = torch.zeros(2, dtype=like.dtype, device=like.device)
-        fixed[MODIFY] = FIXED_MODIFY_LOGIT
-        return fixed[None, None, :]
 
     # ---- front end ---------------------------------------------------------------------------
     @property
@@ -333,8 +332,7 @@ class SedControllerModel(SedControllerPreTrainedModel):
         if self.head_hidden is not None:
             x = self.head_hidden(x)
         logits = self.head(x).view(-1, len(SED_FIELDS), 2)
-        if self.config.rectify_fields is not None:
-            logits = torch.where(self._fixed_fields(logits.device), self._fixed_logits(logits), logits)
+        logits = hold_fixed_fields(logits, self.config.rectify_fields)
         return SedControllerOutput(logits=logits, summary=summary)
 
 
@@ -348,6 +346,7 @@ __all__ = [
     "PolicySample",
     "sample_policies",
     "modify_labels",
+    "hold_fixed_fields",
     "normalize_frames",
     "sed_to_ids",
     "ids_to_sed",
