@@ -38,9 +38,12 @@ from trustser.trainers.rectify_objective import (
     action_log_probs,
     bernoulli_entropy,
     bernoulli_kl,
+    best_response_loss,
     clipped_policy_loss,
     group_normalize,
     per_field_advantages,
+    single_field_gains,
+    single_field_variants,
 )
 
 
@@ -61,6 +64,16 @@ def load_table(path: str) -> dict:
         "wrong": torch.tensor(t["annotated"] != t["truth"]),
         "context": torch.tensor(t["context"], dtype=torch.float32),
     }
+
+
+def table_rewards(gain: torch.Tensor, ids: torch.Tensor, rectified: torch.Tensor) -> torch.Tensor:
+    """(B, K) rewards of (B, K, 5) rectified label sets relative to the annotated ``ids`` (B, 5): the
+    sum of the single-field gains (B, 5, V) of the fields they change."""
+    rewards = torch.zeros(rectified.shape[:2])
+    for j in range(rectified.shape[-1]):
+        changed = rectified[..., j] != ids[:, None, j]
+        rewards += torch.where(changed, torch.gather(gain[:, j], 1, rectified[..., j]), torch.zeros(()))
+    return rewards
 
 
 def train_bandit(
@@ -130,6 +143,7 @@ def train_bandit(
 
     else:
         raise ValueError(f"controller must be 'stand_in' or 'model', got {controller!r}")
+    fields = [j for j, f in enumerate(SED_FIELDS) if rectify_fields is None or f in rectify_fields]
     model.train()
     reference = copy.deepcopy(model)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -141,24 +155,27 @@ def train_bandit(
         b = order[pos : pos + batch_size]
         pos += batch_size
         with torch.no_grad():
-            sample = sample_policies(head(model, b), ids[b], num_policies, generator=g, strategy="adjacent")
-            new = sample.rectified_ids
-            rewards = torch.zeros(len(b), num_policies)
-            for j in range(nf):
-                changed = new[..., j] != ids[b][:, None, j]
-                rewards += torch.where(changed, torch.gather(gain[b, j], 1, new[..., j]), torch.zeros(()))
-            rewards -= modify_cost * sample.actions.sum(-1)
-            adv = (
-                per_field_advantages(rewards, sample.actions, scale="none")
-                if advantage == "per_field"
-                else group_normalize(rewards, scale="none")
-            )
+            if advantage == "single_field":  # every one-field modification scored, no sampling
+                gains = single_field_gains(
+                    table_rewards(gain[b], ids[b], single_field_variants(ids[b], fields)), len(fields)
+                )
+            else:
+                sample = sample_policies(head(model, b), ids[b], num_policies, generator=g, strategy="adjacent")
+                rewards = table_rewards(gain[b], ids[b], sample.rectified_ids) - modify_cost * sample.actions.sum(-1)
+                adv = (
+                    per_field_advantages(rewards, sample.actions, scale="none")
+                    if advantage == "per_field"
+                    else group_normalize(rewards, scale="none")
+                )
             ref_logits = head(reference, b)
         for _ in range(updates_per_step):
             opt.zero_grad()
             logits = head(model, b)
-            loss, _ = clipped_policy_loss(action_log_probs(logits, sample.actions), sample.log_probs, adv, 0.2)
-            loss = loss - entropy_coef * bernoulli_entropy(logits).mean()
+            if advantage == "single_field":  # the entropy bonus is in the best response's temperature
+                loss = best_response_loss(logits, gains, fields, modify_cost, entropy_coef)
+            else:
+                loss, _ = clipped_policy_loss(action_log_probs(logits, sample.actions), sample.log_probs, adv, 0.2)
+                loss = loss - entropy_coef * bernoulli_entropy(logits).mean()
             if retain_kl_coef:
                 loss = loss + retain_kl_coef * bernoulli_kl(logits, ref_logits).mean()
             loss.backward()
@@ -178,6 +195,40 @@ def train_bandit(
     return out
 
 
+def regression_ceiling(
+    table: dict, rectify_fields: list[str] | None = None, costs=(0.0, 0.02, 0.05), seed: int = 0
+) -> dict:
+    """What a learner could reach from this reward and the controller's non-audio inputs: each
+    field's single-field gain (the mean over its adjacent values, as ``advantage="single_field"``
+    measures it) regressed on the speaker context and the one-hot labels by gradient-boosted trees,
+    cross-fitted over 5 folds of the utterances; per field the AUC of the predicted gain for "the
+    label is wrong" and the wrong labels fixed / right labels broken by "modify where the predicted
+    gain exceeds the cost". A controller that learns the reward's rule cannot do much better."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    ids, wrong = table["ids"], table["wrong"].numpy()
+    fields = [j for j, f in enumerate(SED_FIELDS) if rectify_fields is None or f in rectify_fields]
+    gains = single_field_gains(table_rewards(table["gain"], ids, single_field_variants(ids, fields)), len(fields))
+    onehot = [torch.nn.functional.one_hot(ids[:, j], len(SED_VOCAB[f])).float() for j, f in enumerate(SED_FIELDS)]
+    x = torch.cat([table["context"], *onehot], 1).numpy()
+    folds = KFold(5, shuffle=True, random_state=seed)
+    out = {}
+    for i, j in enumerate(fields):
+        model = HistGradientBoostingRegressor(max_depth=3, max_iter=100, random_state=seed)
+        predicted = cross_val_predict(model, x, gains[:, i].numpy(), cv=folds)
+        w = wrong[:, j]
+        out[SED_FIELDS[j]] = {
+            "gain_auc": round(binary_auc(gains[:, i].numpy(), w.astype(float)), 4),
+            "predicted_gain_auc": round(binary_auc(predicted, w.astype(float)), 4),
+            **{
+                f"cost_{c}": {"fixed": int(((predicted > c) & w).sum()), "broken": int(((predicted > c) & ~w).sum())}
+                for c in costs
+            },
+        }
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("table", help="a reward table from benchmarks/reward_signal.py --table")
@@ -188,14 +239,27 @@ def main(argv=None) -> dict:
     p.add_argument("--retain-kl-coef", type=float, default=0.0)
     p.add_argument("--learning-rate", type=float, default=1e-2)
     p.add_argument("--num-policies", type=int, default=6, help="K, policies sampled per utterance")
-    p.add_argument("--advantage", default="per_field", choices=("per_field", "group"))
+    p.add_argument("--advantage", default="per_field", choices=("per_field", "group", "single_field"))
     p.add_argument("--no-context", action="store_true", help="the controller does not see the speaker context")
     p.add_argument("--controller", default="stand_in", choices=("stand_in", "model"))
     p.add_argument("--rectify-fields", default=None, help="comma-separated fields it may modify (default: all)")
     p.add_argument("--embedding-size", type=int, default=32, help="label embedding width of --controller model")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="only the regression ceiling: cross-fitted trees predicting each field's single-field gain",
+    )
     a = p.parse_args(argv)
     table = load_table(a.table)
+    if a.ceiling:
+        fields = a.rectify_fields.split(",") if a.rectify_fields else None
+        report = {"ceiling": regression_ceiling(table, fields), "rectify_fields": fields}
+        for f, r in report["ceiling"].items():
+            print(f, json.dumps(r))
+        if a.json:
+            Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
+        return report
     settings = {
         "steps": a.steps,
         "modify_cost": a.modify_cost,

@@ -15,7 +15,9 @@ Per field and scorer:
   ``uniform`` over the other values); mean over wrong and over right labels, and over all labels
   (``modify_gain_mean``, no ground truth needed: a field where a modification does not cost reward
   on average is one where the reward cannot tell a repair from a corruption; leave it out of
-  ``rectify_fields``);
+  ``rectify_fields``), and the mean size of the gain (``modify_gain_abs_mean``, no ground truth
+  either: a field whose modifications move the reward by less than ``modify_cost`` is one the
+  scorer's emotion hardly reads, so no modification of it can pay for itself);
 * ``modify_gain_auc``: its ROC AUC for "the annotated label is wrong". A controller whose modify
   probability followed this expected gain exactly would separate wrong from right labels this well
   and no better; issue 15's target is a modify-probability AUC of 0.70.
@@ -97,6 +99,7 @@ def field_signal(
             "modify_gain_wrong": round(float(gain_arr[wrong_arr].mean()), 4) if wrong_arr.any() else None,
             "modify_gain_right": round(float(gain_arr[~wrong_arr].mean()), 4) if (~wrong_arr).any() else None,
             "modify_gain_mean": round(float(gain_arr.mean()), 4),
+            "modify_gain_abs_mean": round(float(np.abs(gain_arr).mean()), 4),
             "modify_gain_auc": round(binary_auc(gain_arr, wrong_arr.astype(float)), 4),
         }
     return out

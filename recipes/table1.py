@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from trustser.descriptors import SED_FIELDS
-from trustser.recipe import run_system
+from trustser.recipe import parse_recipe_args, run_system
 from trustser.recipe_config import RecipeConfig
 from trustser.statistics import judge
 from trustser.systems import BRACKETS, get_system, paper_claims
@@ -76,15 +76,14 @@ def _predictions(base: RecipeConfig, spec, seed: int) -> list[dict]:
 
 
 def main(argv=None):
-    from trl import TrlParser
-
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--systems", default="1,2,3,4,6,9,10," + ",".join(BRACKETS))
     pre.add_argument("--seeds", type=int, default=3)
     pre.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws per claim")
     own, rest = pre.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    (base,) = TrlParser((RecipeConfig,)).parse_args_and_config(args=rest)
+    # the recipe's parser: recipe settings, model settings and top-level trainer fields (as recipes/sysN.py)
+    base = parse_recipe_args(rest)
     specs = [get_system(s.strip()) for s in own.systems.split(",") if s.strip()]
     runs: dict[str, list[dict]] = {}
     for spec in specs:

@@ -269,6 +269,11 @@ def test_table1_reports_claims_with_intervals(tmp_path, synthetic_small, capsys,
         "1",
         "--test_split",
         "dev",
+        # top-level trainer fields, as recipes/sysN.py takes them (a rectification field reaches Sys. 9-13 only)
+        "--max_grad_norm",
+        "0.5",
+        "--modify_cost",
+        "0.1",
     ]
     assert table1.main(args) == 0
     md = (tmp_path / "out" / "table1-dev.md").read_text()
@@ -281,6 +286,8 @@ def test_table1_reports_claims_with_intervals(tmp_path, synthetic_small, capsys,
     assert table1.main(args) == 0
     again = json.loads((tmp_path / "out" / "sys4-seed0" / "results.json").read_text())
     assert all(s["reused"] for s in again["stages"])
+    assert again["settings"]["training_args"]["max_grad_norm"] == 0.5
+    assert again["settings"]["training_args"]["modify_cost"] == 0.1
 
 
 @pytest.mark.slow  # two whole small runs (50 s); the default run stays under 10 minutes on 2 cores; CI runs -m slow

@@ -16,6 +16,8 @@ import pytest
 import soundfile as sf
 from rehearsal import REPO, launch_recipe
 
+from trustser.recipe_config import RECTIFY_DEFAULTS
+
 pytestmark = pytest.mark.real_path
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -51,13 +53,22 @@ def _check_run(run: dict, corpus: str, target_root: str, inputs: dict) -> dict:
         "controller_scale_rewards": "group",
         "controller_updates_per_step": 1,
         "controller_frame_stride": 1,
+        # the paper's reward and credit (the embedded default's RECTIFY_DEFAULTS differ)
+        "reward_scorer": "policy",
+        "advantage": "group",
+        "controller_speaker_context": False,
+        "controller_input": "log_mel",
+        "controller_embedding_size": 32,
+        "modify_cost": 0.0,
+        "controller_entropy_coef": 0.0,
+        "rectify_fields": None,
     }
     assert s["training_args"]["controller_scale_rewards"] == "group" and s["posttrain_max_steps"] == 2
     stages = {st["name"]: run_dir / st["path"] for st in res["stages"]}
     for name in ("pretrain", "posttrain"):
         record = json.loads((stages[name] / "STAGE.json").read_text())
         # the rectifying post-training's key also carries the controller settings as they resolved
-        controller = {k: v for k, v in s["training_args"].items() if k.startswith("controller_")}
+        controller = {k: v for k, v in s["training_args"].items() if k in RECTIFY_DEFAULTS}
         expected = {"bf16": True, "gradient_checkpointing": True, **(controller if name == "posttrain" else {})}
         assert record["settings"]["training"] == expected
         logs = json.loads((stages[name] / "log_history.json").read_text())

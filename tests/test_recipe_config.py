@@ -281,8 +281,17 @@ _CONTROLLER_BEFORE = {
         controller_scale_rewards="none",
         controller_head_hidden_size=64,
         reward_timing="after_update",
-        controller_entropy_coef=0.0,
+        # issue 15's choice for the embedded default (docs/rectify.md, "Single-field credit")
+        controller_entropy_coef=0.02,
+        reward_scorer="frozen",
+        advantage="single_field",
+        controller_speaker_context=True,
+        controller_input="none",
+        controller_embedding_size=4,
+        modify_cost=0.05,
+        rectify_fields=["pitch", "volume"],
     ),
+    # the real configs keep the paper's controller and reward (issue 15, item 5)
     "real": dict(
         num_policies=6,
         controller_learning_rate=1e-3,
@@ -291,6 +300,13 @@ _CONTROLLER_BEFORE = {
         controller_head_hidden_size=0,
         reward_timing="after_update",
         controller_entropy_coef=0.0,
+        reward_scorer="policy",
+        advantage="group",
+        controller_speaker_context=False,
+        controller_input="log_mel",
+        controller_embedding_size=32,
+        modify_cost=0.0,
+        rectify_fields=None,
     ),
 }
 

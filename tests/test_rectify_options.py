@@ -473,18 +473,23 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
     pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=5, epochs=1.0, lr=1e-4)
     assert isinstance(pre, SerSlmSFTConfig) and not hasattr(pre, "reward_scorer")
     assert cfg.stage_training_key("pretrain") == {} and cfg.stage_training_key("posttrain") == {}
+    # the embedded default: issue 15's setting S4 (RECTIFY_DEFAULTS); the trainer's own defaults: the paper's
     default = parse_recipe_args([], system="sys10")
     args = _training_args(default, tmp_path, stage="posttrain", cls=SedRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
-    assert (
-        args.reward_scorer,
-        args.advantage,
-        args.retain_kl_coef,
-        args.modify_cost,
-        args.frozen_slm_steps,
-        args.slm_targets,
-        args.controller_audio_norm,
-        args.rectify_fields,
-    ) == ("policy", "group", 0.0, 0.0, 0, "samples", False, None)
+    names = ("reward_scorer", "advantage", "retain_kl_coef", "modify_cost", "frozen_slm_steps", "slm_targets")
+    names += ("controller_audio_norm", "rectify_fields")
+    assert tuple(getattr(args, n) for n in names) == (
+        "frozen",
+        "single_field",
+        0.0,
+        0.05,
+        0,
+        "samples",
+        False,
+        ["pitch", "volume"],
+    )
+    paper = SedRectifyConfig(output_dir=str(tmp_path))
+    assert tuple(getattr(paper, n) for n in names) == ("policy", "group", 0.0, 0.0, 0, "samples", False, None)
 
 
 # ---------------------------------------------------------------------------------- auxiliary heads

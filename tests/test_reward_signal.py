@@ -55,6 +55,8 @@ def test_field_signal_reads_truth_gain_and_auc(reward_signal):
     assert pitch["modify_gain_auc"] == 1.0
     # over all four labels, no ground truth needed: (0 + 0 - 1 - 1) / 4
     assert pitch["modify_gain_mean"] == -0.5 and out["volume"]["modify_gain_mean"] == 0.0
+    # its size: |0| + |0| + |-1| + |-1| over four; a field the reward does not read has size 0
+    assert pitch["modify_gain_abs_mean"] == 0.5 and out["volume"]["modify_gain_abs_mean"] == 0.0
     # fields that are never wrong: no truth gain, AUC undefined
     assert out["volume"]["wrong"] == 0 and out["volume"]["truth_gain_mean"] is None
     assert np.isnan(out["volume"]["modify_gain_auc"])
@@ -184,6 +186,18 @@ def test_controller_bandit_learns_a_learnable_table(reward_signal, controller_ba
     # its greedy threshold sits after 300 steps depends on the float summation order: not asserted)
     model = controller_bandit.train_bandit(table, steps=300, entropy_coef=0.01, controller="model")
     assert model["pitch"]["modify_auc"] > 0.95 and model["pitch"]["fixed"] > 0.8 * wrong.sum()
+    # single-field credit: the best response to the measured one-field gains finds the same labels
+    single = controller_bandit.train_bandit(
+        table, steps=300, entropy_coef=0.01, advantage="single_field", controller="model", modify_cost=0.05
+    )
+    assert single["pitch"]["modify_auc"] > 0.95 and single["pitch"]["fixed"] > 0.8 * wrong.sum()
+    assert single["pitch"]["broken"] < 0.1 * wrong.sum()
+    assert all(single[f]["fixed"] + single[f]["broken"] == 0 for f in ("volume", "speed", "gender", "age"))
+    # the regression ceiling: trees on the context and labels predict pitch's gain; nothing else pays
+    ceiling = controller_bandit.regression_ceiling(table)
+    assert ceiling["pitch"]["gain_auc"] == 1.0 and ceiling["pitch"]["predicted_gain_auc"] > 0.95
+    assert ceiling["pitch"]["cost_0.05"]["fixed"] > 0.9 * wrong.sum() and ceiling["pitch"]["cost_0.05"]["broken"] < 5
+    assert all(ceiling[f]["cost_0.0"] == {"fixed": 0, "broken": 0} for f in ("volume", "speed", "gender", "age"))
     # a field it may not modify is never modified, even where modifying it would pay
     table["gain"][:, 0] = 0.5
     held = controller_bandit.train_bandit(table, steps=20, rectify_fields=["volume", "speed", "gender", "age"])

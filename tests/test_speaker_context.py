@@ -218,10 +218,13 @@ def test_speaker_context_reaches_the_posttrain_stage(tmp_path):
     post = _training_args(cfg, tmp_path, stage="posttrain", cls=SedRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
     assert post.controller_speaker_context is True
     assert cfg.stage_training_key("posttrain", rectify=True)["controller_speaker_context"] is True
+    # on in the embedded default (RECTIFY_DEFAULTS); off on request, and in the trainer's own (the paper's) default
     default = parse_recipe_args([], system="sys10")
     args = _training_args(default, tmp_path, stage="posttrain", cls=SedRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
-    assert args.controller_speaker_context is False
-    assert "controller_speaker_context" not in default.stage_training_key("posttrain", rectify=True)
+    assert args.controller_speaker_context is True
+    off = parse_recipe_args(["--controller_speaker_context", "false"], system="sys10")
+    assert off.stage_training_key("posttrain", rectify=True)["controller_speaker_context"] is False
+    assert SedRectifyConfig(output_dir=str(tmp_path)).controller_speaker_context is False
 
 
 # ---------------------------------------------------------------------------------- audit

@@ -56,9 +56,12 @@ from .rectify_objective import (
     action_log_probs,
     bernoulli_entropy,
     bernoulli_kl,
+    best_response_loss,
     clipped_policy_loss,
     group_normalize,
     per_field_advantages,
+    single_field_gains,
+    single_field_variants,
 )
 from .sft import SerSlmDataCollator, SerSlmSFTTrainer, caption_token_nll, trains_auxiliary_heads
 from .speaker_context import SPEAKER_CONTEXT_COLUMN, SPEAKER_CONTEXT_SIZE, with_speaker_context
@@ -450,6 +453,11 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                 f"rectify_fields={args.rectify_fields} needs a controller that may modify those fields; the given "
                 f"controller has SedControllerConfig.rectify_fields={controller.config.rectify_fields}"
             )
+        if args.advantage == "single_field" and controller.config.modify_strategy != "adjacent":
+            raise ValueError(
+                "advantage='single_field' scores each field's adjacent values; the given controller has "
+                f"SedControllerConfig.modify_strategy={controller.config.modify_strategy!r}"
+            )
         if controller.config.context_size != context_size:
             wants = f"a {context_size}-wide speaker context" if context_size else "no context"
             raise ValueError(
@@ -698,7 +706,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                 if args.reward_timing == "reuse_forward":
                     record["rewards"] = -emo_ce.view(b, k)
                 else:  # recomputed after the optimizer step: keep what the forward needs
-                    record.update(slm_inputs=audio_inputs_of(inputs), rect=rect, packed=packed)
+                    record.update(slm_inputs=audio_inputs_of(inputs), **self._scored_captions(inputs, rect, packed, k))
                 self._pending.append(record)
             self._log_metrics(inputs, sample, nll, valid, emo_ce, kl)
             for key in ("aux_sed_loss", "aux_ctc_loss"):
@@ -718,13 +726,32 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             "rewards": None,
         }
 
+    def _single_field_index(self) -> list[int]:
+        """Indices (in SED_FIELDS) of the fields the controller may modify."""
+        fields = self.controller.config.rectify_fields
+        return [j for j, f in enumerate(SED_FIELDS) if fields is None or f in fields]
+
+    def _scored_captions(self, inputs, rect, packed, k: int) -> dict[str, Any]:
+        """The captions the controller's rewards are computed on after the step: the K sampled
+        rectifications, or with ``advantage="single_field"`` the annotated caption and every
+        one-field modification (``single_field_variants``), whatever was sampled for the SLM."""
+        if self.args.advantage != "single_field":
+            return {"rect": rect, "packed": packed, "num_captions": k}
+        variants = single_field_variants(inputs["rectify_sed_ids"], self._single_field_index())
+        m = variants.shape[1]
+        rect_v = rectified_caption_inputs(
+            self.processing_class, inputs["input_ids"], inputs["labels"], self._captions(inputs, variants), m
+        )
+        return {"rect": rect_v, "packed": self._pack(rect_v, m), "num_captions": m}
+
     def _frozen_slm_step(self, inputs, sample, rect, packed, feats, fmask, return_outputs):
         """A ``frozen_slm_steps`` micro-batch: no SLM forward with gradient (the loss is a constant
         0, so no SLM parameter gets a gradient and the optimizer leaves them all as they are); the
         K policies' rewards come from one no-grad forward of the (unchanged) scorer after the step."""
         with torch.no_grad():
             record = self._record(inputs, sample, feats, fmask)
-            record.update(slm_inputs=audio_inputs_of(inputs), rect=rect, packed=packed)
+            k = sample.actions.shape[1]
+            record.update(slm_inputs=audio_inputs_of(inputs), **self._scored_captions(inputs, rect, packed, k))
             self._pending.append(record)
             self._log_metrics(inputs, sample)
         loss = torch.zeros((), device=inputs["input_ids"].device, requires_grad=True)
@@ -767,7 +794,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         was_training = model.training
         model.eval()
         try:
-            k = record["actions"].shape[1]
+            k = record["num_captions"]
             packed = record.get("packed")
             if packed is not None:  # the LM head from the earliest emotion word's predictor on
                 emo = packed["emotion_token_mask"]
@@ -784,8 +811,10 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             model.train(was_training)
 
     def controller_step(self) -> None:
-        """Rewards of the pending policies (after the SLM update, or reused), group
-        normalisation, and ``controller_updates_per_step`` clipped-objective updates."""
+        """Rewards of the pending policies (after the SLM update, or reused), their advantages, and
+        ``controller_updates_per_step`` updates of the controller: the clipped objective of the
+        sampled policies, or with ``advantage="single_field"`` the best response to the measured
+        one-field gains."""
         records, self._pending = self._pending, []
         if not records:
             return
@@ -793,7 +822,49 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         for r in records:
             if r["rewards"] is None:
                 r["rewards"] = self._rewards_after_update(r)
-        rewards = torch.cat([r["rewards"].flatten() for r in records])
+        from trl.trainer.utils import nanstd
+
+        if args.advantage == "single_field":
+            objective = self._single_field_credit(records)
+        else:
+            objective = self._sampled_credit(records)
+        for r in records:
+            if self.reference_controller is not None:
+                r["reference_logits"] = self.reference_controller(
+                    r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
+                ).logits
+        # spread the controller can learn from: the within-group (K policies, or one-field variants) std
+        self._log_mean("reward/std", torch.cat([nanstd(r["rewards"], dim=-1) for r in records]).nanmean())
+        params = [p for p in self.controller.parameters() if p.requires_grad]
+        logged: dict[str, list[torch.Tensor]] = {}
+        for _ in range(args.controller_updates_per_step):
+            self.controller_optimizer.zero_grad(set_to_none=False)
+            with torch.enable_grad():
+                for r in records:
+                    logits = self.controller(
+                        r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
+                    ).logits
+                    loss, metrics = objective(r, logits)
+                    if self.reference_controller is not None:  # penalty toward the initial (retain-heavy) policy
+                        kl = bernoulli_kl(logits, r["reference_logits"]).mean()
+                        loss = loss + args.retain_kl_coef * kl
+                        metrics["controller/retain_kl"] = kl
+                    (loss / len(records)).backward()
+                    for key, value in metrics.items():
+                        logged.setdefault(key, []).append(value.detach())
+            if self.accelerator.num_processes > 1:
+                for p in params:
+                    p.grad = self.accelerator.reduce(p.grad.contiguous(), reduction="mean")
+            if args.controller_max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, args.controller_max_grad_norm)
+            self.controller_optimizer.step()
+        for key, values in logged.items():
+            self._log_mean(key, torch.stack(values).mean())
+
+    def _sampled_credit(self, records):
+        """The paper's credit (GRPO-style group advantages, or ``per_field``) of the K sampled
+        policies, and their clipped surrogate with the entropy bonus."""
+        args = self.args
         from trl.trainer.utils import nanstd
 
         # what the controller is credited with: the emotion reward less the cost of its modifications
@@ -808,48 +879,36 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                 r["advantages"] = group_normalize(credited, scale="none") / step_std
             else:
                 r["advantages"] = group_normalize(credited, scale=scale)
-            if self.reference_controller is not None:
-                r["reference_logits"] = self.reference_controller(
-                    r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
-                ).logits
-        self._log_mean("reward/mean", torch.nanmean(rewards))
-        # spread the controller can learn from: the within-group (K policies) standard deviation
-        self._log_mean("reward/std", torch.cat([nanstd(r["rewards"], dim=-1) for r in records]).nanmean())
-        params = [p for p in self.controller.parameters() if p.requires_grad]
-        losses, entropies, clips, kls = [], [], [], []
-        for _ in range(args.controller_updates_per_step):
-            self.controller_optimizer.zero_grad(set_to_none=False)
-            with torch.enable_grad():
-                for r in records:
-                    logits = self.controller(
-                        r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
-                    ).logits
-                    new = action_log_probs(logits, r["actions"])
-                    pg, clip = clipped_policy_loss(
-                        new, r["old_log_probs"], r["advantages"], args.controller_clip_epsilon
-                    )
-                    ent = bernoulli_entropy(logits).mean()
-                    objective = pg - args.controller_entropy_coef * ent
-                    if self.reference_controller is not None:  # penalty toward the initial (retain-heavy) policy
-                        kl = bernoulli_kl(logits, r["reference_logits"]).mean()
-                        objective = objective + args.retain_kl_coef * kl
-                        kls.append(kl.detach())
-                    loss = objective / len(records)
-                    loss.backward()
-                    losses.append(pg.detach())
-                    entropies.append(ent.detach())
-                    clips.append(clip)
-            if self.accelerator.num_processes > 1:
-                for p in params:
-                    p.grad = self.accelerator.reduce(p.grad.contiguous(), reduction="mean")
-            if args.controller_max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, args.controller_max_grad_norm)
-            self.controller_optimizer.step()
-        self._log_mean("controller/loss", torch.stack(losses).mean())
-        self._log_mean("controller/entropy", torch.stack(entropies).mean())
-        self._log_mean("controller/clip_fraction", torch.stack(clips).mean())
-        if kls:
-            self._log_mean("controller/retain_kl", torch.stack(kls).mean())
+        self._log_mean("reward/mean", torch.nanmean(torch.cat([r["rewards"].flatten() for r in records])))
+
+        def objective(r, logits):
+            new = action_log_probs(logits, r["actions"])
+            pg, clip = clipped_policy_loss(new, r["old_log_probs"], r["advantages"], args.controller_clip_epsilon)
+            ent = bernoulli_entropy(logits).mean()
+            metrics = {"controller/loss": pg, "controller/entropy": ent, "controller/clip_fraction": clip}
+            return pg - args.controller_entropy_coef * ent, metrics
+
+        return objective
+
+    def _single_field_credit(self, records):
+        """``advantage="single_field"``: each field's gain is the scorer's reward of modifying it
+        alone less that of the annotated caption (measured, not sampled), and the controller is
+        fitted by cross-entropy to the entropy-regularised best response to it, temperature
+        ``controller_entropy_coef`` (``best_response_loss``)."""
+        args = self.args
+        fields = self._single_field_index()
+        for r in records:
+            r["gains"] = single_field_gains(r["rewards"], len(fields))
+        gains = torch.cat([r["gains"] for r in records])
+        self._log_mean("reward/mean", torch.nanmean(torch.cat([r["rewards"][:, 0] for r in records])))
+        for i, j in enumerate(fields):
+            self._log_mean(f"reward/gain_{SED_FIELDS[j]}", torch.nanmean(gains[:, i]))
+
+        def objective(r, logits):
+            loss = best_response_loss(logits, r["gains"], fields, args.modify_cost, args.controller_entropy_coef)
+            return loss, {"controller/loss": loss, "controller/entropy": bernoulli_entropy(logits).mean()}
+
+        return objective
 
     # ---------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):

@@ -123,9 +123,16 @@ class SedRectifyConfig(SerSlmSFTConfig):
     advantage: str = field(
         default="group",
         metadata={
-            "help": "credit assignment: 'group' (one advantage per policy shared by its five decisions, the paper) or "
+            "help": "credit assignment: 'group' (one advantage per policy shared by its five decisions, the paper), "
             "'per_field' (field f of a policy is credited with its reward minus the mean reward of the group's other "
-            "policies that made the same choices on the four other fields; scaled as controller_scale_rewards)."
+            "policies that made the same choices on the four other fields; scaled as controller_scale_rewards) or "
+            "'single_field' (no sampled credit: after each step the scorer rewards the annotated caption and every "
+            "modification of one field alone, to each adjacent value, so each field's gain is measured without the "
+            "other fields' changes or sampling noise; the controller is fitted by cross-entropy to the "
+            "entropy-regularised best response sigmoid((gain - modify_cost) / controller_entropy_coef), "
+            "controller_scale_rewards and controller_clip_epsilon unused. The SLM still trains on the K samples. "
+            "Needs reward_timing='after_update' and the 'adjacent' modify strategy; 1 + 2 x len(rectify_fields) "
+            "scored captions per utterance)."
         },
     )
     retain_kl_coef: float = field(
@@ -240,6 +247,16 @@ class SedRectifyConfig(SerSlmSFTConfig):
             raise ValueError(f"modify_cost must be >= 0, got {self.modify_cost}")
         if self.frozen_slm_steps < 0:
             raise ValueError(f"frozen_slm_steps must be >= 0, got {self.frozen_slm_steps}")
+        if self.advantage == "single_field" and self.reward_timing != "after_update":
+            raise ValueError(
+                "advantage='single_field' needs reward_timing='after_update': its rewards are of captions the SLM "
+                f"did not train on in the step (got reward_timing={self.reward_timing!r})"
+            )
+        if self.advantage == "single_field" and self.controller_modify_strategy != "adjacent":
+            raise ValueError(
+                "advantage='single_field' scores each field's adjacent values; it needs "
+                f"controller_modify_strategy='adjacent', got {self.controller_modify_strategy!r}"
+            )
         if self.slm_targets not in SLM_TARGETS:
             raise ValueError(f"slm_targets must be one of {SLM_TARGETS}, got {self.slm_targets!r}")
         self.rectify_fields = checked_rectify_fields(self.rectify_fields)

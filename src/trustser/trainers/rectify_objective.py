@@ -1,6 +1,8 @@
 """The RL objective of SED rectification (paper section 3.2), beside the trainer that uses it:
 per-decision log-probabilities, advantages (one per policy, GRPO-style, or one per field and
-policy), the PPO/GRPO clipped surrogate, the entropy bonus and the KL to the initial policy.
+policy), the PPO/GRPO clipped surrogate, the entropy bonus and the KL to the initial policy; and
+the single-field credit (``advantage="single_field"``): every one-field modification scored, and
+the controller fitted to the best response to those measured gains instead of a sampled surrogate.
 
 The controller's policy is five independent retain/modify decisions per utterance (logits
 (B, 5, 2)); K policies are sampled per utterance (``trustser.models.sed_controller.sample_policies``)
@@ -9,9 +11,11 @@ and each gets one reward (minus the SER-SLM's emotion cross-entropy with its rec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-ADVANTAGES = ("group", "per_field")
+ADVANTAGES = ("group", "per_field", "single_field")
 
 
 def action_log_probs(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -115,6 +119,63 @@ def per_field_advantages(
     return torch.nan_to_num(adv, nan=0.0)
 
 
+def single_field_variants(sed_ids: torch.Tensor, fields: Sequence[int]) -> torch.Tensor:
+    """(B, 1 + 2F, 5) label sets for the single-field credit: row 0 the annotated labels, then for
+    each field index f in ``fields`` two rows that modify f alone, one to each adjacent value (the
+    lower, then the higher; an end value has one neighbour, which fills both rows). Averaging the
+    two rows' rewards is the expected reward of "modify f" under ``modify_labels(strategy="adjacent")``."""
+    from ..models.sed_controller.modeling_sed_controller import FIELD_SIZES
+
+    b, nf = sed_ids.shape
+    variants = sed_ids[:, None, :].repeat(1, 1 + 2 * len(fields), 1)
+    for i, f in enumerate(fields):
+        ids, top = sed_ids[:, f], FIELD_SIZES[f] - 1
+        down = torch.where(ids > 0, ids - 1, ids + 1)
+        up = torch.where(ids < top, ids + 1, ids - 1)
+        variants[:, 1 + 2 * i, f] = down
+        variants[:, 2 + 2 * i, f] = up
+    return variants
+
+
+def single_field_gains(rewards: torch.Tensor, num_fields: int) -> torch.Tensor:
+    """(B, F) expected reward change of modifying each field alone, from the (B, 1 + 2F) rewards of
+    ``single_field_variants``' rows; NaN where a reward is NaN (e.g. an empty emotion span)."""
+    b, m = rewards.shape
+    if m != 1 + 2 * num_fields:
+        raise ValueError(f"{m} rewards per utterance do not match {num_fields} fields (expected {1 + 2 * num_fields})")
+    rewards = rewards.float()
+    return rewards[:, 1:].view(b, num_fields, 2).mean(-1) - rewards[:, :1]
+
+
+def best_response_loss(
+    logits: torch.Tensor,
+    gains: torch.Tensor,
+    fields: Sequence[int],
+    modify_cost: float = 0.0,
+    temperature: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy between the controller's modify probability of each field in ``fields`` and the
+    entropy-regularised best response to the measured gains (B, F): the p maximising
+    p (gain - cost) + temperature x H(p) is sigmoid((gain - cost) / temperature) (a step at
+    gain = cost when temperature is 0). Fitting that target by cross-entropy is policy improvement
+    with exactly measured action values; unlike ascending the expected reward sum_f p_f (gain_f -
+    cost), whose gradient p (1 - p) (gain - cost) vanishes once p nears 0, it keeps learning where
+    the policy has already collapsed to "retain". NaN gains (an empty emotion span) give no loss."""
+    from ..models.sed_controller.modeling_sed_controller import MODIFY, RETAIN
+
+    logits = logits.float()[:, list(fields)]
+    margin = logits[..., MODIFY] - logits[..., RETAIN]  # log-odds of "modify"
+    value = gains.detach().float() - modify_cost
+    known = torch.isfinite(value)
+    value = torch.nan_to_num(value, nan=0.0)
+    if temperature > 0:
+        target = torch.sigmoid(value / temperature)
+    else:
+        target = (value > 0).float() + 0.5 * (value == 0).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(margin, target, reduction="none")
+    return (bce * known).sum() / known.sum().clamp(min=1)
+
+
 def bernoulli_kl(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
     """(B, 5) KL(policy || reference) of each field's retain/modify distribution; with the
     controller's initial (retain-heavy) policy as reference it is a penalty toward "retain"."""
@@ -129,6 +190,9 @@ __all__ = [
     "bernoulli_entropy",
     "bernoulli_kl",
     "clipped_policy_loss",
+    "best_response_loss",
     "group_normalize",
     "per_field_advantages",
+    "single_field_gains",
+    "single_field_variants",
 ]
