@@ -33,7 +33,12 @@ import torch
 from trustser.descriptors import SED_FIELDS, SED_VOCAB
 from trustser.evaluation import binary_auc
 from trustser.models.sed_controller import SedControllerConfig, SedControllerModel
-from trustser.models.sed_controller.modeling_sed_controller import hold_fixed_fields, sample_policies, sed_to_ids
+from trustser.models.sed_controller.modeling_sed_controller import (
+    hold_fixed_fields,
+    rectify_field_indices,
+    sample_policies,
+    sed_to_ids,
+)
 from trustser.trainers.rectify_objective import (
     action_log_probs,
     bernoulli_entropy,
@@ -64,6 +69,13 @@ def load_table(path: str) -> dict:
         "wrong": torch.tensor(t["annotated"] != t["truth"]),
         "context": torch.tensor(t["context"], dtype=torch.float32),
     }
+
+
+def one_hot_labels(ids: torch.Tensor) -> torch.Tensor:
+    """(N, 15) the annotated labels (N, 5) one-hot, field after field: the stand-in's and the ceiling's input."""
+    return torch.cat(
+        [torch.nn.functional.one_hot(ids[:, j], len(SED_VOCAB[f])).float() for j, f in enumerate(SED_FIELDS)], 1
+    )
 
 
 def table_rewards(gain: torch.Tensor, ids: torch.Tensor, rectified: torch.Tensor) -> torch.Tensor:
@@ -108,9 +120,7 @@ def train_bandit(
     g = torch.Generator().manual_seed(seed)
     ids, gain, wrong = table["ids"], table["gain"], table["wrong"]
     n = len(ids)
-    onehot = torch.cat(
-        [torch.nn.functional.one_hot(ids[:, j], len(SED_VOCAB[f])).float() for j, f in enumerate(SED_FIELDS)], 1
-    )
+    onehot = one_hot_labels(ids)
     context = table["context"] if use_context else torch.zeros_like(table["context"])
     x = torch.cat([context, onehot], 1)
     nf = len(SED_FIELDS)
@@ -143,7 +153,7 @@ def train_bandit(
 
     else:
         raise ValueError(f"controller must be 'stand_in' or 'model', got {controller!r}")
-    fields = [j for j, f in enumerate(SED_FIELDS) if rectify_fields is None or f in rectify_fields]
+    fields = rectify_field_indices(rectify_fields)
     model.train()
     reference = copy.deepcopy(model)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -208,10 +218,9 @@ def regression_ceiling(
     from sklearn.model_selection import KFold, cross_val_predict
 
     ids, wrong = table["ids"], table["wrong"].numpy()
-    fields = [j for j, f in enumerate(SED_FIELDS) if rectify_fields is None or f in rectify_fields]
+    fields = rectify_field_indices(rectify_fields)
     gains = single_field_gains(table_rewards(table["gain"], ids, single_field_variants(ids, fields)), len(fields))
-    onehot = [torch.nn.functional.one_hot(ids[:, j], len(SED_VOCAB[f])).float() for j, f in enumerate(SED_FIELDS)]
-    x = torch.cat([table["context"], *onehot], 1).numpy()
+    x = torch.cat([table["context"], one_hot_labels(ids)], 1).numpy()
     folds = KFold(5, shuffle=True, random_state=seed)
     out = {}
     for i, j in enumerate(fields):

@@ -47,6 +47,7 @@ from ..models.sed_controller import (
     sample_policies,
     sed_to_ids,
 )
+from ..models.sed_controller.modeling_sed_controller import rectify_field_indices
 from ..models.ser_slm.modeling_ser_slm import weighted_auxiliary_loss
 from ..utils import atomic_directory
 from .controller_audit import audit_controller
@@ -726,18 +727,15 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             "rewards": None,
         }
 
-    def _single_field_index(self) -> list[int]:
-        """Indices (in SED_FIELDS) of the fields the controller may modify."""
-        fields = self.controller.config.rectify_fields
-        return [j for j, f in enumerate(SED_FIELDS) if fields is None or f in fields]
-
     def _scored_captions(self, inputs, rect, packed, k: int) -> dict[str, Any]:
         """The captions the controller's rewards are computed on after the step: the K sampled
         rectifications, or with ``advantage="single_field"`` the annotated caption and every
         one-field modification (``single_field_variants``), whatever was sampled for the SLM."""
         if self.args.advantage != "single_field":
             return {"rect": rect, "packed": packed, "num_captions": k}
-        variants = single_field_variants(inputs["rectify_sed_ids"], self._single_field_index())
+        variants = single_field_variants(
+            inputs["rectify_sed_ids"], rectify_field_indices(self.controller.config.rectify_fields)
+        )
         m = variants.shape[1]
         rect_v = rectified_caption_inputs(
             self.processing_class, inputs["input_ids"], inputs["labels"], self._captions(inputs, variants), m
@@ -896,7 +894,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         fitted by cross-entropy to the entropy-regularised best response to it, temperature
         ``controller_entropy_coef`` (``best_response_loss``)."""
         args = self.args
-        fields = self._single_field_index()
+        fields = rectify_field_indices(self.controller.config.rectify_fields)
         for r in records:
             r["gains"] = single_field_gains(r["rewards"], len(fields))
         gains = torch.cat([r["gains"] for r in records])

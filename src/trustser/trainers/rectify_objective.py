@@ -126,7 +126,6 @@ def single_field_variants(sed_ids: torch.Tensor, fields: Sequence[int]) -> torch
     two rows' rewards is the expected reward of "modify f" under ``modify_labels(strategy="adjacent")``."""
     from ..models.sed_controller.modeling_sed_controller import FIELD_SIZES
 
-    b, nf = sed_ids.shape
     variants = sed_ids[:, None, :].repeat(1, 1 + 2 * len(fields), 1)
     for i, f in enumerate(fields):
         ids, top = sed_ids[:, f], FIELD_SIZES[f] - 1

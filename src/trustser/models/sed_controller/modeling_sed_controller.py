@@ -136,12 +136,18 @@ def sample_policies(
     return PolicySample(actions=actions, log_probs=log_probs, rectified_ids=rectified)
 
 
+def rectify_field_indices(rectify_fields: Sequence[str] | None) -> list[int]:
+    """Indices in ``SED_FIELDS`` of the fields a controller may modify (all five when None)."""
+    return [j for j, f in enumerate(SED_FIELDS) if rectify_fields is None or f in rectify_fields]
+
+
 def hold_fixed_fields(logits: torch.Tensor, rectify_fields: Sequence[str] | None) -> torch.Tensor:
     """(B, 5, 2) retain/modify logits with every field outside ``rectify_fields`` set to "always
     retain", (0, FIXED_MODIFY_LOGIT), no gradient through it; unchanged when ``rectify_fields`` is None."""
     if rectify_fields is None:
         return logits
-    held = torch.tensor([f not in rectify_fields for f in SED_FIELDS], device=logits.device)[None, :, None]
+    may = rectify_field_indices(rectify_fields)
+    held = torch.tensor([j not in may for j in range(len(SED_FIELDS))], device=logits.device)[None, :, None]
     fixed = torch.zeros(2, dtype=logits.dtype, device=logits.device)
     fixed[MODIFY] = FIXED_MODIFY_LOGIT
     return torch.where(held, fixed, logits)
@@ -347,6 +353,7 @@ __all__ = [
     "sample_policies",
     "modify_labels",
     "hold_fixed_fields",
+    "rectify_field_indices",
     "normalize_frames",
     "sed_to_ids",
     "ids_to_sed",
