@@ -45,6 +45,7 @@ from trustser.trainers.rectify_objective import (
     bernoulli_kl,
     best_response_loss,
     clipped_policy_loss,
+    early_stopped_fit,
     group_normalize,
     per_field_advantages,
     single_field_gains,
@@ -106,6 +107,8 @@ def train_bandit(
     controller: str = "stand_in",
     rectify_fields: list[str] | None = None,
     embedding_size: int = 32,
+    fit: str = "online",
+    max_updates: int = 1000,
     seed: int = 0,
 ) -> dict:
     """Trains the controller on the table; per field: ``modify_probability``, ``modify_auc`` (for
@@ -115,7 +118,9 @@ def train_bandit(
     difference from the trainer left is the reward (this table's additive single-field gains
     instead of the SLM's reward of the joint rectification). ``rectify_fields``: the fields it may
     modify (``SedRectifyConfig.rectify_fields``; None = all five); ``embedding_size``: the model's
-    label embedding width (``controller_embedding_size``)."""
+    label embedding width (``controller_embedding_size``). ``fit="table"`` (single-field credit only,
+    as ``controller_fit="table"``): instead of ``steps`` online batches, full-batch updates on every
+    utterance's gains, a seeded fifth held out for early stopping (``early_stopped_fit``)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     ids, gain, wrong = table["ids"], table["gain"], table["wrong"]
@@ -158,6 +163,34 @@ def train_bandit(
     reference = copy.deepcopy(model)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=learning_rate)
+    if fit == "table":
+        if advantage != "single_field":
+            raise ValueError(f"fit='table' fits the single-field gains; got advantage={advantage!r}")
+        gains = single_field_gains(table_rewards(gain, ids, single_field_variants(ids, fields)), len(fields))
+        held = (torch.rand(n, generator=g) < 0.2)[:, None]
+        fitted, heldout = gains.masked_fill(held, float("nan")), gains.masked_fill(~held, float("nan"))
+        rows = torch.arange(n)
+
+        def update() -> None:
+            opt.zero_grad()
+            logits = head(model, rows)
+            loss = best_response_loss(logits, fitted, fields, modify_cost, entropy_coef)
+            if retain_kl_coef:
+                with torch.no_grad():
+                    ref_logits = head(reference, rows)
+                loss = loss + retain_kl_coef * bernoulli_kl(logits, ref_logits).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+
+        @torch.no_grad()
+        def heldout_loss() -> float:
+            return float(best_response_loss(head(model, rows), heldout, fields, modify_cost, entropy_coef))
+
+        early_stopped_fit(model, update, heldout_loss, max_updates, patience=100)
+        steps = 0
+    elif fit != "online":
+        raise ValueError(f"fit must be 'online' or 'table', got {fit!r}")
     order, pos = torch.randperm(n, generator=g), 0
     for _ in range(steps):
         if pos + batch_size > n:
@@ -253,6 +286,12 @@ def main(argv=None) -> dict:
     p.add_argument("--controller", default="stand_in", choices=("stand_in", "model"))
     p.add_argument("--rectify-fields", default=None, help="comma-separated fields it may modify (default: all)")
     p.add_argument("--embedding-size", type=int, default=32, help="label embedding width of --controller model")
+    p.add_argument(
+        "--fit",
+        default="online",
+        choices=("online", "table"),
+        help="'table': one early-stopped full-batch fit to every utterance's gains (controller_fit='table')",
+    )
     p.add_argument("--json", default=None)
     p.add_argument(
         "--ceiling",
@@ -281,6 +320,7 @@ def main(argv=None) -> dict:
         "controller": a.controller,
         "rectify_fields": a.rectify_fields.split(",") if a.rectify_fields else None,
         "embedding_size": a.embedding_size,
+        "fit": a.fit,
     }
     runs = {}
     for seed in [int(s) for s in a.seeds.split(",")]:

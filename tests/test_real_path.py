@@ -56,6 +56,7 @@ def _check_run(run: dict, corpus: str, target_root: str, inputs: dict) -> dict:
         # the paper's reward and credit (the embedded default's RECTIFY_DEFAULTS differ)
         "reward_scorer": "policy",
         "advantage": "group",
+        "controller_fit": "online",
         "controller_speaker_context": False,
         "controller_input": "log_mel",
         "controller_embedding_size": 32,

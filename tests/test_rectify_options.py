@@ -456,6 +456,7 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
         "reward_scorer": "ema",
         "reward_ema_decay": 0.9,
         "advantage": "per_field",
+        "controller_fit": "online",  # the embedded default's table fit needs the frozen scorer
         "retain_kl_coef": 0.1,
         "modify_cost": 0.05,
         "frozen_slm_steps": 5,
@@ -473,11 +474,11 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
     pre = _training_args(cfg, tmp_path, stage="pretrain", max_steps=5, epochs=1.0, lr=1e-4)
     assert isinstance(pre, SerSlmSFTConfig) and not hasattr(pre, "reward_scorer")
     assert cfg.stage_training_key("pretrain") == {} and cfg.stage_training_key("posttrain") == {}
-    # the embedded default: issue 15's setting S4 (RECTIFY_DEFAULTS); the trainer's own defaults: the paper's
+    # the embedded default: issue 15's setting S5 (RECTIFY_DEFAULTS); the trainer's own defaults: the paper's
     default = parse_recipe_args([], system="sys10")
     args = _training_args(default, tmp_path, stage="posttrain", cls=SedRectifyConfig, max_steps=5, epochs=1.0, lr=1e-4)
     names = ("reward_scorer", "advantage", "retain_kl_coef", "modify_cost", "frozen_slm_steps", "slm_targets")
-    names += ("controller_audio_norm", "rectify_fields")
+    names += ("controller_audio_norm", "rectify_fields", "controller_fit")
     assert tuple(getattr(args, n) for n in names) == (
         "frozen",
         "single_field",
@@ -487,9 +488,10 @@ def test_options_reach_the_rectifying_posttrain_stage_only(tmp_path):
         "samples",
         False,
         ["pitch", "volume"],
+        "table",
     )
     paper = SedRectifyConfig(output_dir=str(tmp_path))
-    assert tuple(getattr(paper, n) for n in names) == ("policy", "group", 0.0, 0.0, 0, "samples", False, None)
+    assert tuple(getattr(paper, n) for n in names) == ("policy", "group", 0.0, 0.0, 0, "samples", False, None, "online")
 
 
 # ---------------------------------------------------------------------------------- auxiliary heads

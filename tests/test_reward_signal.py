@@ -193,6 +193,15 @@ def test_controller_bandit_learns_a_learnable_table(reward_signal, controller_ba
     assert single["pitch"]["modify_auc"] > 0.95 and single["pitch"]["fixed"] > 0.8 * wrong.sum()
     assert single["pitch"]["broken"] < 0.1 * wrong.sum()
     assert all(single[f]["fixed"] + single[f]["broken"] == 0 for f in ("volume", "speed", "gender", "age"))
+    # the table fit (controller_fit="table"): one early-stopped full-batch fit to every gain finds them too
+    fitted = controller_bandit.train_bandit(
+        table, entropy_coef=0.01, advantage="single_field", controller="model", modify_cost=0.05, fit="table"
+    )
+    assert fitted["pitch"]["modify_auc"] > 0.95 and fitted["pitch"]["fixed"] > 0.8 * wrong.sum()
+    assert fitted["pitch"]["broken"] < 0.1 * wrong.sum()
+    assert all(fitted[f]["fixed"] + fitted[f]["broken"] == 0 for f in ("volume", "speed", "gender", "age"))
+    with pytest.raises(ValueError, match="single-field"):
+        controller_bandit.train_bandit(table, advantage="per_field", fit="table")
     # the regression ceiling: trees on the context and labels predict pitch's gain; nothing else pays
     ceiling = controller_bandit.regression_ceiling(table)
     assert ceiling["pitch"]["gain_auc"] == 1.0 and ceiling["pitch"]["predicted_gain_auc"] > 0.95

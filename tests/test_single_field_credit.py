@@ -106,38 +106,137 @@ def test_trainer_scores_every_one_field_modification(tiny, rows, tmp_path):
     assert rewards.shape == (2, 5) and bool(torch.isfinite(rewards).all())
 
 
+# a controller that may modify pitch and volume, trained 3 steps where modifying pitch pays
+PITCH_PAYS = dict(
+    max_steps=3,
+    advantage="single_field",
+    reward_timing="after_update",
+    rectify_fields=["pitch", "volume"],
+    controller_learning_rate=0.05,
+    controller_entropy_coef=0.1,
+    modify_cost=0.05,
+)
+
+
+def pitch_pays_rewards(self, record):
+    """Stands in for ``_rewards_after_update``: modifying pitch alone gains 1 nat, volume alone
+    loses 1 (the 1 + 2F single-field rows, fields in SED_FIELDS order: pitch, then volume)."""
+    b, m = record["rect"]["input_ids"].shape[0] // record["num_captions"], record["num_captions"]
+    r = torch.zeros(b, m)
+    r[:, 1:3] = 1.0
+    r[:, 3:5] = -1.0
+    return r
+
+
+def assert_learnt_pitch(t, rows, before: torch.Tensor) -> None:
+    """The controller's modify probability rose for pitch, fell for volume, and is 0 for held fields."""
+    after = torch.softmax(_controller_logits(t, rows[:8]), -1)[..., 1]
+    assert float(after[:, PITCH].mean()) > float(before[:, PITCH].mean()) + 0.3
+    assert float(after[:, VOLUME].mean()) < float(before[:, VOLUME].mean())
+    assert float(after[:, [2, 3, 4]].max()) == 0.0
+
+
 def test_controller_learns_the_field_whose_modification_pays(tiny, rows, tmp_path, monkeypatch):
     """With rewards where modifying pitch alone gains 1 nat and volume alone loses 1, the
     controller's modify probability rises for pitch and falls for volume; the gains are logged."""
     import trustser.trainers.rectify as rectify_module
 
+    monkeypatch.setattr(rectify_module.SedRectifyTrainer, "_rewards_after_update", pitch_pays_rewards)
+    t = _trainer(tiny, rows, tmp_path / "learn", controller_updates_per_step=4, **PITCH_PAYS)
+    before = torch.softmax(_controller_logits(t, rows[:8]), -1)[..., 1]
+    t.train()
+    assert_learnt_pitch(t, rows, before)
+    gains = [h for h in t.state.log_history if "reward/gain_pitch" in h]
+    assert gains and all(h["reward/gain_pitch"] == 1.0 and h["reward/gain_volume"] == -1.0 for h in gains)
+    assert not any("controller/clip_fraction" in h for h in t.state.log_history)
+
+
+def test_table_fit_config_is_validated(tmp_path):
+    table = dict(controller_fit="table", advantage="single_field", reward_timing="after_update")
+    with pytest.raises(ValueError, match="reward_scorer='frozen'"):
+        _config(tmp_path, **table)
+    with pytest.raises(ValueError, match="advantage='single_field'"):
+        _config(tmp_path, **{**table, "advantage": "group", "reward_scorer": "frozen"})
+    with pytest.raises(ValueError, match="frozen_slm_steps=0"):
+        _config(tmp_path, **table, reward_scorer="frozen", frozen_slm_steps=2)
+    with pytest.raises(ValueError, match="controller_fit must be one of"):
+        _config(tmp_path, controller_fit="offline")
+    with pytest.raises(ValueError, match="controller_table_max_iterations"):
+        _config(tmp_path, **table, reward_scorer="frozen", controller_table_max_iterations=0)
+    assert _config(tmp_path, **table, reward_scorer="frozen").controller_fit == "table"
+
+
+def test_table_fit_scores_once_then_keeps_the_controller(tiny, rows, tmp_path, monkeypatch):
+    """``controller_fit="table"``: the rewards are computed once, before the first step, over the
+    whole training set (1 + 2F captions per utterance); the controller learns the field whose
+    modification pays from them and is not updated (nor anything scored) during the SLM's steps."""
+    import trustser.trainers.rectify as rectify_module
+
+    scored = []
+
     def rewards(self, record):
-        b, m = record["rect"]["input_ids"].shape[0] // record["num_captions"], record["num_captions"]
-        r = torch.zeros(b, m)
-        r[:, 1:3] = 1.0  # pitch's two neighbours (fields in SED_FIELDS order: pitch, then volume)
-        r[:, 3:5] = -1.0
-        return r
+        scored.append((record["rect"]["input_ids"].shape[0] // record["num_captions"], record["num_captions"]))
+        assert self.state.global_step == 0
+        return pitch_pays_rewards(self, record)
 
     monkeypatch.setattr(rectify_module.SedRectifyTrainer, "_rewards_after_update", rewards)
     t = _trainer(
         tiny,
         rows,
-        tmp_path / "learn",
-        max_steps=3,
-        advantage="single_field",
-        reward_timing="after_update",
-        rectify_fields=["pitch", "volume"],
-        controller_learning_rate=0.05,
-        controller_updates_per_step=4,
-        controller_entropy_coef=0.1,
-        modify_cost=0.05,
+        tmp_path / "table",
+        reward_scorer="frozen",
+        controller_fit="table",
+        per_device_eval_batch_size=3,
+        **PITCH_PAYS,
     )
     before = torch.softmax(_controller_logits(t, rows[:8]), -1)[..., 1]
+    fitted = {}
+    fit = t.fit_controller_to_table
+
+    def fit_and_keep():
+        report = fit()
+        fitted.update({k: v.clone() for k, v in t.controller.state_dict().items()})
+        fitted["report"] = report
+        return report
+
+    t.fit_controller_to_table = fit_and_keep
     t.train()
-    after = torch.softmax(_controller_logits(t, rows[:8]), -1)[..., 1]
-    assert float(after[:, PITCH].mean()) > float(before[:, PITCH].mean()) + 0.3
-    assert float(after[:, VOLUME].mean()) < float(before[:, VOLUME].mean())
-    assert float(after[:, [2, 3, 4]].max()) == 0.0  # held fields
-    gains = [h for h in t.state.log_history if "reward/gain_pitch" in h]
-    assert gains and all(h["reward/gain_pitch"] == 1.0 and h["reward/gain_volume"] == -1.0 for h in gains)
-    assert not any("controller/clip_fraction" in h for h in t.state.log_history)
+    # one scoring pass over the 8 rows in batches of 3, all before the first step, 5 captions each
+    assert scored == [(3, 5), (3, 5), (2, 5)]
+    assert fitted["report"]["controller/table_utterances"] == 8.0
+    assert fitted["report"]["controller/table_updates"] >= 1
+    for key, value in t.controller.state_dict().items():  # unchanged by the SLM's three steps
+        assert torch.equal(value, fitted[key]), key
+    assert_learnt_pitch(t, rows, before)
+    logs = t.state.log_history
+    assert any(h.get("controller/table_updates", 0) >= 1 for h in logs)
+    assert any(h.get("reward/gain_pitch") == 1.0 for h in logs)
+    assert not any("reward/std" in h or "controller/loss" in h for h in logs)  # no per-step update
+    assert t.state.global_step == 3
+
+
+def test_table_fit_runs_once_not_on_resume(tiny, rows, tmp_path, monkeypatch):
+    """The fit runs when training starts from step 0 only: a resumed run's checkpoint carries it."""
+    from transformers import TrainerControl, TrainerState
+
+    from trustser.trainers.rectify import _StepEndFlush
+
+    t = _trainer(
+        tiny,
+        rows,
+        tmp_path / "resume",
+        advantage="single_field",
+        reward_timing="after_update",
+        reward_scorer="frozen",
+        controller_fit="table",
+    )
+    calls = []
+    t.fit_controller_to_table = lambda: calls.append(1)
+    callback = next(c for c in t.callback_handler.callbacks if isinstance(c, _StepEndFlush))
+    callback.on_train_begin(t.args, TrainerState(global_step=5), TrainerControl())
+    assert calls == []
+    callback.on_train_begin(t.args, TrainerState(global_step=0), TrainerControl())
+    assert calls == [1]
+    t.args.controller_fit = "online"
+    callback.on_train_begin(t.args, TrainerState(global_step=0), TrainerControl())
+    assert calls == [1]

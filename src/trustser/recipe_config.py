@@ -47,14 +47,16 @@ RECTIFY_DEFAULTS: dict[str, Any] = {
     # 40 ms LSTM steps instead of 10 ms: the controller's update was 2/3 of the post-training step on CPU
     # (BENCHMARKS.md, "Main job"); the utterance summary keeps the prosody's time scale
     "controller_frame_stride": 4,
-    # a reward the controller can trust and credit it can use (issue 15; setting S4 of docs/rectify.md,
+    # a reward the controller can trust and credit it can use (issue 15; setting S5 of docs/rectify.md,
     # "Single-field credit", chosen on dev over 3 seeds): the frozen pre-trained SLM scores, every
-    # one-field modification is scored and the controller fits the best response to those gains; it
+    # one-field modification of every training utterance is scored once and the controller is fitted
+    # (early-stopped) to the best response to those gains before the SLM trains; it
     # reads the labels and the speaker-relative prosody, not the audio; a modification must gain 0.05
     # nats; and only pitch and volume, the fields whose modification moves the reward by more than
     # that on average (benchmarks/reward_signal.py, no ground truth), may be modified
     "reward_scorer": "frozen",
     "advantage": "single_field",
+    "controller_fit": "table",
     "controller_speaker_context": True,
     "controller_input": "none",
     "controller_embedding_size": 4,

@@ -7,6 +7,9 @@ One optimizer step t of the SER-SLM, alternating with the SED Controller:
      group-normalised over the K (GRPO); with ``reward_timing="after_update"`` (the paper) it is
      computed right after the SLM's optimizer step, with ``"reuse_forward"`` from the loss forward;
   4. controller update with the clipped new/old ratio objective (+ optional entropy bonus).
+With ``controller_fit="table"`` (frozen scorer, single-field credit) 3-4 happen once, before the
+first step, over the whole training set (``fit_controller_to_table``), and the controller then
+stays fixed while the SLM trains on its K samples.
 
 Speed: the speech encoder runs once per utterance; with ``shared_prefix`` (default) each
 utterance's audio + prompt prefix goes through the LLM once, its K captions packed behind it in one
@@ -33,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..audio import TARGET_SR, decode_audio
@@ -59,6 +63,7 @@ from .rectify_objective import (
     bernoulli_kl,
     best_response_loss,
     clipped_policy_loss,
+    early_stopped_fit,
     group_normalize,
     per_field_advantages,
     single_field_gains,
@@ -363,10 +368,17 @@ def packed_caption_token_nll(
 
 
 class _StepEndFlush(TrainerCallback):
-    """Runs the controller's reward + update phase right after each SLM optimizer step."""
+    """Runs the controller's reward + update phase right after each SLM optimizer step, and with
+    ``controller_fit="table"`` its one fit before the first step (not on resume: the checkpoint
+    carries the fitted controller)."""
 
     def __init__(self, trainer: "SedRectifyTrainer"):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.args.controller_fit == "table" and state.global_step == 0:
+            self.trainer.fit_controller_to_table()
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.update_reward_model()
@@ -702,7 +714,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         with torch.no_grad():
             b = inputs["input_ids"].shape[0]
             emo_ce = emotion_cross_entropy(nll.detach(), emo_mask)
-            if not warm:
+            if not warm and args.controller_fit == "online":
                 record = self._record(inputs, sample, feats, fmask)
                 if args.reward_timing == "reuse_forward":
                     record["rewards"] = -emo_ce.view(b, k)
@@ -826,38 +838,126 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             objective = self._single_field_credit(records)
         else:
             objective = self._sampled_credit(records)
-        for r in records:
-            if self.reference_controller is not None:
-                r["reference_logits"] = self.reference_controller(
-                    r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
-                ).logits
         # spread the controller can learn from: the within-group (K policies, or one-field variants) std
         self._log_mean("reward/std", torch.cat([nanstd(r["rewards"], dim=-1) for r in records]).nanmean())
-        params = [p for p in self.controller.parameters() if p.requires_grad]
+        self._with_reference_logits(records)
         logged: dict[str, list[torch.Tensor]] = {}
         for _ in range(args.controller_updates_per_step):
-            self.controller_optimizer.zero_grad(set_to_none=False)
-            with torch.enable_grad():
-                for r in records:
-                    logits = self.controller(
-                        r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
-                    ).logits
-                    loss, metrics = objective(r, logits)
-                    if self.reference_controller is not None:  # penalty toward the initial (retain-heavy) policy
-                        kl = bernoulli_kl(logits, r["reference_logits"]).mean()
-                        loss = loss + args.retain_kl_coef * kl
-                        metrics["controller/retain_kl"] = kl
-                    (loss / len(records)).backward()
-                    for key, value in metrics.items():
-                        logged.setdefault(key, []).append(value.detach())
-            if self.accelerator.num_processes > 1:
-                for p in params:
-                    p.grad = self.accelerator.reduce(p.grad.contiguous(), reduction="mean")
-            if args.controller_max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, args.controller_max_grad_norm)
-            self.controller_optimizer.step()
+            self._update_controller(records, objective, logged)
         for key, values in logged.items():
             self._log_mean(key, torch.stack(values).mean())
+
+    # fraction of the utterances the table fit holds out for early stopping, and its patience
+    TABLE_HOLDOUT = 0.2
+    TABLE_PATIENCE = 100
+
+    def fit_controller_to_table(self) -> dict[str, float]:
+        """``controller_fit="table"``: the frozen scorer's single-field gains of every training
+        utterance, measured once (``single_field_variants``, as the online credit scores them), and
+        the controller fitted to their best response full-batch: ``_update_controller`` over all of
+        them, a seeded fifth of the utterances held out (their gains hidden from the fit), stopped
+        when the held-out loss has not improved for ``TABLE_PATIENCE`` updates, the best held-out
+        state kept (with too few utterances to hold any out, the fitted loss decides). Returns (and
+        logs) the updates to the kept state, its held-out loss and the number of utterances."""
+        args = self.args
+        fields = rectify_field_indices(self.controller.config.rectify_fields)
+        loader = self.get_test_dataloader(self.train_dataset)
+        split = torch.Generator().manual_seed(int(args.seed) * 7919 + self.accelerator.process_index)
+        records = []
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="controller table: scoring", disable=not self.is_local_process_zero()):
+                inputs = self._prepare_inputs(batch)
+                feats, fmask = self.controller_features(inputs)
+                record = {
+                    "feats": feats,
+                    "fmask": fmask,
+                    "context": controller_context(self.controller, inputs),
+                    "sed_ids": inputs["rectify_sed_ids"],
+                    "slm_inputs": audio_inputs_of(inputs),
+                    **self._scored_captions(inputs, None, None, 0),
+                }
+                record["rewards"] = self._rewards_after_update(record)
+                for key in ("slm_inputs", "rect", "packed"):  # only the rewards are kept of the scoring
+                    record.pop(key)
+                records.append(record)
+        if not records:
+            raise ValueError("controller_fit='table' needs a non-empty train_dataset")
+        objective = self._single_field_credit(records)  # sets each record's "gains" and logs their means
+        for r in records:
+            held = torch.rand(len(r["gains"]), generator=split) < self.TABLE_HOLDOUT
+            held = held.to(r["gains"].device)[:, None]
+            r["heldout_gains"] = r["gains"].masked_fill(~held, float("nan"))
+            r["gains"] = r["gains"].masked_fill(held, float("nan"))
+        if not any(bool(held.any()) for held in (torch.isfinite(r["heldout_gains"]) for r in records)):
+            for r in records:  # too few utterances to hold any out: stop on the fitted loss itself
+                r["heldout_gains"] = r["gains"]
+        self._with_reference_logits(records)
+        cost, temperature = args.modify_cost, args.controller_entropy_coef
+
+        @torch.no_grad()
+        def heldout_loss() -> float:
+            total = torch.zeros(2, device=self.accelerator.device)
+            for r in records:
+                logits = self.controller(
+                    r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
+                ).logits
+                n = torch.isfinite(r["heldout_gains"]).sum().float()
+                total += torch.stack([best_response_loss(logits, r["heldout_gains"], fields, cost, temperature) * n, n])
+            total = self.accelerator.reduce(total, reduction="sum") if self.accelerator.num_processes > 1 else total
+            return float(total[0] / total[1].clamp(min=1))
+
+        best_at, best = early_stopped_fit(
+            self.controller,
+            lambda: self._update_controller(records, objective, {}),  # its training loss: not kept
+            heldout_loss,
+            args.controller_table_max_iterations,
+            self.TABLE_PATIENCE,
+            progress=self.is_local_process_zero(),
+        )
+        report = {
+            "controller/table_updates": float(best_at),
+            "controller/table_heldout_loss": best,
+            "controller/table_utterances": float(sum(len(r["sed_ids"]) for r in records)),
+        }
+        for key, value in report.items():
+            self._log_mean(key, torch.tensor(value))
+        return report
+
+    @torch.no_grad()
+    def _with_reference_logits(self, records) -> None:
+        """The initial policy's logits of each record, for the KL toward it (``retain_kl_coef``)."""
+        if self.reference_controller is None:
+            return
+        for r in records:
+            r["reference_logits"] = self.reference_controller(
+                r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
+            ).logits
+
+    def _update_controller(self, records, objective, logged: dict[str, list[torch.Tensor]]) -> None:
+        """One Adam update of the controller: ``objective(record, logits)`` averaged over ``records``
+        (+ ``retain_kl_coef`` x KL to the initial policy), gradients averaged over processes and clipped."""
+        args = self.args
+        params = [p for p in self.controller.parameters() if p.requires_grad]
+        self.controller_optimizer.zero_grad(set_to_none=False)
+        with torch.enable_grad():
+            for r in records:
+                logits = self.controller(
+                    r["sed_ids"], input_features=r["feats"], feature_attention_mask=r["fmask"], context=r["context"]
+                ).logits
+                loss, metrics = objective(r, logits)
+                if self.reference_controller is not None:  # penalty toward the initial (retain-heavy) policy
+                    kl = bernoulli_kl(logits, r["reference_logits"]).mean()
+                    loss = loss + args.retain_kl_coef * kl
+                    metrics["controller/retain_kl"] = kl
+                (loss / len(records)).backward()
+                for key, value in metrics.items():
+                    logged.setdefault(key, []).append(value.detach())
+        if self.accelerator.num_processes > 1:
+            for p in params:
+                p.grad = self.accelerator.reduce(p.grad.contiguous(), reduction="mean")
+        if args.controller_max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, args.controller_max_grad_norm)
+        self.controller_optimizer.step()
 
     def _sampled_credit(self, records):
         """The paper's credit (GRPO-style group advantages, or ``per_field``) of the K sampled

@@ -13,6 +13,7 @@ REWARD_TIMINGS = ("after_update", "reuse_forward")
 REWARD_SCORERS = ("policy", "frozen", "ema")
 SLM_TARGETS = ("samples", "argmax")
 CONTROLLER_INPUTS = ("log_mel", "sed_branch", "none")
+CONTROLLER_FITS = ("online", "table")
 # K, the rectification policies sampled per utterance (the paper's best): the one default of the
 # trainer, the systems (trustser.systems) and finetune
 DEFAULT_NUM_POLICIES = 6
@@ -133,6 +134,26 @@ class SedRectifyConfig(SerSlmSFTConfig):
             "controller_scale_rewards and controller_clip_epsilon unused. The SLM still trains on the K samples. "
             "Needs reward_timing='after_update' and the 'adjacent' modify strategy; 1 + 2 x len(rectify_fields) "
             "scored captions per utterance)."
+        },
+    )
+    controller_fit: str = field(
+        default="online",
+        metadata={
+            "help": "when the controller learns: 'online' (after every SLM step, from that step's rewards: the "
+            "paper) or 'table' (with reward_scorer='frozen' and advantage='single_field' each utterance's "
+            "single-field gains never change, so before the first step the frozen scorer measures them once over "
+            "the whole training set and the controller is fitted to them full-batch, early-stopped on a held-out "
+            "fifth of the utterances (at most controller_table_max_iterations updates); it is then kept fixed and "
+            "nothing is scored during training: one scoring pass instead of one per step, and a fit to every "
+            "utterance's gain instead of a running one to 8 at a time)."
+        },
+    )
+    controller_table_max_iterations: int = field(
+        default=1000,
+        metadata={
+            "help": "with controller_fit='table': the most full-batch controller updates (Adam, "
+            "controller_learning_rate); the fit stops earlier when the held-out loss has not improved "
+            "for 100 updates, and keeps the best held-out state."
         },
     )
     retain_kl_coef: float = field(
@@ -257,6 +278,23 @@ class SedRectifyConfig(SerSlmSFTConfig):
                 "advantage='single_field' scores each field's adjacent values; it needs "
                 f"controller_modify_strategy='adjacent', got {self.controller_modify_strategy!r}"
             )
+        if self.controller_fit not in CONTROLLER_FITS:
+            raise ValueError(f"controller_fit must be one of {CONTROLLER_FITS}, got {self.controller_fit!r}")
+        if self.controller_table_max_iterations < 1:
+            raise ValueError(
+                f"controller_table_max_iterations must be >= 1, got {self.controller_table_max_iterations}"
+            )
+        if self.controller_fit == "table":
+            for name, value, needs in (
+                ("advantage", self.advantage, "single_field"),
+                ("reward_scorer", self.reward_scorer, "frozen"),
+                ("frozen_slm_steps", self.frozen_slm_steps, 0),
+            ):
+                if value != needs:
+                    raise ValueError(
+                        f"controller_fit='table' fits the controller once to gains that never change: it needs "
+                        f"{name}={needs!r}, got {value!r} (controller_fit='online' learns after every step)"
+                    )
         if self.slm_targets not in SLM_TARGETS:
             raise ValueError(f"slm_targets must be one of {SLM_TARGETS}, got {self.slm_targets!r}")
         self.rectify_fields = checked_rectify_fields(self.rectify_fields)
@@ -285,4 +323,5 @@ __all__ = [
     "REWARD_SCORERS",
     "SLM_TARGETS",
     "CONTROLLER_INPUTS",
+    "CONTROLLER_FITS",
 ]

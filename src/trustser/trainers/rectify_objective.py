@@ -2,7 +2,8 @@
 per-decision log-probabilities, advantages (one per policy, GRPO-style, or one per field and
 policy), the PPO/GRPO clipped surrogate, the entropy bonus and the KL to the initial policy; and
 the single-field credit (``advantage="single_field"``): every one-field modification scored, and
-the controller fitted to the best response to those measured gains instead of a sampled surrogate.
+the controller fitted to the best response to those measured gains instead of a sampled surrogate
+(online, or once to the whole training set's gains with an early-stopped fit).
 
 The controller's policy is five independent retain/modify decisions per utterance (logits
 (B, 5, 2)); K policies are sampled per utterance (``trustser.models.sed_controller.sample_policies``)
@@ -11,7 +12,8 @@ and each gets one reward (minus the SER-SLM's emotion cross-entropy with its rec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -175,6 +177,33 @@ def best_response_loss(
     return (bce * known).sum() / known.sum().clamp(min=1)
 
 
+def early_stopped_fit(
+    module: torch.nn.Module,
+    update: Callable[[], None],
+    heldout_loss: Callable[[], float],
+    max_updates: int,
+    patience: int,
+    progress: bool = False,
+) -> tuple[int, float]:
+    """Calls ``update()`` (one optimizer step of ``module``) up to ``max_updates`` times, measuring
+    ``heldout_loss()`` before the first and after each; stops once ``patience`` updates have not
+    lowered it and leaves ``module`` in its best state. Returns (updates to the best state, its
+    held-out loss): how ``controller_fit="table"`` fits the controller to a fixed table of gains."""
+    from tqdm.auto import trange
+
+    best, best_at = heldout_loss(), 0
+    best_state = copy.deepcopy(module.state_dict())
+    for n in trange(1, max_updates + 1, desc="controller table: fit", disable=not progress):
+        update()
+        loss = heldout_loss()
+        if loss < best - 1e-6:
+            best, best_at, best_state = loss, n, copy.deepcopy(module.state_dict())
+        elif n - best_at >= patience:
+            break
+    module.load_state_dict(best_state)
+    return best_at, best
+
+
 def bernoulli_kl(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
     """(B, 5) KL(policy || reference) of each field's retain/modify distribution; with the
     controller's initial (retain-heavy) policy as reference it is a penalty toward "retain"."""
@@ -185,6 +214,7 @@ def bernoulli_kl(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.
 
 __all__ = [
     "ADVANTAGES",
+    "early_stopped_fit",
     "action_log_probs",
     "bernoulli_entropy",
     "bernoulli_kl",
