@@ -47,6 +47,7 @@ from trustser.trainers.rectify_objective import (
     clipped_policy_loss,
     early_stopped_fit,
     group_normalize,
+    hold_out_gains,
     per_field_advantages,
     single_field_gains,
     single_field_variants,
@@ -167,8 +168,7 @@ def train_bandit(
         if advantage != "single_field":
             raise ValueError(f"fit='table' fits the single-field gains; got advantage={advantage!r}")
         gains = single_field_gains(table_rewards(gain, ids, single_field_variants(ids, fields)), len(fields))
-        held = (torch.rand(n, generator=g) < 0.2)[:, None]
-        fitted, heldout = gains.masked_fill(held, float("nan")), gains.masked_fill(~held, float("nan"))
+        fitted, heldout = hold_out_gains(gains, g)
         rows = torch.arange(n)
 
         def update() -> None:
@@ -187,7 +187,7 @@ def train_bandit(
         def heldout_loss() -> float:
             return float(best_response_loss(head(model, rows), heldout, fields, modify_cost, entropy_coef))
 
-        early_stopped_fit(model, update, heldout_loss, max_updates, patience=100)
+        early_stopped_fit(model, update, heldout_loss, max_updates)
         steps = 0
     elif fit != "online":
         raise ValueError(f"fit must be 'online' or 'table', got {fit!r}")

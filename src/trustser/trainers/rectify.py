@@ -65,6 +65,7 @@ from .rectify_objective import (
     clipped_policy_loss,
     early_stopped_fit,
     group_normalize,
+    hold_out_gains,
     per_field_advantages,
     single_field_gains,
     single_field_variants,
@@ -741,10 +742,15 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
 
     def _scored_captions(self, inputs, rect, packed, k: int) -> dict[str, Any]:
         """The captions the controller's rewards are computed on after the step: the K sampled
-        rectifications, or with ``advantage="single_field"`` the annotated caption and every
-        one-field modification (``single_field_variants``), whatever was sampled for the SLM."""
+        rectifications, or with ``advantage="single_field"`` those of ``_single_field_captions``,
+        whatever was sampled for the SLM."""
         if self.args.advantage != "single_field":
             return {"rect": rect, "packed": packed, "num_captions": k}
+        return self._single_field_captions(inputs)
+
+    def _single_field_captions(self, inputs) -> dict[str, Any]:
+        """The annotated caption and every one-field modification of it (``single_field_variants``),
+        collated and packed behind the shared prefix, as ``_rewards_after_update`` scores them."""
         variants = single_field_variants(
             inputs["rectify_sed_ids"], rectify_field_indices(self.controller.config.rectify_fields)
         )
@@ -847,18 +853,15 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
         for key, values in logged.items():
             self._log_mean(key, torch.stack(values).mean())
 
-    # fraction of the utterances the table fit holds out for early stopping, and its patience
-    TABLE_HOLDOUT = 0.2
-    TABLE_PATIENCE = 100
-
     def fit_controller_to_table(self) -> dict[str, float]:
         """``controller_fit="table"``: the frozen scorer's single-field gains of every training
         utterance, measured once (``single_field_variants``, as the online credit scores them), and
         the controller fitted to their best response full-batch: ``_update_controller`` over all of
-        them, a seeded fifth of the utterances held out (their gains hidden from the fit), stopped
-        when the held-out loss has not improved for ``TABLE_PATIENCE`` updates, the best held-out
-        state kept (with too few utterances to hold any out, the fitted loss decides). Returns (and
-        logs) the updates to the kept state, its held-out loss and the number of utterances."""
+        them, a seeded fifth of the utterances held out (``hold_out_gains``), stopped when the
+        held-out loss has not improved for ``TABLE_PATIENCE`` updates (``early_stopped_fit``), the
+        best held-out state kept (with too few utterances to hold any out, the fitted loss decides).
+        Returns (and logs) the updates to the kept state, its held-out loss and the number of
+        utterances (over all processes)."""
         args = self.args
         fields = rectify_field_indices(self.controller.config.rectify_fields)
         loader = self.get_test_dataloader(self.train_dataset)
@@ -874,7 +877,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                     "context": controller_context(self.controller, inputs),
                     "sed_ids": inputs["rectify_sed_ids"],
                     "slm_inputs": audio_inputs_of(inputs),
-                    **self._scored_captions(inputs, None, None, 0),
+                    **self._single_field_captions(inputs),
                 }
                 record["rewards"] = self._rewards_after_update(record)
                 for key in ("slm_inputs", "rect", "packed"):  # only the rewards are kept of the scoring
@@ -884,11 +887,8 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             raise ValueError("controller_fit='table' needs a non-empty train_dataset")
         objective = self._single_field_credit(records)  # sets each record's "gains" and logs their means
         for r in records:
-            held = torch.rand(len(r["gains"]), generator=split) < self.TABLE_HOLDOUT
-            held = held.to(r["gains"].device)[:, None]
-            r["heldout_gains"] = r["gains"].masked_fill(~held, float("nan"))
-            r["gains"] = r["gains"].masked_fill(held, float("nan"))
-        if not any(bool(held.any()) for held in (torch.isfinite(r["heldout_gains"]) for r in records)):
+            r["gains"], r["heldout_gains"] = hold_out_gains(r["gains"], split)
+        if not self._summed(sum(torch.isfinite(r["heldout_gains"]).sum() for r in records)):
             for r in records:  # too few utterances to hold any out: stop on the fitted loss itself
                 r["heldout_gains"] = r["gains"]
         self._with_reference_logits(records)
@@ -903,7 +903,7 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
                 ).logits
                 n = torch.isfinite(r["heldout_gains"]).sum().float()
                 total += torch.stack([best_response_loss(logits, r["heldout_gains"], fields, cost, temperature) * n, n])
-            total = self.accelerator.reduce(total, reduction="sum") if self.accelerator.num_processes > 1 else total
+            total = self._summed(total)
             return float(total[0] / total[1].clamp(min=1))
 
         best_at, best = early_stopped_fit(
@@ -911,17 +911,21 @@ class SedRectifyTrainer(SerSlmSFTTrainer):
             lambda: self._update_controller(records, objective, {}),  # its training loss: not kept
             heldout_loss,
             args.controller_table_max_iterations,
-            self.TABLE_PATIENCE,
             progress=self.is_local_process_zero(),
         )
         report = {
             "controller/table_updates": float(best_at),
             "controller/table_heldout_loss": best,
-            "controller/table_utterances": float(sum(len(r["sed_ids"]) for r in records)),
+            "controller/table_utterances": float(self._summed(sum(len(r["sed_ids"]) for r in records))),
         }
         for key, value in report.items():
             self._log_mean(key, torch.tensor(value))
         return report
+
+    def _summed(self, value) -> torch.Tensor:
+        """``value`` (a number or tensor) summed over the processes (itself with one process)."""
+        value = torch.as_tensor(value, device=self.accelerator.device)
+        return self.accelerator.reduce(value, reduction="sum") if self.accelerator.num_processes > 1 else value
 
     @torch.no_grad()
     def _with_reference_logits(self, records) -> None:

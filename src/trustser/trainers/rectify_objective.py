@@ -177,12 +177,24 @@ def best_response_loss(
     return (bce * known).sum() / known.sum().clamp(min=1)
 
 
+# controller_fit="table": the share of utterances held out to stop the fit, and its patience (updates)
+TABLE_HOLDOUT = 0.2
+TABLE_PATIENCE = 100
+
+
+def hold_out_gains(gains: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fitted, held_out): copies of the (B, F) gains with a seeded ``TABLE_HOLDOUT`` share of the
+    utterances hidden (NaN, so ``best_response_loss`` skips them) from the first and kept only in the second."""
+    held = (torch.rand(len(gains), generator=generator) < TABLE_HOLDOUT).to(gains.device)[:, None]
+    return gains.masked_fill(held, float("nan")), gains.masked_fill(~held, float("nan"))
+
+
 def early_stopped_fit(
     module: torch.nn.Module,
     update: Callable[[], None],
     heldout_loss: Callable[[], float],
     max_updates: int,
-    patience: int,
+    patience: int = TABLE_PATIENCE,
     progress: bool = False,
 ) -> tuple[int, float]:
     """Calls ``update()`` (one optimizer step of ``module``) up to ``max_updates`` times, measuring
@@ -215,6 +227,9 @@ def bernoulli_kl(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.
 __all__ = [
     "ADVANTAGES",
     "early_stopped_fit",
+    "hold_out_gains",
+    "TABLE_HOLDOUT",
+    "TABLE_PATIENCE",
     "action_log_probs",
     "bernoulli_entropy",
     "bernoulli_kl",
